@@ -1,0 +1,69 @@
+"""Backend registry: who can run a routed attention call, and why the others cannot.
+
+A backend is a name, a check that returns ``None`` when it can run a call (or a sentence saying
+why not), and a function ``run(q, k, v, route, scale) -> (out, lse)``. Automatic choice walks the
+registry in preference order and logs why each faster backend was rejected; a backend asked for
+by name that cannot run raises :class:`BackendUnavailable` with that sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import Tensor
+
+logger = logging.getLogger("routed")
+
+WhyNot = Callable[[Tensor, Tensor, Tensor, object], Optional[str]]
+Run = Callable[[Tensor, Tensor, Tensor, object, float], "tuple[Tensor, Tensor]"]
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that was asked for cannot run this call."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    priority: int  # higher is tried first by automatic choice
+    why_not: WhyNot
+    run: Run
+    description: str = ""
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def backends() -> list[Backend]:
+    """Registered backends, most preferred first."""
+    return sorted(_REGISTRY.values(), key=lambda b: -b.priority)
+
+
+def explain_backends(q: Tensor, k: Tensor, v: Tensor, route) -> list[tuple[str, Optional[str]]]:
+    """For every backend, ``(name, None)`` if it can run this call, else ``(name, reason)``."""
+    return [(b.name, b.why_not(q, k, v, route)) for b in backends()]
+
+
+def select_backend(q: Tensor, k: Tensor, v: Tensor, route, backend: Optional[str]) -> Backend:
+    if backend is not None:
+        if backend not in _REGISTRY:
+            raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {sorted(_REGISTRY)} or None "
+                                     "for automatic choice.")
+        chosen = _REGISTRY[backend]
+        reason = chosen.why_not(q, k, v, route)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {backend!r} cannot run this call: {reason}")
+        return chosen
+    for b in backends():
+        reason = b.why_not(q, k, v, route)
+        if reason is None:
+            return b
+        logger.debug("routed: backend %r rejected: %s", b.name, reason)
+    raise BackendUnavailable("no backend can run this call: "
+                             + "; ".join(f"{n}: {r}" for n, r in explain_backends(q, k, v, route)))

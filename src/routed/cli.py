@@ -1,0 +1,95 @@
+"""The ``routed`` command line. Each subcommand is one ``_cmd_*`` function registered in
+:func:`build_parser`; later capabilities (eval, train, show) slot in the same way."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .env import info
+
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    m = data["machine"]
+    print(f"routed {m['routed']}  python {m['python']}  torch {m['torch']}  triton {m['triton'] or '-'}")
+    print(f"cpu: {m['cpu']} x{m['cpu_count']}   gpu: {m['gpu'] or 'none'}" + (f" (cuda {m['cuda']})" if m["gpu"] else ""))
+    print("optional: " + ", ".join(f"{k} {v or '-'}" for k, v in data["optional"].items()))
+    if data["triton_interpret"]:
+        print("TRITON_INTERPRET=1: Triton kernels run on the CPU in the interpreter (exact, slow)")
+    for dev, table in data["backends"].items():
+        print(f"backends on {dev}:")
+        for name, status in table.items():
+            print(f"  {name:<10} {status}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, config_dict, run_bench
+    from .env import machine_header
+
+    cfg = BenchConfig(seq_lens=tuple(args.seq_len), density=args.density, batch=args.batch, heads=args.heads,
+                      kv_heads=args.kv_heads, head_dim=args.head_dim, block_size=args.block_size,
+                      causal=not args.no_causal, dtype=args.dtype, backend=args.backend, backward=args.backward,
+                      device=args.device, repeats=args.repeats, seed=args.seed)
+    rows = run_bench(cfg, progress=not args.no_progress)
+    cols = [("seq_len", "seq"), ("density", "density"), ("dense_ms", "dense ms"), ("routed_ms", "routed ms"),
+            ("speedup", "speedup"), ("dense_tflops", "dense TF/s"), ("routed_tflops_on_computed_blocks", "routed TF/s")]
+    what = "forward+backward" if cfg.backward else "forward"
+    print(f"routed vs dense SDPA attention, {what}, {rows[0]['device']} {rows[0]['dtype']}, batch {cfg.batch}, "
+          f"heads {cfg.heads}/{cfg.kv_heads or cfg.heads}, head_dim {cfg.head_dim}, blocks of {cfg.block_size}, "
+          f"{'causal' if cfg.causal else 'full'}")
+    print("  ".join(f"{h:>11}" for _, h in cols))
+    for r in rows:
+        print("  ".join(f"{r[c]:>11}" for c, _ in cols))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine_header(), "config": config_dict(cfg), "results": rows}, indent=2))
+        print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="routed", description="Content-based routing inside transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="versions, devices, and which backends can run (and why not)")
+    s.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("bench", help="time routed vs dense attention on the best available device")
+    s.add_argument("--seq-len", type=int, nargs="+", default=[1024, 2048, 4096], help="sequence lengths to time")
+    s.add_argument("--density", type=float, default=0.125,
+                   help="fraction of the key blocks a dense (causal) pass visits that the route keeps")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--heads", type=int, default=8)
+    s.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default: --heads")
+    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--block-size", type=int, default=64)
+    s.add_argument("--no-causal", action="store_true", help="full (bidirectional) attention")
+    s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    s.add_argument("--backend", default=None, help="routed backend (default: automatic)")
+    s.add_argument("--backward", action="store_true", help="time forward+backward")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="routed-bench.json", help="JSON results path ('' to skip)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

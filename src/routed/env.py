@@ -1,0 +1,57 @@
+"""What this machine has: versions, devices, and which backends can run (``routed info``)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import platform
+from typing import Any
+
+import torch
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception:  # an optional dependency that is absent or broken
+        return None
+
+
+def machine_header() -> dict[str, Any]:
+    """Versions and hardware, written at the top of every benchmark result."""
+    cuda = torch.cuda.is_available()
+    header: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "routed": _version("routed"),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+    }
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        header.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), gpu_sms=props.multi_processor_count,
+                      gpu_capability=f"{props.major}.{props.minor}")
+    return header
+
+
+def best_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def info() -> dict[str, Any]:
+    """Everything ``routed info`` prints."""
+    from .attention import available_backends_for
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {
+        "machine": machine_header(),
+        "optional": {m: _version(m) for m in ("triton", "transformers", "timm", "matplotlib", "safetensors")},
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "backends": {dev: {name: ("ok" if why is None else f"unavailable: {why}")
+                           for name, why in available_backends_for(dev)} for dev in devices},
+    }

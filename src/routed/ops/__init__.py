@@ -1,0 +1,1 @@
+"""Operators, one folder each: reference, kernels, autograd, public function."""

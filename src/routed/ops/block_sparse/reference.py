@@ -1,0 +1,90 @@
+"""Plain-PyTorch block-sparse attention: the ground truth for every block kernel.
+
+Gathers, for every query block, the key/value blocks its route lists, and runs exact softmax
+attention over them. Memory grows with the routed blocks
+(``batch * heads * num_q_blocks * max_blocks * kv_block_size``), never with ``q_len * kv_len``.
+Differentiable through autograd; accumulates in float32 (float64 inputs stay float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...route import BlockRoute
+
+
+def _route_head_layout(heads_r: int, hq: int, hkv: int) -> tuple[int, int]:
+    """How the route's head axis maps onto (kv heads, query heads per kv head)."""
+    if heads_r == hq:
+        return hkv, hq // hkv
+    if heads_r == hkv:
+        return hkv, 1
+    return 1, 1  # heads_r == 1, shared by all heads
+
+
+def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: BlockRoute,
+                                     scale: float) -> tuple[Tensor, Tensor]:
+    """Exact attention of each query over the key blocks its query block routes to.
+
+    Args:
+        q: ``[B, Hq, Nq, D]``; k: ``[B, Hkv, Nk, D]``; v: ``[B, Hkv, Nk, Dv]``.
+        route: a :class:`BlockRoute` for ``Nq`` queries and ``Nk`` keys (already checked
+            against the tensors by :func:`routed.routed_attention`).
+    Returns:
+        ``out [B, Hq, Nq, Dv]`` in q's dtype and ``lse [B, Hq, Nq]`` (float32, or float64 for
+        float64 inputs; natural log; ``-inf`` for queries with nothing to attend to, whose
+        output is zero).
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = Hq // Hkv
+    bq, bk = route.q_block_size, route.kv_block_size
+    nqb, nkb, K = route.num_q_blocks, route.num_kv_blocks, route.max_blocks
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    hk_r, g_r = _route_head_layout(route.kv_block_ids.shape[1], Hq, Hkv)
+    ids = route.kv_block_ids.reshape(route.kv_block_ids.shape[0], hk_r, g_r, nqb, K)
+    ids = ids.expand(B, Hkv, g_r, nqb, K).long()
+    if K == 0:  # a route of width 0 routes nothing: one padding slot keeps the shapes non-empty
+        K, ids = 1, torch.full((B, Hkv, g_r, nqb, 1), -1, dtype=torch.long, device=q.device)
+    live = ids >= 0  # [B, Hkv, g_r, nqb, K]
+    safe_ids = ids.clamp_min(0)
+
+    # Key/value blocks, padded to whole blocks: [B, Hkv, nkb, bk, D].
+    kb = F.pad(k.to(acc), (0, 0, 0, nkb * bk - Nk)).view(B, Hkv, nkb, bk, D)
+    vb = F.pad(v.to(acc), (0, 0, 0, nkb * bk - Nk)).view(B, Hkv, nkb, bk, Dv)
+    bi = torch.arange(B, device=q.device).view(B, 1, 1, 1, 1)
+    hi = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1, 1)
+    kg = kb[bi, hi, safe_ids].reshape(B, Hkv, g_r, nqb, K * bk, D)
+    vg = vb[bi, hi, safe_ids].reshape(B, Hkv, g_r, nqb, K * bk, Dv)
+
+    qb = F.pad(q.to(acc) * scale, (0, 0, 0, nqb * bq - Nq)).view(B, Hkv, G, nqb, bq, D)
+    s = qb @ kg.transpose(-1, -2)  # [B, Hkv, G, nqb, bq, K*bk]
+
+    # Visibility of each gathered key: live slot, inside kv_len, and (causal) not in the future.
+    key_in_range = (torch.arange(nkb * bk, device=q.device) < Nk).view(nkb, bk)
+    visible = key_in_range[safe_ids] & live.unsqueeze(-1)  # [B, Hkv, g_r, nqb, K, bk]
+    visible = visible.reshape(B, Hkv, g_r, nqb, 1, K * bk)
+    if route.causal:
+        kv_pos = F.pad(route.resolved_kv_positions(), (0, nkb * bk - Nk)).view(-1, nkb, bk)
+        pos_bi = bi if kv_pos.shape[0] > 1 else torch.zeros_like(bi)
+        kv_pos = kv_pos[pos_bi, safe_ids].reshape(B, Hkv, g_r, nqb, 1, K * bk)
+        q_pos = F.pad(route.resolved_q_positions(), (0, nqb * bq - Nq)).view(-1, 1, 1, nqb, bq, 1)
+        visible = visible & (kv_pos <= q_pos)
+    s = s.masked_fill(~visible, float("-inf"))
+
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)  # noqa: E741
+    # Queries that see nothing have l == 0: divide by 1 instead (their p is 0, so o is 0 and the
+    # gradient stays finite) and report lse = -inf.
+    l_safe = torch.where(l > 0, l, torch.ones_like(l))
+    o = (p @ vg) / l_safe
+    lse = torch.where(l > 0, m + torch.log(l_safe), torch.full_like(l, float("-inf")))
+
+    out = o.reshape(B, Hq, nqb * bq, Dv)[:, :, :Nq].to(q.dtype)
+    lse = lse.reshape(B, Hq, nqb * bq)[:, :, :Nq]
+    return out, lse

@@ -1,0 +1,1 @@
+"""Attention within gathered token groups (TokenRoute)."""

@@ -1,0 +1,395 @@
+"""Routes: the plain data that routers produce and attention kernels consume.
+
+A route says *where* each query's attention goes; it never computes attention. Two kinds:
+
+* :class:`BlockRoute` -- for every (batch, head, query block), a sorted list of key-block ids.
+  Covers MoBA, NSA selection, BiFormer regions, k-means clusters in permuted order, sliding
+  windows and block estimators for pretrained LLMs.
+* :class:`TokenRoute` -- for every (batch, head, group), the ids of the tokens gathered into
+  the group (Routing Transformer clusters, MoSA expert-choice heads). Attention runs inside
+  each group and results scatter back to the tokens.
+
+A route's head axis may be the query heads, the key/value heads (shared by the query heads of
+a GQA group) or 1 (shared by all heads); its batch axis may be the batch or 1. Kernels
+broadcast.
+
+Routes validate themselves once, at construction. Routers that build correct routes by
+construction may pass ``validate=False`` to skip the value checks (which synchronise a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["BlockRoute", "TokenRoute", "RouteError"]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class RouteError(ValueError):
+    """A route (or the tensors it is used with) is malformed. The message says how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RouteError(msg)
+
+
+def _check_positions(name: str, pos: Optional[Tensor], length: int, device: torch.device) -> None:
+    if pos is None:
+        return
+    _check(isinstance(pos, Tensor), f"{name} must be a torch.Tensor, got {type(pos).__name__}.")
+    _check(
+        pos.dtype in _INDEX_DTYPES,
+        f"{name} must be int32 or int64 (token positions), got {pos.dtype}; convert with .to(torch.int32).",
+    )
+    _check(
+        pos.dim() in (1, 2) and pos.shape[-1] == length,
+        f"{name} must have shape [{length}] or [batch, {length}], got {list(pos.shape)}.",
+    )
+    _check(
+        pos.device == device,
+        f"{name} is on {pos.device} but the route's indices are on {device}; move them to one device.",
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class BlockRoute:
+    """Block-sparse route: which key blocks each query block attends to.
+
+    Attributes:
+        kv_block_ids: ``[batch_r, heads_r, num_q_blocks, max_blocks]`` int32. Row ``(b, h, i)``
+            lists, in strictly increasing order, the key blocks query block ``i`` attends to;
+            entries past ``kv_block_counts[b, h, i]`` are ``-1``.
+        kv_block_counts: ``[batch_r, heads_r, num_q_blocks]`` int32, how many ids are valid.
+        q_len, kv_len: token lengths the route was built for (need not be block multiples:
+            the last block of each is partial).
+        q_block_size, kv_block_size: tokens per query block and per key block.
+        causal: if True, inside the routed blocks a key is visible to a query only when
+            ``kv_position <= q_position``.
+        q_positions: optional ``[q_len]`` or ``[batch, q_len]`` int positions of the query tokens
+            for the causal test, when the token order was permuted (k-means clusters sorted by
+            cluster, images sorted region-major). Default ``arange(q_len) + kv_len - q_len``
+            (queries are the last ``q_len`` positions, as in prefill with a KV cache).
+        kv_positions: likewise for keys, default ``arange(kv_len)``.
+
+    ``batch_r`` is the batch size or 1; ``heads_r`` is the number of query heads, of key/value
+    heads, or 1.
+    """
+
+    kv_block_ids: Tensor
+    kv_block_counts: Tensor
+    q_len: int
+    kv_len: int
+    q_block_size: int
+    kv_block_size: int
+    causal: bool = False
+    q_positions: Optional[Tensor] = None
+    kv_positions: Optional[Tensor] = None
+    validate: bool = field(default=True, repr=False)
+
+    def __post_init__(self) -> None:
+        ids, counts = self.kv_block_ids, self.kv_block_counts
+        _check(isinstance(ids, Tensor) and isinstance(counts, Tensor),
+               "kv_block_ids and kv_block_counts must be torch.Tensors.")
+        _check(ids.dim() == 4,
+               f"kv_block_ids must be 4-D [batch, heads, num_q_blocks, max_blocks], got shape {list(ids.shape)}.")
+        _check(ids.dtype == torch.int32,
+               f"kv_block_ids must be int32, got {ids.dtype}; convert with .to(torch.int32).")
+        _check(counts.dtype == torch.int32,
+               f"kv_block_counts must be int32, got {counts.dtype}; convert with .to(torch.int32).")
+        _check(counts.shape == ids.shape[:3],
+               f"kv_block_counts must have shape {list(ids.shape[:3])} (kv_block_ids without its last axis), "
+               f"got {list(counts.shape)}.")
+        _check(ids.device == counts.device,
+               f"kv_block_ids is on {ids.device} but kv_block_counts on {counts.device}; move them to one device.")
+        for name in ("q_len", "kv_len", "q_block_size", "kv_block_size"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an int, got {v!r}.")
+        _check(self.q_len >= 1 and self.kv_len >= 1, f"q_len and kv_len must be >= 1, got {self.q_len}, {self.kv_len}.")
+        _check(self.q_block_size >= 1 and self.kv_block_size >= 1,
+               f"block sizes must be >= 1, got q_block_size={self.q_block_size}, kv_block_size={self.kv_block_size}.")
+        _check(ids.shape[2] == self.num_q_blocks,
+               f"kv_block_ids has {ids.shape[2]} query blocks but q_len={self.q_len} with q_block_size="
+               f"{self.q_block_size} needs ceil({self.q_len}/{self.q_block_size}) = {self.num_q_blocks}.")
+        _check_positions("q_positions", self.q_positions, self.q_len, ids.device)
+        _check_positions("kv_positions", self.kv_positions, self.kv_len, ids.device)
+        if self.validate:
+            self._validate_values()
+
+    def _validate_values(self) -> None:
+        ids, counts = self.kv_block_ids, self.kv_block_counts
+        k = ids.shape[-1]
+        nkb = self.num_kv_blocks
+        if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > k):
+            raise RouteError(f"kv_block_counts must lie in [0, {k}] (the last axis of kv_block_ids), "
+                             f"got values in [{int(counts.min())}, {int(counts.max())}].")
+        if ids.numel() == 0:
+            return
+        slot = torch.arange(k, device=ids.device)
+        live = slot < counts.unsqueeze(-1)
+        bad_pad = (~live) & (ids != -1)
+        if bool(bad_pad.any()):
+            where = tuple(int(i) for i in bad_pad.nonzero()[0])
+            raise RouteError(f"kv_block_ids{list(where)} = {int(ids[where])} lies past kv_block_counts but is not -1; "
+                             "pad unused slots with -1.")
+        out_of_range = live & ((ids < 0) | (ids >= nkb))
+        if bool(out_of_range.any()):
+            where = tuple(int(i) for i in out_of_range.nonzero()[0])
+            raise RouteError(f"kv_block_ids{list(where)} = {int(ids[where])} is out of range: kv_len={self.kv_len} "
+                             f"with kv_block_size={self.kv_block_size} has key blocks 0..{nkb - 1}.")
+        if k > 1:
+            both_live = live[..., 1:]
+            unsorted = both_live & (ids[..., 1:] <= ids[..., :-1])
+            if bool(unsorted.any()):
+                where = tuple(int(i) for i in unsorted.nonzero()[0])
+                row = where[:3]
+                raise RouteError(f"kv_block_ids{list(row)} = {ids[row].tolist()} is not strictly increasing; "
+                                 "sort each row (torch.sort) and remove duplicate block ids.")
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_q_blocks(self) -> int:
+        return math.ceil(self.q_len / self.q_block_size)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return math.ceil(self.kv_len / self.kv_block_size)
+
+    @property
+    def max_blocks(self) -> int:
+        return self.kv_block_ids.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_block_ids.device
+
+    def to(self, device) -> "BlockRoute":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return BlockRoute(mv(self.kv_block_ids), mv(self.kv_block_counts), self.q_len, self.kv_len,
+                          self.q_block_size, self.kv_block_size, self.causal, mv(self.q_positions),
+                          mv(self.kv_positions), validate=False)
+
+    def resolved_q_positions(self) -> Tensor:
+        """``[batch_p, q_len]`` int64 query positions (defaults filled in)."""
+        if self.q_positions is not None:
+            return self.q_positions.long().reshape(-1, self.q_len)
+        return (torch.arange(self.q_len, device=self.device) + (self.kv_len - self.q_len)).unsqueeze(0)
+
+    def resolved_kv_positions(self) -> Tensor:
+        """``[batch_p, kv_len]`` int64 key positions (defaults filled in)."""
+        if self.kv_positions is not None:
+            return self.kv_positions.long().reshape(-1, self.kv_len)
+        return torch.arange(self.kv_len, device=self.device).unsqueeze(0)
+
+    @property
+    def has_default_positions(self) -> bool:
+        return self.q_positions is None and self.kv_positions is None
+
+    # ----------------------------------------------------------------------------------------------
+    def to_block_mask(self) -> Tensor:
+        """Dense boolean ``[batch_r, heads_r, num_q_blocks, num_kv_blocks]`` view of the route."""
+        b, h, nqb, k = self.kv_block_ids.shape
+        mask = torch.zeros(b, h, nqb, self.num_kv_blocks + 1, dtype=torch.bool, device=self.device)
+        # -1 padding goes to the spare last column, which is dropped.
+        idx = torch.where(self.kv_block_ids < 0, self.num_kv_blocks, self.kv_block_ids).long()
+        mask.scatter_(-1, idx, True)
+        return mask[..., : self.num_kv_blocks]
+
+    def to_token_mask(self) -> Tensor:
+        """Dense boolean ``[batch_r', heads_r, q_len, kv_len]`` mask (causal test included).
+
+        Builds a ``q_len x kv_len`` tensor: for tests, plots and small inputs only.
+        """
+        bm = self.to_block_mask()
+        qb = torch.arange(self.q_len, device=self.device) // self.q_block_size
+        kb = torch.arange(self.kv_len, device=self.device) // self.kv_block_size
+        tok = bm[:, :, qb][:, :, :, kb]
+        if self.causal:
+            qp = self.resolved_q_positions()[:, None, :, None]
+            kp = self.resolved_kv_positions()[:, None, None, :]
+            tok = tok & (kp <= qp)
+        return tok
+
+    def visitable_block_mask(self) -> Tensor:
+        """``[batch_p, num_q_blocks, num_kv_blocks]``: the block pairs a dense pass would visit.
+
+        All pairs when not causal; when causal, the pairs holding at least one visible (query, key)
+        pair given the token positions (a key block whose first position lies after the query
+        block's last position is skipped by a causal dense kernel).
+        """
+        nqb, nkb = self.num_q_blocks, self.num_kv_blocks
+        if not self.causal:
+            return torch.ones(1, nqb, nkb, dtype=torch.bool, device=self.device)
+        qp, kp = self.resolved_q_positions(), self.resolved_kv_positions()
+        qmax = _block_reduce(qp, self.q_block_size, "amax")
+        kmin = _block_reduce(kp, self.kv_block_size, "amin")
+        return kmin[:, None, :] <= qmax[:, :, None]
+
+    def density(self) -> float:
+        """Routed key blocks over the key blocks a dense pass (causal or full) would visit."""
+        visitable = self.visitable_block_mask()  # [bp, nqb, nkb]
+        routed = self.to_block_mask()  # [br, hr, nqb, nkb]
+        b = max(visitable.shape[0], routed.shape[0])
+        routed = (routed & visitable[:, None]).expand(b, -1, -1, -1)
+        denom = visitable.expand(b, -1, -1).sum() * routed.shape[1]
+        return float(routed.sum()) / max(float(denom), 1.0)
+
+    def describe(self) -> str:
+        """One line: shape, block sizes, blocks per query block and density."""
+        c = self.kv_block_counts.float()
+        mean_blocks = float(c.mean()) if c.numel() else 0.0
+        return (f"BlockRoute(batch={self.kv_block_ids.shape[0]}, heads={self.kv_block_ids.shape[1]}, "
+                f"q_len={self.q_len}, kv_len={self.kv_len}, blocks={self.q_block_size}x{self.kv_block_size}, "
+                f"causal={self.causal}, blocks/query block: mean {mean_blocks:.1f} max {self.max_blocks}, "
+                f"density {self.density():.3f})")
+
+    __str__ = describe
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_block_mask(cls, block_mask: Tensor, *, q_len: int, kv_len: int, q_block_size: int,
+                        kv_block_size: Optional[int] = None, causal: bool = False,
+                        q_positions: Optional[Tensor] = None, kv_positions: Optional[Tensor] = None,
+                        max_blocks: Optional[int] = None) -> "BlockRoute":
+        """Build a route from a dense boolean ``[batch, heads, num_q_blocks, num_kv_blocks]`` mask.
+
+        ``max_blocks`` pads the id axis to a fixed width (default: the largest row count).
+        With ``causal=True`` the mask is used as given; blocks wholly in the future simply
+        contribute nothing.
+        """
+        kv_block_size = q_block_size if kv_block_size is None else kv_block_size
+        _check(isinstance(block_mask, Tensor) and block_mask.dtype == torch.bool,
+               "block_mask must be a bool tensor [batch, heads, num_q_blocks, num_kv_blocks].")
+        _check(block_mask.dim() == 4,
+               f"block_mask must be 4-D [batch, heads, num_q_blocks, num_kv_blocks], got {list(block_mask.shape)}.")
+        nkb = math.ceil(kv_len / kv_block_size)
+        _check(block_mask.shape[-1] == nkb,
+               f"block_mask has {block_mask.shape[-1]} key blocks but kv_len={kv_len} with kv_block_size="
+               f"{kv_block_size} has {nkb}.")
+        counts = block_mask.sum(-1, dtype=torch.int32)
+        width = int(counts.max()) if counts.numel() else 0
+        if max_blocks is not None:
+            _check(max_blocks >= width, f"max_blocks={max_blocks} is smaller than the densest row ({width} blocks).")
+            width = max_blocks
+        # Stable sort puts the selected block ids first, in increasing order.
+        col = torch.arange(nkb, device=block_mask.device, dtype=torch.int32).expand_as(block_mask)
+        key = torch.where(block_mask, col, col + nkb)
+        ids = key.sort(dim=-1).values[..., :width]
+        ids = torch.where(ids >= nkb, torch.full_like(ids, -1), ids)
+        if width > nkb:
+            pad = ids.new_full((*ids.shape[:-1], width - nkb), -1)
+            ids = torch.cat([ids, pad], dim=-1)
+        return cls(ids.contiguous(), counts.contiguous(), q_len, kv_len, q_block_size, kv_block_size,
+                   causal, q_positions, kv_positions, validate=False)
+
+
+def _block_reduce(pos: Tensor, block: int, op: str) -> Tensor:
+    """Reduce ``[b, n]`` positions per block of ``block`` tokens (partial last block allowed)."""
+    b, n = pos.shape
+    nb = math.ceil(n / block)
+    pad_val = torch.iinfo(torch.int64).min if op == "amax" else torch.iinfo(torch.int64).max
+    padded = pos.new_full((b, nb * block), pad_val)
+    padded[:, :n] = pos
+    return getattr(padded.view(b, nb, block), op)(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenRoute:
+    """Token-group route: attention runs among the tokens gathered into each group.
+
+    Attributes:
+        token_ids: ``[batch_r, heads_r, num_groups, group_size]`` int32/int64 token indices
+            (original positions), padded with ``-1``. A token appears at most once per group and
+            may appear in several groups or none.
+        seq_len: length of the (self-attention) sequence.
+        weights: optional ``[batch_r, heads_r, num_groups, group_size]`` float weights (MoSA's
+            router scores). Output of token ``t`` is the sum over its occurrences of
+            ``weight * attention output`` (weight 1 when omitted); tokens in no group get zeros.
+        causal: if True, a key is visible to a query in its group only when
+            ``key position <= query position`` (positions are the token ids).
+    """
+
+    token_ids: Tensor
+    seq_len: int
+    weights: Optional[Tensor] = None
+    causal: bool = False
+    validate: bool = field(default=True, repr=False)
+
+    def __post_init__(self) -> None:
+        ids = self.token_ids
+        _check(isinstance(ids, Tensor), "token_ids must be a torch.Tensor.")
+        _check(ids.dim() == 4, f"token_ids must be 4-D [batch, heads, num_groups, group_size], got {list(ids.shape)}.")
+        _check(ids.dtype in _INDEX_DTYPES,
+               f"token_ids must be int32 or int64, got {ids.dtype}; convert with .to(torch.int32).")
+        _check(isinstance(self.seq_len, int) and self.seq_len >= 1, f"seq_len must be an int >= 1, got {self.seq_len!r}.")
+        if self.weights is not None:
+            w = self.weights
+            _check(isinstance(w, Tensor) and w.is_floating_point(),
+                   "weights must be a floating-point tensor shaped like token_ids.")
+            _check(w.shape == ids.shape, f"weights must have the shape of token_ids {list(ids.shape)}, got {list(w.shape)}.")
+            _check(w.device == ids.device,
+                   f"weights are on {w.device} but token_ids on {ids.device}; move them to one device.")
+        if self.validate and ids.numel():
+            bad = (ids < -1) | (ids >= self.seq_len)
+            if bool(bad.any()):
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise RouteError(f"token_ids{list(where)} = {int(ids[where])} is out of range: seq_len={self.seq_len} "
+                                 f"has tokens 0..{self.seq_len - 1}; use -1 for padding.")
+            s = ids.sort(dim=-1).values
+            dup = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
+            if bool(dup.any()):
+                where = tuple(int(i) for i in dup.nonzero()[0])
+                raise RouteError(f"token_ids{list(where[:3])} holds token {int(s[where[:3]][where[3] + 1])} twice; "
+                                 "a token may appear at most once per group.")
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_ids.device
+
+    @property
+    def num_groups(self) -> int:
+        return self.token_ids.shape[2]
+
+    @property
+    def group_size(self) -> int:
+        return self.token_ids.shape[3]
+
+    def to(self, device) -> "TokenRoute":
+        w = None if self.weights is None else self.weights.to(device)
+        return TokenRoute(self.token_ids.to(device), self.seq_len, w, self.causal, validate=False)
+
+    def to_token_mask(self) -> Tensor:
+        """Dense boolean ``[batch_r, heads_r, seq_len, seq_len]``: query ``t`` sees key ``s`` when
+        both share a group (and ``s <= t`` if causal). Builds ``seq x seq``: tests and plots only."""
+        b, h, g, s = self.token_ids.shape
+        n = self.seq_len
+        onehot = torch.zeros(b, h, g, n + 1, dtype=torch.float32, device=self.device)
+        idx = torch.where(self.token_ids < 0, n, self.token_ids).long()
+        onehot.scatter_(-1, idx, 1.0)
+        onehot = onehot[..., :n]
+        mask = torch.einsum("bhgi,bhgj->bhij", onehot, onehot) > 0
+        if self.causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        return mask
+
+    def density(self) -> float:
+        """Attended (query, key) pairs over those of a dense (causal or full) pass."""
+        b, h, g, s = self.token_ids.shape
+        live = (self.token_ids >= 0).sum(-1).double()
+        pairs = live * (live + 1) / 2 if self.causal else live * live
+        n = self.seq_len
+        dense = n * (n + 1) / 2 if self.causal else n * n
+        return float(pairs.sum()) / (b * h * dense)
+
+    def describe(self) -> str:
+        return (f"TokenRoute(batch={self.token_ids.shape[0]}, heads={self.token_ids.shape[1]}, "
+                f"groups={self.num_groups}x{self.group_size}, seq_len={self.seq_len}, causal={self.causal}, "
+                f"weighted={self.weights is not None}, density {self.density():.3f})")
+
+    __str__ = describe

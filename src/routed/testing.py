@@ -1,0 +1,137 @@
+"""Helpers for testing routed ops: float64 dense references, poisoning, dtype-relative tolerances.
+
+The dense references here build ``seq x seq`` masks from first principles (not through the route's
+own helpers), so a test compares two independent computations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .route import BlockRoute, TokenRoute
+
+_POISON = False
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Inside this context, kernels fill freshly allocated outputs with NaN before writing them,
+    so an element a kernel forgets to write fails the comparison instead of passing as zero."""
+    global _POISON
+    old, _POISON = _POISON, True
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+def new_output(shape, *, dtype, device) -> Tensor:
+    """Allocate an op's output: uninitialised normally, NaN-filled under :func:`poisoned_outputs`."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON:
+        t.fill_(float("nan"))
+    return t
+
+
+def _expand_heads(x: Tensor, hq: int) -> Tensor:
+    """``[B, H, ...]`` with H in {1, Hkv, Hq} -> ``[B, Hq, ...]`` (GQA: each kv head serves hq/H query heads)."""
+    h = x.shape[1]
+    return x.expand(x.shape[0], hq, *x.shape[2:]) if h == 1 else x.repeat_interleave(hq // h, dim=1)
+
+
+def block_route_token_mask(route: BlockRoute) -> Tensor:
+    """``[B_r, H_r, Nq, Nk]`` bool: which key each query sees, built straight from the id lists."""
+    Nq, Nk = route.q_len, route.kv_len
+    qb = torch.arange(Nq, device=route.device) // route.q_block_size
+    kb = torch.arange(Nk, device=route.device) // route.kv_block_size
+    ids = route.kv_block_ids.long()[:, :, qb]  # [B, H, Nq, K]
+    live = torch.arange(ids.shape[-1], device=route.device) < route.kv_block_counts.long()[:, :, qb, None]
+    mask = ((ids[..., None] == kb) & live[..., None]).any(-2)  # [B, H, Nq, Nk]
+    if route.causal:
+        qp = route.q_positions if route.q_positions is not None else torch.arange(Nq, device=route.device) + Nk - Nq
+        kp = route.kv_positions if route.kv_positions is not None else torch.arange(Nk, device=route.device)
+        qp, kp = qp.long().reshape(-1, 1, Nq, 1), kp.long().reshape(-1, 1, 1, Nk)
+        mask = mask & (kp <= qp)
+    return mask
+
+
+def dense_attention_f64(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
+                        dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Masked softmax attention over a dense ``[B|1, H|Hkv|1, Nq, Nk]`` mask, computed in ``dtype``
+    (float64 for the ground truth; the inputs' dtype for a plain-PyTorch baseline).
+
+    Rows with nothing visible give zeros and ``lse = -inf``. Differentiable.
+    """
+    hq = q.shape[1]
+    q, k, v = q.to(dtype), _expand_heads(k.to(dtype), hq), _expand_heads(v.to(dtype), hq)
+    mask = _expand_heads(mask, hq)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    return p @ v, lse
+
+
+def token_route_dense_f64(q: Tensor, k: Tensor, v: Tensor, route: TokenRoute, scale: float,
+                          dtype: torch.dtype = torch.float64) -> Tensor:
+    """Float64 output of a TokenRoute computed as one dense masked attention per group, summed
+    with the route's weights (the definition, written out)."""
+    B, hq, N, _ = q.shape
+    ids = route.token_ids.long()
+    out = torch.zeros(B, hq, N, v.shape[-1], dtype=dtype, device=q.device)
+    for g in range(route.num_groups):
+        gid = ids[:, :, g]  # [Br, Hr, S]
+        member = torch.zeros(*gid.shape[:2], N + 1, dtype=torch.bool, device=q.device)
+        member.scatter_(-1, torch.where(gid < 0, N, gid), True)
+        member = member[..., :N]
+        mask = member[..., :, None] & member[..., None, :]
+        if route.causal:
+            mask = mask & torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+        o, _ = dense_attention_f64(q, k, v, mask, scale, dtype)
+        w = torch.zeros(*gid.shape[:2], N + 1, dtype=dtype, device=q.device)
+        gw = torch.ones_like(gid, dtype=dtype) if route.weights is None else route.weights[:, :, g].to(dtype)
+        w.scatter_(-1, torch.where(gid < 0, N, gid), gw)
+        out = out + o * _expand_heads(w[..., :N], hq).unsqueeze(-1)
+    return out
+
+
+def _err_norm(x: Tensor, ref: Tensor) -> float:
+    """``||x - ref||`` in float64 over finite entries of ``ref``; inf if ``x`` has a NaN or differs
+    from ``ref`` where ``ref`` is infinite (an ``lse`` of ``-inf`` must be exactly ``-inf``)."""
+    x, ref = x.detach().double(), ref.detach().double()
+    if bool(torch.isnan(x).any()):
+        return float("inf")
+    fin = torch.isfinite(ref)
+    if bool((x[~fin] != ref[~fin]).any()) or not bool(torch.isfinite(x[fin]).all()):
+        return float("inf")
+    return float((x[fin] - ref[fin]).norm())
+
+
+def _scale_norm(ref: Tensor) -> float:
+    """Norm used to make errors relative: ``||ref||``, but at least ``sqrt(numel)`` (entries of
+    order one) so that an all-zero reference does not turn rounding noise into an infinite ratio."""
+    ref = ref.detach().double()
+    fin = ref[torch.isfinite(ref)]
+    return max(float(fin.norm()), max(fin.numel(), 1) ** 0.5)
+
+
+def rel_err(x: Tensor, ref: Tensor) -> float:
+    """Relative error ``||x - ref|| / ||ref||`` (see :func:`_scale_norm` for zero references)."""
+    return _err_norm(x, ref) / _scale_norm(ref)
+
+
+def assert_close_rel(x: Tensor, ref: Tensor, baseline: Optional[Tensor] = None, *, factor: float = 3.0,
+                     floor: float = 1e-6, what: str = "output") -> None:
+    """Assert ``rel_err(x, ref) <= factor * rel_err(baseline, ref) + floor``.
+
+    ``baseline`` is the same quantity computed by plain PyTorch in the same dtype, so the tolerance
+    follows what that dtype can do rather than a hand-picked number.
+    """
+    err = rel_err(x, ref)
+    base = 0.0 if baseline is None else rel_err(baseline, ref)
+    tol = factor * base + floor
+    assert err <= tol, f"{what}: relative error {err:.3e} exceeds {tol:.3e} (plain PyTorch gets {base:.3e})"
