@@ -87,6 +87,27 @@ register_backend(Backend("reference", priority=0, why_not=_reference_why_not, ru
                          description="plain PyTorch, any device, exact (the ground truth of the tests)"))
 
 
+def _register_triton() -> None:
+    try:
+        from .ops.block_sparse.triton_ops import block_sparse_attention_triton, why_not_triton
+    except ImportError as e:  # triton is an optional dependency
+        reason = f"triton is not importable ({e}); install it with `pip install routed[triton]`"
+        register_backend(Backend("triton", priority=20, why_not=lambda q, k, v, r: reason, run=None))
+        return
+
+    def interpreted(q, k, v, route) -> Optional[str]:
+        if q.device.type == "cpu":
+            return "on the CPU the Triton kernels run in the interpreter, which is for testing; name it to use it"
+        return None
+
+    register_backend(Backend("triton", priority=20, why_not=why_not_triton, run=block_sparse_attention_triton,
+                             description="fused Triton kernels for BlockRoute (CUDA; CPU under TRITON_INTERPRET=1)",
+                             auto_why_not=interpreted))
+
+
+_register_triton()
+
+
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, route: Route, *, scale: Optional[float] = None,
                      backend: Optional[str] = None, return_lse: bool = False):
     """Exact softmax attention restricted to where ``route`` sends each query.

@@ -31,6 +31,8 @@ class Backend:
     why_not: WhyNot
     run: Run
     description: str = ""
+    # Extra reasons to pass this backend over in automatic choice only (it still runs when named).
+    auto_why_not: Optional[WhyNot] = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -46,8 +48,15 @@ def backends() -> list[Backend]:
 
 
 def explain_backends(q: Tensor, k: Tensor, v: Tensor, route) -> list[tuple[str, Optional[str]]]:
-    """For every backend, ``(name, None)`` if it can run this call, else ``(name, reason)``."""
-    return [(b.name, b.why_not(q, k, v, route)) for b in backends()]
+    """For every backend, most preferred first, ``(name, None)`` if automatic choice could take it
+    for this call, else ``(name, reason)``."""
+    out = []
+    for b in backends():
+        reason = b.why_not(q, k, v, route)
+        if reason is None and b.auto_why_not is not None:
+            reason = b.auto_why_not(q, k, v, route)
+        out.append((b.name, reason))
+    return out
 
 
 def select_backend(q: Tensor, k: Tensor, v: Tensor, route, backend: Optional[str]) -> Backend:
@@ -62,7 +71,10 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, route, backend: Optional[str
         return chosen
     for b in backends():
         reason = b.why_not(q, k, v, route)
+        if reason is None and b.auto_why_not is not None:
+            reason = b.auto_why_not(q, k, v, route)
         if reason is None:
+            logger.debug("routed: chose backend %r", b.name)
             return b
         logger.debug("routed: backend %r rejected: %s", b.name, reason)
     raise BackendUnavailable("no backend can run this call: "

@@ -1,0 +1,304 @@
+"""Triton kernels for block-sparse attention over a BlockRoute.
+
+Three kernels, FlashAttention-2 style, exp2 online softmax, float32 accumulation:
+
+* ``_block_sparse_fwd_kernel``: one program per (query tile, batch x query head); walks the key
+  blocks its query block routes to; writes ``out`` and ``lse``.
+* ``_block_sparse_bwd_dq_kernel``: same walk, recomputes P and accumulates dQ (no atomics).
+* ``_block_sparse_bwd_dkdv_kernel``: one program per (key tile, batch x kv head); walks the
+  *transposed* route (the query blocks that route to this key block) for every query head of
+  the GQA group, accumulating dK and dV in registers (no atomics).
+
+Masks cost only where they are needed: a tile pays for the causal/range test only when it
+straddles the diagonal or the end of the sequence (or when explicit positions were given).
+Scores are kept in log2 units: ``s2 = q.k * scale * log2(e)``; ``lse`` is stored in natural log.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] visibility: key inside kv_len and (causal) not after the query."""
+    visible = (offs_n < kv_len)[None, :]
+    if CAUSAL:
+        visible = visible & (k_pos[None, :] <= q_pos[:, None])
+    return visible
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, Out, Lse, Ids, Counts, QPos, KPos,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    stride_qpb, stride_kpb,
+    n_heads_q, group_size, route_head_div,
+    q_len, kv_len, pos_offset, scale_log2,
+    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads_q).to(tl.int64)
+    hq = (pid_bh % n_heads_q).to(tl.int64)
+    hkv = hq // group_size
+    hr = hq // route_head_div
+    q_start = pid_m * BLOCK_M
+    qblk = q_start // Q_BLOCK
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < q_len
+    q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if HAS_POS:
+        q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_ok, other=0)
+    else:
+        q_pos = offs_m + pos_offset
+
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    ids_base = Ids + b * stride_ib + hr * stride_ih + qblk * stride_iq
+    count = tl.load(Counts + b * stride_cb + hr * stride_ch + qblk * stride_cq)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for j in range(count):
+        kblk = tl.load(ids_base + j * stride_ik).to(tl.int64)
+        for sub in range(KV_BLOCK // BLOCK_N):
+            k_start = kblk * KV_BLOCK + sub * BLOCK_N
+            offs_n = k_start + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=(offs_n < kv_len)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(offs_n < kv_len)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+            # Only tiles that straddle the diagonal or the sequence end pay for the mask.
+            need_mask = k_start + BLOCK_N > kv_len
+            if CAUSAL:
+                need_mask = need_mask | (k_start + BLOCK_N - 1 > q_start + pos_offset)
+            if HAS_POS:  # permuted positions: no tile is known to be clean
+                need_mask = k_start >= 0
+            if need_mask:
+                if HAS_POS:
+                    k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=offs_n < kv_len, other=0)
+                else:
+                    k_pos = offs_n
+                s = tl.where(_tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    seen = l_i > 0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(Out + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
+             acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+    tl.store(Lse + b * stride_lb + hq * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_oh, stride_on, stride_od,
+                           stride_dob, stride_doh, stride_don, stride_dod, n_heads_q, q_len,
+                           HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta[b, h, n] = sum_d out * dout (float32), laid out [B, Hq, q_len] contiguous."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads_q).to(tl.int64)
+    hq = (pid_bh % n_heads_q).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m < q_len)[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    o = tl.load(Out + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + hq * stride_doh + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh.to(tl.int64) * q_len + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
+
+
+@triton.jit
+def _block_sparse_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Ids, Counts, QPos, KPos,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    stride_qpb, stride_kpb,
+    n_heads_q, group_size, route_head_div,
+    q_len, kv_len, pos_offset, scale, scale_log2,
+    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads_q).to(tl.int64)
+    hq = (pid_bh % n_heads_q).to(tl.int64)
+    hkv = hq // group_size
+    hr = hq // route_head_div
+    q_start = pid_m * BLOCK_M
+    qblk = q_start // Q_BLOCK
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < q_len
+    q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    do = tl.load(DO + b * stride_dob + hq * stride_doh + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+    lse = tl.load(Lse + b * stride_lb + hq * stride_lh + offs_m * stride_ln, mask=row_ok, other=float("inf"))
+    # Rows that saw nothing (lse = -inf) must get P = 0: shift them by +inf instead.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * q_len + offs_m, mask=row_ok, other=0.0)
+    if HAS_POS:
+        q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_ok, other=0)
+    else:
+        q_pos = offs_m + pos_offset
+
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    ids_base = Ids + b * stride_ib + hr * stride_ih + qblk * stride_iq
+    count = tl.load(Counts + b * stride_cb + hr * stride_ch + qblk * stride_cq)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for j in range(count):
+        kblk = tl.load(ids_base + j * stride_ik).to(tl.int64)
+        for sub in range(KV_BLOCK // BLOCK_N):
+            k_start = kblk * KV_BLOCK + sub * BLOCK_N
+            offs_n = k_start + tl.arange(0, BLOCK_N)
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=(offs_n < kv_len)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+            vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                         mask=(offs_n < kv_len)[None, :] & (offs_dv < HEAD_DIM_V)[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+            need_mask = k_start + BLOCK_N > kv_len
+            if CAUSAL:
+                need_mask = need_mask | (k_start + BLOCK_N - 1 > q_start + pos_offset)
+            if HAS_POS:  # permuted positions: no tile is known to be clean
+                need_mask = k_start >= 0
+            if need_mask:
+                if HAS_POS:
+                    k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=offs_n < kv_len, other=0)
+                else:
+                    k_pos = offs_n
+                s = tl.where(_tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _block_sparse_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, TIds, TCounts, QPos, KPos,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh, stride_ln,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_tb, stride_th, stride_tk, stride_tq,
+    stride_tcb, stride_tch, stride_tck,
+    stride_qpb, stride_kpb,
+    n_heads_q, n_heads_kv, group_size, route_head_div,
+    q_len, kv_len, pos_offset, scale, scale_log2,
+    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads_kv).to(tl.int64)
+    hkv = (pid_bh % n_heads_kv).to(tl.int64)
+    k_start = pid_n * BLOCK_N
+    kblk = k_start // KV_BLOCK
+
+    offs_n = k_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_ok = offs_n < kv_len
+    k = tl.load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    v = tl.load(V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+    if HAS_POS:
+        k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=key_ok, other=0)
+    else:
+        k_pos = offs_n
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(group_size):
+        hq = hkv * group_size + g
+        hr = hq // route_head_div
+        t_base = TIds + b * stride_tb + hr * stride_th + kblk * stride_tk
+        count = tl.load(TCounts + b * stride_tcb + hr * stride_tch + kblk * stride_tck)
+        q_base = Q + b * stride_qb + hq * stride_qh
+        do_base = DO + b * stride_dob + hq * stride_doh
+        for i in range(count):
+            qblk = tl.load(t_base + i * stride_tq).to(tl.int64)
+            for sub in range(Q_BLOCK // BLOCK_M):
+                q_start = qblk * Q_BLOCK + sub * BLOCK_M
+                offs_m = q_start + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < q_len
+                qt = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+                             mask=row_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+                             mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+                lse = tl.load(Lse + b * stride_lb + hq * stride_lh + offs_m * stride_ln, mask=row_ok,
+                              other=float("inf"))
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+                delta = tl.load(Delta + (b * n_heads_q + hq) * q_len + offs_m, mask=row_ok, other=0.0)
+                st = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
+                need_mask = k_start + BLOCK_N > kv_len
+                if CAUSAL:
+                    need_mask = need_mask | (k_start + BLOCK_N - 1 > q_start + pos_offset)
+                if HAS_POS:
+                    need_mask = q_start >= 0
+                if need_mask:
+                    if HAS_POS:
+                        q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_ok, other=0)
+                    else:
+                        q_pos = offs_m + pos_offset
+                    visible = key_ok[:, None]
+                    if CAUSAL:
+                        visible = visible & (k_pos[:, None] <= q_pos[None, :])
+                    st = tl.where(visible, st, float("-inf"))
+                pt = tl.math.exp2(st - lse2[None, :])
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])

@@ -1,0 +1,195 @@
+"""Triton block-sparse kernels against float64 dense masked attention, forward and backward.
+
+On a CPU these run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on
+small awkward shapes. Outputs are poisoned (NaN) before every run, so an unwritten element fails.
+The interpreter's bf16 tl.dot is broken (it returns garbage even for a bare 16x16 product), so
+bf16 is covered on the GPU only (``gpu`` marker and benchmarks/check_block_sparse.py).
+"""
+
+import math
+
+import pytest
+import torch
+
+from routed import BlockRoute, random_block_route, routed_attention
+from routed.ops.block_sparse.triton_ops import transpose_route
+from routed.testing import assert_close_rel, block_route_token_mask, dense_attention_f64, poisoned_outputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(b, hq, hkv, nq, nk, d, dtype, seed, dv=None):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h, n, dd: torch.randn(b, h, n, dd, generator=g).to(DEVICE, dtype).requires_grad_()  # noqa: E731
+    return mk(hq, nq, d), mk(hkv, nk, d), mk(hkv, nk, dv or d)
+
+
+def _mask_route(b, h, nq, nk, bq, bk, causal, density, seed, positions=None):
+    g = torch.Generator().manual_seed(seed + 100)
+    mask = torch.rand(b, h, math.ceil(nq / bq), math.ceil(nk / bk), generator=g) < density
+    qp = kp = None
+    if positions == "permuted":
+        perm = torch.randperm(nk, generator=g).to(torch.int32)
+        kp, qp = perm, perm[nk - nq:] if nq <= nk else None
+    elif positions == "batched":  # a different permutation per batch entry
+        perm = torch.stack([torch.randperm(nk, generator=g) for _ in range(b)]).to(torch.int32)
+        kp, qp = perm, perm[:, nk - nq:]
+    route = BlockRoute.from_block_mask(mask, q_len=nq, kv_len=nk, q_block_size=bq, kv_block_size=bk,
+                                       causal=causal, q_positions=qp, kv_positions=kp)
+    return route.to(DEVICE)
+
+
+def check_against_f64(q, k, v, route, *, lse_grad=False, factor=3.0):
+    """Forward, lse and (dq, dk, dv) of the Triton kernels vs float64, tolerance relative to
+    plain PyTorch computing the same masked attention in the inputs' dtype."""
+    scale = q.shape[-1] ** -0.5
+    mask = block_route_token_mask(route)
+    with poisoned_outputs():
+        out, lse = routed_attention(q, k, v, route, backend="triton", return_lse=True)
+    ref, ref_lse = dense_attention_f64(q, k, v, mask, scale)
+    base, base_lse = dense_attention_f64(q, k, v, mask, scale, dtype=q.dtype)
+    assert_close_rel(out, ref, base, factor=factor, what="out")
+    assert_close_rel(lse, ref_lse, base_lse.float(), factor=factor, what="lse")
+
+    g = torch.Generator().manual_seed(1234)
+    do = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    dl = torch.randn(lse.shape, generator=g).to(lse.device) if lse_grad else None
+
+    def loss_grads(o, l, inputs):  # noqa: E741
+        terms = [(o.to(do.dtype) * do).sum()]
+        if lse_grad:
+            terms.append((torch.where(torch.isfinite(l), l, 0) * dl.to(l.dtype)).sum())
+        return torch.autograd.grad(sum(terms), inputs)
+
+    with poisoned_outputs():
+        got = loss_grads(out, lse, (q, k, v))
+    want = loss_grads(ref, ref_lse, (q, k, v))
+    plain = loss_grads(base, base_lse, (q, k, v))
+    for name, x, r, b in zip(("dq", "dk", "dv"), got, want, plain):
+        assert_close_rel(x, r, b, factor=factor, what=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("n", [1, 63, 200])
+def test_matches_f64(causal, group, n):
+    q, k, v = _inputs(2, group, 1, n, n, 32, torch.float32, seed=n * group)
+    route = _mask_route(2, 1, n, n, 32, 32, causal, density=0.5, seed=n)
+    check_against_f64(q, k, v, route)
+
+
+@pytest.mark.parametrize("bq,bk", [(16, 16), (64, 32), (32, 64), (48, 80)])
+def test_block_sizes_and_ragged_lengths(bq, bk):
+    q, k, v = _inputs(1, 4, 2, 150, 170, 16, torch.float32, seed=bq + bk)
+    check_against_f64(q, k, v, _mask_route(1, 4, 150, 170, bq, bk, True, 0.6, seed=bq))
+
+
+@pytest.mark.parametrize("route_heads", [1, 2, 6])
+def test_route_head_layouts_and_batch_broadcast(route_heads):
+    q, k, v = _inputs(2, 6, 2, 96, 96, 16, torch.float32, seed=route_heads)
+    check_against_f64(q, k, v, _mask_route(1, route_heads, 96, 96, 16, 16, True, 0.5, seed=route_heads))
+    check_against_f64(q, k, v, _mask_route(2, route_heads, 96, 96, 16, 16, False, 0.5, seed=route_heads + 1))
+
+
+@pytest.mark.parametrize("nq,nk", [(1, 130), (17, 130), (130, 40)])
+def test_cross_lengths_kv_cache_alignment(nq, nk):
+    q, k, v = _inputs(1, 2, 1, nq, nk, 16, torch.float32, seed=nq)
+    for causal in (False, True):
+        check_against_f64(q, k, v, _mask_route(1, 1, nq, nk, 16, 16, causal, 0.7, seed=nk))
+
+
+@pytest.mark.parametrize("positions", ["permuted", "batched"])
+def test_permuted_positions(positions):
+    q, k, v = _inputs(2, 4, 2, 100, 100, 16, torch.float32, seed=3)
+    check_against_f64(q, k, v, _mask_route(2, 2, 100, 100, 16, 32, True, 0.7, seed=3, positions=positions))
+
+
+def test_head_dims_and_value_dim():
+    for d, dv in ((8, 8), (40, 24), (64, 128)):
+        q, k, v = _inputs(1, 2, 2, 70, 70, d, torch.float32, seed=d, dv=dv)
+        check_against_f64(q, k, v, _mask_route(1, 2, 70, 70, 16, 16, True, 0.5, seed=d))
+
+
+def test_lse_gradient():
+    q, k, v = _inputs(1, 3, 1, 80, 80, 16, torch.float32, seed=9)
+    check_against_f64(q, k, v, _mask_route(1, 1, 80, 80, 16, 16, True, 0.5, seed=9), lse_grad=True)
+
+
+def test_empty_and_partially_empty_routes():
+    q, k, v = _inputs(1, 2, 2, 64, 64, 16, torch.float32, seed=5)
+    empty = BlockRoute(torch.full((1, 2, 4, 3), -1, dtype=torch.int32), torch.zeros(1, 2, 4, dtype=torch.int32),
+                       64, 64, 16, 16, causal=True).to(DEVICE)
+    with poisoned_outputs():
+        out, lse = routed_attention(q, k, v, empty, backend="triton", return_lse=True)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+    for gr in grads:
+        assert torch.equal(gr, torch.zeros_like(gr))
+    check_against_f64(q, k, v, _mask_route(1, 2, 64, 64, 16, 16, True, 0.3, seed=5))
+
+
+def test_float16():
+    q, k, v = _inputs(1, 4, 2, 100, 100, 32, torch.float16, seed=11)
+    check_against_f64(q, k, v, _mask_route(1, 2, 100, 100, 16, 16, True, 0.5, seed=11))
+
+
+def test_random_benchmark_route_shape():
+    q, k, v = _inputs(1, 4, 1, 256, 256, 32, torch.float32, seed=12)
+    route = random_block_route(256, block_size=64, blocks=2, heads=1, causal=True,
+                               generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    check_against_f64(q, k, v, route)
+
+
+def test_transpose_route():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 3, 7, 5, generator=g) < 0.4
+    r = BlockRoute.from_block_mask(mask, q_len=7 * 16, kv_len=5 * 16, q_block_size=16)
+    t_ids, t_counts = transpose_route(r.kv_block_ids, r.kv_block_counts, 5)
+    assert torch.equal(t_counts, mask.sum(-2).int())
+    for b in range(2):
+        for h in range(3):
+            for j in range(5):
+                n = int(t_counts[b, h, j])
+                assert t_ids[b, h, j, :n].tolist() == mask[b, h, :, j].nonzero().flatten().tolist()
+                assert bool((t_ids[b, h, j, n:] == -1).all())
+
+
+def test_compiles_without_graph_breaks():
+    q, k, v = _inputs(1, 4, 2, 64, 64, 16, torch.float32, seed=13)
+    route = _mask_route(1, 2, 64, 64, 16, 16, True, 0.5, seed=13)
+
+    def f(q, k, v):
+        return routed_attention(q, k, v, route, backend="triton").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    got = torch.autograd.grad(loss, (q, k, v))
+    eager = f(q, k, v)
+    want = torch.autograd.grad(eager, (q, k, v))
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_automatic_choice_explains_itself():
+    from routed import explain_backends
+
+    q, k, v = _inputs(1, 2, 2, 32, 32, 16, torch.float32, seed=0)
+    route = _mask_route(1, 2, 32, 32, 16, 16, True, 1.0, seed=0)
+    reasons = dict(explain_backends(q, k, v, route))
+    assert reasons["reference"] is None
+    if DEVICE == "cpu":
+        assert "interpreter" in reasons["triton"]
+    unsupported = BlockRoute.from_block_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), q_len=32, kv_len=32,
+                                             q_block_size=8).to(DEVICE)
+    from routed import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="not a multiple of 16"):
+        routed_attention(q, k, v, unsupported, backend="triton")
+
+
+@pytest.mark.gpu
+def test_bfloat16_on_gpu():
+    q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, torch.bfloat16, seed=21)
+    check_against_f64(q, k, v, _mask_route(1, 2, 1000, 1000, 64, 64, True, 0.3, seed=21))
+    check_against_f64(q, k, v, _mask_route(2, 8, 1000, 1000, 128, 128, False, 0.3, seed=22))
