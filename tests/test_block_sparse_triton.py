@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from routed import BlockRoute, random_block_route, routed_attention
-from routed.ops.block_sparse.triton_ops import transpose_route
 from routed.testing import assert_close_rel, block_route_token_mask, dense_attention_f64, poisoned_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,6 +97,16 @@ def test_cross_lengths_kv_cache_alignment(nq, nk):
         check_against_f64(q, k, v, _mask_route(1, 1, nq, nk, 16, 16, causal, 0.7, seed=nk))
 
 
+@pytest.mark.parametrize("nq", [1, 4, 16])
+@pytest.mark.parametrize("route_heads", [1, 8])
+def test_decode_split_path(nq, route_heads):
+    """Few queries against many routed key blocks: split over programs, GQA heads packed, merged."""
+    q, k, v = _inputs(1, 8, 1, nq, 300, 16, torch.float32, seed=nq)
+    for causal in (False, True):
+        check_against_f64(q, k, v, _mask_route(1, route_heads, nq, 300, 16, 16, causal, 0.8, seed=nq + causal))
+    check_against_f64(q, k, v, _mask_route(1, route_heads, nq, 300, 16, 16, True, 0.8, seed=1, positions="permuted"))
+
+
 @pytest.mark.parametrize("positions", ["permuted", "batched"])
 def test_permuted_positions(positions):
     q, k, v = _inputs(2, 4, 2, 100, 100, 16, torch.float32, seed=3)
@@ -140,11 +149,12 @@ def test_random_benchmark_route_shape():
     check_against_f64(q, k, v, route)
 
 
-def test_transpose_route():
+def test_transposed_route():
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(2, 3, 7, 5, generator=g) < 0.4
     r = BlockRoute.from_block_mask(mask, q_len=7 * 16, kv_len=5 * 16, q_block_size=16)
-    t_ids, t_counts = transpose_route(r.kv_block_ids, r.kv_block_counts, 5)
+    t_ids, t_counts = r.transposed()
+    assert r.transposed()[0] is t_ids  # computed once per route
     assert torch.equal(t_counts, mask.sum(-2).int())
     for b in range(2):
         for h in range(3):

@@ -108,6 +108,16 @@ def _register_triton() -> None:
 _register_triton()
 
 
+def _register_flex() -> None:
+    from .ops.block_sparse.flex import block_sparse_attention_flex, why_not_flex
+
+    register_backend(Backend("flex", priority=10, why_not=why_not_flex, run=block_sparse_attention_flex,
+                             description="torch FlexAttention fed the route's block mask (CUDA; a baseline)"))
+
+
+_register_flex()
+
+
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, route: Route, *, scale: Optional[float] = None,
                      backend: Optional[str] = None, return_lse: bool = False):
     """Exact softmax attention restricted to where ``route`` sends each query.

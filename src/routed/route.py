@@ -92,6 +92,8 @@ class BlockRoute:
     q_positions: Optional[Tensor] = None
     kv_positions: Optional[Tensor] = None
     validate: bool = field(default=True, repr=False)
+    # Derived data computed once per route (the transposed route for backward passes).
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ids, counts = self.kv_block_ids, self.kv_block_counts
@@ -174,6 +176,17 @@ class BlockRoute:
         return BlockRoute(mv(self.kv_block_ids), mv(self.kv_block_counts), self.q_len, self.kv_len,
                           self.q_block_size, self.kv_block_size, self.causal, mv(self.q_positions),
                           mv(self.kv_positions), validate=False)
+
+    def transposed(self) -> tuple[Tensor, Tensor]:
+        """For every (batch_r, head_r, key block), the sorted query blocks that route to it.
+
+        Returns ``q_block_ids [batch_r, heads_r, num_kv_blocks, max_q_blocks]`` (int32, -1 padded)
+        and ``q_block_counts [batch_r, heads_r, num_kv_blocks]``: what a key-side backward pass walks.
+        Computed once per route (O(routed blocks) memory) and cached.
+        """
+        if "transposed" not in self._cache:
+            self._cache["transposed"] = transpose_block_ids(self.kv_block_ids, self.num_kv_blocks)
+        return self._cache["transposed"]
 
     def resolved_q_positions(self) -> Tensor:
         """``[batch_p, q_len]`` int64 query positions (defaults filled in)."""
@@ -287,6 +300,27 @@ class BlockRoute:
             ids = torch.cat([ids, pad], dim=-1)
         return cls(ids.contiguous(), counts.contiguous(), q_len, kv_len, q_block_size, kv_block_size,
                    causal, q_positions, kv_positions, validate=False)
+
+
+def transpose_block_ids(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+    """``[Br, Hr, nqb, K]`` key-block ids (-1 padded) -> the query blocks of every key block:
+    ``t_ids [Br, Hr, num_kv_blocks, max_q]`` (int32, -1 padded, sorted) and ``t_counts``."""
+    br, hr, nqb, k = ids.shape
+    live = ids >= 0
+    row = torch.arange(br * hr, device=ids.device).view(br, hr, 1, 1).expand(br, hr, nqb, k)
+    qblk = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(br, hr, nqb, k)
+    kv_row = (row * num_kv_blocks + ids.long())[live]  # (bh, key block) of each routed pair
+    q_of = qblk[live]
+    order = torch.argsort(kv_row * nqb + q_of)
+    kv_row, q_of = kv_row[order], q_of[order]
+    t_counts = torch.bincount(kv_row, minlength=br * hr * num_kv_blocks)
+    width = max(int(t_counts.max()) if t_counts.numel() else 0, 1)
+    starts = torch.cumsum(t_counts, 0) - t_counts
+    rank = torch.arange(kv_row.numel(), device=ids.device) - starts[kv_row]
+    t_ids = torch.full((br * hr * num_kv_blocks, width), -1, dtype=torch.int32, device=ids.device)
+    t_ids[kv_row, rank] = q_of.to(torch.int32)
+    return (t_ids.view(br, hr, num_kv_blocks, width),
+            t_counts.to(torch.int32).view(br, hr, num_kv_blocks))
 
 
 def _block_reduce(pos: Tensor, block: int, op: str) -> Tensor:

@@ -17,8 +17,9 @@ Scores are kept in log2 units: ``s2 = q.k * scale * log2(e)``; ``lse`` is stored
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Kernels may read only constexpr globals.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -302,3 +303,122 @@ def _block_sparse_bwd_dkdv_kernel(
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
+def _block_sparse_decode_split_kernel(
+    Q, K, V, PartOut, PartLse, Ids, Counts, QPos, KPos,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ib, stride_ih, stride_ik,
+    stride_cb, stride_ch,
+    stride_qpb, stride_kpb,
+    n_prog_heads, g_pack, group_size, route_head_div, blocks_per_split,
+    q_len, kv_len, pos_offset, scale_log2,
+    KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Few queries (all in query block 0) against many routed key blocks: program (split, b*hp)
+    takes a slice of the route. The ``g_pack`` query heads of a GQA group that share the route
+    are packed into the rows of one tile, so each K/V tile is read once for the whole group.
+    Writes a normalised partial output and its lse; ``_decode_combine_kernel`` merges them."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_splits = tl.num_programs(0)
+    b = (pid_bh // n_prog_heads).to(tl.int64)
+    hp = (pid_bh % n_prog_heads).to(tl.int64)
+    hq0 = hp * g_pack
+    hkv = hq0 // group_size
+    hr = hq0 // route_head_div
+
+    offs_r = tl.arange(0, BLOCK_M)
+    g = offs_r // q_len
+    t = offs_r % q_len
+    row_ok = offs_r < g_pack * q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * stride_qb + (hq0 + g)[:, None] * stride_qh + t[:, None] * stride_qn
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if HAS_POS:
+        q_pos = tl.load(QPos + b * stride_qpb + t, mask=row_ok, other=0)
+    else:
+        q_pos = t + pos_offset
+
+    count = tl.load(Counts + b * stride_cb + hr * stride_ch)
+    j_lo = pid_s * blocks_per_split
+    j_hi = tl.minimum(j_lo + blocks_per_split, count)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for j in range(j_lo, j_hi):
+        kblk = tl.load(Ids + b * stride_ib + hr * stride_ih + j * stride_ik).to(tl.int64)
+        for sub in range(KV_BLOCK // BLOCK_N):
+            k_start = kblk * KV_BLOCK + sub * BLOCK_N
+            offs_n = k_start + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=(offs_n < kv_len)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(offs_n < kv_len)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+            need_mask = k_start + BLOCK_N > kv_len
+            if CAUSAL:
+                need_mask = need_mask | (k_start + BLOCK_N - 1 > pos_offset)
+            if HAS_POS:
+                need_mask = k_start >= 0
+            if need_mask:
+                if HAS_POS:
+                    k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=offs_n < kv_len, other=0)
+                else:
+                    k_pos = offs_n
+                s = tl.where(_tile_mask(offs_r, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+    seen = l_i > 0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    part = pid_bh.to(tl.int64) * n_splits + pid_s
+    tl.store(PartOut + (part * BLOCK_M + offs_r)[:, None] * BLOCK_DV + offs_dv[None, :], acc)
+    tl.store(PartLse + part * BLOCK_M + offs_r, lse2)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    PartOut, PartLse, Out, Lse,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    n_prog_heads, g_pack, q_len, n_splits,
+    BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge the split partials of one output row (program (b*hp, row)): all splits are loaded as
+    one [BLOCK_S, BLOCK_DV] tile, weighted by exp(lse_s - max), summed; natural-log lse out."""
+    pid_bh = tl.program_id(0)
+    r = tl.program_id(1)
+    b = (pid_bh // n_prog_heads).to(tl.int64)
+    hp = (pid_bh % n_prog_heads).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    split_ok = offs_s < n_splits
+    part = pid_bh.to(tl.int64) * n_splits + offs_s
+    lse_s = tl.load(PartLse + part * BLOCK_M + r, mask=split_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m_safe)
+    l = tl.sum(w, 0)  # noqa: E741
+    o = tl.load(PartOut + (part * BLOCK_M + r)[:, None] * BLOCK_DV + offs_dv[None, :], mask=split_ok[:, None],
+                other=0.0)
+    acc = tl.sum(w[:, None] * o, 0) / tl.where(l > 0, l, 1.0)
+    lse = tl.where(l > 0, (m_safe + tl.math.log2(tl.where(l > 0, l, 1.0))) * LN2, float("-inf"))
+    hq = hp * g_pack + r // q_len
+    t = r % q_len
+    tl.store(Out + b * stride_ob + hq * stride_oh + t * stride_on + offs_dv * stride_od,
+             acc.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+    tl.store(Lse + b * stride_lb + hq * stride_lh + t * stride_ln, lse)

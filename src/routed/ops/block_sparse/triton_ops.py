@@ -8,18 +8,27 @@ Chain: ``_block_sparse_*_kernel`` (triton_kernels.py) -> ``block_sparse_fwd`` / 
 
 from __future__ import annotations
 
-import math
+import functools
+import logging
+import os
 from typing import Optional
 
 import torch
 import triton
 from torch import Tensor
 
+from ...route import transpose_block_ids
 from ...testing import new_output
-from .triton_kernels import (LOG2E, _block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
-                             _block_sparse_fwd_kernel, _bwd_preprocess_kernel)
+from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
+                             _block_sparse_decode_split_kernel, _block_sparse_fwd_kernel, _bwd_preprocess_kernel,
+                             _decode_combine_kernel)
+
+logger = logging.getLogger("routed")
 
 MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634  # the kernels take the softmax scale in log2 units
+# Up to this many queries (all inside query block 0) take the split-over-key-blocks decode path.
+DECODE_MAX_QUERIES = 16
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -34,19 +43,57 @@ def _dims(q: Tensor, v: Tensor) -> dict:
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _fwd_config(q_block: int, kv_block: int, d: int) -> dict:
-    block_m = _pow2_divisor(q_block, 128)
-    block_n = _pow2_divisor(kv_block, 64 if d > 64 else 128)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * block_n >= 128 * 64 and d > 64 else 4,
-                num_stages=3)
+# Launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default, used where
+# no tuning happens (the interpreter, ROUTED_AUTOTUNE=0). Tiles are clamped to the block sizes.
+FWD_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                  (128, 64, 8, 4), (64, 128, 4, 3)]
+DQ_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (128, 128, 8, 2)]
+DKDV_CANDIDATES = [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (16, 128, 8, 3),
+                   (64, 64, 4, 3), (128, 64, 8, 2)]
+_TUNED: dict = {}
 
 
-def _bwd_configs(q_block: int, kv_block: int, d: int) -> tuple[dict, dict]:
-    dq = dict(BLOCK_M=_pow2_divisor(q_block, 128), BLOCK_N=_pow2_divisor(kv_block, 32), num_warps=8, num_stages=2)
-    dkdv = dict(BLOCK_M=_pow2_divisor(q_block, 32), BLOCK_N=_pow2_divisor(kv_block, 128), num_warps=8, num_stages=2)
-    if d <= 64:
-        dq["num_warps"] = dkdv["num_warps"] = 4
-    return dq, dkdv
+def _fit(candidates, q_block: int, kv_block: int) -> list[dict]:
+    """Candidates with tiles clamped to the largest powers of two dividing the block sizes."""
+    out: list[dict] = []
+    for m, n, w, st in candidates:
+        cfg = dict(BLOCK_M=min(m, _pow2_divisor(q_block, 128)), BLOCK_N=min(n, _pow2_divisor(kv_block, 128)),
+                   num_warps=w, num_stages=st)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def _autotuned(name: str, key: tuple, candidates: list[dict], launch, device: torch.device) -> dict:
+    """The fastest candidate for ``key``, timed once per process on the first call (launches
+    rewrite their outputs completely, so timing them is harmless)."""
+    if device.type != "cuda" or os.environ.get("ROUTED_AUTOTUNE", "1") == "0" or len(candidates) == 1:
+        return candidates[0]
+    full_key = (name, *key)
+    if full_key not in _TUNED:
+        from triton.testing import do_bench
+
+        timings = []
+        for cfg in candidates:
+            try:
+                timings.append((do_bench(lambda: launch(cfg), warmup=5, rep=25, return_mode="median"), cfg))
+            except Exception as e:  # noqa: BLE001 - a config that cannot compile (shared memory) is skipped
+                logger.debug("routed: %s config %s rejected: %s", name, cfg, e)
+        if not timings:
+            raise RuntimeError(f"no launch config of {name} could run for {key}")
+        _TUNED[full_key] = min(timings, key=lambda t: t[0])[1]
+        logger.info("routed: tuned %s %s -> %s", name, key, _TUNED[full_key])
+    return _TUNED[full_key]
+
+
+def _tune_key(q: Tensor, v: Tensor, q_block: int, kv_block: int, causal: bool, has_pos: bool, extra=()) -> tuple:
+    return (q.shape[-1], v.shape[-1], str(q.dtype), q_block, kv_block, causal, has_pos,
+            q.shape[1] // max(1, extra[0]) if extra else 1, max(1, q.shape[2]).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _positions(q_positions: Optional[Tensor], kv_positions: Optional[Tensor], batch: int, q_len: int,
@@ -66,28 +113,47 @@ def _route_views(ids: Tensor, counts: Tensor, batch: int) -> tuple[Tensor, Tenso
     return ids.expand(batch, *ids.shape[1:]), counts.expand(batch, *counts.shape[1:])
 
 
-def transpose_route(ids: Tensor, counts: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
-    """For every (batch_r, head_r, key block), the sorted query blocks that route to it.
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
 
-    Returns ``t_ids [Br, Hr, num_kv_blocks, max_q]`` (int32, -1 padded) and
-    ``t_counts [Br, Hr, num_kv_blocks]``. Memory is O(routed blocks).
+
+def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tensor,
+                            qp: Optional[Tensor], kp: Optional[Tensor], kv_block_size: int, causal: bool,
+                            scale: float, out: Tensor, lse: Tensor) -> None:
+    """Few queries against a long route: split the route's key blocks over programs, then merge.
+
+    ``ids``/``counts`` are already batch-broadcast views; fills ``out`` and ``lse``.
     """
-    br, hr, nqb, k = ids.shape
-    live = ids >= 0
-    row = torch.arange(br * hr, device=ids.device).view(br, hr, 1, 1).expand(br, hr, nqb, k)
-    qblk = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(br, hr, nqb, k)
-    kv_row = (row * num_kv_blocks + ids.long())[live]  # (bh, key block) of each routed pair
-    q_of = qblk[live]
-    order = torch.argsort(kv_row * nqb + q_of)
-    kv_row, q_of = kv_row[order], q_of[order]
-    t_counts = torch.bincount(kv_row, minlength=br * hr * num_kv_blocks)
-    width = max(int(t_counts.max()) if t_counts.numel() else 0, 1)
-    starts = torch.cumsum(t_counts, 0) - t_counts
-    rank = torch.arange(kv_row.numel(), device=ids.device) - starts[kv_row]
-    t_ids = torch.full((br * hr * num_kv_blocks, width), -1, dtype=torch.int32, device=ids.device)
-    t_ids[kv_row, rank] = q_of.to(torch.int32)
-    return (t_ids.view(br, hr, num_kv_blocks, width),
-            t_counts.to(torch.int32).view(br, hr, num_kv_blocks))
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G, Hr = Hq // Hkv, ids.shape[1]
+    # Pack the query heads of a GQA group into one tile when they share the route.
+    g_pack = G if Hr in (1, Hkv) and G * Nq <= 128 else 1
+    n_prog_heads = Hq // g_pack
+    block_m = max(16, triton.next_power_of_2(g_pack * Nq))
+    width = ids.shape[-1]
+    splits = max(1, min(width, triton.cdiv(2 * _num_sms(q.device), B * n_prog_heads)))
+    per_split = max(1, triton.cdiv(width, splits))
+    splits = max(1, triton.cdiv(width, per_split))
+    dims = _dims(q, v)
+    part_out = torch.empty(B * n_prog_heads * splits * block_m * dims["BLOCK_DV"], dtype=torch.float32,
+                           device=q.device)
+    part_lse = torch.empty(B * n_prog_heads * splits * block_m, dtype=torch.float32, device=q.device)
+    _block_sparse_decode_split_kernel[(splits, B * n_prog_heads)](
+        q, k, v, part_out, part_lse, ids[:, :, 0], counts[:, :, 0], qp if qp is not None else counts,
+        kp if kp is not None else counts,
+        *q.stride(), *k.stride(), *v.stride(), ids.stride(0), ids.stride(1), ids.stride(3),
+        counts.stride(0), counts.stride(1), qp.stride(0) if qp is not None else 0,
+        kp.stride(0) if kp is not None else 0,
+        n_prog_heads, g_pack, G, Hq // Hr, per_split, Nq, Nk, Nk - Nq, scale * LOG2E,
+        KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=_pow2_divisor(kv_block_size, 128),
+        CAUSAL=causal, HAS_POS=qp is not None, **dims, num_warps=4, num_stages=3)
+    _decode_combine_kernel[(B * n_prog_heads, g_pack * Nq)](
+        part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
+        BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        num_warps=4)
 
 
 def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tensor,
@@ -100,27 +166,35 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     lse = new_output((B, Hq, Nq), dtype=torch.float32, device=q.device)
     ids, counts = _route_views(ids, counts, B)
     qp, kp = _positions(q_positions, kv_positions, B, Nq, Nk, q.device)
-    cfg = _fwd_config(q_block_size, kv_block_size, D)
-    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
-    _block_sparse_fwd_kernel[grid](
-        q, k, v, out, lse, ids, counts, qp if qp is not None else counts, kp if kp is not None else counts,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ids.stride(), *counts.stride(),
-        qp.stride(0) if qp is not None else 0, kp.stride(0) if kp is not None else 0,
-        Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale * LOG2E,
-        Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, HAS_POS=qp is not None,
-        **_dims(q, v), **cfg)
+    if Nq <= min(DECODE_MAX_QUERIES, q_block_size):
+        block_sparse_decode_fwd(q, k, v, ids, counts, qp, kp, kv_block_size, causal, scale, out, lse)
+        return out, lse
+    dims = _dims(q, v)
+
+    def launch(cfg):
+        _block_sparse_fwd_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
+            q, k, v, out, lse, ids, counts, qp if qp is not None else counts, kp if kp is not None else counts,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ids.stride(), *counts.stride(),
+            qp.stride(0) if qp is not None else 0, kp.stride(0) if kp is not None else 0,
+            Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale * LOG2E,
+            Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, HAS_POS=qp is not None, **dims, **cfg)
+
+    key = _tune_key(q, v, q_block_size, kv_block_size, causal, qp is not None, (Hkv,))
+    launch(_autotuned("fwd", key, _fit(FWD_CANDIDATES, q_block_size, kv_block_size), launch, q.device))
     return out, lse
 
 
 def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                     dlse: Optional[Tensor], ids: Tensor, counts: Tensor,
+                     dlse: Optional[Tensor], ids: Tensor, counts: Tensor, t_ids: Optional[Tensor],
+                     t_counts: Optional[Tensor],
                      q_positions: Optional[Tensor], kv_positions: Optional[Tensor],
                      q_block_size: int, kv_block_size: int, causal: bool,
                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward kernels; returns (dq, dk, dv). ``dlse`` is the gradient reaching lse."""
+    """Launch the backward kernels; returns (dq, dk, dv). ``dlse`` is the gradient reaching lse;
+    ``t_ids``/``t_counts`` the transposed route (:meth:`routed.BlockRoute.transposed`), built here
+    when not given."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    nkb = math.ceil(Nk / kv_block_size)
     dims = _dims(q, v)
     delta = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     pre_m = 64
@@ -130,7 +204,8 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     if dlse is not None:
         # d lse / d s = P, so lse's gradient folds into delta: dS = P * (dP - (delta - dlse)).
         delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
-    t_ids, t_counts = transpose_route(ids, counts, nkb)
+    if t_ids is None:
+        t_ids, t_counts = transpose_block_ids(ids, -(-Nk // kv_block_size))
     ids, counts = _route_views(ids, counts, B)
     t_ids, t_counts = _route_views(t_ids, t_counts, B)
     qp, kp = _positions(q_positions, kv_positions, B, Nq, Nk, q.device)
@@ -139,19 +214,26 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
-    cfg_dq, cfg_dkdv = _bwd_configs(q_block_size, kv_block_size, D)
     common = dict(Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, HAS_POS=qp is not None, **dims)
 
-    _block_sparse_bwd_dq_kernel[(triton.cdiv(Nq, cfg_dq["BLOCK_M"]), B * Hq)](
-        q, k, v, do, lse, delta, dq, ids, counts, qp_arg, kp_arg,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
-        *ids.stride(), *counts.stride(), *pos_strides,
-        Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg_dq)
-    _block_sparse_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg_dkdv["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, qp_arg, kp_arg,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
-        *t_ids.stride(), *t_counts.stride(), *pos_strides,
-        Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg_dkdv)
+    def launch_dq(cfg):
+        _block_sparse_bwd_dq_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
+            q, k, v, do, lse, delta, dq, ids, counts, qp_arg, kp_arg,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
+            *ids.stride(), *counts.stride(), *pos_strides,
+            Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
+
+    def launch_dkdv(cfg):
+        _block_sparse_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, qp_arg, kp_arg,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
+            *t_ids.stride(), *t_counts.stride(), *pos_strides,
+            Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
+
+    key = _tune_key(q, v, q_block_size, kv_block_size, causal, qp is not None, (Hkv,))
+    launch_dq(_autotuned("bwd_dq", key, _fit(DQ_CANDIDATES, q_block_size, kv_block_size), launch_dq, q.device))
+    launch_dkdv(_autotuned("bwd_dkdv", key, _fit(DKDV_CANDIDATES, q_block_size, kv_block_size), launch_dkdv,
+                           q.device))
     return dq, dk, dv
 
 
@@ -160,14 +242,17 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
 @torch.library.custom_op("routed::block_sparse_attn_fwd", mutates_args=())
 def block_sparse_attn_fwd(q: Tensor, k: Tensor, v: Tensor, kv_block_ids: Tensor, kv_block_counts: Tensor,
+                          q_block_ids: Optional[Tensor], q_block_counts: Optional[Tensor],
                           q_positions: Optional[Tensor], kv_positions: Optional[Tensor], q_block_size: int,
                           kv_block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Forward; ``q_block_ids``/``q_block_counts`` (the transposed route) are only kept for backward."""
     return block_sparse_fwd(q, k, v, kv_block_ids, kv_block_counts, q_positions, kv_positions,
                             q_block_size, kv_block_size, causal, scale)
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_block_ids, kv_block_counts, q_positions, kv_positions, q_block_size, kv_block_size, causal, scale):
+def _(q, k, v, kv_block_ids, kv_block_counts, q_block_ids, q_block_counts, q_positions, kv_positions, q_block_size,
+      kv_block_size, causal, scale):
     B, Hq, Nq, _ = q.shape
     return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
 
@@ -175,39 +260,73 @@ def _(q, k, v, kv_block_ids, kv_block_counts, q_positions, kv_positions, q_block
 @torch.library.custom_op("routed::block_sparse_attn_bwd", mutates_args=())
 def block_sparse_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                           dlse: Optional[Tensor], kv_block_ids: Tensor, kv_block_counts: Tensor,
+                          q_block_ids: Optional[Tensor], q_block_counts: Optional[Tensor],
                           q_positions: Optional[Tensor], kv_positions: Optional[Tensor], q_block_size: int,
                           kv_block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return block_sparse_bwd(do, q, k, v, out, lse, dlse, kv_block_ids, kv_block_counts, q_positions,
-                            kv_positions, q_block_size, kv_block_size, causal, scale)
+    return block_sparse_bwd(do, q, k, v, out, lse, dlse, kv_block_ids, kv_block_counts, q_block_ids,
+                            q_block_counts, q_positions, kv_positions, q_block_size, kv_block_size, causal, scale)
 
 
 @block_sparse_attn_bwd.register_fake
-def _(do, q, k, v, out, lse, dlse, kv_block_ids, kv_block_counts, q_positions, kv_positions, q_block_size,
-      kv_block_size, causal, scale):
+def _(do, q, k, v, out, lse, dlse, kv_block_ids, kv_block_counts, q_block_ids, q_block_counts, q_positions,
+      kv_positions, q_block_size, kv_block_size, causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ids, counts, qp, kp, q_block_size, kv_block_size, causal, scale = inputs
+    q, k, v, ids, counts, t_ids, t_counts, qp, kp, q_block_size, kv_block_size, causal, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, ids, counts, qp, kp)
+    ctx.save_for_backward(q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp)
     ctx.meta = (q_block_size, kv_block_size, causal, scale)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, ids, counts, qp, kp = ctx.saved_tensors
+    q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp = ctx.saved_tensors
     dq, dk, dv = block_sparse_attn_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse,
-                                       dlse, ids, counts, qp, kp, *ctx.meta)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                       dlse, ids, counts, t_ids, t_counts, qp, kp, *ctx.meta)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("routed::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
 
 
+class _BlockSparseAttention(torch.autograd.Function):
+    """The eager path: the same host launchers as the custom op, without its dispatch cost
+    (the custom op's Python dispatch and autograd wrapping cost ~0.25 ms per call on an H100 host,
+    more than the kernel itself at 8k tokens)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ids, counts, t_ids, t_counts, qp, kp, q_block_size, kv_block_size, causal, scale):
+        out, lse = block_sparse_fwd(q, k, v, ids, counts, qp, kp, q_block_size, kv_block_size, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp)
+        ctx.meta = (q_block_size, kv_block_size, causal, scale)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp = ctx.saved_tensors
+        dq, dk, dv = block_sparse_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse,
+                                      dlse, ids, counts, t_ids, t_counts, qp, kp, *ctx.meta)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
 def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, route, scale: float) -> tuple[Tensor, Tensor]:
-    """Run a checked BlockRoute through the Triton kernels (forward and backward)."""
-    return block_sparse_attn_fwd(q, k, v, route.kv_block_ids, route.kv_block_counts, route.q_positions,
-                                 route.kv_positions, route.q_block_size, route.kv_block_size, route.causal, scale)
+    """Run a checked BlockRoute through the Triton kernels (forward and backward).
+
+    Eager calls go through a plain ``autograd.Function``; under ``torch.compile`` the registered
+    custom op is used, so the compiler traces it as one opaque node without graph breaks."""
+    compiling = torch.compiler.is_compiling()
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # The transposed route is cached on the route (shared by layers and steps); under torch.compile
+    # the backward builds it itself, since building it needs a data-dependent size.
+    t_ids, t_counts = route.transposed() if needs_grad and not compiling else (None, None)
+    args = (q, k, v, route.kv_block_ids, route.kv_block_counts, t_ids, t_counts, route.q_positions,
+            route.kv_positions, route.q_block_size, route.kv_block_size, route.causal, scale)
+    if compiling:
+        return block_sparse_attn_fwd(*args)
+    if needs_grad:
+        return _BlockSparseAttention.apply(*args)
+    return block_sparse_fwd(q, k, v, *args[3:5], *args[7:])
 
 
 def why_not_triton(q: Tensor, k: Tensor, v: Tensor, route) -> Optional[str]:

@@ -1,0 +1,78 @@
+"""Where does the time of one routed attention call go? GPU time per kernel (torch.profiler) and
+host time per call of each layer of the stack, at one benchmark shape.
+
+    PYTHONPATH=src python benchmarks/profile_block_sparse.py [--n 8192 --hkv 16 --blocks 8]
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from routed import random_block_route, routed_attention
+from routed.ops.block_sparse import triton_ops
+
+
+def host_us(fn, n=50):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--hkv", type=int, default=16)
+    p.add_argument("--blocks", type=int, default=8)
+    p.add_argument("--nq", type=int, default=None, help="queries (default n); 1 for decode")
+    a = p.parse_args()
+    dev, d, hq = "cuda", 128, 16
+    nq = a.nq or a.n
+    g = torch.Generator().manual_seed(0)
+    route = random_block_route(nq, a.n, block_size=128, blocks=a.blocks, heads=a.hkv, generator=g, device=dev)
+    q = torch.randn(1, hq, nq, d, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    k = torch.randn(1, a.hkv, a.n, d, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    v = torch.randn(1, a.hkv, a.n, d, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    do = torch.randn(1, hq, nq, d, generator=g).to(dev, torch.bfloat16)
+    scale = d ** -0.5
+    t_ids, t_counts = route.transposed()
+    layers = {
+        "routed_attention": lambda: routed_attention(q, k, v, route, backend="triton"),
+        "custom op": lambda: triton_ops.block_sparse_attn_fwd(q, k, v, route.kv_block_ids, route.kv_block_counts,
+                                                              t_ids, t_counts, None, None, 128, 128, True, scale),
+        "host launcher": lambda: triton_ops.block_sparse_fwd(q, k, v, route.kv_block_ids, route.kv_block_counts,
+                                                             None, None, 128, 128, True, scale),
+        "no_grad routed_attention": lambda: _nograd(lambda: routed_attention(q, k, v, route, backend="triton")),
+    }
+    for name, fn in layers.items():
+        print(f"host time per call, {name:<26}: {host_us(fn):8.1f} us")
+
+    def fwd_bwd():
+        out = routed_attention(q, k, v, route, backend="triton")
+        torch.autograd.grad(out, (q, k, v), do)
+
+    print(f"host time per call, {'fwd+bwd':<26}: {host_us(fwd_bwd, 20):8.1f} us")
+    for name, fn in (("forward", layers["routed_attention"]), ("forward+backward", fwd_bwd)):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        print(f"--- {name}: GPU time per call by kernel (10 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def _nograd(fn):
+    with torch.no_grad():
+        return fn()
+
+
+if __name__ == "__main__":
+    main()
