@@ -32,15 +32,66 @@ def _tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, offs_rows, stride_rows, offs_cols, n_rows, N_COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
+               EVEN_COLS: tl.constexpr):
+    """A [rows, cols] tile of a row-major (last stride 1) tensor; masks only what may be out of range."""
+    ptrs = base + offs_rows[:, None] * stride_rows + offs_cols[None, :]
+    if MASK_ROWS:
+        if EVEN_COLS:
+            return tl.load(ptrs, mask=(offs_rows < n_rows)[:, None], other=0.0)
+        return tl.load(ptrs, mask=(offs_rows < n_rows)[:, None] & (offs_cols < N_COLS)[None, :], other=0.0)
+    if EVEN_COLS:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(offs_cols < N_COLS)[None, :], other=0.0)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn, stride_vn,
+               j_lo, j_hi, kv_len, scale_log2,
+               KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
+               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over routed key blocks ``j_lo .. j_hi`` of one query tile, as one flat loop
+    over (block, sub-tile) so Triton can software-pipeline it. ``MASKED=False`` is the hot path:
+    blocks wholly visible to every query of the tile, no mask at all."""
+    SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for it in range(j_lo * SUBS, j_hi * SUBS):
+        kblk = tl.load(ids_base + (it // SUBS) * stride_ik).to(tl.int64)
+        offs_n = kblk * KV_BLOCK + (it % SUBS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.trans(_load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED, BLOCK_D == HEAD_DIM))
+        v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED, BLOCK_DV == HEAD_DIM_V)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        if MASKED:
+            if HAS_POS:
+                k_pos = tl.load(kpos_base + offs_n, mask=offs_n < kv_len, other=0)
+            else:
+                k_pos = offs_n
+            s = tl.where(_tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, Ids, Counts, QPos, KPos,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_lb, stride_lh, stride_ln,
+    Q, K, V, Out, Lse, Ids, Counts, CleanCounts, QPos, KPos,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh,
     stride_ib, stride_ih, stride_iq, stride_ik,
-    stride_cb, stride_ch, stride_cq,
+    stride_cb, stride_ch,
     stride_qpb, stride_kpb,
     n_heads_q, group_size, route_head_div,
     q_len, kv_len, pos_offset, scale_log2,
@@ -49,6 +100,8 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """All tensors have a contiguous last axis; ``Counts``/``CleanCounts`` share strides. Of each
+    route row, the first ``CleanCounts`` blocks need no mask (ids are sorted, so they lead)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_q).to(tl.int64)
@@ -62,8 +115,8 @@ def _block_sparse_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < q_len
-    q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    q = _load_rows(Q + b * stride_qb + hq * stride_qh, offs_m, stride_qn, offs_d, q_len, HEAD_DIM, True,
+                   BLOCK_D == HEAD_DIM)
     if HAS_POS:
         q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_ok, other=0)
     else:
@@ -72,47 +125,27 @@ def _block_sparse_fwd_kernel(
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     ids_base = Ids + b * stride_ib + hr * stride_ih + qblk * stride_iq
-    count = tl.load(Counts + b * stride_cb + hr * stride_ch + qblk * stride_cq)
+    count_off = b * stride_cb + hr * stride_ch + qblk
+    count = tl.load(Counts + count_off)
+    n_clean = tl.load(CleanCounts + count_off)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for j in range(count):
-        kblk = tl.load(ids_base + j * stride_ik).to(tl.int64)
-        for sub in range(KV_BLOCK // BLOCK_N):
-            k_start = kblk * KV_BLOCK + sub * BLOCK_N
-            offs_n = k_start + tl.arange(0, BLOCK_N)
-            k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                        mask=(offs_n < kv_len)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=(offs_n < kv_len)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-            # Only tiles that straddle the diagonal or the sequence end pay for the mask.
-            need_mask = k_start + BLOCK_N > kv_len
-            if CAUSAL:
-                need_mask = need_mask | (k_start + BLOCK_N - 1 > q_start + pos_offset)
-            if HAS_POS:  # permuted positions: no tile is known to be clean
-                need_mask = k_start >= 0
-            if need_mask:
-                if HAS_POS:
-                    k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=offs_n < kv_len, other=0)
-                else:
-                    k_pos = offs_n
-                s = tl.where(_tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    kpos_base = KPos + b * stride_kpb
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik,
+                               stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM,
+                               BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, False, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik,
+                               stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM,
+                               BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, True, DOT_PRECISION)
 
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    tl.store(Out + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
+    tl.store(Out + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :],
              acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
-    tl.store(Lse + b * stride_lb + hq * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+    tl.store(Lse + b * stride_lb + hq * stride_lh + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -135,16 +168,44 @@ def _bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_oh, stride_on, stri
 
 
 @triton.jit
+def _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn,
+              stride_vn, j_lo, j_hi, kv_len, scale_log2,
+              KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
+              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ over routed key blocks ``j_lo .. j_hi`` of one query tile (flat, pipelinable loop)."""
+    SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for it in range(j_lo * SUBS, j_hi * SUBS):
+        kblk = tl.load(ids_base + (it // SUBS) * stride_ik).to(tl.int64)
+        offs_n = kblk * KV_BLOCK + (it % SUBS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED, BLOCK_D == HEAD_DIM)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED, BLOCK_DV == HEAD_DIM_V)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if MASKED:
+            if HAS_POS:
+                k_pos = tl.load(kpos_base + offs_n, mask=offs_n < kv_len, other=0)
+            else:
+                k_pos = offs_n
+            s = tl.where(_tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def _block_sparse_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Ids, Counts, QPos, KPos,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_lb, stride_lh, stride_ln,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    Q, K, V, DO, Lse, Delta, DQ, Ids, Counts, CleanCounts, QPos, KPos,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
     stride_ib, stride_ih, stride_iq, stride_ik,
-    stride_cb, stride_ch, stride_cq,
+    stride_cb, stride_ch,
     stride_qpb, stride_kpb,
     n_heads_q, group_size, route_head_div,
     q_len, kv_len, pos_offset, scale, scale_log2,
@@ -153,6 +214,7 @@ def _block_sparse_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """``Lse`` and ``Delta`` are contiguous ``[B, Hq, q_len]`` float32."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_q).to(tl.int64)
@@ -166,14 +228,15 @@ def _block_sparse_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < q_len
-    q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    do = tl.load(DO + b * stride_dob + hq * stride_doh + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-    lse = tl.load(Lse + b * stride_lb + hq * stride_lh + offs_m * stride_ln, mask=row_ok, other=float("inf"))
+    q = _load_rows(Q + b * stride_qb + hq * stride_qh, offs_m, stride_qn, offs_d, q_len, HEAD_DIM, True,
+                   BLOCK_D == HEAD_DIM)
+    do = _load_rows(DO + b * stride_dob + hq * stride_doh, offs_m, stride_don, offs_dv, q_len, HEAD_DIM_V, True,
+                    BLOCK_DV == HEAD_DIM_V)
+    row_base = pid_bh.to(tl.int64) * q_len
+    lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
     # Rows that saw nothing (lse = -inf) must get P = 0: shift them by +inf instead.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * q_len + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
     if HAS_POS:
         q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_ok, other=0)
     else:
@@ -182,51 +245,71 @@ def _block_sparse_bwd_dq_kernel(
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     ids_base = Ids + b * stride_ib + hr * stride_ih + qblk * stride_iq
-    count = tl.load(Counts + b * stride_cb + hr * stride_ch + qblk * stride_cq)
+    count_off = b * stride_cb + hr * stride_ch + qblk
+    count = tl.load(Counts + count_off)
+    n_clean = tl.load(CleanCounts + count_off)
+    kpos_base = KPos + b * stride_kpb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for j in range(count):
-        kblk = tl.load(ids_base + j * stride_ik).to(tl.int64)
-        for sub in range(KV_BLOCK // BLOCK_N):
-            k_start = kblk * KV_BLOCK + sub * BLOCK_N
-            offs_n = k_start + tl.arange(0, BLOCK_N)
-            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=(offs_n < kv_len)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
-            vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                         mask=(offs_n < kv_len)[None, :] & (offs_dv < HEAD_DIM_V)[:, None], other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
-            need_mask = k_start + BLOCK_N > kv_len
-            if CAUSAL:
-                need_mask = need_mask | (k_start + BLOCK_N - 1 > q_start + pos_offset)
-            if HAS_POS:  # permuted positions: no tile is known to be clean
-                need_mask = k_start >= 0
-            if need_mask:
-                if HAS_POS:
-                    k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=offs_n < kv_len, other=0)
-                else:
-                    k_pos = offs_n
-                s = tl.where(_tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
-            p = tl.math.exp2(s - lse2[:, None])
-            dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn,
+                   stride_vn, 0, n_clean, kv_len, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V,
+                   BLOCK_DV, CAUSAL, HAS_POS, False, DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn,
+                   stride_vn, n_clean, count, kv_len, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V,
+                   BLOCK_DV, CAUSAL, HAS_POS, True, DOT_PRECISION)
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, t_base, stride_tq,
+                stride_qn, stride_don, i_lo, i_hi, q_len, kv_len, pos_offset, scale_log2,
+                Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
+                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK, dV of one key tile from the query blocks ``i_lo .. i_hi`` of its transposed route."""
+    SUBS: tl.constexpr = Q_BLOCK // BLOCK_M
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for it in range(i_lo * SUBS, i_hi * SUBS):
+        qblk = tl.load(t_base + (it // SUBS) * stride_tq).to(tl.int64)
+        offs_m = qblk * Q_BLOCK + (it % SUBS) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_len, HEAD_DIM, True, BLOCK_D == HEAD_DIM)
+        do = _load_rows(do_base, offs_m, stride_don, offs_dv, q_len, HEAD_DIM_V, True, BLOCK_DV == HEAD_DIM_V)
+        lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
+        if MASKED:
+            if HAS_POS:
+                q_pos = tl.load(qpos_base + offs_m, mask=row_ok, other=0)
+            else:
+                q_pos = offs_m + pos_offset
+            visible = (offs_n < kv_len)[:, None]
+            if CAUSAL:
+                visible = visible & (k_pos[:, None] <= q_pos[None, :])
+            st = tl.where(visible, st, float("-inf"))
+        pt = tl.math.exp2(st - lse2[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, TIds, TCounts, QPos, KPos,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_lb, stride_lh, stride_ln,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    Q, K, V, DO, Lse, Delta, DK, DV, TIds, TCounts, TMaskedCounts, QPos, KPos,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
     stride_tb, stride_th, stride_tk, stride_tq,
-    stride_tcb, stride_tch, stride_tck,
+    stride_tcb, stride_tch,
     stride_qpb, stride_kpb,
     n_heads_q, n_heads_kv, group_size, route_head_div,
     q_len, kv_len, pos_offset, scale, scale_log2,
@@ -235,6 +318,8 @@ def _block_sparse_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """One key tile of one kv head, over every query head of its GQA group. Of each transposed
+    row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_kv).to(tl.int64)
@@ -246,14 +331,15 @@ def _block_sparse_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_ok = offs_n < kv_len
-    k = tl.load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
+    k = _load_rows(K + b * stride_kb + hkv * stride_kh, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, True,
+                   BLOCK_D == HEAD_DIM)
+    v = _load_rows(V + b * stride_vb + hkv * stride_vh, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, True,
+                   BLOCK_DV == HEAD_DIM_V)
     if HAS_POS:
         k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=key_ok, other=0)
     else:
         k_pos = offs_n
+    qpos_base = QPos + b * stride_qpb
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -261,47 +347,24 @@ def _block_sparse_bwd_dkdv_kernel(
         hq = hkv * group_size + g
         hr = hq // route_head_div
         t_base = TIds + b * stride_tb + hr * stride_th + kblk * stride_tk
-        count = tl.load(TCounts + b * stride_tcb + hr * stride_tch + kblk * stride_tck)
+        count_off = b * stride_tcb + hr * stride_tch + kblk
+        count = tl.load(TCounts + count_off)
+        n_masked = tl.load(TMaskedCounts + count_off)
         q_base = Q + b * stride_qb + hq * stride_qh
         do_base = DO + b * stride_dob + hq * stride_doh
-        for i in range(count):
-            qblk = tl.load(t_base + i * stride_tq).to(tl.int64)
-            for sub in range(Q_BLOCK // BLOCK_M):
-                q_start = qblk * Q_BLOCK + sub * BLOCK_M
-                offs_m = q_start + tl.arange(0, BLOCK_M)
-                row_ok = offs_m < q_len
-                qt = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
-                             mask=row_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod,
-                             mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-                lse = tl.load(Lse + b * stride_lb + hq * stride_lh + offs_m * stride_ln, mask=row_ok,
-                              other=float("inf"))
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-                delta = tl.load(Delta + (b * n_heads_q + hq) * q_len + offs_m, mask=row_ok, other=0.0)
-                st = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
-                need_mask = k_start + BLOCK_N > kv_len
-                if CAUSAL:
-                    need_mask = need_mask | (k_start + BLOCK_N - 1 > q_start + pos_offset)
-                if HAS_POS:
-                    need_mask = q_start >= 0
-                if need_mask:
-                    if HAS_POS:
-                        q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_ok, other=0)
-                    else:
-                        q_pos = offs_m + pos_offset
-                    visible = key_ok[:, None]
-                    if CAUSAL:
-                        visible = visible & (k_pos[:, None] <= q_pos[None, :])
-                    st = tl.where(visible, st, float("-inf"))
-                pt = tl.math.exp2(st - lse2[None, :])
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-                dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+        row_base = (b * n_heads_q + hq) * q_len
+        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, t_base,
+                             stride_tq, stride_qn, stride_don, 0, n_masked, q_len, kv_len, pos_offset, scale_log2,
+                             Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, True,
+                             DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, t_base,
+                             stride_tq, stride_qn, stride_don, n_masked, count, q_len, kv_len, pos_offset, scale_log2,
+                             Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, False,
+                             DOT_PRECISION)
     dk = dk * scale
-    tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+    tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
              dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
 
 

@@ -108,6 +108,36 @@ def _positions(q_positions: Optional[Tensor], kv_positions: Optional[Tensor], ba
     return (q_positions.reshape(-1, q_len).expand(batch, q_len), kv_positions.reshape(-1, kv_len).expand(batch, kv_len))
 
 
+def clean_block_counts(ids: Tensor, counts: Tensor, q_len: int, kv_len: int, q_block_size: int,
+                       kv_block_size: int, causal: bool, has_positions: bool) -> Tensor:
+    """``[Br, Hr, nqb]`` int32: how many of each row's routed key blocks need no mask (every key
+    in range and, when causal, before every query of the block). Ids are sorted, so these lead."""
+    if has_positions:  # permuted order: no block is known to be clean
+        return torch.zeros_like(counts)
+    live = torch.arange(ids.shape[-1], device=ids.device) < counts[..., None]
+    k_end = (ids.long() + 1) * kv_block_size
+    clean = live & (k_end <= kv_len)
+    if causal:
+        q_first = torch.arange(ids.shape[2], device=ids.device) * q_block_size + (kv_len - q_len)
+        clean = clean & (k_end - 1 <= q_first[:, None])
+    return clean.sum(-1, dtype=torch.int32)
+
+
+def masked_query_counts(t_ids: Tensor, t_counts: Tensor, q_len: int, kv_len: int, q_block_size: int,
+                        kv_block_size: int, causal: bool, has_positions: bool) -> Tensor:
+    """``[Br, Hr, nkb]`` int32: how many of each key block's query blocks (transposed route,
+    sorted) need a mask; they lead, since later query blocks see the whole key block."""
+    if has_positions:
+        return t_counts.clone()
+    live = torch.arange(t_ids.shape[-1], device=t_ids.device) < t_counts[..., None]
+    k_end = (torch.arange(t_ids.shape[2], device=t_ids.device) + 1) * kv_block_size
+    masked = (k_end > kv_len)[:, None].expand(t_ids.shape[2], t_ids.shape[3])
+    if causal:
+        q_first = t_ids.long() * q_block_size + (kv_len - q_len)
+        masked = masked | (k_end[:, None] - 1 > q_first)
+    return (live & masked).sum(-1, dtype=torch.int32)
+
+
 def _route_views(ids: Tensor, counts: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     """The route's batch axis broadcast to ``batch`` (a stride-0 view when shared)."""
     return ids.expand(batch, *ids.shape[1:]), counts.expand(batch, *counts.shape[1:])
@@ -156,26 +186,39 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
         num_warps=4)
 
 
+def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
+    """The kernels index the last axis with stride 1."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
 def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tensor,
                      q_positions: Optional[Tensor], kv_positions: Optional[Tensor],
-                     q_block_size: int, kv_block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """Launch the forward kernel. Shapes as in :func:`routed.routed_attention`; returns (out, lse)."""
+                     q_block_size: int, kv_block_size: int, causal: bool, scale: float,
+                     clean_counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel. Shapes as in :func:`routed.routed_attention`; returns (out, lse).
+    ``clean_counts`` (:func:`clean_block_counts`) is computed here when not given."""
+    q, k, v = _last_dim_contiguous(q, k, v)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = new_output((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
     lse = new_output((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    has_pos = q_positions is not None or kv_positions is not None
+    if clean_counts is None and Nq > min(DECODE_MAX_QUERIES, q_block_size):
+        clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal, has_pos)
     ids, counts = _route_views(ids, counts, B)
     qp, kp = _positions(q_positions, kv_positions, B, Nq, Nk, q.device)
     if Nq <= min(DECODE_MAX_QUERIES, q_block_size):
         block_sparse_decode_fwd(q, k, v, ids, counts, qp, kp, kv_block_size, causal, scale, out, lse)
         return out, lse
+    clean_counts = clean_counts.expand(counts.shape)
     dims = _dims(q, v)
 
     def launch(cfg):
         _block_sparse_fwd_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-            q, k, v, out, lse, ids, counts, qp if qp is not None else counts, kp if kp is not None else counts,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ids.stride(), *counts.stride(),
-            qp.stride(0) if qp is not None else 0, kp.stride(0) if kp is not None else 0,
+            q, k, v, out, lse, ids, counts, clean_counts, qp if qp is not None else counts,
+            kp if kp is not None else counts,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2], *ids.stride(),
+            *counts.stride()[:2], qp.stride(0) if qp is not None else 0, kp.stride(0) if kp is not None else 0,
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale * LOG2E,
             Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, HAS_POS=qp is not None, **dims, **cfg)
 
@@ -189,13 +232,16 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                      t_counts: Optional[Tensor],
                      q_positions: Optional[Tensor], kv_positions: Optional[Tensor],
                      q_block_size: int, kv_block_size: int, causal: bool,
-                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                     scale: float, clean_counts: Optional[Tensor] = None,
+                     t_masked_counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward kernels; returns (dq, dk, dv). ``dlse`` is the gradient reaching lse;
-    ``t_ids``/``t_counts`` the transposed route (:meth:`routed.BlockRoute.transposed`), built here
-    when not given."""
+    ``t_ids``/``t_counts`` the transposed route (:meth:`routed.BlockRoute.transposed`). What is not
+    given of the route's derived data is computed here."""
+    do, q, k, v = _last_dim_contiguous(do, q, k, v)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     dims = _dims(q, v)
+    lse = lse.contiguous()
     delta = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     pre_m = 64
     _bwd_preprocess_kernel[(triton.cdiv(Nq, pre_m), B * Hq)](
@@ -204,10 +250,17 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     if dlse is not None:
         # d lse / d s = P, so lse's gradient folds into delta: dS = P * (dP - (delta - dlse)).
         delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
+    has_pos = q_positions is not None or kv_positions is not None
     if t_ids is None:
         t_ids, t_counts = transpose_block_ids(ids, -(-Nk // kv_block_size))
+    if clean_counts is None:
+        clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal, has_pos)
+    if t_masked_counts is None:
+        t_masked_counts = masked_query_counts(t_ids, t_counts, Nq, Nk, q_block_size, kv_block_size, causal, has_pos)
     ids, counts = _route_views(ids, counts, B)
+    clean_counts = clean_counts.expand(counts.shape)
     t_ids, t_counts = _route_views(t_ids, t_counts, B)
+    t_masked_counts = t_masked_counts.expand(t_counts.shape)
     qp, kp = _positions(q_positions, kv_positions, B, Nq, Nk, q.device)
     qp_arg, kp_arg = (qp, kp) if qp is not None else (counts, counts)
     pos_strides = (qp.stride(0), kp.stride(0)) if qp is not None else (0, 0)
@@ -218,16 +271,16 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
     def launch_dq(cfg):
         _block_sparse_bwd_dq_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-            q, k, v, do, lse, delta, dq, ids, counts, qp_arg, kp_arg,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dq.stride(),
-            *ids.stride(), *counts.stride(), *pos_strides,
+            q, k, v, do, lse, delta, dq, ids, counts, clean_counts, qp_arg, kp_arg,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            *ids.stride(), *counts.stride()[:2], *pos_strides,
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
 
     def launch_dkdv(cfg):
         _block_sparse_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, qp_arg, kp_arg,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
-            *t_ids.stride(), *t_counts.stride(), *pos_strides,
+            q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, t_masked_counts, qp_arg, kp_arg,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+            *dv.stride()[:3], *t_ids.stride(), *t_counts.stride()[:2], *pos_strides,
             Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, qp is not None, (Hkv,))
@@ -282,8 +335,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp = ctx.saved_tensors
-    dq, dk, dv = block_sparse_attn_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse,
-                                       dlse, ids, counts, t_ids, t_counts, qp, kp, *ctx.meta)
+    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse, dlse, ids, counts, t_ids, t_counts, qp, kp,
+                                       *ctx.meta)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
@@ -296,37 +349,56 @@ class _BlockSparseAttention(torch.autograd.Function):
     more than the kernel itself at 8k tokens)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ids, counts, t_ids, t_counts, qp, kp, q_block_size, kv_block_size, causal, scale):
-        out, lse = block_sparse_fwd(q, k, v, ids, counts, qp, kp, q_block_size, kv_block_size, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp)
+    def forward(ctx, q, k, v, ids, counts, qp, kp, q_block_size, kv_block_size, causal, scale, plan):
+        out, lse = block_sparse_fwd(q, k, v, ids, counts, qp, kp, q_block_size, kv_block_size, causal, scale,
+                                    plan["clean"])
+        ctx.save_for_backward(q, k, v, out, lse, ids, counts, qp, kp)
         ctx.meta = (q_block_size, kv_block_size, causal, scale)
+        ctx.plan = plan
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp = ctx.saved_tensors
-        dq, dk, dv = block_sparse_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse,
-                                      dlse, ids, counts, t_ids, t_counts, qp, kp, *ctx.meta)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        q, k, v, out, lse, ids, counts, qp, kp = ctx.saved_tensors
+        plan = ctx.plan
+        dq, dk, dv = block_sparse_bwd(dout, q, k, v, out, lse, dlse, ids, counts, plan["t_ids"], plan["t_counts"],
+                                      qp, kp, *ctx.meta, plan["clean"], plan["t_masked"])
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def route_plan(route, backward: bool) -> dict:
+    """What the kernels derive from a route (mask splits; for backward the transposed route),
+    computed once per route and cached on it: routes are shared by layers and steps."""
+    cache = route._cache
+    has_pos = not route.has_default_positions
+    if "clean" not in cache:
+        cache["clean"] = clean_block_counts(route.kv_block_ids, route.kv_block_counts, route.q_len, route.kv_len,
+                                            route.q_block_size, route.kv_block_size, route.causal, has_pos)
+    plan = {"clean": cache["clean"], "t_ids": None, "t_counts": None, "t_masked": None}
+    if backward:
+        t_ids, t_counts = route.transposed()
+        if "t_masked" not in cache:
+            cache["t_masked"] = masked_query_counts(t_ids, t_counts, route.q_len, route.kv_len, route.q_block_size,
+                                                    route.kv_block_size, route.causal, has_pos)
+        plan.update(t_ids=t_ids, t_counts=t_counts, t_masked=cache["t_masked"])
+    return plan
 
 
 def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, route, scale: float) -> tuple[Tensor, Tensor]:
     """Run a checked BlockRoute through the Triton kernels (forward and backward).
 
-    Eager calls go through a plain ``autograd.Function``; under ``torch.compile`` the registered
-    custom op is used, so the compiler traces it as one opaque node without graph breaks."""
-    compiling = torch.compiler.is_compiling()
+    Eager calls go through a plain ``autograd.Function`` with the route's derived data cached on
+    the route; under ``torch.compile`` the registered custom op is used (one opaque node, no graph
+    break), and it derives that data itself, since the transposed route has a data-dependent size."""
+    args = (q, k, v, route.kv_block_ids, route.kv_block_counts)
+    meta = (route.q_positions, route.kv_positions, route.q_block_size, route.kv_block_size, route.causal, scale)
+    if torch.compiler.is_compiling():
+        return block_sparse_attn_fwd(*args, None, None, *meta)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    # The transposed route is cached on the route (shared by layers and steps); under torch.compile
-    # the backward builds it itself, since building it needs a data-dependent size.
-    t_ids, t_counts = route.transposed() if needs_grad and not compiling else (None, None)
-    args = (q, k, v, route.kv_block_ids, route.kv_block_counts, t_ids, t_counts, route.q_positions,
-            route.kv_positions, route.q_block_size, route.kv_block_size, route.causal, scale)
-    if compiling:
-        return block_sparse_attn_fwd(*args)
+    plan = route_plan(route, backward=needs_grad)
     if needs_grad:
-        return _BlockSparseAttention.apply(*args)
-    return block_sparse_fwd(q, k, v, *args[3:5], *args[7:])
+        return _BlockSparseAttention.apply(*args, *meta, plan)
+    return block_sparse_fwd(*args, *meta, plan["clean"])
 
 
 def why_not_triton(q: Tensor, k: Tensor, v: Tensor, route) -> Optional[str]:
