@@ -273,6 +273,10 @@ def main():
     if not args.skip_bench:
         result["bench"] = bench(args, dev)
         out.write_text(json.dumps(result, indent=1))
+    from routed.ops.block_sparse.triton_ops import tuned_configs
+
+    result["tuned_configs"] = tuned_configs()
+    out.write_text(json.dumps(result, indent=1))
     print_table(result)
 
 

@@ -47,21 +47,28 @@ def _load_rows(base, offs_rows, stride_rows, offs_cols, n_rows, N_COLS: tl.const
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn, stride_vn,
-               j_lo, j_hi, kv_len, scale_log2,
+               j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
                KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over routed key blocks ``j_lo .. j_hi`` of one query tile, as one flat loop
     over (block, sub-tile) so Triton can software-pipeline it. ``MASKED=False`` is the hot path:
-    blocks wholly visible to every query of the tile, no mask at all."""
+    blocks wholly visible to every query of the tile, no mask at all. ``USE_TMA`` reads K/V tiles
+    through Hopper tensor descriptors (rows past the sequence arrive as zeros)."""
     SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for it in range(j_lo * SUBS, j_hi * SUBS):
-        kblk = tl.load(ids_base + (it // SUBS) * stride_ik).to(tl.int64)
-        offs_n = kblk * KV_BLOCK + (it % SUBS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.trans(_load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED, BLOCK_D == HEAD_DIM))
-        v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED, BLOCK_DV == HEAD_DIM_V)
+        kblk = tl.load(ids_base + (it // SUBS) * stride_ik)
+        row0 = kblk * KV_BLOCK + (it % SUBS) * BLOCK_N
+        offs_n = row0.to(tl.int64) + tl.arange(0, BLOCK_N)
+        if USE_TMA:
+            k = tl.trans(k_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_D))
+            v = v_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            k = tl.trans(_load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED,
+                                    BLOCK_D == HEAD_DIM))
+            v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED, BLOCK_DV == HEAD_DIM_V)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
         if MASKED:
             if HAS_POS:
@@ -84,7 +91,7 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_b
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, Ids, Counts, CleanCounts, QPos, KPos,
+    Q, K, V, Out, Lse, Ids, Counts, CleanCounts, QPos, KPos, KDesc, VDesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -98,10 +105,11 @@ def _block_sparse_fwd_kernel(
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """All tensors have a contiguous last axis; ``Counts``/``CleanCounts`` share strides. Of each
-    route row, the first ``CleanCounts`` blocks need no mask (ids are sorted, so they lead)."""
+    route row, the first ``CleanCounts`` blocks need no mask (ids are sorted, so they lead).
+    ``KDesc``/``VDesc`` are ``[B, Hkv, N, D]`` tensor descriptors when ``USE_TMA``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_q).to(tl.int64)
@@ -133,12 +141,15 @@ def _block_sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     kpos_base = KPos + b * stride_kpb
+    b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik,
-                               stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM,
-                               BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, False, DOT_PRECISION)
+                               stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32, hkv32,
+                               KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, False,
+                               DOT_PRECISION, USE_TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik,
-                               stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM,
-                               BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, True, DOT_PRECISION)
+                               stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32, hkv32,
+                               KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, True,
+                               DOT_PRECISION, USE_TMA)
 
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]

@@ -47,18 +47,20 @@ def _dims(q: Tensor, v: Tensor) -> dict:
 # no tuning happens (the interpreter, ROUTED_AUTOTUNE=0). Tiles are clamped to the block sizes.
 FWD_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                   (128, 64, 8, 4), (64, 128, 4, 3)]
+# Forward configs that read K/V through Hopper tensor descriptors (TMA), tried where they can run.
+FWD_TMA_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4)]
 DQ_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (128, 128, 8, 2)]
 DKDV_CANDIDATES = [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (16, 128, 8, 3),
                    (64, 64, 4, 3), (128, 64, 8, 2)]
 _TUNED: dict = {}
 
 
-def _fit(candidates, q_block: int, kv_block: int) -> list[dict]:
+def _fit(candidates, q_block: int, kv_block: int, **extra) -> list[dict]:
     """Candidates with tiles clamped to the largest powers of two dividing the block sizes."""
     out: list[dict] = []
     for m, n, w, st in candidates:
         cfg = dict(BLOCK_M=min(m, _pow2_divisor(q_block, 128)), BLOCK_N=min(n, _pow2_divisor(kv_block, 128)),
-                   num_warps=w, num_stages=st)
+                   num_warps=w, num_stages=st, **extra)
         if cfg not in out:
             out.append(cfg)
     return out
@@ -89,6 +91,11 @@ def _autotuned(name: str, key: tuple, candidates: list[dict], launch, device: to
 def _tune_key(q: Tensor, v: Tensor, q_block: int, kv_block: int, causal: bool, has_pos: bool, extra=()) -> tuple:
     return (q.shape[-1], v.shape[-1], str(q.dtype), q_block, kv_block, causal, has_pos,
             q.shape[1] // max(1, extra[0]) if extra else 1, max(1, q.shape[2]).bit_length())
+
+
+def tuned_configs() -> dict[str, dict]:
+    """The launch configs autotuning chose so far (for benchmark records)."""
+    return {" ".join(map(str, k)): v for k, v in _TUNED.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,6 +193,31 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
         num_warps=4)
 
 
+def _tma_why_not(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    """None if the forward can read K/V through tensor descriptors here."""
+    if os.environ.get("ROUTED_TMA", "1") == "0":
+        return "disabled by ROUTED_TMA=0"
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return "needs a Hopper or newer GPU"
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return "this triton has no tensor descriptors"
+    for t in (k, v):
+        if t.shape[-1] not in (16, 32, 64, 128, 256) or t.data_ptr() % 16:
+            return "head dim not a power of two or base not 16-byte aligned"
+        if any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return "strides not 16-byte aligned"
+    return None
+
+
+def _kv_descriptors(k: Tensor, v: Tensor, block_n: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, block_n, k.shape[-1]]),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, v.shape[-1]]))
+
+
 def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
     """The kernels index the last axis with stride 1."""
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
@@ -214,16 +246,24 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     dims = _dims(q, v)
 
     def launch(cfg):
+        k_desc, v_desc = _kv_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
         _block_sparse_fwd_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
             q, k, v, out, lse, ids, counts, clean_counts, qp if qp is not None else counts,
-            kp if kp is not None else counts,
+            kp if kp is not None else counts, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2], *ids.stride(),
             *counts.stride()[:2], qp.stride(0) if qp is not None else 0, kp.stride(0) if kp is not None else 0,
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale * LOG2E,
             Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, HAS_POS=qp is not None, **dims, **cfg)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, qp is not None, (Hkv,))
-    launch(_autotuned("fwd", key, _fit(FWD_CANDIDATES, q_block_size, kv_block_size), launch, q.device))
+    candidates = _fit(FWD_CANDIDATES, q_block_size, kv_block_size, USE_TMA=False)
+    tma_reason = _tma_why_not(q, k, v)
+    if tma_reason is None:
+        tma = _fit(FWD_TMA_CANDIDATES, q_block_size, kv_block_size, USE_TMA=True)
+        candidates = tma if os.environ.get("ROUTED_TMA") == "only" else candidates + tma
+    elif os.environ.get("ROUTED_TMA") == "only":
+        raise RuntimeError(f"ROUTED_TMA=only but tensor descriptors cannot be used: {tma_reason}")
+    launch(_autotuned("fwd", key + (os.environ.get("ROUTED_TMA", "1"),), candidates, launch, q.device))
     return out, lse
 
 
