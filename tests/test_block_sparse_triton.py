@@ -206,11 +206,12 @@ def test_bfloat16_on_gpu():
 
 
 @pytest.mark.gpu
-def test_tma_forward_on_gpu(monkeypatch):
-    """The tensor-descriptor (TMA) forward, forced, on Hopper."""
+def test_tma_kernels_on_gpu(monkeypatch):
+    """The tensor-descriptor (TMA) kernels, forced, forward and backward, on Hopper."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.fail("the TMA forward needs a Hopper GPU; run this test on one")
     monkeypatch.setenv("ROUTED_TMA", "only")
     q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, torch.bfloat16, seed=23)
     check_against_f64(q, k, v, _mask_route(1, 2, 1000, 1000, 128, 128, True, 0.3, seed=23))
     check_against_f64(q, k, v, _mask_route(2, 8, 1000, 1000, 64, 64, False, 0.3, seed=24))
+    check_against_f64(q, k, v, _mask_route(2, 2, 1000, 1000, 64, 128, True, 0.3, seed=25, positions="batched"))

@@ -180,19 +180,24 @@ def _bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_oh, stride_on, stri
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn,
-              stride_vn, j_lo, j_hi, kv_len, scale_log2,
+              stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
               KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """dQ over routed key blocks ``j_lo .. j_hi`` of one query tile (flat, pipelinable loop)."""
     SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for it in range(j_lo * SUBS, j_hi * SUBS):
-        kblk = tl.load(ids_base + (it // SUBS) * stride_ik).to(tl.int64)
-        offs_n = kblk * KV_BLOCK + (it % SUBS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED, BLOCK_D == HEAD_DIM)
-        v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED, BLOCK_DV == HEAD_DIM_V)
+        kblk = tl.load(ids_base + (it // SUBS) * stride_ik)
+        row0 = kblk * KV_BLOCK + (it % SUBS) * BLOCK_N
+        offs_n = row0.to(tl.int64) + tl.arange(0, BLOCK_N)
+        if USE_TMA:
+            k = k_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED, BLOCK_D == HEAD_DIM)
+            v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED, BLOCK_DV == HEAD_DIM_V)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         if MASKED:
             if HAS_POS:
@@ -209,7 +214,7 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, k
 
 @triton.jit
 def _block_sparse_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Ids, Counts, CleanCounts, QPos, KPos,
+    Q, K, V, DO, Lse, Delta, DQ, Ids, Counts, CleanCounts, QPos, KPos, KDesc, VDesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -223,7 +228,7 @@ def _block_sparse_bwd_dq_kernel(
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """``Lse`` and ``Delta`` are contiguous ``[B, Hq, q_len]`` float32."""
     pid_m = tl.program_id(0)
@@ -261,13 +266,14 @@ def _block_sparse_bwd_dq_kernel(
     n_clean = tl.load(CleanCounts + count_off)
     kpos_base = KPos + b * stride_kpb
 
+    b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn,
-                   stride_vn, 0, n_clean, kv_len, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V,
-                   BLOCK_DV, CAUSAL, HAS_POS, False, DOT_PRECISION)
+                   stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM,
+                   BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, False, DOT_PRECISION, USE_TMA)
     dq = _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn,
-                   stride_vn, n_clean, count, kv_len, scale_log2, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V,
-                   BLOCK_DV, CAUSAL, HAS_POS, True, DOT_PRECISION)
+                   stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM,
+                   BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, True, DOT_PRECISION, USE_TMA)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -275,20 +281,25 @@ def _block_sparse_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, t_base, stride_tq,
-                stride_qn, stride_don, i_lo, i_hi, q_len, kv_len, pos_offset, scale_log2,
+                stride_qn, stride_don, i_lo, i_hi, q_len, kv_len, pos_offset, scale_log2, q_desc, do_desc, b32, hq32,
                 Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """dK, dV of one key tile from the query blocks ``i_lo .. i_hi`` of its transposed route."""
     SUBS: tl.constexpr = Q_BLOCK // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for it in range(i_lo * SUBS, i_hi * SUBS):
-        qblk = tl.load(t_base + (it // SUBS) * stride_tq).to(tl.int64)
-        offs_m = qblk * Q_BLOCK + (it % SUBS) * BLOCK_M + tl.arange(0, BLOCK_M)
+        qblk = tl.load(t_base + (it // SUBS) * stride_tq)
+        row0 = qblk * Q_BLOCK + (it % SUBS) * BLOCK_M
+        offs_m = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
         row_ok = offs_m < q_len
-        q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_len, HEAD_DIM, True, BLOCK_D == HEAD_DIM)
-        do = _load_rows(do_base, offs_m, stride_don, offs_dv, q_len, HEAD_DIM_V, True, BLOCK_DV == HEAD_DIM_V)
+        if USE_TMA:  # rows past q_len arrive as zeros
+            q = q_desc.load([b32, hq32, row0, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_desc.load([b32, hq32, row0, 0]).reshape(BLOCK_M, BLOCK_DV)
+        else:
+            q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_len, HEAD_DIM, True, BLOCK_D == HEAD_DIM)
+            do = _load_rows(do_base, offs_m, stride_don, offs_dv, q_len, HEAD_DIM_V, True, BLOCK_DV == HEAD_DIM_V)
         lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
@@ -312,7 +323,7 @@ def _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Del
 
 @triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, TIds, TCounts, TMaskedCounts, QPos, KPos,
+    Q, K, V, DO, Lse, Delta, DK, DV, TIds, TCounts, TMaskedCounts, QPos, KPos, QDesc, DODesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -327,7 +338,7 @@ def _block_sparse_bwd_dkdv_kernel(
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One key tile of one kv head, over every query head of its GQA group. Of each transposed
     row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal)."""
@@ -364,14 +375,15 @@ def _block_sparse_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + hq * stride_qh
         do_base = DO + b * stride_dob + hq * stride_doh
         row_base = (b * n_heads_q + hq) * q_len
+        b32, hq32 = b.to(tl.int32), hq.to(tl.int32)
         dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, t_base,
                              stride_tq, stride_qn, stride_don, 0, n_masked, q_len, kv_len, pos_offset, scale_log2,
-                             Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, True,
-                             DOT_PRECISION)
+                             QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                             CAUSAL, HAS_POS, True, DOT_PRECISION, USE_TMA)
         dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, t_base,
                              stride_tq, stride_qn, stride_don, n_masked, count, q_len, kv_len, pos_offset, scale_log2,
-                             Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, False,
-                             DOT_PRECISION)
+                             QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                             CAUSAL, HAS_POS, False, DOT_PRECISION, USE_TMA)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

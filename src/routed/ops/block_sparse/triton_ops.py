@@ -206,16 +206,31 @@ def _tma_why_not(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     for t in (k, v):
         if t.shape[-1] not in (16, 32, 64, 128, 256) or t.data_ptr() % 16:
             return "head dim not a power of two or base not 16-byte aligned"
-        if any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
-            return "strides not 16-byte aligned"
+        if any(st == 0 or (st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return "strides not 16-byte aligned (or broadcast)"
     return None
 
 
-def _kv_descriptors(k: Tensor, v: Tensor, block_n: int):
+def _row_descriptors(a: Tensor, b: Tensor, block_rows: int):
+    """Tensor descriptors of two ``[B, H, N, D]`` tensors, tiles of ``block_rows`` rows."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return (TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, block_n, k.shape[-1]]),
-            TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, v.shape[-1]]))
+    return (TensorDescriptor(a, list(a.shape), list(a.stride()), [1, 1, block_rows, a.shape[-1]]),
+            TensorDescriptor(b, list(b.shape), list(b.stride()), [1, 1, block_rows, b.shape[-1]]))
+
+
+def _with_tma(name: str, q: Tensor, tensors: tuple, plain: list[dict], tma_candidates, q_block: int,
+              kv_block: int) -> tuple[list[dict], str]:
+    """Candidates for one kernel: the plain ones plus (or, with ROUTED_TMA=only, just) the TMA ones,
+    and the tuning-key suffix that keeps the modes apart."""
+    mode = os.environ.get("ROUTED_TMA", "1")
+    reason = _tma_why_not(q, *tensors)
+    if reason is None:
+        tma = _fit(tma_candidates, q_block, kv_block, USE_TMA=True)
+        return (tma if mode == "only" else plain + tma), mode
+    if mode == "only":
+        raise RuntimeError(f"ROUTED_TMA=only but {name} cannot use tensor descriptors: {reason}")
+    return plain, mode
 
 
 def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
@@ -246,7 +261,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     dims = _dims(q, v)
 
     def launch(cfg):
-        k_desc, v_desc = _kv_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
+        k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
         _block_sparse_fwd_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
             q, k, v, out, lse, ids, counts, clean_counts, qp if qp is not None else counts,
             kp if kp is not None else counts, k_desc, v_desc,
@@ -256,14 +271,10 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
             Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, HAS_POS=qp is not None, **dims, **cfg)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, qp is not None, (Hkv,))
-    candidates = _fit(FWD_CANDIDATES, q_block_size, kv_block_size, USE_TMA=False)
-    tma_reason = _tma_why_not(q, k, v)
-    if tma_reason is None:
-        tma = _fit(FWD_TMA_CANDIDATES, q_block_size, kv_block_size, USE_TMA=True)
-        candidates = tma if os.environ.get("ROUTED_TMA") == "only" else candidates + tma
-    elif os.environ.get("ROUTED_TMA") == "only":
-        raise RuntimeError(f"ROUTED_TMA=only but tensor descriptors cannot be used: {tma_reason}")
-    launch(_autotuned("fwd", key + (os.environ.get("ROUTED_TMA", "1"),), candidates, launch, q.device))
+    candidates, mode = _with_tma("the forward", q, (k, v), _fit(FWD_CANDIDATES, q_block_size, kv_block_size,
+                                                                 USE_TMA=False),
+                                 FWD_TMA_CANDIDATES, q_block_size, kv_block_size)
+    launch(_autotuned("fwd", key + (mode,), candidates, launch, q.device))
     return out, lse
 
 
@@ -310,23 +321,29 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     common = dict(Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, HAS_POS=qp is not None, **dims)
 
     def launch_dq(cfg):
+        k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
         _block_sparse_bwd_dq_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-            q, k, v, do, lse, delta, dq, ids, counts, clean_counts, qp_arg, kp_arg,
+            q, k, v, do, lse, delta, dq, ids, counts, clean_counts, qp_arg, kp_arg, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             *ids.stride(), *counts.stride()[:2], *pos_strides,
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
 
     def launch_dkdv(cfg):
+        q_desc, do_desc = _row_descriptors(q, do, cfg["BLOCK_M"]) if cfg["USE_TMA"] else (None, None)
         _block_sparse_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, t_masked_counts, qp_arg, kp_arg,
+            q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, t_masked_counts, qp_arg, kp_arg, q_desc, do_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             *dv.stride()[:3], *t_ids.stride(), *t_counts.stride()[:2], *pos_strides,
             Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, qp is not None, (Hkv,))
-    launch_dq(_autotuned("bwd_dq", key, _fit(DQ_CANDIDATES, q_block_size, kv_block_size), launch_dq, q.device))
-    launch_dkdv(_autotuned("bwd_dkdv", key, _fit(DKDV_CANDIDATES, q_block_size, kv_block_size), launch_dkdv,
-                           q.device))
+    dq_cands, mode = _with_tma("the dq pass", q, (k, v), _fit(DQ_CANDIDATES, q_block_size, kv_block_size,
+                                                              USE_TMA=False), DQ_CANDIDATES, q_block_size, kv_block_size)
+    launch_dq(_autotuned("bwd_dq", key + (mode,), dq_cands, launch_dq, q.device))
+    dkdv_cands, mode = _with_tma("the dk/dv pass", q, (q, do), _fit(DKDV_CANDIDATES, q_block_size, kv_block_size,
+                                                                    USE_TMA=False),
+                                 DKDV_CANDIDATES, q_block_size, kv_block_size)
+    launch_dkdv(_autotuned("bwd_dkdv", key + (mode,), dkdv_cands, launch_dkdv, q.device))
     return dq, dk, dv
 
 
