@@ -215,3 +215,37 @@ def test_tma_kernels_on_gpu(monkeypatch):
     check_against_f64(q, k, v, _mask_route(1, 2, 1000, 1000, 128, 128, True, 0.3, seed=23))
     check_against_f64(q, k, v, _mask_route(2, 8, 1000, 1000, 64, 64, False, 0.3, seed=24))
     check_against_f64(q, k, v, _mask_route(2, 2, 1000, 1000, 64, 128, True, 0.3, seed=25, positions="batched"))
+
+
+def test_packed_varlen_equals_separate_sequences():
+    """Three sequences packed into one row (cu_seqlens) with a dense causal route and segment ids:
+    each sequence's output equals its own dense causal attention, computed alone."""
+    from routed import causal_dense_route, segment_ids_from_cu_seqlens
+
+    lengths = [37, 100, 63]
+    cu = torch.tensor([0, 37, 137, 200], dtype=torch.int32)
+    total = sum(lengths)
+    q, k, v = _inputs(1, 4, 2, total, total, 16, torch.float32, seed=31)
+    seg = segment_ids_from_cu_seqlens(cu).to(DEVICE)
+    assert seg.tolist() == [0] * 37 + [1] * 100 + [2] * 63
+    route = causal_dense_route(total, block_size=32, device=DEVICE).with_segments(seg)
+    with poisoned_outputs():
+        out = routed_attention(q, k, v, route, backend="triton")
+    for start, n in zip(cu[:-1].tolist(), lengths):
+        sl = slice(start, start + n)
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, sl].double(), k[:, :, sl].double().repeat_interleave(2, 1),
+            v[:, :, sl].double().repeat_interleave(2, 1), is_causal=True)
+        torch.testing.assert_close(out[:, :, sl].double(), alone, rtol=1e-5, atol=1e-5)
+    check_against_f64(q, k, v, route)
+
+
+@pytest.mark.parametrize("nq", [1, 150])
+def test_segments_with_sparse_routes(nq):
+    """Random routes, per-batch segment ids (padding as its own segment), forward and backward,
+    through the main and the decode path."""
+    g = torch.Generator().manual_seed(nq)
+    q, k, v = _inputs(2, 4, 2, nq, 150, 16, torch.float32, seed=nq)
+    route = _mask_route(2, 2, nq, 150, 16, 32, True, 0.7, seed=nq)
+    kseg = torch.sort(torch.randint(0, 3, (2, 150), generator=g), dim=-1).values.to(torch.int32).to(DEVICE)
+    check_against_f64(q, k, v, route.with_segments(kseg[:, 150 - nq:], kseg))

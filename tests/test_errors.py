@@ -110,3 +110,14 @@ def test_unknown_and_unavailable_backend():
 def test_sliding_window_bad_arguments():
     with pytest.raises(RouteError, match="window_blocks must be >= 1"):
         sliding_window_route(64, block_size=16, window_blocks=0)
+
+
+def test_segments_must_come_together_and_cu_seqlens_checked():
+    from routed import segment_ids_from_cu_seqlens
+
+    with pytest.raises(RouteError, match="q_segments and kv_segments together"):
+        _route(q_segments=torch.zeros(32, dtype=torch.int32))
+    with pytest.raises(RouteError, match="start at 0 and end at 10"):
+        segment_ids_from_cu_seqlens(torch.tensor([0, 4, 9]), 10)
+    with pytest.raises(RouteError, match="non-decreasing"):
+        segment_ids_from_cu_seqlens(torch.tensor([0, 6, 4, 10]))

@@ -186,15 +186,21 @@ def block_problems(draw):
     route_heads = draw(st.sampled_from([1, hkv, hkv * group]))
     density = draw(st.floats(0.0, 1.0))
     permuted = draw(st.booleans()) and causal
+    segments = draw(st.booleans())
     seed = draw(st.integers(0, 2**16))
-    return hkv, group, nq, nk, bq, bk, causal, route_heads, density, permuted, seed
+    return hkv, group, nq, nk, bq, bk, causal, route_heads, density, permuted, segments, seed
 
 
 @settings(max_examples=40, deadline=None)
 @given(block_problems())
 def test_block_route_property(problem):
-    hkv, group, nq, nk, bq, bk, causal, hr, density, permuted, seed = problem
+    hkv, group, nq, nk, bq, bk, causal, hr, density, permuted, segments, seed = problem
     q, k, v = _qkv(2, hkv * group, hkv, nq, nk, 8, seed=seed)
     route = _random_block_route(2, hr, nq, nk, bq, bk, causal, density=density, seed=seed,
                                 positions="permuted" if permuted else None)
+    if segments:  # per-batch sorted segment ids, as packed sequences have
+        g = torch.Generator().manual_seed(seed)
+        kv_seg = torch.sort(torch.randint(0, 3, (2, nk), generator=g), dim=-1).values.to(torch.int32)
+        q_seg = kv_seg[:, nk - nq:] if nq <= nk else torch.randint(0, 3, (2, nq), generator=g).to(torch.int32)
+        route = route.with_segments(q_seg, kv_seg)
     _check_block(q, k, v, route)

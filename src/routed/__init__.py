@@ -6,7 +6,7 @@ sends each query. See :func:`routed_attention`, :class:`BlockRoute`, :class:`Tok
 
 from .attention import check_inputs, routed_attention
 from .backends import BackendUnavailable, backends, explain_backends
-from .route import BlockRoute, RouteError, TokenRoute
+from .route import BlockRoute, RouteError, TokenRoute, segment_ids_from_cu_seqlens
 from .routers.static import causal_dense_route, random_block_route, sliding_window_route
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "BlockRoute",
     "TokenRoute",
     "RouteError",
+    "segment_ids_from_cu_seqlens",
     "BackendUnavailable",
     "routed_attention",
     "check_inputs",

@@ -54,7 +54,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, route: Route) -> None:
         if route.q_len != Nq or route.kv_len != Nk:
             _err(f"the route was built for q_len={route.q_len}, kv_len={route.kv_len} but q has {Nq} tokens and "
                  f"k has {Nk}.")
-        positions = [p for p in (route.q_positions, route.kv_positions) if p is not None and p.dim() == 2]
+        positions = [p for p in (route.q_positions, route.kv_positions, route.q_segments, route.kv_segments)
+                     if p is not None and p.dim() == 2]
         batches = [ids.shape[0]] + [p.shape[0] for p in positions]
     elif isinstance(route, TokenRoute):
         ids = route.token_ids

@@ -77,6 +77,10 @@ class BlockRoute:
             cluster, images sorted region-major). Default ``arange(q_len) + kv_len - q_len``
             (queries are the last ``q_len`` positions, as in prefill with a KV cache).
         kv_positions: likewise for keys, default ``arange(kv_len)``.
+        q_segments, kv_segments: optional ``[len]`` or ``[batch, len]`` int segment ids (given
+            together): a key is visible to a query only inside the same segment. Packed
+            variable-length batches (see :func:`segment_ids_from_cu_seqlens`) and padding (give
+            pad tokens a segment of their own) use them.
 
     ``batch_r`` is the batch size or 1; ``heads_r`` is the number of query heads, of key/value
     heads, or 1.
@@ -91,6 +95,8 @@ class BlockRoute:
     causal: bool = False
     q_positions: Optional[Tensor] = None
     kv_positions: Optional[Tensor] = None
+    q_segments: Optional[Tensor] = None
+    kv_segments: Optional[Tensor] = None
     validate: bool = field(default=True, repr=False)
     # Derived data computed once per route (the transposed route for backward passes).
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -121,6 +127,10 @@ class BlockRoute:
                f"{self.q_block_size} needs ceil({self.q_len}/{self.q_block_size}) = {self.num_q_blocks}.")
         _check_positions("q_positions", self.q_positions, self.q_len, ids.device)
         _check_positions("kv_positions", self.kv_positions, self.kv_len, ids.device)
+        _check((self.q_segments is None) == (self.kv_segments is None),
+               "give q_segments and kv_segments together (for self-attention, the same tensor twice).")
+        _check_positions("q_segments", self.q_segments, self.q_len, ids.device)
+        _check_positions("kv_segments", self.kv_segments, self.kv_len, ids.device)
         if self.validate:
             self._validate_values()
 
@@ -175,7 +185,7 @@ class BlockRoute:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return BlockRoute(mv(self.kv_block_ids), mv(self.kv_block_counts), self.q_len, self.kv_len,
                           self.q_block_size, self.kv_block_size, self.causal, mv(self.q_positions),
-                          mv(self.kv_positions), validate=False)
+                          mv(self.kv_positions), mv(self.q_segments), mv(self.kv_segments), validate=False)
 
     def transposed(self) -> tuple[Tensor, Tensor]:
         """For every (batch_r, head_r, key block), the sorted query blocks that route to it.
@@ -204,6 +214,17 @@ class BlockRoute:
     def has_default_positions(self) -> bool:
         return self.q_positions is None and self.kv_positions is None
 
+    @property
+    def has_segments(self) -> bool:
+        return self.q_segments is not None
+
+    def with_segments(self, q_segments: Tensor, kv_segments: Optional[Tensor] = None) -> "BlockRoute":
+        """This route with segment ids (``kv_segments`` defaults to ``q_segments``)."""
+        kv_segments = q_segments if kv_segments is None else kv_segments
+        return BlockRoute(self.kv_block_ids, self.kv_block_counts, self.q_len, self.kv_len, self.q_block_size,
+                          self.kv_block_size, self.causal, self.q_positions, self.kv_positions, q_segments,
+                          kv_segments, validate=False)
+
     # ----------------------------------------------------------------------------------------------
     def to_block_mask(self) -> Tensor:
         """Dense boolean ``[batch_r, heads_r, num_q_blocks, num_kv_blocks]`` view of the route."""
@@ -227,6 +248,10 @@ class BlockRoute:
             qp = self.resolved_q_positions()[:, None, :, None]
             kp = self.resolved_kv_positions()[:, None, None, :]
             tok = tok & (kp <= qp)
+        if self.has_segments:
+            qs = self.q_segments.reshape(-1, 1, self.q_len, 1)
+            ks = self.kv_segments.reshape(-1, 1, 1, self.kv_len)
+            tok = tok & (qs == ks)
         return tok
 
     def visitable_block_mask(self) -> Tensor:
@@ -269,6 +294,7 @@ class BlockRoute:
     def from_block_mask(cls, block_mask: Tensor, *, q_len: int, kv_len: int, q_block_size: int,
                         kv_block_size: Optional[int] = None, causal: bool = False,
                         q_positions: Optional[Tensor] = None, kv_positions: Optional[Tensor] = None,
+                        q_segments: Optional[Tensor] = None, kv_segments: Optional[Tensor] = None,
                         max_blocks: Optional[int] = None) -> "BlockRoute":
         """Build a route from a dense boolean ``[batch, heads, num_q_blocks, num_kv_blocks]`` mask.
 
@@ -299,7 +325,22 @@ class BlockRoute:
             pad = ids.new_full((*ids.shape[:-1], width - nkb), -1)
             ids = torch.cat([ids, pad], dim=-1)
         return cls(ids.contiguous(), counts.contiguous(), q_len, kv_len, q_block_size, kv_block_size,
-                   causal, q_positions, kv_positions, validate=False)
+                   causal, q_positions, kv_positions, q_segments, kv_segments, validate=False)
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: Tensor, total: Optional[int] = None) -> Tensor:
+    """``cu_seqlens`` ``[num_seqs + 1]`` (0, end of sequence 0, ..., total), as in FlashAttention's
+    varlen API -> int32 ``[total]`` segment id of every packed token."""
+    _check(isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
+           and cu_seqlens.dtype in _INDEX_DTYPES,
+           "cu_seqlens must be a 1-D int tensor [num_seqs + 1] starting at 0 and ending at the total length.")
+    cu = cu_seqlens.long()
+    total = int(cu[-1]) if total is None else total
+    _check(int(cu[0]) == 0 and int(cu[-1]) == total, f"cu_seqlens must start at 0 and end at {total}, got "
+           f"{int(cu[0])} .. {int(cu[-1])}.")
+    _check(bool((cu[1:] >= cu[:-1]).all()), "cu_seqlens must be non-decreasing.")
+    tokens = torch.arange(total, device=cu.device)
+    return (torch.bucketize(tokens, cu[1:], right=True)).to(torch.int32)
 
 
 def transpose_block_ids(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:

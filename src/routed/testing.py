@@ -56,6 +56,10 @@ def block_route_token_mask(route: BlockRoute) -> Tensor:
         kp = route.kv_positions if route.kv_positions is not None else torch.arange(Nk, device=route.device)
         qp, kp = qp.long().reshape(-1, 1, Nq, 1), kp.long().reshape(-1, 1, 1, Nk)
         mask = mask & (kp <= qp)
+    if route.q_segments is not None:
+        qs = route.q_segments.long().reshape(-1, 1, Nq, 1)
+        ks = route.kv_segments.long().reshape(-1, 1, 1, Nk)
+        mask = mask & (qs == ks)
     return mask
 
 

@@ -43,7 +43,7 @@ def route_to_block_mask(route: BlockRoute, batch: int, heads_q: int):
     if hr not in (1, heads_q):
         routed = routed.repeat_interleave(heads_q // hr, dim=1)
     nq, nk = route.q_len, route.kv_len
-    if route.causal and route.has_default_positions:
+    if route.causal and route.has_default_positions and not route.has_segments:
         offset = nk - nq
         qi = torch.arange(route.num_q_blocks, device=route.device)
         kj = torch.arange(route.num_kv_blocks, device=route.device)
@@ -54,13 +54,17 @@ def route_to_block_mask(route: BlockRoute, batch: int, heads_q: int):
 
         def mask_mod(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + offset
-    elif route.causal:
+    elif route.causal or route.has_segments:  # token-level data: every routed block is partial
+        full, partial = torch.zeros_like(routed), routed
         qp = route.resolved_q_positions().expand(batch, nq)
         kp = route.resolved_kv_positions().expand(batch, nk)
-        full, partial = torch.zeros_like(routed), routed
+        qs = route.q_segments.reshape(-1, nq).expand(batch, nq) if route.has_segments else None
+        ks = route.kv_segments.reshape(-1, nk).expand(batch, nk) if route.has_segments else None
+        causal = route.causal
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return kp[b, kv_idx] <= qp[b, q_idx]
+            ok = (qs[b, q_idx] == ks[b, kv_idx]) if qs is not None else (kv_idx >= 0)
+            return ok & (kp[b, kv_idx] <= qp[b, q_idx]) if causal else ok
     else:
         full, partial = routed, torch.zeros_like(routed)
         mask_mod = None

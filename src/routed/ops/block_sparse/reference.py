@@ -73,6 +73,12 @@ def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: Blo
         kv_pos = kv_pos[pos_bi, safe_ids].reshape(B, Hkv, g_r, nqb, 1, K * bk)
         q_pos = F.pad(route.resolved_q_positions(), (0, nqb * bq - Nq)).view(-1, 1, 1, nqb, bq, 1)
         visible = visible & (kv_pos <= q_pos)
+    if route.has_segments:  # packed sequences / padding: only keys of the query's own segment
+        kv_seg = F.pad(route.kv_segments.long().reshape(-1, Nk), (0, nkb * bk - Nk)).view(-1, nkb, bk)
+        seg_bi = bi if kv_seg.shape[0] > 1 else torch.zeros_like(bi)
+        kv_seg = kv_seg[seg_bi, safe_ids].reshape(B, Hkv, g_r, nqb, 1, K * bk)
+        q_seg = F.pad(route.q_segments.long().reshape(-1, Nq), (0, nqb * bq - Nq)).view(-1, 1, 1, nqb, bq, 1)
+        visible = visible & (kv_seg == q_seg)
     s = s.masked_fill(~visible, float("-inf"))
 
     m = s.amax(dim=-1, keepdim=True)

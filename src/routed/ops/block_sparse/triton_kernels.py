@@ -23,11 +23,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] visibility: key inside kv_len and (causal) not after the query."""
+def _tile_mask(offs_n, q_pos, k_pos, q_seg, kseg_base, kv_len, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] visibility: key inside kv_len, (causal) not after the query, and (with
+    segments) in the query's segment."""
     visible = (offs_n < kv_len)[None, :]
     if CAUSAL:
         visible = visible & (k_pos[None, :] <= q_pos[:, None])
+    if HAS_SEG:
+        k_seg = tl.load(kseg_base + offs_n, mask=offs_n < kv_len, other=-1)
+        visible = visible & (k_seg[None, :] == q_seg[:, None])
     return visible
 
 
@@ -46,11 +50,11 @@ def _load_rows(base, offs_rows, stride_rows, offs_cols, n_rows, N_COLS: tl.const
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn, stride_vn,
-               j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
+def _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik, stride_kn,
+               stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
                KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+               HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over routed key blocks ``j_lo .. j_hi`` of one query tile, as one flat loop
     over (block, sub-tile) so Triton can software-pipeline it. ``MASKED=False`` is the hot path:
     blocks wholly visible to every query of the tile, no mask at all. ``USE_TMA`` reads K/V tiles
@@ -75,7 +79,8 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_b
                 k_pos = tl.load(kpos_base + offs_n, mask=offs_n < kv_len, other=0)
             else:
                 k_pos = offs_n
-            s = tl.where(_tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
+            s = tl.where(_tile_mask(offs_n, q_pos, k_pos, q_seg, kseg_base, kv_len, CAUSAL, HAS_SEG), s,
+                         float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
         else:
@@ -91,7 +96,7 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_b
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, Ids, Counts, CleanCounts, QPos, KPos, KDesc, VDesc,
+    Q, K, V, Out, Lse, Ids, Counts, CleanCounts, QPos, KPos, QSeg, KSeg, KDesc, VDesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -99,13 +104,14 @@ def _block_sparse_fwd_kernel(
     stride_lb, stride_lh,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch,
-    stride_qpb, stride_kpb,
+    stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     n_heads_q, group_size, route_head_div,
     q_len, kv_len, pos_offset, scale_log2,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """All tensors have a contiguous last axis; ``Counts``/``CleanCounts`` share strides. Of each
     route row, the first ``CleanCounts`` blocks need no mask (ids are sorted, so they lead).
@@ -141,15 +147,17 @@ def _block_sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     kpos_base = KPos + b * stride_kpb
+    kseg_base = KSeg + b * stride_ksb
+    q_seg = tl.load(QSeg + b * stride_qsb + offs_m, mask=row_ok, other=-2) if HAS_SEG else offs_m
     b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik,
-                               stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32, hkv32,
-                               KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, False,
-                               DOT_PRECISION, USE_TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik,
-                               stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32, hkv32,
-                               KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, True,
-                               DOT_PRECISION, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
+                               stride_ik, stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32,
+                               hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS,
+                               HAS_SEG, False, DOT_PRECISION, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
+                               stride_ik, stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32,
+                               hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS,
+                               HAS_SEG, True, DOT_PRECISION, USE_TMA)
 
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -179,11 +187,11 @@ def _bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_oh, stride_on, stri
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn,
-              stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
+def _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik,
+              stride_kn, stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
               KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+              HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """dQ over routed key blocks ``j_lo .. j_hi`` of one query tile (flat, pipelinable loop)."""
     SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
@@ -204,7 +212,8 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, k
                 k_pos = tl.load(kpos_base + offs_n, mask=offs_n < kv_len, other=0)
             else:
                 k_pos = offs_n
-            s = tl.where(_tile_mask(offs_m, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
+            s = tl.where(_tile_mask(offs_n, q_pos, k_pos, q_seg, kseg_base, kv_len, CAUSAL, HAS_SEG), s,
+                         float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -214,7 +223,7 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, k
 
 @triton.jit
 def _block_sparse_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Ids, Counts, CleanCounts, QPos, KPos, KDesc, VDesc,
+    Q, K, V, DO, Lse, Delta, DQ, Ids, Counts, CleanCounts, QPos, KPos, QSeg, KSeg, KDesc, VDesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -222,13 +231,14 @@ def _block_sparse_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch,
-    stride_qpb, stride_kpb,
+    stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     n_heads_q, group_size, route_head_div,
     q_len, kv_len, pos_offset, scale, scale_log2,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """``Lse`` and ``Delta`` are contiguous ``[B, Hq, q_len]`` float32."""
     pid_m = tl.program_id(0)
@@ -265,26 +275,30 @@ def _block_sparse_bwd_dq_kernel(
     count = tl.load(Counts + count_off)
     n_clean = tl.load(CleanCounts + count_off)
     kpos_base = KPos + b * stride_kpb
+    kseg_base = KSeg + b * stride_ksb
+    q_seg = tl.load(QSeg + b * stride_qsb + offs_m, mask=row_ok, other=-2) if HAS_SEG else offs_m
 
     b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn,
-                   stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM,
-                   BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, False, DOT_PRECISION, USE_TMA)
-    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, offs_m, k_base, v_base, ids_base, kpos_base, stride_ik, stride_kn,
-                   stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM,
-                   BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, True, DOT_PRECISION, USE_TMA)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik,
+                   stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK, BLOCK_N,
+                   HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA)
+    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik,
+                   stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK,
+                   BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION,
+                   USE_TMA)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, t_base, stride_tq,
-                stride_qn, stride_don, i_lo, i_hi, q_len, kv_len, pos_offset, scale_log2, q_desc, do_desc, b32, hq32,
+def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, qseg_base,
+                t_base, stride_tq, stride_qn, stride_don, i_lo, i_hi, q_len, kv_len, pos_offset, scale_log2, q_desc,
+                do_desc, b32, hq32,
                 Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+                HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """dK, dV of one key tile from the query blocks ``i_lo .. i_hi`` of its transposed route."""
     SUBS: tl.constexpr = Q_BLOCK // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
@@ -312,6 +326,9 @@ def _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Del
             visible = (offs_n < kv_len)[:, None]
             if CAUSAL:
                 visible = visible & (k_pos[:, None] <= q_pos[None, :])
+            if HAS_SEG:
+                q_seg = tl.load(qseg_base + offs_m, mask=row_ok, other=-2)
+                visible = visible & (k_seg[:, None] == q_seg[None, :])
             st = tl.where(visible, st, float("-inf"))
         pt = tl.math.exp2(st - lse2[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -323,7 +340,7 @@ def _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Del
 
 @triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, TIds, TCounts, TMaskedCounts, QPos, KPos, QDesc, DODesc,
+    Q, K, V, DO, Lse, Delta, DK, DV, TIds, TCounts, TMaskedCounts, QPos, KPos, QSeg, KSeg, QDesc, DODesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -332,13 +349,14 @@ def _block_sparse_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_tb, stride_th, stride_tk, stride_tq,
     stride_tcb, stride_tch,
-    stride_qpb, stride_kpb,
+    stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     n_heads_q, n_heads_kv, group_size, route_head_div,
     q_len, kv_len, pos_offset, scale, scale_log2,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One key tile of one kv head, over every query head of its GQA group. Of each transposed
     row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal)."""
@@ -362,6 +380,8 @@ def _block_sparse_bwd_dkdv_kernel(
     else:
         k_pos = offs_n
     qpos_base = QPos + b * stride_qpb
+    qseg_base = QSeg + b * stride_qsb
+    k_seg = tl.load(KSeg + b * stride_ksb + offs_n, mask=key_ok, other=-1) if HAS_SEG else offs_n
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -376,14 +396,14 @@ def _block_sparse_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + hq * stride_doh
         row_base = (b * n_heads_q + hq) * q_len
         b32, hq32 = b.to(tl.int32), hq.to(tl.int32)
-        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, t_base,
-                             stride_tq, stride_qn, stride_don, 0, n_masked, q_len, kv_len, pos_offset, scale_log2,
-                             QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
-                             CAUSAL, HAS_POS, True, DOT_PRECISION, USE_TMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, t_base,
-                             stride_tq, stride_qn, stride_don, n_masked, count, q_len, kv_len, pos_offset, scale_log2,
-                             QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
-                             CAUSAL, HAS_POS, False, DOT_PRECISION, USE_TMA)
+        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base,
+                             qseg_base, t_base, stride_tq, stride_qn, stride_don, 0, n_masked, q_len, kv_len,
+                             pos_offset, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
+                             HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION, USE_TMA)
+        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base,
+                             qseg_base, t_base, stride_tq, stride_qn, stride_don, n_masked, count, q_len, kv_len,
+                             pos_offset, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
+                             HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -393,18 +413,18 @@ def _block_sparse_bwd_dkdv_kernel(
 
 @triton.jit
 def _block_sparse_decode_split_kernel(
-    Q, K, V, PartOut, PartLse, Ids, Counts, QPos, KPos,
+    Q, K, V, PartOut, PartLse, Ids, Counts, QPos, KPos, QSeg, KSeg,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ib, stride_ih, stride_ik,
     stride_cb, stride_ch,
-    stride_qpb, stride_kpb,
+    stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     n_prog_heads, g_pack, group_size, route_head_div, blocks_per_split,
     q_len, kv_len, pos_offset, scale_log2,
     KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Few queries (all in query block 0) against many routed key blocks: program (split, b*hp)
     takes a slice of the route. The ``g_pack`` query heads of a GQA group that share the route
@@ -432,6 +452,8 @@ def _block_sparse_decode_split_kernel(
     else:
         q_pos = t + pos_offset
 
+    q_seg = tl.load(QSeg + b * stride_qsb + t, mask=row_ok, other=-2) if HAS_SEG else t
+    kseg_base = KSeg + b * stride_ksb
     count = tl.load(Counts + b * stride_cb + hr * stride_ch)
     j_lo = pid_s * blocks_per_split
     j_hi = tl.minimum(j_lo + blocks_per_split, count)
@@ -453,14 +475,15 @@ def _block_sparse_decode_split_kernel(
             need_mask = k_start + BLOCK_N > kv_len
             if CAUSAL:
                 need_mask = need_mask | (k_start + BLOCK_N - 1 > pos_offset)
-            if HAS_POS:
+            if HAS_POS or HAS_SEG:
                 need_mask = k_start >= 0
             if need_mask:
                 if HAS_POS:
                     k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=offs_n < kv_len, other=0)
                 else:
                     k_pos = offs_n
-                s = tl.where(_tile_mask(offs_r, offs_n, q_pos, k_pos, kv_len, CAUSAL), s, float("-inf"))
+                s = tl.where(_tile_mask(offs_n, q_pos, k_pos, q_seg, kseg_base, kv_len, CAUSAL, HAS_SEG), s,
+                             float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_safe[:, None])

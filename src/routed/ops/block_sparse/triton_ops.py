@@ -103,23 +103,33 @@ def _num_sms_cached(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _positions(q_positions: Optional[Tensor], kv_positions: Optional[Tensor], batch: int, q_len: int,
-               kv_len: int, device) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Both position tensors as ``[batch, len]`` views, or ``(None, None)`` for the default order."""
-    if q_positions is None and kv_positions is None:
-        return None, None
-    if q_positions is None:
-        q_positions = torch.arange(q_len, device=device) + (kv_len - q_len)
-    if kv_positions is None:
-        kv_positions = torch.arange(kv_len, device=device)
-    return (q_positions.reshape(-1, q_len).expand(batch, q_len), kv_positions.reshape(-1, kv_len).expand(batch, kv_len))
+class _TokenMaps:
+    """Per-token data of a route, as ``[batch, len]`` views for the kernels: positions (both, or
+    neither for the default order) and segment ids (both or neither). Absent maps pass a dummy
+    pointer and stride 0; ``HAS_POS``/``HAS_SEG`` keep the kernels from reading them."""
+
+    def __init__(self, q_positions, kv_positions, q_segments, kv_segments, batch, q_len, kv_len, device, dummy):
+        self.has_pos = q_positions is not None or kv_positions is not None
+        self.has_seg = q_segments is not None
+        if self.has_pos:
+            if q_positions is None:
+                q_positions = torch.arange(q_len, device=device) + (kv_len - q_len)
+            if kv_positions is None:
+                kv_positions = torch.arange(kv_len, device=device)
+        maps = []
+        for t, n in ((q_positions, q_len), (kv_positions, kv_len), (q_segments, q_len), (kv_segments, kv_len)):
+            maps.append(dummy if t is None else t.reshape(-1, n).expand(batch, n))
+        self.tensors = maps
+        self.strides = [0 if t is dummy else t.stride(0) for t in maps]
+        self.flags = dict(HAS_POS=self.has_pos, HAS_SEG=self.has_seg)
 
 
 def clean_block_counts(ids: Tensor, counts: Tensor, q_len: int, kv_len: int, q_block_size: int,
-                       kv_block_size: int, causal: bool, has_positions: bool) -> Tensor:
+                       kv_block_size: int, causal: bool, all_masked: bool) -> Tensor:
     """``[Br, Hr, nqb]`` int32: how many of each row's routed key blocks need no mask (every key
-    in range and, when causal, before every query of the block). Ids are sorted, so these lead."""
-    if has_positions:  # permuted order: no block is known to be clean
+    in range and, when causal, before every query of the block). Ids are sorted, so these lead.
+    ``all_masked`` (explicit positions or segments): no block is known to be clean."""
+    if all_masked:
         return torch.zeros_like(counts)
     live = torch.arange(ids.shape[-1], device=ids.device) < counts[..., None]
     k_end = (ids.long() + 1) * kv_block_size
@@ -131,10 +141,10 @@ def clean_block_counts(ids: Tensor, counts: Tensor, q_len: int, kv_len: int, q_b
 
 
 def masked_query_counts(t_ids: Tensor, t_counts: Tensor, q_len: int, kv_len: int, q_block_size: int,
-                        kv_block_size: int, causal: bool, has_positions: bool) -> Tensor:
+                        kv_block_size: int, causal: bool, all_masked: bool) -> Tensor:
     """``[Br, Hr, nkb]`` int32: how many of each key block's query blocks (transposed route,
     sorted) need a mask; they lead, since later query blocks see the whole key block."""
-    if has_positions:
+    if all_masked:
         return t_counts.clone()
     live = torch.arange(t_ids.shape[-1], device=t_ids.device) < t_counts[..., None]
     k_end = (torch.arange(t_ids.shape[2], device=t_ids.device) + 1) * kv_block_size
@@ -157,8 +167,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tensor,
-                            qp: Optional[Tensor], kp: Optional[Tensor], kv_block_size: int, causal: bool,
-                            scale: float, out: Tensor, lse: Tensor) -> None:
+                            maps: _TokenMaps, kv_block_size: int, causal: bool, scale: float, out: Tensor,
+                            lse: Tensor) -> None:
     """Few queries against a long route: split the route's key blocks over programs, then merge.
 
     ``ids``/``counts`` are already batch-broadcast views; fills ``out`` and ``lse``.
@@ -179,14 +189,12 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
                            device=q.device)
     part_lse = torch.empty(B * n_prog_heads * splits * block_m, dtype=torch.float32, device=q.device)
     _block_sparse_decode_split_kernel[(splits, B * n_prog_heads)](
-        q, k, v, part_out, part_lse, ids[:, :, 0], counts[:, :, 0], qp if qp is not None else counts,
-        kp if kp is not None else counts,
+        q, k, v, part_out, part_lse, ids[:, :, 0], counts[:, :, 0], *maps.tensors,
         *q.stride(), *k.stride(), *v.stride(), ids.stride(0), ids.stride(1), ids.stride(3),
-        counts.stride(0), counts.stride(1), qp.stride(0) if qp is not None else 0,
-        kp.stride(0) if kp is not None else 0,
+        counts.stride(0), counts.stride(1), *maps.strides,
         n_prog_heads, g_pack, G, Hq // Hr, per_split, Nq, Nk, Nk - Nq, scale * LOG2E,
         KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=_pow2_divisor(kv_block_size, 128),
-        CAUSAL=causal, HAS_POS=qp is not None, **dims, num_warps=4, num_stages=3)
+        CAUSAL=causal, **maps.flags, **dims, num_warps=4, num_stages=3)
     _decode_combine_kernel[(B * n_prog_heads, g_pack * Nq)](
         part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
         BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_S=max(2, triton.next_power_of_2(splits)),
@@ -240,6 +248,7 @@ def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
 
 def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tensor,
                      q_positions: Optional[Tensor], kv_positions: Optional[Tensor],
+                     q_segments: Optional[Tensor], kv_segments: Optional[Tensor],
                      q_block_size: int, kv_block_size: int, causal: bool, scale: float,
                      clean_counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel. Shapes as in :func:`routed.routed_attention`; returns (out, lse).
@@ -249,13 +258,13 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = new_output((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
     lse = new_output((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    has_pos = q_positions is not None or kv_positions is not None
+    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
     if clean_counts is None and Nq > min(DECODE_MAX_QUERIES, q_block_size):
-        clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal, has_pos)
+        clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal,
+                                          maps.has_pos or maps.has_seg)
     ids, counts = _route_views(ids, counts, B)
-    qp, kp = _positions(q_positions, kv_positions, B, Nq, Nk, q.device)
     if Nq <= min(DECODE_MAX_QUERIES, q_block_size):
-        block_sparse_decode_fwd(q, k, v, ids, counts, qp, kp, kv_block_size, causal, scale, out, lse)
+        block_sparse_decode_fwd(q, k, v, ids, counts, maps, kv_block_size, causal, scale, out, lse)
         return out, lse
     clean_counts = clean_counts.expand(counts.shape)
     dims = _dims(q, v)
@@ -263,14 +272,13 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     def launch(cfg):
         k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
         _block_sparse_fwd_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-            q, k, v, out, lse, ids, counts, clean_counts, qp if qp is not None else counts,
-            kp if kp is not None else counts, k_desc, v_desc,
+            q, k, v, out, lse, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2], *ids.stride(),
-            *counts.stride()[:2], qp.stride(0) if qp is not None else 0, kp.stride(0) if kp is not None else 0,
+            *counts.stride()[:2], *maps.strides,
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale * LOG2E,
-            Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, HAS_POS=qp is not None, **dims, **cfg)
+            Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims, **cfg)
 
-    key = _tune_key(q, v, q_block_size, kv_block_size, causal, qp is not None, (Hkv,))
+    key = _tune_key(q, v, q_block_size, kv_block_size, causal, maps.has_pos or maps.has_seg, (Hkv,))
     candidates, mode = _with_tma("the forward", q, (k, v), _fit(FWD_CANDIDATES, q_block_size, kv_block_size,
                                                                  USE_TMA=False),
                                  FWD_TMA_CANDIDATES, q_block_size, kv_block_size)
@@ -282,6 +290,7 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                      dlse: Optional[Tensor], ids: Tensor, counts: Tensor, t_ids: Optional[Tensor],
                      t_counts: Optional[Tensor],
                      q_positions: Optional[Tensor], kv_positions: Optional[Tensor],
+                     q_segments: Optional[Tensor], kv_segments: Optional[Tensor],
                      q_block_size: int, kv_block_size: int, causal: bool,
                      scale: float, clean_counts: Optional[Tensor] = None,
                      t_masked_counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -301,42 +310,41 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     if dlse is not None:
         # d lse / d s = P, so lse's gradient folds into delta: dS = P * (dP - (delta - dlse)).
         delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
-    has_pos = q_positions is not None or kv_positions is not None
+    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
+    all_masked = maps.has_pos or maps.has_seg
     if t_ids is None:
         t_ids, t_counts = transpose_block_ids(ids, -(-Nk // kv_block_size))
     if clean_counts is None:
-        clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal, has_pos)
+        clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal, all_masked)
     if t_masked_counts is None:
-        t_masked_counts = masked_query_counts(t_ids, t_counts, Nq, Nk, q_block_size, kv_block_size, causal, has_pos)
+        t_masked_counts = masked_query_counts(t_ids, t_counts, Nq, Nk, q_block_size, kv_block_size, causal,
+                                              all_masked)
     ids, counts = _route_views(ids, counts, B)
     clean_counts = clean_counts.expand(counts.shape)
     t_ids, t_counts = _route_views(t_ids, t_counts, B)
     t_masked_counts = t_masked_counts.expand(t_counts.shape)
-    qp, kp = _positions(q_positions, kv_positions, B, Nq, Nk, q.device)
-    qp_arg, kp_arg = (qp, kp) if qp is not None else (counts, counts)
-    pos_strides = (qp.stride(0), kp.stride(0)) if qp is not None else (0, 0)
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
-    common = dict(Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, HAS_POS=qp is not None, **dims)
+    common = dict(Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims)
 
     def launch_dq(cfg):
         k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
         _block_sparse_bwd_dq_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-            q, k, v, do, lse, delta, dq, ids, counts, clean_counts, qp_arg, kp_arg, k_desc, v_desc,
+            q, k, v, do, lse, delta, dq, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            *ids.stride(), *counts.stride()[:2], *pos_strides,
+            *ids.stride(), *counts.stride()[:2], *maps.strides,
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
 
     def launch_dkdv(cfg):
         q_desc, do_desc = _row_descriptors(q, do, cfg["BLOCK_M"]) if cfg["USE_TMA"] else (None, None)
         _block_sparse_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, t_masked_counts, qp_arg, kp_arg, q_desc, do_desc,
+            q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, t_masked_counts, *maps.tensors, q_desc, do_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-            *dv.stride()[:3], *t_ids.stride(), *t_counts.stride()[:2], *pos_strides,
+            *dv.stride()[:3], *t_ids.stride(), *t_counts.stride()[:2], *maps.strides,
             Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
 
-    key = _tune_key(q, v, q_block_size, kv_block_size, causal, qp is not None, (Hkv,))
+    key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, (Hkv,))
     dq_cands, mode = _with_tma("the dq pass", q, (k, v), _fit(DQ_CANDIDATES, q_block_size, kv_block_size,
                                                               USE_TMA=False), DQ_CANDIDATES, q_block_size, kv_block_size)
     launch_dq(_autotuned("bwd_dq", key + (mode,), dq_cands, launch_dq, q.device))
@@ -353,16 +361,17 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 @torch.library.custom_op("routed::block_sparse_attn_fwd", mutates_args=())
 def block_sparse_attn_fwd(q: Tensor, k: Tensor, v: Tensor, kv_block_ids: Tensor, kv_block_counts: Tensor,
                           q_block_ids: Optional[Tensor], q_block_counts: Optional[Tensor],
-                          q_positions: Optional[Tensor], kv_positions: Optional[Tensor], q_block_size: int,
+                          q_positions: Optional[Tensor], kv_positions: Optional[Tensor],
+                          q_segments: Optional[Tensor], kv_segments: Optional[Tensor], q_block_size: int,
                           kv_block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Forward; ``q_block_ids``/``q_block_counts`` (the transposed route) are only kept for backward."""
-    return block_sparse_fwd(q, k, v, kv_block_ids, kv_block_counts, q_positions, kv_positions,
-                            q_block_size, kv_block_size, causal, scale)
+    return block_sparse_fwd(q, k, v, kv_block_ids, kv_block_counts, q_positions, kv_positions, q_segments,
+                            kv_segments, q_block_size, kv_block_size, causal, scale)
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_block_ids, kv_block_counts, q_block_ids, q_block_counts, q_positions, kv_positions, q_block_size,
-      kv_block_size, causal, scale):
+def _(q, k, v, kv_block_ids, kv_block_counts, q_block_ids, q_block_counts, q_positions, kv_positions, q_segments,
+      kv_segments, q_block_size, kv_block_size, causal, scale):
     B, Hq, Nq, _ = q.shape
     return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
 
@@ -371,30 +380,32 @@ def _(q, k, v, kv_block_ids, kv_block_counts, q_block_ids, q_block_counts, q_pos
 def block_sparse_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                           dlse: Optional[Tensor], kv_block_ids: Tensor, kv_block_counts: Tensor,
                           q_block_ids: Optional[Tensor], q_block_counts: Optional[Tensor],
-                          q_positions: Optional[Tensor], kv_positions: Optional[Tensor], q_block_size: int,
+                          q_positions: Optional[Tensor], kv_positions: Optional[Tensor],
+                          q_segments: Optional[Tensor], kv_segments: Optional[Tensor], q_block_size: int,
                           kv_block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return block_sparse_bwd(do, q, k, v, out, lse, dlse, kv_block_ids, kv_block_counts, q_block_ids,
-                            q_block_counts, q_positions, kv_positions, q_block_size, kv_block_size, causal, scale)
+                            q_block_counts, q_positions, kv_positions, q_segments, kv_segments, q_block_size,
+                            kv_block_size, causal, scale)
 
 
 @block_sparse_attn_bwd.register_fake
 def _(do, q, k, v, out, lse, dlse, kv_block_ids, kv_block_counts, q_block_ids, q_block_counts, q_positions,
-      kv_positions, q_block_size, kv_block_size, causal, scale):
+      kv_positions, q_segments, kv_segments, q_block_size, kv_block_size, causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ids, counts, t_ids, t_counts, qp, kp, q_block_size, kv_block_size, causal, scale = inputs
+    q, k, v, ids, counts, t_ids, t_counts, qp, kp, qs, ks, q_block_size, kv_block_size, causal, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp)
+    ctx.save_for_backward(q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp, qs, ks)
     ctx.meta = (q_block_size, kv_block_size, causal, scale)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp = ctx.saved_tensors
-    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse, dlse, ids, counts, t_ids, t_counts, qp, kp,
+    q, k, v, out, lse, ids, counts, t_ids, t_counts, qp, kp, qs, ks = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attn_bwd(dout, q, k, v, out, lse, dlse, ids, counts, t_ids, t_counts, qp, kp, qs, ks,
                                        *ctx.meta)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 12
 
 
 torch.library.register_autograd("routed::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
@@ -406,37 +417,37 @@ class _BlockSparseAttention(torch.autograd.Function):
     more than the kernel itself at 8k tokens)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ids, counts, qp, kp, q_block_size, kv_block_size, causal, scale, plan):
-        out, lse = block_sparse_fwd(q, k, v, ids, counts, qp, kp, q_block_size, kv_block_size, causal, scale,
+    def forward(ctx, q, k, v, ids, counts, qp, kp, qs, ks, q_block_size, kv_block_size, causal, scale, plan):
+        out, lse = block_sparse_fwd(q, k, v, ids, counts, qp, kp, qs, ks, q_block_size, kv_block_size, causal, scale,
                                     plan["clean"])
-        ctx.save_for_backward(q, k, v, out, lse, ids, counts, qp, kp)
+        ctx.save_for_backward(q, k, v, out, lse, ids, counts, qp, kp, qs, ks)
         ctx.meta = (q_block_size, kv_block_size, causal, scale)
         ctx.plan = plan
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, ids, counts, qp, kp = ctx.saved_tensors
+        q, k, v, out, lse, ids, counts, qp, kp, qs, ks = ctx.saved_tensors
         plan = ctx.plan
         dq, dk, dv = block_sparse_bwd(dout, q, k, v, out, lse, dlse, ids, counts, plan["t_ids"], plan["t_counts"],
-                                      qp, kp, *ctx.meta, plan["clean"], plan["t_masked"])
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                      qp, kp, qs, ks, *ctx.meta, plan["clean"], plan["t_masked"])
+        return (dq, dk, dv) + (None,) * 11
 
 
 def route_plan(route, backward: bool) -> dict:
     """What the kernels derive from a route (mask splits; for backward the transposed route),
     computed once per route and cached on it: routes are shared by layers and steps."""
     cache = route._cache
-    has_pos = not route.has_default_positions
+    all_masked = not route.has_default_positions or route.has_segments
     if "clean" not in cache:
         cache["clean"] = clean_block_counts(route.kv_block_ids, route.kv_block_counts, route.q_len, route.kv_len,
-                                            route.q_block_size, route.kv_block_size, route.causal, has_pos)
+                                            route.q_block_size, route.kv_block_size, route.causal, all_masked)
     plan = {"clean": cache["clean"], "t_ids": None, "t_counts": None, "t_masked": None}
     if backward:
         t_ids, t_counts = route.transposed()
         if "t_masked" not in cache:
             cache["t_masked"] = masked_query_counts(t_ids, t_counts, route.q_len, route.kv_len, route.q_block_size,
-                                                    route.kv_block_size, route.causal, has_pos)
+                                                    route.kv_block_size, route.causal, all_masked)
         plan.update(t_ids=t_ids, t_counts=t_counts, t_masked=cache["t_masked"])
     return plan
 
@@ -448,7 +459,8 @@ def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, route, scale:
     the route; under ``torch.compile`` the registered custom op is used (one opaque node, no graph
     break), and it derives that data itself, since the transposed route has a data-dependent size."""
     args = (q, k, v, route.kv_block_ids, route.kv_block_counts)
-    meta = (route.q_positions, route.kv_positions, route.q_block_size, route.kv_block_size, route.causal, scale)
+    meta = (route.q_positions, route.kv_positions, route.q_segments, route.kv_segments, route.q_block_size,
+            route.kv_block_size, route.causal, scale)
     if torch.compiler.is_compiling():
         return block_sparse_attn_fwd(*args, None, None, *meta)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
