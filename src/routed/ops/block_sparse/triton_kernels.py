@@ -50,6 +50,36 @@ def _load_rows(base, offs_rows, stride_rows, offs_cols, n_rows, N_COLS: tl.const
 
 
 @triton.jit
+def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih,
+                stride_iq, stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div,
+                q_len, pos_offset, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr):
+    """What a program over (query tile, batch x query head) starts from: its indices, its Q tile,
+    the tile's positions and segments, and its route row (ids, count, clean count)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads_q).to(tl.int64)
+    hq = (pid_bh % n_heads_q).to(tl.int64)
+    hr = hq // route_head_div
+    q_start = pid_m * BLOCK_M
+    qblk = q_start // Q_BLOCK
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len
+    q = _load_rows(Q + b * stride_qb + hq * stride_qh, offs_m, stride_qn, tl.arange(0, BLOCK_D), q_len, HEAD_DIM,
+                   True, BLOCK_D == HEAD_DIM)
+    if HAS_POS:
+        q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_ok, other=0)
+    else:
+        q_pos = offs_m + pos_offset
+    q_seg = tl.load(QSeg + b * stride_qsb + offs_m, mask=row_ok, other=-2) if HAS_SEG else offs_m
+    ids_base = Ids + b * stride_ib + hr * stride_ih + qblk * stride_iq
+    count_off = b * stride_cb + hr * stride_ch + qblk
+    count = tl.load(Counts + count_off)
+    n_clean = tl.load(CleanCounts + count_off)
+    return b, hq, hq // group_size, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik, stride_kn,
                stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
                KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -116,39 +146,19 @@ def _block_sparse_fwd_kernel(
     """All tensors have a contiguous last axis; ``Counts``/``CleanCounts`` share strides. Of each
     route row, the first ``CleanCounts`` blocks need no mask (ids are sorted, so they lead).
     ``KDesc``/``VDesc`` are ``[B, Hkv, N, D]`` tensor descriptors when ``USE_TMA``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads_q).to(tl.int64)
-    hq = (pid_bh % n_heads_q).to(tl.int64)
-    hkv = hq // group_size
-    hr = hq // route_head_div
-    q_start = pid_m * BLOCK_M
-    qblk = q_start // Q_BLOCK
-
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean = _query_tile(
+        Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih, stride_iq,
+        stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div, q_len, pos_offset,
+        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < q_len
-    q = _load_rows(Q + b * stride_qb + hq * stride_qh, offs_m, stride_qn, offs_d, q_len, HEAD_DIM, True,
-                   BLOCK_D == HEAD_DIM)
-    if HAS_POS:
-        q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_ok, other=0)
-    else:
-        q_pos = offs_m + pos_offset
-
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
-    ids_base = Ids + b * stride_ib + hr * stride_ih + qblk * stride_iq
-    count_off = b * stride_cb + hr * stride_ch + qblk
-    count = tl.load(Counts + count_off)
-    n_clean = tl.load(CleanCounts + count_off)
+    kpos_base = KPos + b * stride_kpb
+    kseg_base = KSeg + b * stride_ksb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    kpos_base = KPos + b * stride_kpb
-    kseg_base = KSeg + b * stride_ksb
-    q_seg = tl.load(QSeg + b * stride_qsb + offs_m, mask=row_ok, other=-2) if HAS_SEG else offs_m
     b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
                                stride_ik, stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32,
@@ -241,42 +251,23 @@ def _block_sparse_bwd_dq_kernel(
     USE_TMA: tl.constexpr,
 ):
     """``Lse`` and ``Delta`` are contiguous ``[B, Hq, q_len]`` float32."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads_q).to(tl.int64)
-    hq = (pid_bh % n_heads_q).to(tl.int64)
-    hkv = hq // group_size
-    hr = hq // route_head_div
-    q_start = pid_m * BLOCK_M
-    qblk = q_start // Q_BLOCK
-
-    offs_m = q_start + tl.arange(0, BLOCK_M)
+    b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean = _query_tile(
+        Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih, stride_iq,
+        stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div, q_len, pos_offset,
+        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < q_len
-    q = _load_rows(Q + b * stride_qb + hq * stride_qh, offs_m, stride_qn, offs_d, q_len, HEAD_DIM, True,
-                   BLOCK_D == HEAD_DIM)
     do = _load_rows(DO + b * stride_dob + hq * stride_doh, offs_m, stride_don, offs_dv, q_len, HEAD_DIM_V, True,
                     BLOCK_DV == HEAD_DIM_V)
-    row_base = pid_bh.to(tl.int64) * q_len
+    row_base = (b * n_heads_q + hq) * q_len
     lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
     # Rows that saw nothing (lse = -inf) must get P = 0: shift them by +inf instead.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
-    if HAS_POS:
-        q_pos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_ok, other=0)
-    else:
-        q_pos = offs_m + pos_offset
-
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
-    ids_base = Ids + b * stride_ib + hr * stride_ih + qblk * stride_iq
-    count_off = b * stride_cb + hr * stride_ch + qblk
-    count = tl.load(Counts + count_off)
-    n_clean = tl.load(CleanCounts + count_off)
     kpos_base = KPos + b * stride_kpb
     kseg_base = KSeg + b * stride_ksb
-    q_seg = tl.load(QSeg + b * stride_qsb + offs_m, mask=row_ok, other=-2) if HAS_SEG else offs_m
 
     b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
