@@ -1,5 +1,6 @@
-"""Host side of the Triton block-sparse kernels: launch configs, the transposed route, the
-``torch.library`` custom ops (so ``torch.compile`` traces them without graph breaks) and autograd.
+"""Host side of the Triton block-sparse kernels: launch configs and autotuning, the route's derived
+data (mask splits), the ``torch.library`` custom ops (so ``torch.compile`` traces them without
+graph breaks) and autograd.
 
 Chain: ``_block_sparse_*_kernel`` (triton_kernels.py) -> ``block_sparse_fwd`` / ``block_sparse_bwd``
 (host launchers) -> ``routed::block_sparse_attn_fwd`` custom op with registered autograd ->
@@ -88,9 +89,11 @@ def _autotuned(name: str, key: tuple, candidates: list[dict], launch, device: to
     return _TUNED[full_key]
 
 
-def _tune_key(q: Tensor, v: Tensor, q_block: int, kv_block: int, causal: bool, has_pos: bool, extra=()) -> tuple:
-    return (q.shape[-1], v.shape[-1], str(q.dtype), q_block, kv_block, causal, has_pos,
-            q.shape[1] // max(1, extra[0]) if extra else 1, max(1, q.shape[2]).bit_length())
+def _tune_key(q: Tensor, v: Tensor, q_block: int, kv_block: int, causal: bool, all_masked: bool,
+              group: int) -> tuple:
+    """Autotuning key: everything that changes the kernel's shape of work, with the length bucketed."""
+    return (q.shape[-1], v.shape[-1], str(q.dtype), q_block, kv_block, causal, all_masked, group,
+            max(1, q.shape[2]).bit_length())
 
 
 def tuned_configs() -> dict[str, dict]:
@@ -278,7 +281,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale * LOG2E,
             Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims, **cfg)
 
-    key = _tune_key(q, v, q_block_size, kv_block_size, causal, maps.has_pos or maps.has_seg, (Hkv,))
+    key = _tune_key(q, v, q_block_size, kv_block_size, causal, maps.has_pos or maps.has_seg, Hq // Hkv)
     candidates, mode = _with_tma("the forward", q, (k, v), _fit(FWD_CANDIDATES, q_block_size, kv_block_size,
                                                                  USE_TMA=False),
                                  FWD_TMA_CANDIDATES, q_block_size, kv_block_size)
@@ -344,7 +347,7 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             *dv.stride()[:3], *t_ids.stride(), *t_counts.stride()[:2], *maps.strides,
             Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
 
-    key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, (Hkv,))
+    key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
     dq_cands, mode = _with_tma("the dq pass", q, (k, v), _fit(DQ_CANDIDATES, q_block_size, kv_block_size,
                                                               USE_TMA=False), DQ_CANDIDATES, q_block_size, kv_block_size)
     launch_dq(_autotuned("bwd_dq", key + (mode,), dq_cands, launch_dq, q.device))
