@@ -137,6 +137,21 @@ def test_empty_and_partially_empty_routes():
     check_against_f64(q, k, v, _mask_route(1, 2, 64, 64, 16, 16, True, 0.3, seed=5))
 
 
+@pytest.mark.parametrize("nq", [1, 40])
+def test_route_of_width_zero(nq):
+    """A route whose id axis has width 0 (nothing routed anywhere), main and decode paths."""
+    q, k, v = _inputs(1, 2, 1, nq, 40, 16, torch.float32, seed=nq)
+    nqb = -(-nq // 16)
+    route = BlockRoute(torch.zeros(1, 1, nqb, 0, dtype=torch.int32), torch.zeros(1, 1, nqb, dtype=torch.int32),
+                       nq, 40, 16, 16, causal=True).to(DEVICE)
+    with poisoned_outputs():
+        out, lse = routed_attention(q, k, v, route, backend="triton", return_lse=True)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+    for gr in grads:
+        assert torch.equal(gr, torch.zeros_like(gr))
+
+
 def test_float16():
     q, k, v = _inputs(1, 4, 2, 100, 100, 32, torch.float16, seed=11)
     check_against_f64(q, k, v, _mask_route(1, 2, 100, 100, 16, 16, True, 0.5, seed=11))
