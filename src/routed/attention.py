@@ -91,6 +91,7 @@ register_backend(Backend("reference", priority=0, why_not=_reference_why_not, ru
 def _register_triton() -> None:
     try:
         from .ops.block_sparse.triton_ops import block_sparse_attention_triton, why_not_triton
+        from .ops.token_group.via_block_sparse import token_group_attention_block_sparse
     except ImportError as e:  # triton is an optional dependency
         reason = f"triton is not importable ({e}); install it with `pip install routed[triton]`"
         register_backend(Backend("triton", priority=20, why_not=lambda q, k, v, r: reason, run=None))
@@ -101,8 +102,14 @@ def _register_triton() -> None:
             return "on the CPU the Triton kernels run in the interpreter, which is for testing; name it to use it"
         return None
 
-    register_backend(Backend("triton", priority=20, why_not=why_not_triton, run=block_sparse_attention_triton,
-                             description="fused Triton kernels for BlockRoute (CUDA; CPU under TRITON_INTERPRET=1)",
+    def run(q, k, v, route, scale):
+        if isinstance(route, BlockRoute):
+            return block_sparse_attention_triton(q, k, v, route, scale)
+        return token_group_attention_block_sparse(q, k, v, route, scale, block_sparse_attention_triton)
+
+    register_backend(Backend("triton", priority=20, why_not=why_not_triton, run=run,
+                             description="fused Triton block-sparse kernels; a TokenRoute is gathered into a "
+                                         "block-diagonal route (CUDA; CPU under TRITON_INTERPRET=1)",
                              auto_why_not=interpreted))
 
 

@@ -477,10 +477,6 @@ def why_not_triton(q: Tensor, k: Tensor, v: Tensor, route) -> Optional[str]:
     """None if the Triton kernels can run this call, else the reason."""
     from ...route import BlockRoute
 
-    if not isinstance(route, BlockRoute):
-        return f"the Triton kernels take a BlockRoute, not a {type(route).__name__}"
-    import os
-
     if q.device.type != "cuda" and not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return (f"tensors are on {q.device.type}; Triton kernels need a CUDA GPU "
                 "(or TRITON_INTERPRET=1, set before importing routed, to run them on the CPU for testing)")
@@ -488,7 +484,8 @@ def why_not_triton(q: Tensor, k: Tensor, v: Tensor, route) -> Optional[str]:
         return f"dtype {q.dtype} is not supported (use bfloat16, float16 or float32)"
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dim {max(q.shape[-1], v.shape[-1])} exceeds {MAX_HEAD_DIM}"
-    for name, bs in (("q_block_size", route.q_block_size), ("kv_block_size", route.kv_block_size)):
-        if bs % 16:
-            return f"{name}={bs} is not a multiple of 16 (the smallest tensor-core tile)"
+    if isinstance(route, BlockRoute):
+        for name, bs in (("q_block_size", route.q_block_size), ("kv_block_size", route.kv_block_size)):
+            if bs % 16:
+                return f"{name}={bs} is not a multiple of 16 (the smallest tensor-core tile)"
     return None
