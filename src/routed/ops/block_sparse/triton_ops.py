@@ -38,10 +38,13 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def _dims(q: Tensor, v: Tensor) -> dict:
-    d, dv = q.shape[-1], v.shape[-1]
-    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                HEAD_DIM_V=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return dict(_dims_cached(q.shape[-1], v.shape[-1], q.dtype == torch.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _dims_cached(d: int, dv: int, fp32: bool) -> tuple:
+    return (("HEAD_DIM", d), ("BLOCK_D", max(16, triton.next_power_of_2(d))), ("HEAD_DIM_V", dv),
+            ("BLOCK_DV", max(16, triton.next_power_of_2(dv))), ("DOT_PRECISION", "ieee" if fp32 else "tf32"))
 
 
 # Launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default, used where
@@ -56,15 +59,21 @@ DKDV_CANDIDATES = [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8,
 _TUNED: dict = {}
 
 
-def _fit(candidates, q_block: int, kv_block: int, **extra) -> list[dict]:
-    """Candidates with tiles clamped to the largest powers of two dividing the block sizes."""
+def _fit(candidates, q_block: int, kv_block: int, use_tma: bool) -> list[dict]:
+    """Candidates with tiles clamped to the largest powers of two dividing the block sizes
+    (computed once per argument set: this runs on every call's host path)."""
+    return list(_fit_cached(tuple(candidates), q_block, kv_block, use_tma))
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_cached(candidates: tuple, q_block: int, kv_block: int, use_tma: bool) -> tuple:
     out: list[dict] = []
     for m, n, w, st in candidates:
         cfg = dict(BLOCK_M=min(m, _pow2_divisor(q_block, 128)), BLOCK_N=min(n, _pow2_divisor(kv_block, 128)),
-                   num_warps=w, num_stages=st, **extra)
+                   num_warps=w, num_stages=st, USE_TMA=use_tma)
         if cfg not in out:
             out.append(cfg)
-    return out
+    return tuple(out)
 
 
 def _autotuned(name: str, key: tuple, candidates: list[dict], launch, device: torch.device) -> dict:
@@ -237,7 +246,7 @@ def _with_tma(name: str, q: Tensor, tensors: tuple, plain: list[dict], tma_candi
     mode = os.environ.get("ROUTED_TMA", "1")
     reason = _tma_why_not(q, *tensors)
     if reason is None:
-        tma = _fit(tma_candidates, q_block, kv_block, USE_TMA=True)
+        tma = _fit(tma_candidates, q_block, kv_block, True)
         return (tma if mode == "only" else plain + tma), mode
     if mode == "only":
         raise RuntimeError(f"ROUTED_TMA=only but {name} cannot use tensor descriptors: {reason}")
@@ -283,7 +292,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, maps.has_pos or maps.has_seg, Hq // Hkv)
     candidates, mode = _with_tma("the forward", q, (k, v), _fit(FWD_CANDIDATES, q_block_size, kv_block_size,
-                                                                 USE_TMA=False),
+                                                                 False),
                                  FWD_TMA_CANDIDATES, q_block_size, kv_block_size)
     launch(_autotuned("fwd", key + (mode,), candidates, launch, q.device))
     return out, lse
@@ -349,10 +358,10 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
     dq_cands, mode = _with_tma("the dq pass", q, (k, v), _fit(DQ_CANDIDATES, q_block_size, kv_block_size,
-                                                              USE_TMA=False), DQ_CANDIDATES, q_block_size, kv_block_size)
+                                                              False), DQ_CANDIDATES, q_block_size, kv_block_size)
     launch_dq(_autotuned("bwd_dq", key + (mode,), dq_cands, launch_dq, q.device))
     dkdv_cands, mode = _with_tma("the dk/dv pass", q, (q, do), _fit(DKDV_CANDIDATES, q_block_size, kv_block_size,
-                                                                    USE_TMA=False),
+                                                                    False),
                                  DKDV_CANDIDATES, q_block_size, kv_block_size)
     launch_dkdv(_autotuned("bwd_dkdv", key + (mode,), dkdv_cands, launch_dkdv, q.device))
     return dq, dk, dv
