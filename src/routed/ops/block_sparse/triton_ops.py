@@ -240,17 +240,18 @@ def _row_descriptors(a: Tensor, b: Tensor, block_rows: int):
 
 
 def _with_tma(name: str, q: Tensor, tensors: tuple, plain: list[dict], tma_candidates, q_block: int,
-              kv_block: int) -> tuple[list[dict], str]:
+              kv_block: int) -> tuple[list[dict], tuple]:
     """Candidates for one kernel: the plain ones plus (or, with ROUTED_TMA=only, just) the TMA ones,
-    and the tuning-key suffix that keeps the modes apart."""
+    and the tuning-key suffix. The suffix holds whether descriptors can be used for these tensors,
+    so a config tuned with TMA is never reused for a call whose tensors cannot take it."""
     mode = os.environ.get("ROUTED_TMA", "1")
     reason = _tma_why_not(q, *tensors)
     if reason is None:
         tma = _fit(tma_candidates, q_block, kv_block, True)
-        return (tma if mode == "only" else plain + tma), mode
+        return (tma if mode == "only" else plain + tma), (mode, True)
     if mode == "only":
         raise RuntimeError(f"ROUTED_TMA=only but {name} cannot use tensor descriptors: {reason}")
-    return plain, mode
+    return plain, (mode, False)
 
 
 def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
@@ -294,7 +295,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     candidates, mode = _with_tma("the forward", q, (k, v), _fit(FWD_CANDIDATES, q_block_size, kv_block_size,
                                                                  False),
                                  FWD_TMA_CANDIDATES, q_block_size, kv_block_size)
-    launch(_autotuned("fwd", key + (mode,), candidates, launch, q.device))
+    launch(_autotuned("fwd", key + mode, candidates, launch, q.device))
     return out, lse
 
 
@@ -359,11 +360,11 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
     dq_cands, mode = _with_tma("the dq pass", q, (k, v), _fit(DQ_CANDIDATES, q_block_size, kv_block_size,
                                                               False), DQ_CANDIDATES, q_block_size, kv_block_size)
-    launch_dq(_autotuned("bwd_dq", key + (mode,), dq_cands, launch_dq, q.device))
+    launch_dq(_autotuned("bwd_dq", key + mode, dq_cands, launch_dq, q.device))
     dkdv_cands, mode = _with_tma("the dk/dv pass", q, (q, do), _fit(DKDV_CANDIDATES, q_block_size, kv_block_size,
                                                                     False),
                                  DKDV_CANDIDATES, q_block_size, kv_block_size)
-    launch_dkdv(_autotuned("bwd_dkdv", key + (mode,), dkdv_cands, launch_dkdv, q.device))
+    launch_dkdv(_autotuned("bwd_dkdv", key + mode, dkdv_cands, launch_dkdv, q.device))
     return dq, dk, dv
 
 
