@@ -50,13 +50,15 @@ def backends() -> list[Backend]:
 def explain_backends(q: Tensor, k: Tensor, v: Tensor, route) -> list[tuple[str, Optional[str]]]:
     """For every backend, most preferred first, ``(name, None)`` if automatic choice could take it
     for this call, else ``(name, reason)``."""
-    out = []
-    for b in backends():
-        reason = b.why_not(q, k, v, route)
-        if reason is None and b.auto_why_not is not None:
-            reason = b.auto_why_not(q, k, v, route)
-        out.append((b.name, reason))
-    return out
+    return [(b.name, _auto_reason(b, q, k, v, route)) for b in backends()]
+
+
+def _auto_reason(b: Backend, q: Tensor, k: Tensor, v: Tensor, route) -> Optional[str]:
+    """Why automatic choice passes ``b`` over for this call, or None if it may take it."""
+    reason = b.why_not(q, k, v, route)
+    if reason is None and b.auto_why_not is not None:
+        reason = b.auto_why_not(q, k, v, route)
+    return reason
 
 
 def select_backend(q: Tensor, k: Tensor, v: Tensor, route, backend: Optional[str]) -> Backend:
@@ -70,9 +72,7 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, route, backend: Optional[str
             raise BackendUnavailable(f"backend {backend!r} cannot run this call: {reason}")
         return chosen
     for b in backends():
-        reason = b.why_not(q, k, v, route)
-        if reason is None and b.auto_why_not is not None:
-            reason = b.auto_why_not(q, k, v, route)
+        reason = _auto_reason(b, q, k, v, route)
         if reason is None:
             logger.debug("routed: chose backend %r", b.name)
             return b

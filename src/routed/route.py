@@ -98,7 +98,8 @@ class BlockRoute:
     q_segments: Optional[Tensor] = None
     kv_segments: Optional[Tensor] = None
     validate: bool = field(default=True, repr=False)
-    # Derived data computed once per route (the transposed route for backward passes).
+    # Derived data computed once per route: the transposed route, and the kernels' mask splits
+    # (filled by routed.ops.block_sparse.triton_ops.route_plan).
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

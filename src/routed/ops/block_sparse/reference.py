@@ -24,6 +24,23 @@ def _route_head_layout(heads_r: int, hq: int, hkv: int) -> tuple[int, int]:
     return 1, 1  # heads_r == 1, shared by all heads
 
 
+def masked_softmax_attend(s: Tensor, visible: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``softmax(s masked to visible) @ v`` over the last axis, and the log-sum-exp (with a
+    trailing axis of 1). Rows that see nothing give zeros and ``lse = -inf``, with finite
+    gradients. Shared by the reference ops."""
+    s = s.masked_fill(~visible, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)  # noqa: E741
+    # Queries that see nothing have l == 0: divide by 1 instead (their p is 0, so o is 0 and the
+    # gradient stays finite) and report lse = -inf.
+    l_safe = torch.where(l > 0, l, torch.ones_like(l))
+    o = (p @ v) / l_safe
+    lse = torch.where(l > 0, m + torch.log(l_safe), torch.full_like(l, float("-inf")))
+    return o, lse
+
+
 def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: BlockRoute,
                                      scale: float) -> tuple[Tensor, Tensor]:
     """Exact attention of each query over the key blocks its query block routes to.
@@ -67,30 +84,21 @@ def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: Blo
     key_in_range = (torch.arange(nkb * bk, device=q.device) < Nk).view(nkb, bk)
     visible = key_in_range[safe_ids] & live.unsqueeze(-1)  # [B, Hkv, g_r, nqb, K, bk]
     visible = visible.reshape(B, Hkv, g_r, nqb, 1, K * bk)
+    def per_key(values: Tensor) -> Tensor:
+        """``[batch_p, Nk]`` per-token data of the keys -> ``[B, Hkv, g_r, nqb, 1, K*bk]`` gathered."""
+        blocks = F.pad(values.long().reshape(-1, Nk), (0, nkb * bk - Nk)).view(-1, nkb, bk)
+        b_idx = bi if blocks.shape[0] > 1 else torch.zeros_like(bi)
+        return blocks[b_idx, safe_ids].reshape(B, Hkv, g_r, nqb, 1, K * bk)
+
+    def per_query(values: Tensor) -> Tensor:
+        """``[batch_p, Nq]`` per-token data of the queries -> ``[batch_p, 1, 1, nqb, bq, 1]``."""
+        return F.pad(values.long().reshape(-1, Nq), (0, nqb * bq - Nq)).view(-1, 1, 1, nqb, bq, 1)
+
     if route.causal:
-        kv_pos = F.pad(route.resolved_kv_positions(), (0, nkb * bk - Nk)).view(-1, nkb, bk)
-        pos_bi = bi if kv_pos.shape[0] > 1 else torch.zeros_like(bi)
-        kv_pos = kv_pos[pos_bi, safe_ids].reshape(B, Hkv, g_r, nqb, 1, K * bk)
-        q_pos = F.pad(route.resolved_q_positions(), (0, nqb * bq - Nq)).view(-1, 1, 1, nqb, bq, 1)
-        visible = visible & (kv_pos <= q_pos)
+        visible = visible & (per_key(route.resolved_kv_positions()) <= per_query(route.resolved_q_positions()))
     if route.has_segments:  # packed sequences / padding: only keys of the query's own segment
-        kv_seg = F.pad(route.kv_segments.long().reshape(-1, Nk), (0, nkb * bk - Nk)).view(-1, nkb, bk)
-        seg_bi = bi if kv_seg.shape[0] > 1 else torch.zeros_like(bi)
-        kv_seg = kv_seg[seg_bi, safe_ids].reshape(B, Hkv, g_r, nqb, 1, K * bk)
-        q_seg = F.pad(route.q_segments.long().reshape(-1, Nq), (0, nqb * bq - Nq)).view(-1, 1, 1, nqb, bq, 1)
-        visible = visible & (kv_seg == q_seg)
-    s = s.masked_fill(~visible, float("-inf"))
-
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)  # noqa: E741
-    # Queries that see nothing have l == 0: divide by 1 instead (their p is 0, so o is 0 and the
-    # gradient stays finite) and report lse = -inf.
-    l_safe = torch.where(l > 0, l, torch.ones_like(l))
-    o = (p @ vg) / l_safe
-    lse = torch.where(l > 0, m + torch.log(l_safe), torch.full_like(l, float("-inf")))
-
+        visible = visible & (per_key(route.kv_segments) == per_query(route.q_segments))
+    o, lse = masked_softmax_attend(s, visible, vg)
     out = o.reshape(B, Hq, nqb * bq, Dv)[:, :, :Nq].to(q.dtype)
     lse = lse.reshape(B, Hq, nqb * bq)[:, :, :Nq]
     return out, lse

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ...route import TokenRoute
-from ..block_sparse.reference import _route_head_layout
+from ..block_sparse.reference import _route_head_layout, masked_softmax_attend
 
 
 def token_group_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: TokenRoute,
@@ -50,14 +50,8 @@ def token_group_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: Toke
     visible = live.unsqueeze(-2) & live.unsqueeze(-1)
     if route.causal:
         visible = visible & (ids.unsqueeze(-2) <= ids.unsqueeze(-1))
-    s = s.masked_fill(~visible, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)  # noqa: E741
-    l_safe = torch.where(l > 0, l, torch.ones_like(l))  # queries that see nothing: o = 0, finite grads
-    o = (p @ vg) / l_safe  # [B, Hkv, G, ng, gs, Dv]
-    lse = torch.where(l > 0, m + torch.log(l_safe), torch.full_like(l, float("-inf"))).squeeze(-1)
+    o, lse = masked_softmax_attend(s, visible, vg)  # o: [B, Hkv, G, ng, gs, Dv]
+    lse = lse.squeeze(-1)
 
     w = live.to(acc)
     if route.weights is not None:
