@@ -31,14 +31,15 @@ def masked_softmax_attend(s: Tensor, visible: Tensor, v: Tensor) -> tuple[Tensor
     s = s.masked_fill(~visible, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)  # noqa: E741
-    # Queries that see nothing have l == 0: divide by 1 instead (their p is 0, so o is 0 and the
-    # gradient stays finite) and report lse = -inf.
-    l_safe = torch.where(l > 0, l, torch.ones_like(l))
-    o = (p @ v) / l_safe
-    lse = torch.where(l > 0, m + torch.log(l_safe), torch.full_like(l, float("-inf")))
-    return o, lse
+    l = torch.exp(s - m).sum(dim=-1, keepdim=True)  # noqa: E741
+    # Normalise through lse rather than dividing by l: the gradient then takes the usual softmax
+    # form p * (g - sum(p * g)), which cancels exactly where it must (a single visible key).
+    # Queries that see nothing (l == 0) use lse 0 for the arithmetic: their p is 0, so o is 0 and
+    # the gradient stays finite; they report lse = -inf.
+    seen = l > 0
+    lse = m + torch.log(torch.where(seen, l, torch.ones_like(l)))
+    p = torch.exp(s - torch.where(seen, lse, torch.zeros_like(lse)))
+    return p @ v, torch.where(seen, lse, torch.full_like(lse, float("-inf")))
 
 
 def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: BlockRoute,
