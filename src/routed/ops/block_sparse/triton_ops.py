@@ -239,12 +239,13 @@ def _row_descriptors(a: Tensor, b: Tensor, block_rows: int):
             TensorDescriptor(b, list(b.shape), list(b.stride()), [1, 1, block_rows, b.shape[-1]]))
 
 
-def _with_tma(name: str, q: Tensor, tensors: tuple, plain: list[dict], tma_candidates, q_block: int,
+def _with_tma(name: str, q: Tensor, tensors: tuple, plain_candidates, tma_candidates, q_block: int,
               kv_block: int) -> tuple[list[dict], tuple]:
     """Candidates for one kernel: the plain ones plus (or, with ROUTED_TMA=only, just) the TMA ones,
     and the tuning-key suffix. The suffix holds whether descriptors can be used for these tensors,
     so a config tuned with TMA is never reused for a call whose tensors cannot take it."""
     mode = os.environ.get("ROUTED_TMA", "1")
+    plain = _fit(plain_candidates, q_block, kv_block, False)
     reason = _tma_why_not(q, *tensors)
     if reason is None:
         tma = _fit(tma_candidates, q_block, kv_block, True)
@@ -292,9 +293,8 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
             Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims, **cfg)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, maps.has_pos or maps.has_seg, Hq // Hkv)
-    candidates, mode = _with_tma("the forward", q, (k, v), _fit(FWD_CANDIDATES, q_block_size, kv_block_size,
-                                                                 False),
-                                 FWD_TMA_CANDIDATES, q_block_size, kv_block_size)
+    candidates, mode = _with_tma("the forward", q, (k, v), FWD_CANDIDATES, FWD_TMA_CANDIDATES, q_block_size,
+                                 kv_block_size)
     launch(_autotuned("fwd", key + mode, candidates, launch, q.device))
     return out, lse
 
@@ -358,12 +358,10 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
-    dq_cands, mode = _with_tma("the dq pass", q, (k, v), _fit(DQ_CANDIDATES, q_block_size, kv_block_size,
-                                                              False), DQ_CANDIDATES, q_block_size, kv_block_size)
+    dq_cands, mode = _with_tma("the dq pass", q, (k, v), DQ_CANDIDATES, DQ_CANDIDATES, q_block_size, kv_block_size)
     launch_dq(_autotuned("bwd_dq", key + mode, dq_cands, launch_dq, q.device))
-    dkdv_cands, mode = _with_tma("the dk/dv pass", q, (q, do), _fit(DKDV_CANDIDATES, q_block_size, kv_block_size,
-                                                                    False),
-                                 DKDV_CANDIDATES, q_block_size, kv_block_size)
+    dkdv_cands, mode = _with_tma("the dk/dv pass", q, (q, do), DKDV_CANDIDATES, DKDV_CANDIDATES, q_block_size,
+                                 kv_block_size)
     launch_dkdv(_autotuned("bwd_dkdv", key + mode, dkdv_cands, launch_dkdv, q.device))
     return dq, dk, dv
 
