@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BlockRoute", "TokenRoute", "RouteError"]
+__all__ = ["BlockRoute", "TokenRoute", "ExpertRoute", "RouteError"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -467,5 +467,168 @@ class TokenRoute:
         return (f"TokenRoute(batch={self.token_ids.shape[0]}, heads={self.token_ids.shape[1]}, "
                 f"groups={self.num_groups}x{self.group_size}, seq_len={self.seq_len}, causal={self.causal}, "
                 f"weighted={self.weights is not None}, density {self.density():.3f})")
+
+    __str__ = describe
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertRoute:
+    """Expert route: which experts each token goes to, with what weight, and the sorted order that
+    dispatch walks.
+
+    Attributes:
+        expert_ids: ``[tokens, k]`` int32. Slot ``(t, j)`` sends token ``t`` to expert
+            ``expert_ids[t, j]``; ``-1`` marks an empty slot (dropped by a capacity, or unused by an
+            expert-choice route, where tokens get different numbers of experts).
+        weights: ``[tokens, k]`` float combine weights (``0`` in empty slots). May carry autograd
+            history back to the router.
+        num_experts: number of experts ``E``.
+        order: ``[A]`` int64, the flat slot indices ``t * k + j`` of the ``A`` live slots, sorted by
+            expert (stable: within an expert, by token). Dispatch gathers ``x[order // k]``.
+        counts: ``[E]`` int32, live slots per expert (``counts.sum() == A``).
+        offsets: ``[E + 1]`` int32, ``0`` then the cumulative counts: expert ``e`` owns rows
+            ``offsets[e]:offsets[e + 1]`` of the sorted order (``offsets[1:]`` is what
+            ``torch._grouped_mm`` takes).
+        capacity: the per-expert capacity the route was built with, or None (no token dropped).
+
+    Build one with :meth:`from_expert_ids`, which derives ``order``, ``counts`` and ``offsets``.
+    """
+
+    expert_ids: Tensor
+    weights: Tensor
+    num_experts: int
+    order: Tensor
+    counts: Tensor
+    offsets: Tensor
+    capacity: Optional[int] = None
+    validate: bool = field(default=True, repr=False)
+
+    def __post_init__(self) -> None:
+        ids, w = self.expert_ids, self.weights
+        _check(isinstance(ids, Tensor) and isinstance(w, Tensor), "expert_ids and weights must be torch.Tensors.")
+        _check(ids.dim() == 2, f"expert_ids must be 2-D [tokens, k], got shape {list(ids.shape)}; flatten batch and "
+               "sequence first (x.reshape(-1, hidden)).")
+        _check(ids.dtype == torch.int32, f"expert_ids must be int32, got {ids.dtype}; convert with .to(torch.int32).")
+        _check(w.is_floating_point(), f"weights must be floating point, got {w.dtype}.")
+        _check(w.shape == ids.shape, f"weights must have the shape of expert_ids {list(ids.shape)}, got {list(w.shape)}.")
+        _check(isinstance(self.num_experts, int) and not isinstance(self.num_experts, bool) and self.num_experts >= 1,
+               f"num_experts must be an int >= 1, got {self.num_experts!r}.")
+        _check(self.order.dim() == 1 and self.order.dtype == torch.int64,
+               f"order must be 1-D int64, got {self.order.dtype} of shape {list(self.order.shape)}.")
+        _check(self.counts.shape == (self.num_experts,) and self.counts.dtype == torch.int32,
+               f"counts must be int32 of shape [{self.num_experts}], got {self.counts.dtype} {list(self.counts.shape)}.")
+        _check(self.offsets.shape == (self.num_experts + 1,) and self.offsets.dtype == torch.int32,
+               f"offsets must be int32 of shape [{self.num_experts + 1}], got {self.offsets.dtype} "
+               f"{list(self.offsets.shape)}.")
+        for name in ("weights", "order", "counts", "offsets"):
+            t = getattr(self, name)
+            _check(t.device == ids.device, f"{name} is on {t.device} but expert_ids on {ids.device}; move them to one device.")
+        _check(self.capacity is None or (isinstance(self.capacity, int) and self.capacity >= 0),
+               f"capacity must be None or an int >= 0, got {self.capacity!r}.")
+        if self.validate:
+            self._validate_values()
+
+    def _validate_values(self) -> None:
+        ids, E = self.expert_ids, self.num_experts
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= E):
+            bad = ((ids < -1) | (ids >= E)).nonzero()[0]
+            where = tuple(int(i) for i in bad)
+            raise RouteError(f"expert_ids{list(where)} = {int(ids[where])} is out of range: num_experts={E} has "
+                             f"experts 0..{E - 1}; use -1 for an empty slot.")
+        if ids.shape[1] > 1:
+            s = ids.sort(dim=-1).values
+            dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+            if bool(dup.any()):
+                t = int(dup.nonzero()[0, 0])
+                raise RouteError(f"token {t} is sent to expert {int(s[t][dup[t].nonzero()[0, 0] + 1])} twice "
+                                 f"(expert_ids[{t}] = {ids[t].tolist()}); a token may use each expert once.")
+        counts = torch.bincount(ids[ids >= 0].long(), minlength=E)
+        if not torch.equal(counts, self.counts.long()):
+            raise RouteError(f"counts {self.counts.tolist()} do not match expert_ids (which give {counts.tolist()}); "
+                             "build the route with ExpertRoute.from_expert_ids.")
+        if int(self.offsets[0]) != 0 or not torch.equal(self.offsets[1:].long(), counts.cumsum(0)):
+            raise RouteError("offsets must be 0 followed by the cumulative counts; build the route with "
+                             "ExpertRoute.from_expert_ids.")
+        _check(self.order.numel() == int(counts.sum()),
+               f"order has {self.order.numel()} entries but there are {int(counts.sum())} live slots.")
+        if self.order.numel():
+            _check(int(self.order.min()) >= 0 and int(self.order.max()) < ids.numel(),
+                   f"order holds slot indices outside [0, {ids.numel()}).")
+            e_sorted = ids.reshape(-1)[self.order].long()
+            _check(bool((e_sorted >= 0).all()), "order lists an empty slot (expert id -1).")
+            _check(bool((e_sorted[1:] >= e_sorted[:-1]).all()), "order is not sorted by expert.")
+            _check(self.order.unique().numel() == self.order.numel(), "order lists a slot twice.")
+
+    @classmethod
+    def from_expert_ids(cls, expert_ids: Tensor, weights: Tensor, num_experts: int, *,
+                        capacity: Optional[int] = None, all_live: bool = False,
+                        validate: bool = True) -> "ExpertRoute":
+        """Build a route from per-token expert ids ``[tokens, k]`` (``-1`` = empty slot) and weights.
+
+        ``all_live=True`` promises there is no ``-1`` (plain token-choice without capacity), which
+        skips the one device-to-host copy that counting the live slots needs.
+        """
+        _check(isinstance(expert_ids, Tensor) and expert_ids.dim() == 2,
+               "expert_ids must be a 2-D tensor [tokens, k].")
+        ids = expert_ids.to(torch.int32)
+        flat = ids.reshape(-1).long()
+        # Empty slots sort after every expert (key num_experts) and are cut off the end.
+        key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
+        order = torch.sort(key, stable=True).indices
+        counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+        live = flat.numel() if all_live else int(counts.sum())
+        order = order[:live]
+        offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+        offsets[1:] = counts.cumsum(0)
+        return cls(ids, weights, num_experts, order, counts.to(torch.int32), offsets, capacity, validate=validate)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def k(self) -> int:
+        """Slots per token."""
+        return self.expert_ids.shape[1]
+
+    @property
+    def num_assignments(self) -> int:
+        """Live (token, expert) pairs ``A``."""
+        return self.order.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.expert_ids.device
+
+    def sorted_token_ids(self) -> Tensor:
+        """``[A]`` int64: the token of every live slot, in expert-sorted order."""
+        return torch.div(self.order, self.k, rounding_mode="floor")
+
+    def sorted_expert_ids(self) -> Tensor:
+        """``[A]`` int64: the expert of every live slot, in sorted order (non-decreasing)."""
+        return self.expert_ids.reshape(-1)[self.order].long()
+
+    def dropped_fraction(self) -> float:
+        """Fraction of the ``tokens * k`` slots left empty."""
+        n = self.expert_ids.numel()
+        return 1.0 - self.num_assignments / n if n else 0.0
+
+    def with_weights(self, weights: Tensor) -> "ExpertRoute":
+        """The same assignment with other combine weights (same shape)."""
+        return ExpertRoute(self.expert_ids, weights, self.num_experts, self.order, self.counts, self.offsets,
+                           self.capacity, validate=False)
+
+    def to(self, device) -> "ExpertRoute":
+        return ExpertRoute(self.expert_ids.to(device), self.weights.to(device), self.num_experts,
+                           self.order.to(device), self.counts.to(device), self.offsets.to(device), self.capacity,
+                           validate=False)
+
+    def describe(self) -> str:
+        c = self.counts.float()
+        mean = float(c.mean()) if c.numel() else 0.0
+        return (f"ExpertRoute(tokens={self.num_tokens}, k={self.k}, experts={self.num_experts}, "
+                f"capacity={self.capacity}, tokens/expert: mean {mean:.1f} min {int(self.counts.min())} "
+                f"max {int(self.counts.max())}, dropped {self.dropped_fraction():.3f})")
 
     __str__ = describe

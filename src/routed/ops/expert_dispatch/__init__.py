@@ -1,0 +1,131 @@
+"""Expert dispatch: run each token through the expert MLPs its :class:`~routed.route.ExpertRoute`
+names and combine the results with the route's weights.
+
+Backends (all exact up to rounding, all differentiable):
+
+| name | runs on | how |
+|---|---|---|
+| ``grouped_mm`` | Hopper GPUs, bfloat16 | sorted tokens, ``torch._grouped_mm`` per projection |
+| ``batched`` | any device | sorted tokens padded to the largest group, one ``bmm`` per projection |
+| ``loop`` | any device | sorted tokens, one ``F.linear`` per expert |
+| ``reference`` | any device | per-expert loop straight from the expert ids (the tests' ground truth) |
+
+``backend=None`` takes the first of ``grouped_mm``, ``batched`` (GPUs only: on a CPU the loop is
+as fast and needs no padding), ``loop`` that can run, logging why the others were passed over. A
+backend named explicitly that cannot run raises :class:`~routed.backends.BackendUnavailable`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...backends import BackendUnavailable
+from ...route import ExpertRoute, RouteError
+from .grouped import gmm_batched, gmm_grouped_mm, gmm_loop, grouped_mm_why_not, sorted_expert_mlp
+from .reference import expert_mlp_reference, swiglu_expert
+
+__all__ = ["expert_mlp", "explain_dispatch_backends", "DISPATCH_BACKENDS", "expert_mlp_reference", "swiglu_expert"]
+
+logger = logging.getLogger("routed")
+
+DISPATCH_BACKENDS = ("grouped_mm", "batched", "loop", "reference")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RouteError(msg)
+
+
+def check_expert_inputs(x: Tensor, route: ExpertRoute, gate_up_proj: Tensor, down_proj: Tensor) -> None:
+    """Check that ``x``, the route and the expert weights fit together; raise :class:`RouteError` saying how not."""
+    _check(isinstance(route, ExpertRoute), f"route must be an ExpertRoute, got {type(route).__name__}.")
+    _check(isinstance(x, Tensor) and x.dim() == 2,
+           f"x must be 2-D [tokens, hidden], got {list(getattr(x, 'shape', []))}; flatten with x.reshape(-1, hidden).")
+    _check(x.is_floating_point(), f"x must be floating point, got {x.dtype}.")
+    T, H = x.shape
+    _check(route.num_tokens == T, f"the route was built for {route.num_tokens} tokens but x has {T}.")
+    _check(gate_up_proj.dim() == 3 and down_proj.dim() == 3,
+           f"gate_up_proj must be [experts, 2 * intermediate, hidden] and down_proj [experts, hidden, intermediate]; "
+           f"got {list(gate_up_proj.shape)} and {list(down_proj.shape)}.")
+    E, I2, Hw = gate_up_proj.shape
+    _check(E == route.num_experts, f"the route has {route.num_experts} experts but gate_up_proj has {E}.")
+    _check(Hw == H, f"gate_up_proj's last axis ({Hw}) must equal x's hidden size ({H}).")
+    _check(I2 % 2 == 0, f"gate_up_proj's middle axis ({I2}) must be 2 * intermediate (gate rows, then up rows).")
+    _check(tuple(down_proj.shape) == (E, H, I2 // 2),
+           f"down_proj must have shape [{E}, {H}, {I2 // 2}], got {list(down_proj.shape)}.")
+    _check(x.dtype == gate_up_proj.dtype == down_proj.dtype,
+           f"x ({x.dtype}), gate_up_proj ({gate_up_proj.dtype}) and down_proj ({down_proj.dtype}) must share a dtype.")
+    for name, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("the route", route)):
+        _check(t.device == x.device, f"{name} is on {t.device} but x on {x.device}; move them to one device.")
+
+
+def _why_not(name: str, x: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Optional[str]:
+    if name == "grouped_mm":
+        return grouped_mm_why_not(x, gate_up_proj, down_proj)
+    return None
+
+
+def _auto_why_not(name: str, x: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Optional[str]:
+    reason = _why_not(name, x, gate_up_proj, down_proj)
+    if reason is None and name == "batched" and x.device.type != "cuda":
+        reason = "on the CPU the per-expert loop is as fast and needs no padding."
+    if reason is None and name == "reference":
+        reason = "the reference is for tests; the sorted loop computes the same thing faster."
+    return reason
+
+
+def explain_dispatch_backends(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> list[tuple[str, Optional[str]]]:
+    """For every dispatch backend, most preferred first, ``(name, None)`` if automatic choice could take
+    it for these inputs, else ``(name, reason)``."""
+    return [(n, _auto_why_not(n, x, gate_up_proj, down_proj)) for n in DISPATCH_BACKENDS]
+
+
+def select_dispatch_backend(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, backend: Optional[str]) -> str:
+    if backend is not None:
+        if backend not in DISPATCH_BACKENDS:
+            raise BackendUnavailable(f"unknown dispatch backend {backend!r}; choose one of {list(DISPATCH_BACKENDS)} "
+                                     "or None for automatic choice.")
+        reason = _why_not(backend, x, gate_up_proj, down_proj)
+        if reason is not None:
+            raise BackendUnavailable(f"dispatch backend {backend!r} cannot run this call: {reason}")
+        return backend
+    for name, reason in explain_dispatch_backends(x, gate_up_proj, down_proj):
+        if reason is None:
+            logger.debug("routed: chose dispatch backend %r", name)
+            return name
+        logger.debug("routed: dispatch backend %r rejected: %s", name, reason)
+    raise AssertionError("unreachable: the loop backend runs everywhere")
+
+
+_GMM = {"grouped_mm": gmm_grouped_mm, "batched": gmm_batched, "loop": gmm_loop}
+
+
+def expert_mlp(x: Tensor, route: ExpertRoute, gate_up_proj: Tensor, down_proj: Tensor, *,
+               backend: Optional[str] = None, act: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
+    """Mixture-of-experts SwiGLU MLPs along an expert route.
+
+    ``out[t] = sum_j route.weights[t, j] * down_e @ (act(gate_e @ x[t]) * (up_e @ x[t]))`` with
+    ``e = route.expert_ids[t, j]``, over the token's live slots (zeros for a token with none).
+
+    Args:
+        x: ``[T, H]`` tokens (flatten batch and sequence first).
+        route: an :class:`~routed.route.ExpertRoute` over ``T`` tokens.
+        gate_up_proj: ``[E, 2I, H]``, gate rows then up rows (Hugging Face's ``MixtralExperts``
+            layout, so its parameters can be passed as they are).
+        down_proj: ``[E, H, I]``.
+        backend: ``"grouped_mm"``, ``"batched"``, ``"loop"``, ``"reference"`` or None (automatic;
+            see :func:`explain_dispatch_backends`).
+        act: the gate activation (SiLU for SwiGLU).
+    Returns ``[T, H]`` in ``x.dtype``; differentiable in ``x``, the route's weights and both
+    weight tensors.
+    """
+    check_expert_inputs(x, route, gate_up_proj, down_proj)
+    name = select_dispatch_backend(x, gate_up_proj, down_proj, backend)
+    if name == "reference":
+        return expert_mlp_reference(x, route.expert_ids, route.weights, gate_up_proj, down_proj, act)
+    return sorted_expert_mlp(x, route, gate_up_proj, down_proj, _GMM[name], act)
