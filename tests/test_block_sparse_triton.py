@@ -77,6 +77,24 @@ def test_matches_f64(causal, group, n):
     check_against_f64(q, k, v, route)
 
 
+@pytest.mark.parametrize("bq,bk,nq,causal", [(4, 4, 70, False), (4, 4, 70, True), (4, 16, 70, True),
+                                              (16, 4, 70, False), (12, 9, 70, True), (49, 49, 70, False),
+                                              (64, 8, 70, True), (1, 2, 70, False), (4, 4, 3, True)])
+def test_blocks_smaller_than_a_tile(bq, bk, nq, causal):
+    """Blocks below 16 rows or not a multiple of 16 (BiFormer regions of 2x2, 4x4, 7x7 tokens):
+    partial own tiles and key/query rows gathered from several routed blocks into one tile."""
+    q, k, v = _inputs(2, 4, 2, nq, 75, 16, torch.float32, seed=bq * 7 + bk + causal)
+    check_against_f64(q, k, v, _mask_route(2, 2, nq, 75, bq, bk, causal, 0.4, seed=bq + bk))
+
+
+def test_small_blocks_with_segments_and_shared_route():
+    """Region-major images: one route shared by every head, padding tokens in a segment of their own."""
+    q, k, v = _inputs(2, 3, 3, 64, 64, 16, torch.float32, seed=77)
+    seg = (torch.arange(64) % 16 >= 13).to(torch.int32)  # the last 3 tokens of every 16-token region pad
+    route = _mask_route(2, 1, 64, 64, 4, 4, False, 0.5, seed=77)
+    check_against_f64(q, k, v, route.with_segments(seg.to(DEVICE)))
+
+
 @pytest.mark.parametrize("bq,bk", [(16, 16), (64, 32), (32, 64), (48, 80)])
 def test_block_sizes_and_ragged_lengths(bq, bk):
     q, k, v = _inputs(1, 4, 2, 150, 170, 16, torch.float32, seed=bq + bk)
@@ -205,12 +223,10 @@ def test_automatic_choice_explains_itself():
     assert reasons["reference"] is None
     if DEVICE == "cpu":
         assert "interpreter" in reasons["triton"]
-    unsupported = BlockRoute.from_block_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), q_len=32, kv_len=32,
-                                             q_block_size=8).to(DEVICE)
     from routed import BackendUnavailable
 
-    with pytest.raises(BackendUnavailable, match="not a multiple of 16"):
-        routed_attention(q, k, v, unsupported, backend="triton")
+    with pytest.raises(BackendUnavailable, match="float64 is not supported"):
+        routed_attention(q.double(), k.double(), v.double(), route, backend="triton")
 
 
 @pytest.mark.gpu

@@ -9,6 +9,13 @@ Three kernels, FlashAttention-2 style, exp2 online softmax, float32 accumulation
   *transposed* route (the query blocks that route to this key block) for every query head of
   the GQA group, accumulating dK and dV in registers (no atomics).
 
+Blocks need not be tile multiples. A program's own block (the query block in the forward and dq
+passes, the key block in dk/dv) smaller than, or not a multiple of, its tile is covered by tiles
+whose rows past the block are masked (``*_TILE_ALIGNED=False``). The walked side (the routed key
+blocks, or the transposed route's query blocks) is then read as one flat sequence of routed rows:
+a tile gathers rows from several small blocks (``GATHER_*=True``), so regions of 4 or 16 tokens
+(BiFormer's later stages) fill a tensor-core tile instead of padding every block to 16.
+
 Masks cost only where they are needed: a tile pays for the causal/range test only when it
 straddles the diagonal or the end of the sequence (or when explicit positions were given).
 Scores are kept in log2 units: ``s2 = q.k * scale * log2(e)``; ``lse`` is stored in natural log.
@@ -53,7 +60,7 @@ def _load_rows(base, offs_rows, stride_rows, offs_cols, n_rows, N_COLS: tl.const
 def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih,
                 stride_iq, stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div,
                 q_len, pos_offset, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr):
+                BLOCK_D: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr):
     """What a program over (query tile, batch x query head) starts from: its indices, its Q tile,
     the tile's positions and segments, and its route row (ids, count, clean count)."""
     pid_m = tl.program_id(0)
@@ -61,10 +68,17 @@ def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, s
     b = (pid_bh // n_heads_q).to(tl.int64)
     hq = (pid_bh % n_heads_q).to(tl.int64)
     hr = hq // route_head_div
-    q_start = pid_m * BLOCK_M
-    qblk = q_start // Q_BLOCK
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < q_len
+    if Q_TILE_ALIGNED:
+        q_start = pid_m * BLOCK_M
+        qblk = q_start // Q_BLOCK
+        offs_m = q_start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+    else:  # tiles of one block; rows past the block belong to the next one and are masked
+        N_SUB: tl.constexpr = (Q_BLOCK + BLOCK_M - 1) // BLOCK_M
+        qblk = pid_m // N_SUB
+        in_blk = (pid_m % N_SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = qblk * Q_BLOCK + in_blk
+        row_ok = (in_blk < Q_BLOCK) & (offs_m < q_len)
     q = _load_rows(Q + b * stride_qb + hq * stride_qh, offs_m, stride_qn, tl.arange(0, BLOCK_D), q_len, HEAD_DIM,
                    True, BLOCK_D == HEAD_DIM)
     if HAS_POS:
@@ -80,30 +94,60 @@ def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, s
 
 
 @triton.jit
+def _walk_bounds(j_lo, j_hi, BLOCK: tl.constexpr, TILE: tl.constexpr, GATHER: tl.constexpr):
+    """Loop bounds over routed blocks ``j_lo .. j_hi``: tiles of a block (aligned), or tiles of the
+    flat sequence of routed rows (gather)."""
+    if GATHER:
+        return 0, ((j_hi - j_lo) * BLOCK + TILE - 1) // TILE
+    SUBS: tl.constexpr = BLOCK // TILE
+    return j_lo * SUBS, j_hi * SUBS
+
+
+@triton.jit
+def _walked_rows(it, ids_base, stride_i, j_lo, j_hi, BLOCK: tl.constexpr, TILE: tl.constexpr,
+                 GATHER: tl.constexpr):
+    """Rows of walk step ``it``: ``(row0, offs, live)``. Aligned: tile ``it % SUBS`` of routed
+    block ``it // SUBS`` (contiguous rows from ``row0``; ``live`` all true). Gather: rows
+    ``it * TILE ..`` of the concatenated routed blocks, each row read through its block id;
+    ``live`` marks rows inside the walked range."""
+    if GATHER:
+        flat = j_lo * BLOCK + it * TILE + tl.arange(0, TILE)
+        live = flat < j_hi * BLOCK
+        blk = tl.load(ids_base + (flat // BLOCK) * stride_i, mask=live, other=0)
+        return 0, blk.to(tl.int64) * BLOCK + flat % BLOCK, live
+    SUBS: tl.constexpr = BLOCK // TILE
+    blk = tl.load(ids_base + (it // SUBS) * stride_i)
+    row0 = blk * BLOCK + (it % SUBS) * TILE
+    return row0, row0.to(tl.int64) + tl.arange(0, TILE), tl.full([TILE], 1, tl.int1)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik, stride_kn,
                stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
                KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-               HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+               HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+               GATHER_KV: tl.constexpr):
     """Online softmax over routed key blocks ``j_lo .. j_hi`` of one query tile, as one flat loop
     over (block, sub-tile) so Triton can software-pipeline it. ``MASKED=False`` is the hot path:
     blocks wholly visible to every query of the tile, no mask at all. ``USE_TMA`` reads K/V tiles
     through Hopper tensor descriptors (rows past the sequence arrive as zeros)."""
-    SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for it in range(j_lo * SUBS, j_hi * SUBS):
-        kblk = tl.load(ids_base + (it // SUBS) * stride_ik)
-        row0 = kblk * KV_BLOCK + (it % SUBS) * BLOCK_N
-        offs_n = row0.to(tl.int64) + tl.arange(0, BLOCK_N)
+    it_lo, it_hi = _walk_bounds(j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
+    for it in range(it_lo, it_hi):
+        row0, offs_n, live = _walked_rows(it, ids_base, stride_ik, j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
         if USE_TMA:
             k = tl.trans(k_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_D))
             v = v_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_DV)
         else:
-            k = tl.trans(_load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED,
+            k = tl.trans(_load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED or GATHER_KV,
                                     BLOCK_D == HEAD_DIM))
-            v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED, BLOCK_DV == HEAD_DIM_V)
+            v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED or GATHER_KV,
+                           BLOCK_DV == HEAD_DIM_V)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        if GATHER_KV:  # rows past the walked range (every tile holds at least one live row)
+            s = tl.where(live[None, :], s, float("-inf"))
         if MASKED:
             if HAS_POS:
                 k_pos = tl.load(kpos_base + offs_n, mask=offs_n < kv_len, other=0)
@@ -141,7 +185,7 @@ def _block_sparse_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr, GATHER_KV: tl.constexpr,
 ):
     """All tensors have a contiguous last axis; ``Counts``/``CleanCounts`` share strides. Of each
     route row, the first ``CleanCounts`` blocks need no mask (ids are sorted, so they lead).
@@ -149,7 +193,7 @@ def _block_sparse_fwd_kernel(
     b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean = _query_tile(
         Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih, stride_iq,
         stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div, q_len, pos_offset,
-        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG)
+        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
@@ -163,11 +207,11 @@ def _block_sparse_fwd_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
                                stride_ik, stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32,
                                hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS,
-                               HAS_SEG, False, DOT_PRECISION, USE_TMA)
+                               HAS_SEG, False, DOT_PRECISION, USE_TMA, GATHER_KV)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
                                stride_ik, stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32,
                                hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS,
-                               HAS_SEG, True, DOT_PRECISION, USE_TMA)
+                               HAS_SEG, True, DOT_PRECISION, USE_TMA, GATHER_KV)
 
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -201,22 +245,25 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kp
               stride_kn, stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
               KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-              HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+              HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+              GATHER_KV: tl.constexpr):
     """dQ over routed key blocks ``j_lo .. j_hi`` of one query tile (flat, pipelinable loop)."""
-    SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for it in range(j_lo * SUBS, j_hi * SUBS):
-        kblk = tl.load(ids_base + (it // SUBS) * stride_ik)
-        row0 = kblk * KV_BLOCK + (it % SUBS) * BLOCK_N
-        offs_n = row0.to(tl.int64) + tl.arange(0, BLOCK_N)
+    it_lo, it_hi = _walk_bounds(j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
+    for it in range(it_lo, it_hi):
+        row0, offs_n, live = _walked_rows(it, ids_base, stride_ik, j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
         if USE_TMA:
             k = k_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_D)
             v = v_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_DV)
         else:
-            k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED, BLOCK_D == HEAD_DIM)
-            v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED, BLOCK_DV == HEAD_DIM_V)
+            k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, MASKED or GATHER_KV,
+                           BLOCK_D == HEAD_DIM)
+            v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED or GATHER_KV,
+                           BLOCK_DV == HEAD_DIM_V)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if GATHER_KV:
+            s = tl.where(live[None, :], s, float("-inf"))
         if MASKED:
             if HAS_POS:
                 k_pos = tl.load(kpos_base + offs_n, mask=offs_n < kv_len, other=0)
@@ -248,13 +295,13 @@ def _block_sparse_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr, GATHER_KV: tl.constexpr,
 ):
     """``Lse`` and ``Delta`` are contiguous ``[B, Hq, q_len]`` float32."""
     b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean = _query_tile(
         Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih, stride_iq,
         stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div, q_len, pos_offset,
-        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG)
+        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     do = _load_rows(DO + b * stride_dob + hq * stride_doh, offs_m, stride_don, offs_dv, q_len, HEAD_DIM_V, True,
@@ -273,11 +320,12 @@ def _block_sparse_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik,
                    stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK, BLOCK_N,
-                   HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA)
+                   HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA,
+                   GATHER_KV)
     dq = _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik,
                    stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK,
                    BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION,
-                   USE_TMA)
+                   USE_TMA, GATHER_KV)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -289,22 +337,24 @@ def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, L
                 do_desc, b32, hq32,
                 Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
-                HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """dK, dV of one key tile from the query blocks ``i_lo .. i_hi`` of its transposed route."""
-    SUBS: tl.constexpr = Q_BLOCK // BLOCK_M
+                HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                GATHER_Q: tl.constexpr):
+    """dK, dV of one key tile from the query blocks ``i_lo .. i_hi`` of its transposed route.
+    Query rows outside the walked range load lse = +inf, so their P is 0: no extra mask."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for it in range(i_lo * SUBS, i_hi * SUBS):
-        qblk = tl.load(t_base + (it // SUBS) * stride_tq)
-        row0 = qblk * Q_BLOCK + (it % SUBS) * BLOCK_M
-        offs_m = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < q_len
+    it_lo, it_hi = _walk_bounds(i_lo, i_hi, Q_BLOCK, BLOCK_M, GATHER_Q)
+    for it in range(it_lo, it_hi):
+        row0, offs_m, live = _walked_rows(it, t_base, stride_tq, i_lo, i_hi, Q_BLOCK, BLOCK_M, GATHER_Q)
+        row_ok = live & (offs_m < q_len)
         if USE_TMA:  # rows past q_len arrive as zeros
             q = q_desc.load([b32, hq32, row0, 0]).reshape(BLOCK_M, BLOCK_D)
             do = do_desc.load([b32, hq32, row0, 0]).reshape(BLOCK_M, BLOCK_DV)
         else:
-            q = _load_rows(q_base, offs_m, stride_qn, offs_d, q_len, HEAD_DIM, True, BLOCK_D == HEAD_DIM)
-            do = _load_rows(do_base, offs_m, stride_don, offs_dv, q_len, HEAD_DIM_V, True, BLOCK_DV == HEAD_DIM_V)
+            q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+            do_ptrs = do_base + offs_m[:, None] * stride_don + offs_dv[None, :]
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
         lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
@@ -347,7 +397,7 @@ def _block_sparse_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, KV_TILE_ALIGNED: tl.constexpr, GATHER_Q: tl.constexpr,
 ):
     """One key tile of one kv head, over every query head of its GQA group. Of each transposed
     row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal)."""
@@ -355,13 +405,18 @@ def _block_sparse_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_kv).to(tl.int64)
     hkv = (pid_bh % n_heads_kv).to(tl.int64)
-    k_start = pid_n * BLOCK_N
-    kblk = k_start // KV_BLOCK
-
-    offs_n = k_start + tl.arange(0, BLOCK_N)
+    if KV_TILE_ALIGNED:
+        kblk = (pid_n * BLOCK_N) // KV_BLOCK
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < kv_len
+    else:  # tiles of one block; rows past the block belong to the next one and are masked
+        N_SUB: tl.constexpr = (KV_BLOCK + BLOCK_N - 1) // BLOCK_N
+        kblk = pid_n // N_SUB
+        in_blk = (pid_n % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = kblk * KV_BLOCK + in_blk
+        key_ok = (in_blk < KV_BLOCK) & (offs_n < kv_len)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    key_ok = offs_n < kv_len
     k = _load_rows(K + b * stride_kb + hkv * stride_kh, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, True,
                    BLOCK_D == HEAD_DIM)
     v = _load_rows(V + b * stride_vb + hkv * stride_vh, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, True,
@@ -390,11 +445,11 @@ def _block_sparse_bwd_dkdv_kernel(
         dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base,
                              qseg_base, t_base, stride_tq, stride_qn, stride_don, 0, n_masked, q_len, kv_len,
                              pos_offset, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
-                             HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION, USE_TMA)
+                             HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION, USE_TMA, GATHER_Q)
         dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base,
                              qseg_base, t_base, stride_tq, stride_qn, stride_don, n_masked, count, q_len, kv_len,
                              pos_offset, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
-                             HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA)
+                             HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA, GATHER_Q)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

@@ -59,21 +59,56 @@ DKDV_CANDIDATES = [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8,
 _TUNED: dict = {}
 
 
-def _fit(candidates, q_block: int, kv_block: int, use_tma: bool) -> list[dict]:
-    """Candidates with tiles clamped to the largest powers of two dividing the block sizes
-    (computed once per argument set: this runs on every call's host path)."""
-    return list(_fit_cached(tuple(candidates), q_block, kv_block, use_tma))
+# Tensor-core tiles are at least 16 rows; blocks whose largest power-of-two divisor is smaller are
+# covered by partial tiles (a program's own block) or gathered tiles (the walked side).
+MIN_TILE = 16
+
+
+def _own_tile(tile: int, block: int) -> int:
+    """Tile over a program's own block: a power of two dividing the block when one of at least
+    16 does, else one tile that covers a small block (rows past the block masked)."""
+    p = _pow2_divisor(block, 128)
+    return min(tile, p) if p >= MIN_TILE else min(tile, max(MIN_TILE, triton.next_power_of_2(block)))
+
+
+def _walked_tile(tile: int, block: int) -> int:
+    """Tile over the walked side: as for the own side when a block holds whole tiles, else the
+    candidate tile, filled with rows gathered from several routed blocks."""
+    p = _pow2_divisor(block, 128)
+    return min(tile, p) if p >= MIN_TILE else tile
+
+
+def _fit(candidates, q_block: int, kv_block: int, use_tma: bool, own: str = "q") -> list[dict]:
+    """Candidates with tiles fitted to the block sizes (``own``: the side whose blocks the
+    program owns, "q" for the forward and dq passes, "kv" for dk/dv); computed once per argument
+    set, since this runs on every call's host path. Gathered tiles cannot use tensor descriptors."""
+    return list(_fit_cached(tuple(candidates), q_block, kv_block, use_tma, own))
 
 
 @functools.lru_cache(maxsize=None)
-def _fit_cached(candidates: tuple, q_block: int, kv_block: int, use_tma: bool) -> tuple:
+def _fit_cached(candidates: tuple, q_block: int, kv_block: int, use_tma: bool, own: str) -> tuple:
     out: list[dict] = []
     for m, n, w, st in candidates:
-        cfg = dict(BLOCK_M=min(m, _pow2_divisor(q_block, 128)), BLOCK_N=min(n, _pow2_divisor(kv_block, 128)),
-                   num_warps=w, num_stages=st, USE_TMA=use_tma)
+        if own == "q":
+            bm, bn = _own_tile(m, q_block), _walked_tile(n, kv_block)
+            gather = kv_block % bn != 0
+        else:
+            bm, bn = _walked_tile(m, q_block), _own_tile(n, kv_block)
+            gather = q_block % bm != 0
+        if use_tma and gather:
+            continue
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=use_tma)
         if cfg not in out:
             out.append(cfg)
     return tuple(out)
+
+
+def _own_grid(length: int, block: int, tile: int) -> int:
+    """Programs along a program's own side: tiles of the whole sequence when they align with the
+    blocks, else ``ceil(block / tile)`` tiles per block."""
+    if block % tile == 0:
+        return triton.cdiv(length, tile)
+    return triton.cdiv(length, block) * triton.cdiv(block, tile)
 
 
 def _autotuned(name: str, key: tuple, candidates: list[dict], launch, device: torch.device) -> dict:
@@ -240,15 +275,17 @@ def _row_descriptors(a: Tensor, b: Tensor, block_rows: int):
 
 
 def _with_tma(name: str, q: Tensor, tensors: tuple, plain_candidates, tma_candidates, q_block: int,
-              kv_block: int) -> tuple[list[dict], tuple]:
+              kv_block: int, own: str = "q") -> tuple[list[dict], tuple]:
     """Candidates for one kernel: the plain ones plus (or, with ROUTED_TMA=only, just) the TMA ones,
     and the tuning-key suffix. The suffix holds whether descriptors can be used for these tensors,
     so a config tuned with TMA is never reused for a call whose tensors cannot take it."""
     mode = os.environ.get("ROUTED_TMA", "1")
-    plain = _fit(plain_candidates, q_block, kv_block, False)
+    plain = _fit(plain_candidates, q_block, kv_block, False, own)
     reason = _tma_why_not(q, *tensors)
+    tma = _fit(tma_candidates, q_block, kv_block, True, own) if reason is None else []
+    if reason is None and not tma:
+        reason = "the walked blocks are smaller than a tile (rows are gathered)"
     if reason is None:
-        tma = _fit(tma_candidates, q_block, kv_block, True)
         return (tma if mode == "only" else plain + tma), (mode, True)
     if mode == "only":
         raise RuntimeError(f"ROUTED_TMA=only but {name} cannot use tensor descriptors: {reason}")
@@ -258,6 +295,11 @@ def _with_tma(name: str, q: Tensor, tensors: tuple, plain_candidates, tma_candid
 def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
     """The kernels index the last axis with stride 1."""
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def _takes_decode_path(q_len: int, q_block_size: int, kv_block_size: int) -> bool:
+    """Few queries, all in query block 0, against key blocks that hold whole 16-row tiles."""
+    return q_len <= min(DECODE_MAX_QUERIES, q_block_size) and kv_block_size % MIN_TILE == 0
 
 
 def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tensor,
@@ -273,11 +315,11 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     out = new_output((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
     lse = new_output((B, Hq, Nq), dtype=torch.float32, device=q.device)
     maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
-    if clean_counts is None and Nq > min(DECODE_MAX_QUERIES, q_block_size):
+    if clean_counts is None and not _takes_decode_path(Nq, q_block_size, kv_block_size):
         clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal,
                                           maps.has_pos or maps.has_seg)
     ids, counts = _route_views(ids, counts, B)
-    if Nq <= min(DECODE_MAX_QUERIES, q_block_size):
+    if _takes_decode_path(Nq, q_block_size, kv_block_size):
         block_sparse_decode_fwd(q, k, v, ids, counts, maps, kv_block_size, causal, scale, out, lse)
         return out, lse
     clean_counts = clean_counts.expand(counts.shape)
@@ -285,12 +327,13 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
 
     def launch(cfg):
         k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
-        _block_sparse_fwd_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
+        _block_sparse_fwd_kernel[(_own_grid(Nq, q_block_size, cfg["BLOCK_M"]), B * Hq)](
             q, k, v, out, lse, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2], *ids.stride(),
             *counts.stride()[:2], *maps.strides,
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale * LOG2E,
-            Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims, **cfg)
+            Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims, **cfg,
+            Q_TILE_ALIGNED=q_block_size % cfg["BLOCK_M"] == 0, GATHER_KV=kv_block_size % cfg["BLOCK_N"] != 0)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, maps.has_pos or maps.has_seg, Hq // Hkv)
     candidates, mode = _with_tma("the forward", q, (k, v), FWD_CANDIDATES, FWD_TMA_CANDIDATES, q_block_size,
@@ -343,25 +386,27 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
     def launch_dq(cfg):
         k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
-        _block_sparse_bwd_dq_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
+        _block_sparse_bwd_dq_kernel[(_own_grid(Nq, q_block_size, cfg["BLOCK_M"]), B * Hq)](
             q, k, v, do, lse, delta, dq, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             *ids.stride(), *counts.stride()[:2], *maps.strides,
-            Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
+            Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg,
+            Q_TILE_ALIGNED=q_block_size % cfg["BLOCK_M"] == 0, GATHER_KV=kv_block_size % cfg["BLOCK_N"] != 0)
 
     def launch_dkdv(cfg):
         q_desc, do_desc = _row_descriptors(q, do, cfg["BLOCK_M"]) if cfg["USE_TMA"] else (None, None)
-        _block_sparse_bwd_dkdv_kernel[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
+        _block_sparse_bwd_dkdv_kernel[(_own_grid(Nk, kv_block_size, cfg["BLOCK_N"]), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, t_masked_counts, *maps.tensors, q_desc, do_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             *dv.stride()[:3], *t_ids.stride(), *t_counts.stride()[:2], *maps.strides,
-            Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg)
+            Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg,
+            KV_TILE_ALIGNED=kv_block_size % cfg["BLOCK_N"] == 0, GATHER_Q=q_block_size % cfg["BLOCK_M"] != 0)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
     dq_cands, mode = _with_tma("the dq pass", q, (k, v), DQ_CANDIDATES, DQ_CANDIDATES, q_block_size, kv_block_size)
     launch_dq(_autotuned("bwd_dq", key + mode, dq_cands, launch_dq, q.device))
     dkdv_cands, mode = _with_tma("the dk/dv pass", q, (q, do), DKDV_CANDIDATES, DKDV_CANDIDATES, q_block_size,
-                                 kv_block_size)
+                                 kv_block_size, own="kv")
     launch_dkdv(_autotuned("bwd_dkdv", key + mode, dkdv_cands, launch_dkdv, q.device))
     return dq, dk, dv
 
@@ -483,8 +528,6 @@ def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, route, scale:
 
 def why_not_triton(q: Tensor, k: Tensor, v: Tensor, route) -> Optional[str]:
     """None if the Triton kernels can run this call, else the reason."""
-    from ...route import BlockRoute
-
     if q.device.type != "cuda" and not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return (f"tensors are on {q.device.type}; Triton kernels need a CUDA GPU "
                 "(or TRITON_INTERPRET=1, set before importing routed, to run them on the CPU for testing)")
@@ -492,8 +535,4 @@ def why_not_triton(q: Tensor, k: Tensor, v: Tensor, route) -> Optional[str]:
         return f"dtype {q.dtype} is not supported (use bfloat16, float16 or float32)"
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dim {max(q.shape[-1], v.shape[-1])} exceeds {MAX_HEAD_DIM}"
-    if isinstance(route, BlockRoute):
-        for name, bs in (("q_block_size", route.q_block_size), ("kv_block_size", route.kv_block_size)):
-            if bs % 16:
-                return f"{name}={bs} is not a multiple of 16 (the smallest tensor-core tile)"
     return None
