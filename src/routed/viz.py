@@ -35,7 +35,8 @@ def draw_bra_routing(image, routing: Any, query_region: Union[int, Sequence[int]
     Args:
         image: the input picture, ``[H, W]``, ``[C, H, W]`` or ``[H, W, C]`` (tensor or array; any range).
         routing: the routing result of ``BiLevelRoutingAttention(..., return_routing=True)`` (or any
-            object with ``region_ids [B, S*S, topk]``, ``region_hw``, ``grid`` = S, ``padded_hw``).
+            object with ``region_ids [B, S*S, topk]``, ``region_hw``, ``grid`` (S, or an object whose ``.grid`` is S),
+            ``padded_hw``).
         query_region: region index ``r = row * S + col``, or ``(row, col)``.
         path: where the PNG goes (parent folders are made).
         batch_index: which image of the batch the routing belongs to.
@@ -52,7 +53,8 @@ def draw_bra_routing(image, routing: Any, query_region: Union[int, Sequence[int]
     import matplotlib.patches as mpatches
     import matplotlib.pyplot as plt
 
-    S = int(routing.grid)
+    g = routing.grid   # BRA's RegionRouting holds a RegionGrid (its .grid is S); plain S works too
+    S = int(getattr(g, "grid", g))
     ids = routing.region_ids
     ids = ids.detach().cpu() if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
     if ids.dim() != 3 or ids.shape[1] != S * S:
