@@ -575,7 +575,9 @@ class ExpertRoute:
         # Empty slots sort after every expert (key num_experts) and are cut off the end.
         key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
         order = torch.sort(key, stable=True).indices
-        counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+        # scatter_add, not bincount: bincount on CUDA reads the maximum back to the host.
+        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+        counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
         live = flat.numel() if all_live else int(counts.sum())
         order = order[:live]
         offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)

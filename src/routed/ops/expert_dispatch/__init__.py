@@ -10,6 +10,9 @@ Backends (all exact up to rounding, all differentiable):
 | ``loop`` | any device | sorted tokens, one ``F.linear`` per expert |
 | ``reference`` | any device | per-expert loop straight from the expert ids (the tests' ground truth) |
 
+Around the grouped GEMMs, Triton kernels fuse the SwiGLU gate, the weighted combine and the
+gather's backward (``fused``; on by default on CUDA GPUs).
+
 ``backend=None`` takes the first of ``grouped_mm``, ``batched`` (GPUs only: on a CPU the loop is
 as fast and needs no padding), ``loop`` that can run, logging why the others were passed over. A
 backend named explicitly that cannot run raises :class:`~routed.backends.BackendUnavailable`.
@@ -18,6 +21,7 @@ backend named explicitly that cannot run raises :class:`~routed.backends.Backend
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Optional
 
 import torch
@@ -29,7 +33,7 @@ from ...route import ExpertRoute, RouteError
 from .grouped import gmm_batched, gmm_grouped_mm, gmm_loop, grouped_mm_why_not, sorted_expert_mlp
 from .reference import expert_mlp_reference, swiglu_expert
 
-__all__ = ["expert_mlp", "explain_dispatch_backends", "DISPATCH_BACKENDS", "expert_mlp_reference", "swiglu_expert"]
+__all__ = ["expert_mlp", "fused_why_not", "explain_dispatch_backends", "DISPATCH_BACKENDS", "expert_mlp_reference", "swiglu_expert"]
 
 logger = logging.getLogger("routed")
 
@@ -105,8 +109,20 @@ def select_dispatch_backend(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
 _GMM = {"grouped_mm": gmm_grouped_mm, "batched": gmm_batched, "loop": gmm_loop}
 
 
+def fused_why_not(x: Tensor) -> Optional[str]:
+    """Why the fused Triton kernels (gate, combine, gather backward) cannot run on ``x``, or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)."
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the fused Triton kernels run on CUDA GPUs (or on the CPU under TRITON_INTERPRET=1); x is on {x.device}."
+    return None
+
+
 def expert_mlp(x: Tensor, route: ExpertRoute, gate_up_proj: Tensor, down_proj: Tensor, *,
-               backend: Optional[str] = None, act: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
+               backend: Optional[str] = None, act: Callable[[Tensor], Tensor] = F.silu,
+               fused: Optional[bool] = None) -> Tensor:
     """Mixture-of-experts SwiGLU MLPs along an expert route.
 
     ``out[t] = sum_j route.weights[t, j] * down_e @ (act(gate_e @ x[t]) * (up_e @ x[t]))`` with
@@ -121,11 +137,20 @@ def expert_mlp(x: Tensor, route: ExpertRoute, gate_up_proj: Tensor, down_proj: T
         backend: ``"grouped_mm"``, ``"batched"``, ``"loop"``, ``"reference"`` or None (automatic;
             see :func:`explain_dispatch_backends`).
         act: the gate activation (SiLU for SwiGLU).
+        fused: run the SwiGLU gate, the weighted combine and the gather's backward as Triton
+            kernels (fewer memory passes; deterministic). None: on CUDA GPUs when Triton is
+            installed; True where it cannot run raises.
     Returns ``[T, H]`` in ``x.dtype``; differentiable in ``x``, the route's weights and both
     weight tensors.
     """
     check_expert_inputs(x, route, gate_up_proj, down_proj)
     name = select_dispatch_backend(x, gate_up_proj, down_proj, backend)
     if name == "reference":
+        if fused:
+            raise BackendUnavailable("the reference backend has no fused kernels; pass fused=None or False.")
         return expert_mlp_reference(x, route.expert_ids, route.weights, gate_up_proj, down_proj, act)
-    return sorted_expert_mlp(x, route, gate_up_proj, down_proj, _GMM[name], act)
+    reason = fused_why_not(x)
+    if fused and reason is not None:
+        raise BackendUnavailable(f"fused=True cannot run this call: {reason}")
+    use_fused = (reason is None and x.device.type == "cuda") if fused is None else fused
+    return sorted_expert_mlp(x, route, gate_up_proj, down_proj, _GMM[name], act, fused=use_fused)

@@ -10,8 +10,12 @@ The three grouped-GEMM implementations share the same sorted layout (``ExpertRou
   (the largest group). Memory grows with ``experts * largest group``: an unbalanced route pays.
 * ``loop``: one ``F.linear`` per expert over its contiguous rows; any device, one host sync.
 
-Autograd comes from the differentiable ops underneath (``torch._grouped_mm`` has a derivative); the
-gather and the combine are index ops with deterministic backward passes (no atomics).
+Around the GEMMs, ``fused=True`` (the default on CUDA GPUs) runs Triton kernels for the SwiGLU
+gate, the weighted combine and the gather's backward (see :mod:`.triton_kernels`); ``fused=False``
+runs the same steps as plain PyTorch ops.
+
+Autograd comes from the differentiable ops underneath (``torch._grouped_mm`` has a derivative) and
+from the custom ops' registered backward passes.
 """
 
 from __future__ import annotations
@@ -51,12 +55,25 @@ def gmm_loop(a: Tensor, w: Tensor, route: ExpertRoute) -> Tensor:
     return torch.cat(parts) if parts else a.new_zeros(0, w.shape[1])
 
 
+def slot_rows(route: ExpertRoute) -> Tensor:
+    """``[T, k]`` int64: the sorted row of every slot (``-1`` for an empty slot)."""
+    inv = torch.full((route.expert_ids.numel(),), -1, dtype=torch.int64, device=route.device)
+    inv[route.order] = torch.arange(route.order.numel(), device=route.device)
+    return inv.view(route.expert_ids.shape)
+
+
+def is_silu(act) -> bool:
+    """Whether ``act`` is SiLU (torch's or transformers' SiLUActivation): the fused gate applies."""
+    return act is F.silu or isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
 def sorted_expert_mlp(x: Tensor, route: ExpertRoute, gate_up_proj: Tensor, down_proj: Tensor, gmm: GroupedMM,
-                      act: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
+                      act: Callable[[Tensor], Tensor] = F.silu, fused: bool = False) -> Tensor:
     """Dispatch ``x [T, H]`` through the experts along ``route``; returns ``[T, H]`` in ``x.dtype``.
 
-    Sort (the route's ``order``) -> gather -> grouped SwiGLU -> scatter to slots -> weighted sum
-    over each token's ``k`` slots. Tokens with no live slot get zeros.
+    Sort (the route's ``order``) -> gather -> grouped SwiGLU -> weighted sum over each token's
+    ``k`` slots. Tokens with no live slot get zeros. ``fused`` runs the gather's backward, the
+    SwiGLU gate and the combine as Triton kernels (:mod:`.triton_ops`); otherwise plain PyTorch.
     """
     T, H = x.shape
     k = route.k
@@ -66,17 +83,26 @@ def sorted_expert_mlp(x: Tensor, route: ExpertRoute, gate_up_proj: Tensor, down_
         # Keep the graph connected so that backward gives zero gradients rather than None.
         return out + 0.0 * (x.sum() + route.weights.sum() + gate_up_proj.sum() + down_proj.sum())
     tok = route.sorted_token_ids()
-    xs = x.index_select(0, tok)  # [A, H], expert-sorted
+    inv = slot_rows(route)
+    if fused:
+        from .triton_ops import moe_combine, moe_gather, moe_swiglu
+
+        xs = moe_gather(x, tok, inv)  # [A, H], expert-sorted
+        gu = gmm(xs, gate_up_proj, route)
+        if is_silu(act):
+            h = moe_swiglu(gu)
+        else:
+            gate, up = gu.chunk(2, dim=-1)
+            h = act(gate) * up
+        return moe_combine(gmm(h, down_proj, route), inv, route.weights)
+    xs = x.index_select(0, tok)
     gate, up = gmm(xs, gate_up_proj, route).chunk(2, dim=-1)
     ys = gmm(act(gate) * up, down_proj, route)  # [A, H]
-    w = route.weights.to(x.dtype)
     if route.num_assignments == T * k:
-        # Every slot live: a gather by the inverse permutation (its backward is a gather too).
-        inv = torch.empty_like(route.order)
-        inv[route.order] = torch.arange(route.order.numel(), device=x.device)
-        slots = ys.index_select(0, inv)
+        slots = ys.index_select(0, inv.view(-1))  # every slot live: a gather (its backward is a scatter)
     else:
         slots = ys.new_zeros(T * k, H).index_copy(0, route.order, ys)
+    w = route.weights.to(x.dtype)
     if k == 1:
         return slots * w
     # [T, 1, k] @ [T, k, H]: the combine accumulates in float32 inside the matmul.
