@@ -1,0 +1,209 @@
+"""Hugging Face plug-in for mixture-of-experts models (Mixtral, Qwen2-MoE and other transformers 5.x
+models whose sparse block holds a ``gate`` top-k router and a fused ``experts`` module).
+
+* :func:`swap_moe_routers` turns every ``*TopKRouter`` of a model into a routed router, in place,
+  keeping its weight. The module stays an instance of its original class (a subclass is swapped in),
+  so the model still records ``router_logits`` and computes its auxiliary loss as before. With
+  ``method="token_choice"`` the routing is the model's own, bit for bit.
+* :func:`use_routed_experts` runs the experts through :func:`routed.ops.expert_dispatch.expert_mlp`
+  (sorted, grouped GEMM) by registering a ``"routed"`` experts implementation.
+
+For the graph-of-tokens routers the router needs the tokens' sequence layout, which a forward
+pre-hook on the sparse block supplies; the attention-aware router also needs the attention matrix
+of the same decoder layer, which a forward hook on ``self_attn`` hands over. That matrix exists only
+with ``attn_implementation="eager"`` (SDPA and flash kernels never materialise it): the router
+raises otherwise. The ``router_logits`` of a mixing router are ``log(p~)``, the log of the mixed
+distribution experts were picked from, so that the model's auxiliary loss sees the real routing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.expert_dispatch import expert_mlp
+from ..route import ExpertRoute, RouteError
+from ..routers.experts import (ROUTER_METHODS, attention_mixed_probs, expert_capacity, expert_choice_route,
+                               similarity_mixed_probs, token_choice_route, topk_route_from_probs)
+
+__all__ = ["swap_moe_routers", "use_routed_experts", "is_hf_topk_router"]
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def is_hf_topk_router(module: nn.Module) -> bool:
+    """A transformers top-k router: a ``*TopKRouter`` with ``weight [E, H]``, ``top_k`` and ``num_experts``."""
+    return (type(module).__name__.endswith("TopKRouter") and hasattr(module, "top_k")
+            and hasattr(module, "num_experts") and isinstance(getattr(module, "weight", None), nn.Parameter))
+
+
+class _RoutedRouterMixin:
+    """Forward of a swapped-in router. Returns what the transformers router returns:
+    ``(router_logits [T, E], scores [T, k], indices [T, k])``; empty slots (capacity, expert choice)
+    get index ``E``, which the transformers experts skip, and score 0."""
+
+    def forward(self, hidden_states: Tensor):  # noqa: D401
+        h = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(h, self.weight)
+        E, k = self.num_experts, self.top_k
+        opts = self._routed_opts
+        method = opts["method"]
+        T = h.shape[0]
+        cap = None if opts["capacity_factor"] is None else expert_capacity(T, k, E, opts["capacity_factor"])
+        out_logits = logits
+        if method == "token_choice":
+            route = token_choice_route(logits, k, score_order=opts["score_order"], normalize=self._routed_normalize,
+                                       capacity=cap)
+        elif method == "expert_choice":
+            route = expert_choice_route(logits, min(T, cap or expert_capacity(T, k, E, 1.0)))
+        else:
+            bn = self.__dict__.pop("_routed_bn", None) or (1, T)
+            B, N = bn
+            if B * N != T:
+                raise RouteError(f"the router got {T} tokens but its block announced [{B}, {N}]; call the sparse "
+                                 "block, not its gate, or pass one sequence.")
+            p = logits.float().softmax(-1).view(B, N, E)
+            if method == "similarity":
+                feats = F.linear(h.view(B, N, -1), self.routed_sim_proj.to(h.dtype))
+                probs = similarity_mixed_probs(p, feats, causal=opts["causal"], temperature=opts["temperature"],
+                                               mix=opts["mix"])
+            else:
+                attn = self.__dict__.pop("_routed_attn", None)
+                if attn is None:
+                    raise RouteError("the attention-aware router found no attention weights from this layer's "
+                                     "self_attn: load the model with attn_implementation='eager' (SDPA and flash "
+                                     "attention never build the attention matrix).")
+                probs = attention_mixed_probs(p, attn_weights=attn, causal=opts["causal"], mix=opts["mix"])
+            probs = probs.reshape(T, E)
+            route = topk_route_from_probs(probs, k, normalize=self._routed_normalize, capacity=cap)
+            out_logits = probs.clamp_min(1e-20).log().to(logits.dtype)
+        self.last_route = route
+        idx = torch.where(route.expert_ids >= 0, route.expert_ids.long(), torch.full_like(route.expert_ids.long(), E))
+        scores = route.weights
+        if self._routed_cast_scores:
+            scores = scores.to(logits.dtype)
+        return out_logits, scores, idx
+
+
+def _routed_class(base: type) -> type:
+    if base not in _SUBCLASSES:
+        _SUBCLASSES[base] = type(f"Routed{base.__name__}", (_RoutedRouterMixin, base), {})
+    return _SUBCLASSES[base]
+
+
+def _block_pre_hook(block: nn.Module, args, kwargs):
+    x = args[0] if args else kwargs["hidden_states"]
+    if x.dim() == 3:
+        block.gate._routed_bn = (x.shape[0], x.shape[1])
+
+
+def _attn_hook(gate: nn.Module):
+    def hook(module, args, output):
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is not None:
+            gate._routed_attn = weights
+    return hook
+
+
+def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_order: str = "softmax_topk",
+                     capacity_factor: Optional[float] = None, causal: bool = True, similarity_dim: int = 64,
+                     temperature: float = 0.1, mix: float = 0.5) -> list[nn.Module]:
+    """Replace, in place, the routing of every transformers top-k router in ``model``.
+
+    Args:
+        method: one of ``"token_choice"``, ``"expert_choice"``, ``"similarity"``, ``"attention"``
+            (see :mod:`routed.routers.experts`); the router's weight, ``top_k`` and (Qwen)
+            ``norm_topk_prob`` are kept.
+        score_order, capacity_factor, causal, temperature, mix: as for
+            :class:`routed.routers.experts.ExpertRouter`.
+        similarity_dim: size of the new (trainable, randomly initialised) feature projection of the
+            similarity router, ``routed_sim_proj [similarity_dim, H]``.
+    Returns the swapped routers (each records its last :class:`~routed.route.ExpertRoute` in
+    ``last_route``). Raises if the model has none.
+    """
+    if method not in ROUTER_METHODS:
+        raise RouteError(f"method must be one of {ROUTER_METHODS}, got {method!r}.")
+    if method == "expert_choice" and causal:
+        raise RouteError("expert-choice routing is not causal (each expert ranks all tokens); pass causal=False to "
+                         "accept that.")
+    swapped = []
+    for name, block in model.named_modules():
+        gate = getattr(block, "gate", None)
+        if gate is None or not is_hf_topk_router(gate):
+            continue
+        base = type(gate) if not isinstance(gate, _RoutedRouterMixin) else type(gate).__mro__[2]
+        gate.__class__ = _routed_class(base)
+        # Mixtral always renormalises the top-k probabilities and returns float32 scores; Qwen-MoE
+        # renormalises when norm_topk_prob and casts the scores to the logits' dtype.
+        gate._routed_normalize = bool(getattr(gate, "norm_topk_prob", True))
+        gate._routed_cast_scores = hasattr(gate, "norm_topk_prob")
+        gate._routed_opts = dict(method=method, score_order=score_order, capacity_factor=capacity_factor,
+                                 causal=causal, temperature=temperature, mix=mix)
+        if method == "similarity" and not hasattr(gate, "routed_sim_proj"):
+            w = torch.empty(similarity_dim, gate.hidden_dim, device=gate.weight.device, dtype=gate.weight.dtype)
+            gate.routed_sim_proj = nn.Parameter(nn.init.normal_(w, std=gate.hidden_dim ** -0.5))
+        if not getattr(block, "_routed_hooked", False):
+            block.register_forward_pre_hook(_block_pre_hook, with_kwargs=True)
+            block._routed_hooked = True
+        swapped.append(gate)
+    if not swapped:
+        raise RouteError(f"{type(model).__name__} has no transformers top-k router (a module '.gate' of a class "
+                         "named '*TopKRouter'); nothing to swap.")
+    if method == "attention":
+        _hook_attention(model)
+    return swapped
+
+
+def _hook_attention(model: nn.Module) -> None:
+    """Hand each decoder layer's attention weights to the router of the same layer."""
+    hooked = 0
+    for layer in model.modules():
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        gate = getattr(mlp, "gate", None)
+        if attn is None or gate is None or not isinstance(gate, _RoutedRouterMixin):
+            continue
+        if not getattr(attn, "_routed_attn_hooked", False):
+            attn.register_forward_hook(_attn_hook(gate))
+            attn._routed_attn_hooked = True
+        hooked += 1
+    if not hooked:
+        raise RouteError("attention-aware routing needs decoder layers with 'self_attn' and an 'mlp' holding the "
+                         "router; none found.")
+
+
+def _routed_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """A transformers experts forward through routed's sorted dispatch (index ``E`` = empty slot)."""
+    if getattr(self, "has_bias", False) or getattr(self, "is_transposed", False) or not getattr(self, "has_gate", True) \
+            or not getattr(self, "is_concatenated", True) or getattr(self, "has_post_expert_norm", False):
+        raise RouteError(f"{type(self).__name__} uses a layout routed's dispatch does not cover (biases, transposed, "
+                         "interleaved or gate-less experts); keep its own experts implementation.")
+    E = self.num_experts
+    ids = torch.where(top_k_index >= E, torch.full_like(top_k_index, -1), top_k_index)
+    route = ExpertRoute.from_expert_ids(ids, top_k_weights, E, all_live=not bool((top_k_index >= E).any()),
+                                        validate=False)
+    x = hidden_states
+    backend = getattr(self, "routed_backend", None)
+    y = expert_mlp(x, route, self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype), backend=backend,
+                   act=self.act_fn)
+    return y.to(hidden_states.dtype)
+
+
+def use_routed_experts(model: nn.Module, backend: Optional[str] = None) -> int:
+    """Run every transformers experts module of ``model`` through routed's dispatch (``backend`` as for
+    :func:`~routed.ops.expert_dispatch.expert_mlp`). Returns how many experts modules now use it."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS["routed"] = _routed_experts_forward
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj") and hasattr(m, "num_experts"):
+            m.routed_backend = backend
+            n += 1
+    if not n:
+        raise RouteError(f"{type(model).__name__} has no transformers experts module (gate_up_proj, down_proj).")
+    model.config._experts_implementation = "routed"
+    return n

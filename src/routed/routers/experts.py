@@ -1,0 +1,407 @@
+"""Expert routers: turn router logits (and, for the graph-of-tokens routers, token similarities or
+the preceding attention) into an :class:`~routed.route.ExpertRoute`, plus the load-balancing terms.
+
+Routers:
+
+* token choice, ``softmax_topk`` (Mixtral, Qwen-MoE): ``p = softmax(logits)``, each token takes its
+  ``k`` largest ``p``; weights are those ``p`` (renormalised to sum to 1 when ``normalize``).
+* token choice, ``topk_softmax`` (Switch-style top-k first): each token takes its ``k`` largest
+  logits; weights are the softmax over just those ``k``.
+* expert choice (Zhou et al. 2022): each expert takes the ``capacity`` tokens with the largest
+  ``p[:, e]``; a token may get any number of experts, including none. Selection looks at every
+  token of the batch, future ones too, so it is not causal.
+* similarity-aware (Nguyen et al. 2025, "graph of tokens"): each token's gate distribution is
+  mixed with those of similar tokens, ``p~ = (1 - mix) p + mix S p`` with
+  ``S = softmax_j(<f_i, f_j> / temperature)`` over unit-norm features ``f`` (a learned projection
+  of the router input); then top-k on ``p~``.
+* attention-aware: the same mixing with ``S`` the preceding attention layer's attention averaged
+  over heads, ``S = mean_h softmax(q_h k_h^T * scale)``.
+
+In causal models the mixing only looks at earlier tokens (``j <= i``). ``S p`` is computed as an
+attention with the gate distributions as values (``scaled_dot_product_attention`` with
+``v = p``), so no ``N x N`` tensor is built: it costs one attention pass of ``2 N^2 (d + E)``
+FLOPs per head (``N^2/2`` when causal), ``d`` the feature or head dim, ``E`` the experts, and
+``O(N (d + E))`` memory per head. Given an explicit ``[B, H, N, N]`` attention matrix (HF eager
+attention with ``output_attentions=True``), it is averaged and used as is.
+
+Load balancing, each optional and reported by :class:`ExpertRouter`:
+
+* :func:`switch_aux_loss`: ``E * sum_e f_e P_e`` (fraction of slots routed to ``e`` times mean
+  probability of ``e``), as Switch Transformer and Hugging Face's ``load_balancing_loss_func``.
+* :func:`router_z_loss`: ``mean(logsumexp(logits)^2)`` (ST-MoE), keeps logits small.
+* auxiliary-loss-free balancing (DeepSeek-V3): a per-expert selection bias, added to the scores
+  only to choose experts (never to the weights), nudged outside autograd after each training step
+  towards the under-loaded experts: :func:`update_selection_bias`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..route import ExpertRoute, RouteError
+
+__all__ = [
+    "token_choice_route", "topk_route_from_probs", "expert_choice_route", "apply_capacity", "expert_capacity",
+    "similarity_mixed_probs", "attention_mixed_probs", "switch_aux_loss", "router_z_loss",
+    "update_selection_bias", "RouterOutput", "ExpertRouter", "ROUTER_METHODS",
+]
+
+ROUTER_METHODS = ("token_choice", "expert_choice", "similarity", "attention")
+SCORE_ORDERS = ("softmax_topk", "topk_softmax")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RouteError(msg)
+
+
+def _check_logits(logits: Tensor, k: Optional[int] = None) -> None:
+    _check(isinstance(logits, Tensor) and logits.dim() == 2 and logits.is_floating_point(),
+           f"router logits must be a floating-point [tokens, experts] tensor, got "
+           f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}.")
+    if k is not None:
+        E = logits.shape[1]
+        _check(isinstance(k, int) and 1 <= k <= E, f"k must be an int in [1, num_experts={E}], got {k!r}.")
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ``ceil(capacity_factor * tokens * k / experts)`` (at least 1)."""
+    _check(capacity_factor > 0, f"capacity_factor must be > 0, got {capacity_factor}.")
+    return max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
+
+
+def apply_capacity(route: ExpertRoute, capacity: int) -> ExpertRoute:
+    """Drop the slots past ``capacity`` per expert, earlier tokens first served (as Switch/GShard).
+
+    Dropped slots become ``-1`` with weight 0; the token keeps its other slots (the residual
+    connection carries it where all were dropped). Serving by token order keeps the choice causal:
+    whether token ``t`` is dropped depends only on tokens ``<= t`` of the flattened order (batch
+    major, so a sequence's tokens also compete with the whole of the sequences before it).
+    """
+    _check(isinstance(capacity, int) and capacity >= 0, f"capacity must be an int >= 0, got {capacity!r}.")
+    e = route.sorted_expert_ids()
+    rank = torch.arange(e.numel(), device=e.device) - route.offsets.long()[e]
+    dropped = route.order[rank >= capacity]
+    keep = torch.ones(route.expert_ids.numel(), dtype=torch.bool, device=route.device)
+    keep[dropped] = False
+    keep = keep.view_as(route.expert_ids)
+    ids = torch.where(keep, route.expert_ids, torch.full_like(route.expert_ids, -1))
+    weights = torch.where(keep, route.weights, torch.zeros_like(route.weights))
+    return ExpertRoute.from_expert_ids(ids, weights, route.num_experts, capacity=capacity, validate=False)
+
+
+def topk_route_from_probs(probs: Tensor, k: int, *, normalize: bool = True, selection_bias: Optional[Tensor] = None,
+                          capacity: Optional[int] = None) -> ExpertRoute:
+    """Each token takes the ``k`` experts with the largest ``probs (+ selection_bias)``.
+
+    Args:
+        probs: ``[T, E]`` gate distribution (rows sum to 1).
+        normalize: renormalise the ``k`` chosen probabilities to sum to 1 (Mixtral does, for any
+            ``k``; with ``k = 1`` every weight is then 1 and the router gets no gradient).
+        selection_bias: optional ``[E]`` added to the scores for the choice only (weights stay
+            unbiased): auxiliary-loss-free balancing.
+        capacity: optional slots per expert (see :func:`apply_capacity`); None drops nothing.
+    """
+    _check_logits(probs, k)
+    scores = probs if selection_bias is None else probs + selection_bias.to(probs.dtype)
+    ids = scores.topk(k, dim=-1).indices
+    w = probs.gather(-1, ids)
+    if normalize:
+        w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    route = ExpertRoute.from_expert_ids(ids, w, probs.shape[1], all_live=True, validate=False)
+    return route if capacity is None else apply_capacity(route, capacity)
+
+
+def token_choice_route(logits: Tensor, k: int, *, score_order: str = "softmax_topk", normalize: bool = True,
+                       selection_bias: Optional[Tensor] = None, capacity: Optional[int] = None) -> ExpertRoute:
+    """Token-choice top-k routing from router logits ``[T, E]``.
+
+    ``score_order="softmax_topk"``: softmax over all experts, then top-k (weights renormalised when
+    ``normalize``). ``"topk_softmax"``: top-k logits, then softmax over those ``k`` (already
+    normalised). The softmax runs in float32. See :func:`topk_route_from_probs` for the rest.
+    """
+    _check_logits(logits, k)
+    _check(score_order in SCORE_ORDERS, f"score_order must be one of {SCORE_ORDERS}, got {score_order!r}.")
+    if score_order == "softmax_topk":
+        return topk_route_from_probs(logits.float().softmax(-1), k, normalize=normalize,
+                                     selection_bias=selection_bias, capacity=capacity)
+    lf = logits.float()
+    scores = lf if selection_bias is None else lf + selection_bias.float()
+    ids = scores.topk(k, dim=-1).indices
+    w = lf.gather(-1, ids).softmax(-1)
+    route = ExpertRoute.from_expert_ids(ids, w, logits.shape[1], all_live=True, validate=False)
+    return route if capacity is None else apply_capacity(route, capacity)
+
+
+def expert_choice_route(logits: Tensor, capacity: int, *, selection_bias: Optional[Tensor] = None) -> ExpertRoute:
+    """Expert-choice routing: every expert takes the ``capacity`` tokens with the largest
+    ``softmax(logits)[:, e]`` (+ ``selection_bias[e]``, which does not change an expert's own
+    ranking and is accepted for symmetry); weights are those probabilities.
+
+    Returns a route with ``k`` = the most experts any token got (``-1``-padded). Not causal: an
+    expert's choice of token ``t`` depends on every token of ``logits``, later ones included.
+    """
+    _check_logits(logits)
+    T, E = logits.shape
+    _check(isinstance(capacity, int) and 1 <= capacity <= T,
+           f"expert-choice capacity must be an int in [1, tokens={T}], got {capacity!r}; lower capacity_factor "
+           "or route more tokens at once.")
+    probs = logits.float().softmax(-1)
+    scores = probs if selection_bias is None else probs + selection_bias.float()
+    chosen_tok = scores.t().topk(capacity, dim=-1).indices  # [E, C]
+    chosen = torch.zeros(E, T, dtype=torch.bool, device=logits.device)
+    chosen.scatter_(1, chosen_tok, True)
+    chosen = chosen.t()  # [T, E]
+    width = max(int(chosen.sum(1).max()), 1)  # host sync: the widest token
+    col = torch.arange(E, device=logits.device).expand(T, E)
+    ids = torch.where(chosen, col, col + E).sort(-1).values[:, :width]
+    live = ids < E
+    ids = torch.where(live, ids, torch.full_like(ids, -1))
+    w = torch.where(live, probs.gather(-1, ids.clamp_min(0)), torch.zeros((), dtype=probs.dtype, device=probs.device))
+    return ExpertRoute.from_expert_ids(ids, w, E, capacity=capacity, validate=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Graph-of-tokens mixing
+def _check_probs3(probs: Tensor) -> None:
+    _check(isinstance(probs, Tensor) and probs.dim() == 3 and probs.is_floating_point(),
+           f"probs must be a floating-point [batch, seq, experts] tensor, got {list(getattr(probs, 'shape', []))}.")
+
+
+def _mix(probs: Tensor, mixed: Tensor, mix: float) -> Tensor:
+    _check(0.0 <= mix <= 1.0, f"mix must lie in [0, 1], got {mix}.")
+    return mixed if mix == 1.0 else (1.0 - mix) * probs + mix * mixed
+
+
+def similarity_mixed_probs(probs: Tensor, features: Tensor, *, causal: bool, temperature: float = 0.1,
+                           mix: float = 0.5) -> Tensor:
+    """Similarity-aware gate distributions ``(1 - mix) p + mix S p``, ``S = softmax_j(<f_i, f_j> / temperature)``.
+
+    Args:
+        probs: ``[B, N, E]`` gate distributions (rows sum to 1).
+        features: ``[B, N, d]`` token features; they are L2-normalised here (cosine similarity).
+        causal: token ``i`` mixes only tokens ``j <= i``.
+    Returns ``[B, N, E]`` (rows still sum to 1). No ``N x N`` tensor: ``S p`` is an attention with
+    ``q = k = f`` and ``v = p``.
+    """
+    _check_probs3(probs)
+    _check(features.dim() == 3 and features.shape[:2] == probs.shape[:2],
+           f"features must be [batch, seq, dim] matching probs {list(probs.shape[:2])}, got {list(features.shape)}.")
+    _check(temperature > 0, f"temperature must be > 0, got {temperature}.")
+    f = F.normalize(features.to(probs.dtype), dim=-1).unsqueeze(1)  # [B, 1, N, d]
+    mixed = F.scaled_dot_product_attention(f, f, probs.unsqueeze(1), is_causal=causal, scale=1.0 / temperature)
+    return _mix(probs, mixed.squeeze(1), mix)
+
+
+def attention_mixed_probs(probs: Tensor, *, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
+                          attn_weights: Optional[Tensor] = None, causal: bool, scale: Optional[float] = None,
+                          mix: float = 0.5) -> Tensor:
+    """Attention-aware gate distributions ``(1 - mix) p + mix A p``, ``A`` the preceding attention
+    layer's attention averaged over heads.
+
+    Give either ``q [B, Hq, N, D]`` and ``k [B, Hkv, N, D]`` (``Hkv`` divides ``Hq``; ``A`` is
+    recomputed inside an attention pass with ``v = p``, never stored: ``mean_h A_h p = mean_h
+    softmax(q_h k_h^T scale) p``), or ``attn_weights [B, H, N, N]`` (an attention matrix that was
+    materialised anyway; with ``causal`` its future entries are masked out and rows renormalised).
+    ``scale`` defaults to ``D ** -0.5``. Detach ``q``/``k`` to keep the router's gradient out of
+    the attention layer.
+    """
+    _check_probs3(probs)
+    B, N, E = probs.shape
+    if attn_weights is not None:
+        _check(q is None and k is None, "give either q and k or attn_weights, not both.")
+        _check(attn_weights.dim() == 4 and attn_weights.shape[0] == B and attn_weights.shape[2:] == (N, N),
+               f"attn_weights must be [batch={B}, heads, {N}, {N}], got {list(attn_weights.shape)}.")
+        a = attn_weights.to(probs.dtype).mean(1)  # [B, N, N]
+        if causal:
+            a = a.tril()
+            a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+        return _mix(probs, a @ probs, mix)
+    _check(q is not None and k is not None, "attention-aware routing needs the preceding attention's q and k "
+           "(or its attn_weights).")
+    _check(q.dim() == 4 and k.dim() == 4 and q.shape[0] == B and q.shape[2] == N and k.shape[2] == N
+           and k.shape[0] == B and q.shape[3] == k.shape[3],
+           f"q must be [batch={B}, heads, seq={N}, dim] and k [batch, kv_heads, seq, dim]; got {list(q.shape)} and "
+           f"{list(k.shape)}.")
+    hq, hkv = q.shape[1], k.shape[1]
+    _check(hq % hkv == 0, f"k's heads ({hkv}) must divide q's heads ({hq}).")
+    if hkv != hq:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+    v = probs.to(q.dtype).unsqueeze(1).expand(B, hq, N, E)
+    mixed = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).mean(1)
+    return _mix(probs, mixed.to(probs.dtype), mix)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load balancing
+def switch_aux_loss(probs: Tensor, route: ExpertRoute) -> Tensor:
+    """Switch load-balancing loss ``E * sum_e f_e * P_e``: ``f_e`` the slots routed to ``e`` per
+    token (summing to ``k``), ``P_e`` the mean probability of ``e``. Equals Hugging Face's
+    ``load_balancing_loss_func`` on the same route; 1 per slot when perfectly balanced. Gradient
+    flows through ``P``."""
+    _check(probs.dim() == 2 and probs.shape == (route.num_tokens, route.num_experts),
+           f"probs must be [{route.num_tokens}, {route.num_experts}], got {list(probs.shape)}.")
+    T = max(route.num_tokens, 1)
+    f = route.counts.to(probs.dtype) / T
+    return route.num_experts * (f * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` (in float32)."""
+    _check_logits(logits)
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+@torch.no_grad()
+def update_selection_bias(bias: Tensor, counts: Tensor, rate: float) -> Tensor:
+    """Auxiliary-loss-free balancing step, in place and outside autograd:
+    ``bias += rate * sign(mean load - load)`` (over-loaded experts get chosen less). Returns ``bias``."""
+    load = counts.to(bias.dtype)
+    bias.add_(rate * torch.sign(load.mean() - load))
+    return bias
+
+
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class RouterOutput:
+    """What an :class:`ExpertRouter` call produced.
+
+    Attributes:
+        route: the :class:`~routed.route.ExpertRoute` over the flattened ``T`` tokens.
+        logits: ``[T, E]`` raw router logits.
+        probs: ``[T, E]`` the distribution experts were chosen from (after similarity/attention
+            mixing for those routers).
+
+    The load-balancing terms and metrics are computed when first read (so a layer that does not
+    use them launches no kernels for them): :attr:`aux_loss` (Switch), :attr:`z_loss`,
+    :attr:`load` (``[E]`` fraction of live slots per expert) and :attr:`entropy` (mean entropy of
+    ``probs``, nats).
+    """
+
+    route: ExpertRoute
+    logits: Tensor
+    probs: Tensor
+
+    @functools.cached_property
+    def aux_loss(self) -> Tensor:
+        return switch_aux_loss(self.probs, self.route)
+
+    @functools.cached_property
+    def z_loss(self) -> Tensor:
+        return router_z_loss(self.logits)
+
+    @functools.cached_property
+    def load(self) -> Tensor:
+        return self.route.counts.float() / max(self.route.num_assignments, 1)
+
+    @functools.cached_property
+    def entropy(self) -> Tensor:
+        p = self.probs
+        return -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
+
+
+class ExpertRouter(nn.Module):
+    """A learned router: ``logits = x @ weight.T``, then one of :data:`ROUTER_METHODS`.
+
+    Args:
+        hidden_size, num_experts, top_k: router input size, experts, experts per token (for expert
+            choice, the average experts per token that sets the capacity).
+        method: ``"token_choice"``, ``"expert_choice"``, ``"similarity"`` or ``"attention"``.
+        score_order: token choice: ``"softmax_topk"`` or ``"topk_softmax"``.
+        normalize: renormalise the chosen probabilities (``softmax_topk`` and the mixing routers);
+            None: when ``top_k > 1`` (a single renormalised weight is a constant 1, which gives the
+            router no gradient).
+        capacity_factor: slots per expert as a multiple of the balanced load; None = no dropping
+            (expert choice then uses 1.0).
+        causal: the mixing routers look only at earlier tokens. Expert choice cannot be causal and
+            raises unless ``causal=False``.
+        similarity_dim, temperature, mix: the similarity router's feature size (a learned
+            projection of ``x``), its softmax temperature and the mixing weight; ``mix`` also
+            serves the attention router.
+        balance_bias_rate: > 0 turns on auxiliary-loss-free balancing: in training mode, after
+            each call the selection bias moves by this rate (DeepSeek-V3 uses 1e-3).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int = 2, *, method: str = "token_choice",
+                 score_order: str = "softmax_topk", normalize: Optional[bool] = None,
+                 capacity_factor: Optional[float] = None,
+                 causal: bool = True, similarity_dim: int = 64, temperature: float = 0.1, mix: float = 0.5,
+                 balance_bias_rate: float = 0.0):
+        super().__init__()
+        _check(method in ROUTER_METHODS, f"method must be one of {ROUTER_METHODS}, got {method!r}.")
+        _check(score_order in SCORE_ORDERS, f"score_order must be one of {SCORE_ORDERS}, got {score_order!r}.")
+        _check(isinstance(top_k, int) and 1 <= top_k <= num_experts,
+               f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}.")
+        _check(not (method == "expert_choice" and causal),
+               "expert-choice routing is not causal (each expert ranks all tokens, later ones included); pass "
+               "causal=False to accept that, or use a token-choice router in a causal LM.")
+        _check(capacity_factor is None or capacity_factor > 0, f"capacity_factor must be > 0, got {capacity_factor}.")
+        _check(0.0 <= mix <= 1.0 and temperature > 0, f"need 0 <= mix <= 1 and temperature > 0, got {mix}, {temperature}.")
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.method, self.score_order = method, score_order
+        self.normalize = top_k > 1 if normalize is None else normalize
+        self.capacity_factor, self.causal = capacity_factor, causal
+        self.temperature, self.mix, self.balance_bias_rate = temperature, mix, balance_bias_rate
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+        self.sim_proj = nn.Linear(hidden_size, similarity_dim, bias=False) if method == "similarity" else None
+        self.register_buffer("selection_bias", torch.zeros(num_experts), persistent=True)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"method={self.method!r}, causal={self.causal}, capacity_factor={self.capacity_factor}")
+
+    def _bias(self) -> Optional[Tensor]:
+        return self.selection_bias if self.balance_bias_rate > 0 else None
+
+    def forward(self, x: Tensor, *, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
+                attn_weights: Optional[Tensor] = None) -> RouterOutput:
+        """Route ``x [B, N, H]`` (or ``[T, H]``, one sequence). The attention router needs the preceding
+        attention's ``q [B, Hq, N, D]`` and ``k [B, Hkv, N, D]`` or its ``attn_weights``."""
+        _check(x.dim() in (2, 3) and x.shape[-1] == self.hidden_size,
+               f"x must be [batch, seq, {self.hidden_size}] or [tokens, {self.hidden_size}], got {list(x.shape)}.")
+        x3 = x if x.dim() == 3 else x.unsqueeze(0)
+        B, N, _ = x3.shape
+        T = B * N
+        logits = F.linear(x3, self.weight.to(x.dtype)).reshape(T, self.num_experts)
+        E, kk = self.num_experts, self.top_k
+        cap = None if self.capacity_factor is None else expert_capacity(T, kk, E, self.capacity_factor)
+        if self.method == "token_choice":
+            probs = logits.float().softmax(-1)
+            if self.score_order == "softmax_topk":  # the same as token_choice_route, sharing the softmax
+                route = topk_route_from_probs(probs, kk, normalize=self.normalize, selection_bias=self._bias(),
+                                              capacity=cap)
+            else:
+                route = token_choice_route(logits, kk, score_order=self.score_order, selection_bias=self._bias(),
+                                           capacity=cap)
+        elif self.method == "expert_choice":
+            cap = min(T, cap if cap is not None else expert_capacity(T, kk, E, 1.0))
+            route = expert_choice_route(logits, cap, selection_bias=self._bias())
+            probs = logits.float().softmax(-1)
+        else:
+            p = logits.float().softmax(-1).view(B, N, E)
+            if self.method == "similarity":
+                _check(q is None and k is None and attn_weights is None,
+                       "the similarity router takes no attention inputs; use method='attention' for those.")
+                probs = similarity_mixed_probs(p, self.sim_proj(x3), causal=self.causal,
+                                               temperature=self.temperature, mix=self.mix)
+            else:
+                if q is not None:
+                    q = q if q.dim() == 4 else q.unsqueeze(0)
+                    k = k if k is None or k.dim() == 4 else k.unsqueeze(0)
+                probs = attention_mixed_probs(p, q=q, k=k, attn_weights=attn_weights, causal=self.causal,
+                                              mix=self.mix)
+            probs = probs.reshape(T, E)
+            route = topk_route_from_probs(probs, kk, normalize=self.normalize, selection_bias=self._bias(),
+                                          capacity=cap)
+        if self.training and self.balance_bias_rate > 0:
+            update_selection_bias(self.selection_bias, route.counts, self.balance_bias_rate)
+        return RouterOutput(route, logits, probs)

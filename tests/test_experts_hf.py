@@ -1,0 +1,95 @@
+"""Hugging Face plug-in: swapped routers keep Mixtral/Qwen2-MoE outputs (logits, router logits,
+aux loss) intact when the routing is the model's own; routed experts dispatch matches the model's."""
+
+import pytest
+import torch
+
+from routed.integrations.hf_moe import swap_moe_routers, use_routed_experts
+from routed.route import RouteError
+from routed.testing import assert_close_rel
+
+
+def _mixtral(attn="eager"):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2,
+                        attn_implementation=attn, output_router_logits=True, router_aux_loss_coef=0.02)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def _qwen():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
+                         shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False,
+                         attn_implementation="eager", output_router_logits=True, router_aux_loss_coef=0.02)
+    return Qwen2MoeForCausalLM(cfg).eval()
+
+
+def _ids():
+    return torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("make", [_mixtral, _qwen])
+def test_swapped_router_keeps_outputs_exactly(make):
+    model, ids = make(), _ids()
+    with torch.no_grad():
+        before = model(ids, labels=ids)
+        gates = swap_moe_routers(model)
+        after = model(ids, labels=ids)
+    assert len(gates) == 2 and all(type(g).__name__.startswith("Routed") for g in gates)
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.aux_loss, after.aux_loss) and torch.equal(before.loss, after.loss)
+    assert len(after.router_logits) == 2
+    for a, b in zip(before.router_logits, after.router_logits):
+        assert torch.equal(a, b)
+    assert gates[0].last_route.num_tokens == 26
+
+
+@pytest.mark.parametrize("make", [_mixtral, _qwen])
+def test_routed_experts_dispatch_matches_model(make):
+    model, ids = make(), _ids()
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        before = model(ids).logits
+        n = use_routed_experts(model, backend="loop")
+        after = model(ids).logits
+        base = make().to(torch.float64)
+        base.set_experts_implementation("eager")
+        ref = base(ids).logits
+    assert n == 2 and model.config._experts_implementation == "routed"
+    assert_close_rel(after, ref, before, what="logits")
+
+
+@pytest.mark.parametrize("method", ["similarity", "attention", "expert_choice"])
+def test_other_routers_run_in_the_model_and_feed_its_aux_loss(method):
+    model, ids = _mixtral(), _ids()
+    gates = swap_moe_routers(model, method, causal=method != "expert_choice")
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.aux_loss)
+    out.loss.backward()
+    assert gates[0].weight.grad is not None and gates[0].weight.grad.abs().sum() > 0
+    if method == "similarity":
+        assert gates[0].routed_sim_proj.grad.abs().sum() > 0
+    if method == "expert_choice":  # empty slots reach the model's experts as index E, which it skips
+        assert bool((gates[0].last_route.expert_ids < 0).any())
+
+
+def test_attention_router_needs_eager_attention():
+    model, ids = _mixtral(attn="sdpa"), _ids()
+    swap_moe_routers(model, "attention")
+    with pytest.raises(RouteError, match="attn_implementation='eager'"):
+        model(ids)
+
+
+def test_swap_errors():
+    with pytest.raises(RouteError, match="no transformers top-k router"):
+        swap_moe_routers(torch.nn.Linear(3, 3))
+    with pytest.raises(RouteError, match="not causal"):
+        swap_moe_routers(_mixtral(), "expert_choice")
+    with pytest.raises(RouteError, match="method must be one of"):
+        swap_moe_routers(_mixtral(), "hash")
