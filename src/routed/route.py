@@ -344,9 +344,16 @@ def segment_ids_from_cu_seqlens(cu_seqlens: Tensor, total: Optional[int] = None)
     return (torch.bucketize(tokens, cu[1:], right=True)).to(torch.int32)
 
 
+# Below this many elements the transposed route is allocated at its widest (every query block),
+# which spares the GPU sync that measuring the exact width costs (routes rebuilt every step, as
+# BiFormer's, pay it on every call).
+_SYNC_FREE_TRANSPOSE_ELEMENTS = 1 << 24
+
+
 def transpose_block_ids(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
     """``[Br, Hr, nqb, K]`` key-block ids (-1 padded) -> the query blocks of every key block:
-    ``t_ids [Br, Hr, num_kv_blocks, max_q]`` (int32, -1 padded, sorted) and ``t_counts``."""
+    ``t_ids [Br, Hr, num_kv_blocks, max_q]`` (int32, -1 padded, sorted) and ``t_counts``.
+    ``max_q`` is the largest count, or ``nqb`` when that tensor is small (no GPU sync)."""
     br, hr, nqb, k = ids.shape
     live = ids >= 0
     row = torch.arange(br * hr, device=ids.device).view(br, hr, 1, 1).expand(br, hr, nqb, k)
@@ -356,7 +363,10 @@ def transpose_block_ids(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor
     order = torch.argsort(kv_row * nqb + q_of)
     kv_row, q_of = kv_row[order], q_of[order]
     t_counts = torch.bincount(kv_row, minlength=br * hr * num_kv_blocks)
-    width = max(int(t_counts.max()) if t_counts.numel() else 0, 1)
+    if br * hr * num_kv_blocks * nqb <= _SYNC_FREE_TRANSPOSE_ELEMENTS:
+        width = max(nqb, 1)  # the widest a row can be: no device-to-host sync for the exact width
+    else:
+        width = max(int(t_counts.max()) if t_counts.numel() else 0, 1)
     starts = torch.cumsum(t_counts, 0) - t_counts
     rank = torch.arange(kv_row.numel(), device=ids.device) - starts[kv_row]
     t_ids = torch.full((br * hr * num_kv_blocks, width), -1, dtype=torch.int32, device=ids.device)

@@ -72,10 +72,11 @@ def _own_tile(tile: int, block: int) -> int:
 
 
 def _walked_tile(tile: int, block: int) -> int:
-    """Tile over the walked side: as for the own side when a block holds whole tiles, else the
-    candidate tile, filled with rows gathered from several routed blocks."""
+    """Tile over the walked side: tiles of one block when the block holds whole tiles of at least
+    64 rows (or of the candidate size), else the candidate tile, filled with rows gathered from
+    several routed blocks (blocks of 16 or 32 would otherwise run 16- or 32-row tiles)."""
     p = _pow2_divisor(block, 128)
-    return min(tile, p) if p >= MIN_TILE else tile
+    return min(tile, p) if p >= min(tile, 64) else tile
 
 
 def _fit(candidates, q_block: int, kv_block: int, use_tma: bool, own: str = "q") -> list[dict]:
@@ -178,6 +179,8 @@ def clean_block_counts(ids: Tensor, counts: Tensor, q_len: int, kv_len: int, q_b
     ``all_masked`` (explicit positions or segments): no block is known to be clean."""
     if all_masked:
         return torch.zeros_like(counts)
+    if not causal and kv_len % kv_block_size == 0:  # every block whole and visible
+        return counts
     live = torch.arange(ids.shape[-1], device=ids.device) < counts[..., None]
     k_end = (ids.long() + 1) * kv_block_size
     clean = live & (k_end <= kv_len)
@@ -192,7 +195,9 @@ def masked_query_counts(t_ids: Tensor, t_counts: Tensor, q_len: int, kv_len: int
     """``[Br, Hr, nkb]`` int32: how many of each key block's query blocks (transposed route,
     sorted) need a mask; they lead, since later query blocks see the whole key block."""
     if all_masked:
-        return t_counts.clone()
+        return t_counts
+    if not causal and kv_len % kv_block_size == 0:
+        return torch.zeros_like(t_counts)
     live = torch.arange(t_ids.shape[-1], device=t_ids.device) < t_counts[..., None]
     k_end = (torch.arange(t_ids.shape[2], device=t_ids.device) + 1) * kv_block_size
     masked = (k_end > kv_len)[:, None].expand(t_ids.shape[2], t_ids.shape[3])
