@@ -195,3 +195,25 @@ def test_grouped_mm_named_on_cpu_raises_instead_of_falling_back():
 def test_grouped_mm_matches_reference_on_gpu(T, E, k):
     leaves, ids = _setup(T, 256, 128, E, k, seed=E, dtype=torch.bfloat16, empty_expert=3)
     _check(leaves, ids, E, "grouped_mm")
+
+
+def test_fused_ops_trace_under_torch_compile_without_graph_breaks():
+    from routed.ops.expert_dispatch.triton_ops import moe_combine, moe_gather, moe_swiglu
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16, generator=g, device=DEVICE, requires_grad=True)
+    w = torch.rand(6, 2, generator=g, device=DEVICE, requires_grad=True)
+    rows = torch.randperm(12, generator=g).to(DEVICE)
+    inv = torch.empty(12, dtype=torch.int64, device=DEVICE)
+    inv[rows] = torch.arange(12, device=DEVICE)  # sorted row r holds slot rows[r], of token rows[r] // 2
+    tok = rows // 2
+
+    def f(x, w):
+        xs = moe_gather(x, tok, inv.view(6, 2).clone())
+        return moe_combine(moe_swiglu(torch.cat([xs, 2 * xs], 1)), inv.view(6, 2), w)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    a, b = compiled(x, w), f(x, w)
+    assert torch.allclose(a, b)
+    ga, gb = torch.autograd.grad(a.square().sum(), (x, w)), torch.autograd.grad(b.square().sum(), (x, w))
+    assert all(torch.allclose(u, v) for u, v in zip(ga, gb))
