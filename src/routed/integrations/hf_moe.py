@@ -14,6 +14,8 @@ of the same decoder layer, which a forward hook on ``self_attn`` hands over. Tha
 with ``attn_implementation="eager"`` (SDPA and flash kernels never materialise it): the router
 raises otherwise. The ``router_logits`` of a mixing router are ``log(p~)``, the log of the mixed
 distribution experts were picked from, so that the model's auxiliary loss sees the real routing.
+The mixing runs over every token of a row, padding included (causal mixing keeps right padding out
+of the real tokens).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ _SUBCLASSES: dict[type, type] = {}
 
 
 def is_hf_topk_router(module: nn.Module) -> bool:
-    """A transformers top-k router: a ``*TopKRouter`` with ``weight [E, H]``, ``top_k`` and ``num_experts``."""
-    return (type(module).__name__.endswith("TopKRouter") and hasattr(module, "top_k")
-            and hasattr(module, "num_experts") and isinstance(getattr(module, "weight", None), nn.Parameter))
+    """A transformers top-k router: a ``*TopKRouter`` with ``weight [E, H]``, ``top_k``, ``num_experts``
+    and ``hidden_dim`` (Mixtral's and Qwen2-MoE's in transformers 5.x)."""
+    return (type(module).__name__.endswith("TopKRouter")
+            and all(hasattr(module, a) for a in ("top_k", "num_experts", "hidden_dim"))
+            and isinstance(getattr(module, "weight", None), nn.Parameter))
 
 
 class _RoutedRouterMixin:
