@@ -146,8 +146,9 @@ def expert_choice_route(logits: Tensor, capacity: int, *, selection_bias: Option
     ``softmax(logits)[:, e]`` (+ ``selection_bias[e]``, which does not change an expert's own
     ranking and is accepted for symmetry); weights are those probabilities.
 
-    Returns a route with ``k`` = the most experts any token got (``-1``-padded). Not causal: an
-    expert's choice of token ``t`` depends on every token of ``logits``, later ones included.
+    Returns a route with ``k`` = the most experts any token got (``-1``-padded; measuring it is
+    one device-to-host copy). Not causal: an expert's choice of token ``t`` depends on every token
+    of ``logits``, later ones included.
     """
     _check_logits(logits)
     T, E = logits.shape
