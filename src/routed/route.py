@@ -353,26 +353,30 @@ _SYNC_FREE_TRANSPOSE_ELEMENTS = 1 << 24
 def transpose_block_ids(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
     """``[Br, Hr, nqb, K]`` key-block ids (-1 padded) -> the query blocks of every key block:
     ``t_ids [Br, Hr, num_kv_blocks, max_q]`` (int32, -1 padded, sorted) and ``t_counts``.
-    ``max_q`` is the largest count, or ``nqb`` when that tensor is small (no GPU sync)."""
+    ``max_q`` is the largest count, or ``nqb`` when that tensor is small: then nothing here waits
+    for the GPU (no boolean indexing, no data-dependent size)."""
     br, hr, nqb, k = ids.shape
+    rows = br * hr * num_kv_blocks
+    spare = rows  # padding slots (-1) go to one extra row, dropped at the end
     live = ids >= 0
-    row = torch.arange(br * hr, device=ids.device).view(br, hr, 1, 1).expand(br, hr, nqb, k)
-    qblk = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(br, hr, nqb, k)
-    kv_row = (row * num_kv_blocks + ids.long())[live]  # (bh, key block) of each routed pair
-    q_of = qblk[live]
+    bh = torch.arange(br * hr, device=ids.device).view(br, hr, 1, 1)
+    kv_row = torch.where(live, bh * num_kv_blocks + ids.long(), spare).flatten()  # (bh, key block) per pair
+    q_of = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(br, hr, nqb, k).flatten()
     order = torch.argsort(kv_row * nqb + q_of)
     kv_row, q_of = kv_row[order], q_of[order]
-    t_counts = torch.bincount(kv_row, minlength=br * hr * num_kv_blocks)
-    if br * hr * num_kv_blocks * nqb <= _SYNC_FREE_TRANSPOSE_ELEMENTS:
+    t_counts = torch.zeros(rows + 1, dtype=torch.int64, device=ids.device)
+    t_counts.scatter_add_(0, kv_row, torch.ones_like(kv_row))
+    if rows * nqb <= _SYNC_FREE_TRANSPOSE_ELEMENTS:
         width = max(nqb, 1)  # the widest a row can be: no device-to-host sync for the exact width
     else:
-        width = max(int(t_counts.max()) if t_counts.numel() else 0, 1)
+        width = max(int(t_counts[:rows].max()) if rows else 0, 1)
     starts = torch.cumsum(t_counts, 0) - t_counts
     rank = torch.arange(kv_row.numel(), device=ids.device) - starts[kv_row]
-    t_ids = torch.full((br * hr * num_kv_blocks, width), -1, dtype=torch.int32, device=ids.device)
+    rank = torch.where(kv_row == spare, 0, rank)
+    t_ids = torch.full((rows + 1, width), -1, dtype=torch.int32, device=ids.device)
     t_ids[kv_row, rank] = q_of.to(torch.int32)
-    return (t_ids.view(br, hr, num_kv_blocks, width),
-            t_counts.to(torch.int32).view(br, hr, num_kv_blocks))
+    return (t_ids[:rows].view(br, hr, num_kv_blocks, width),
+            t_counts[:rows].to(torch.int32).view(br, hr, num_kv_blocks))
 
 
 def _block_reduce(pos: Tensor, block: int, op: str) -> Tensor:
