@@ -2,7 +2,7 @@
 eager Mixtral sparse block (same weights) and a dense SwiGLU MLP with the same active parameters.
 
     PYTHONPATH=src python benchmarks/moe.py --out moe.json            # the GPU run
-    PYTHONPATH=src python benchmarks/moe.py --smoke --out /tmp/m.json  # tiny, any device
+    PYTHONPATH=src python benchmarks/moe.py --smoke --out moe_smoke.json  # tiny, any device
 
 Every layer computes the same active FLOPs per token: ``2 * 3 * H * I * k`` forward (gate, up and
 down projections of ``k`` experts of width ``I``; the dense MLP has width ``k * I``), 3x that

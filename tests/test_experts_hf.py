@@ -79,11 +79,40 @@ def test_other_routers_run_in_the_model_and_feed_its_aux_loss(method):
         assert bool((gates[0].last_route.expert_ids < 0).any())
 
 
-def test_attention_router_needs_eager_attention():
+def test_attention_router_without_the_attention_matrix_matches_eager_weights():
+    # SDPA never builds the attention matrix: the router recomputes A p from the layer's q and k.
+    eager, sdpa, ids = _mixtral(attn="eager"), _mixtral(attn="sdpa"), _ids()
+    ge = swap_moe_routers(eager, "attention", mix=0.9)
+    gs = swap_moe_routers(sdpa, "attention", mix=0.9)
+    assert eager.config._attn_implementation == "eager"
+    assert sdpa.config._attn_implementation == "routed_moe_qk_sdpa"
+    assert not any("self_attn" in k and "gate" in k for k in sdpa.state_dict())  # no router inside attention
+    with torch.no_grad():
+        oe, os_ = eager(ids), sdpa(ids)
+    for a, b in zip(ge, gs):
+        assert torch.equal(a.last_route.expert_ids, b.last_route.expert_ids)
+    for a, b in zip(oe.router_logits, os_.router_logits):
+        assert_close_rel(b, a, floor=1e-5, what="router logits")
+    assert_close_rel(os_.logits, oe.logits, floor=1e-5, what="logits")
+    # The same through the q/k path on eager attention, asked for explicitly.
+    qk = _mixtral(attn="eager")
+    gq = swap_moe_routers(qk, "attention", mix=0.9, attention_source="qk")
+    with torch.no_grad():
+        qk(ids)
+    assert torch.equal(gq[0].last_route.expert_ids, ge[0].last_route.expert_ids)
+
+
+def test_attention_router_errors():
     model, ids = _mixtral(attn="sdpa"), _ids()
-    swap_moe_routers(model, "attention")
+    swap_moe_routers(model, "attention", attention_source="weights")
     with pytest.raises(RouteError, match="attn_implementation='eager'"):
         model(ids)
+    with pytest.raises(RouteError, match="attention_source must be"):
+        swap_moe_routers(_mixtral(), "attention", attention_source="matrix")
+    model = _mixtral(attn="sdpa")
+    swap_moe_routers(model, "attention")
+    with pytest.raises(RouteError, match="KV cache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
 
 
 def test_swap_errors():

@@ -9,10 +9,21 @@ models whose sparse block holds a ``gate`` top-k router and a fused ``experts`` 
   (sorted, grouped GEMM) by registering a ``"routed"`` experts implementation.
 
 For the graph-of-tokens routers the router needs the tokens' sequence layout, which a forward
-pre-hook on the sparse block supplies; the attention-aware router also needs the attention matrix
-of the same decoder layer, which a forward hook on ``self_attn`` hands over. That matrix exists only
-with ``attn_implementation="eager"`` (SDPA and flash kernels never materialise it): the router
-raises otherwise. The ``router_logits`` of a mixing router are ``log(p~)``, the log of the mixed
+pre-hook on the sparse block supplies. The attention-aware router also needs the attention of the
+same decoder layer, in one of two ways (``attention_source``):
+
+* ``"weights"``: the ``[B, H, N, N]`` matrix that ``attn_implementation="eager"`` builds anyway,
+  handed over by a forward hook on ``self_attn``.
+* ``"qk"``: for every other implementation (SDPA, flash, routed), which never build that matrix,
+  the model's attention implementation is wrapped (registered as ``routed_moe_qk_<name>``, with
+  the same mask function) so that it also hands the layer's post-RoPE ``q`` and ``k`` to the router,
+  which recomputes ``mean_h A_h p`` as one attention pass with the gate distributions as values:
+  ``O(N (d + E))`` memory per head, no ``N x N`` tensor, ``2 N^2 (d + E)`` FLOPs per head (half
+  when causal) on top of the layer's own attention.
+
+``"auto"`` (the default) takes ``"weights"`` under eager attention and ``"qk"`` otherwise. Either
+needs the whole sequence in one call: with a KV cache (decoding) the router has no gate
+distributions for the cached tokens and raises. The ``router_logits`` of a mixing router are ``log(p~)``, the log of the mixed
 distribution experts were picked from, so that the model's auxiliary loss sees the real routing.
 The mixing runs over every token of a row, padding included (causal mixing keeps right padding out
 of the real tokens).
@@ -20,6 +31,9 @@ of the real tokens).
 
 from __future__ import annotations
 
+import re
+import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -77,11 +91,25 @@ class _RoutedRouterMixin:
                                                mix=opts["mix"])
             else:
                 attn = self.__dict__.pop("_routed_attn", None)
-                if attn is None:
-                    raise RouteError("the attention-aware router found no attention weights from this layer's "
-                                     "self_attn: load the model with attn_implementation='eager' (SDPA and flash "
-                                     "attention never build the attention matrix).")
-                probs = attention_mixed_probs(p, attn_weights=attn, causal=opts["causal"], mix=opts["mix"])
+                qk = self.__dict__.pop("_routed_qk", None)
+                if attn is None and qk is None:
+                    raise RouteError("the attention-aware router got nothing from this layer's self_attn: with "
+                                     "attention_source='weights' load the model with attn_implementation='eager' "
+                                     "(SDPA and flash attention never build the attention matrix), or swap with "
+                                     "attention_source='qk' (or 'auto').")
+                if qk is not None:
+                    q, key, scale = qk
+                    if key.shape[2] != N:
+                        raise RouteError(f"attention-aware routing saw {key.shape[2]} keys for {N} queries: with a KV "
+                                         "cache the router has no gate distributions for the cached tokens; run the "
+                                         "whole sequence at once (use_cache=False).")
+                    probs = attention_mixed_probs(p, q=q, k=key, causal=opts["causal"], scale=scale, mix=opts["mix"])
+                else:
+                    if attn.shape[-1] != N:
+                        raise RouteError(f"attention-aware routing saw attention over {attn.shape[-1]} keys for {N} "
+                                         "queries: with a KV cache the router has no gate distributions for the "
+                                         "cached tokens; run the whole sequence at once (use_cache=False).")
+                    probs = attention_mixed_probs(p, attn_weights=attn, causal=opts["causal"], mix=opts["mix"])
             probs = probs.reshape(T, E)
             route = topk_route_from_probs(probs, k, normalize=self._routed_normalize, capacity=cap)
             out_logits = probs.clamp_min(1e-20).log().to(logits.dtype)
@@ -115,7 +143,7 @@ def _attn_hook(gate: nn.Module):
 
 def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_order: str = "softmax_topk",
                      capacity_factor: Optional[float] = None, causal: bool = True, similarity_dim: int = 64,
-                     temperature: float = 0.1, mix: float = 0.5) -> list[nn.Module]:
+                     temperature: float = 0.1, mix: float = 0.5, attention_source: str = "auto") -> list[nn.Module]:
     """Replace, in place, the routing of every transformers top-k router in ``model``.
 
     Args:
@@ -126,11 +154,16 @@ def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_or
             :class:`routed.routers.experts.ExpertRouter`.
         similarity_dim: size of the new (trainable, randomly initialised) feature projection of the
             similarity router, ``routed_sim_proj [similarity_dim, H]``.
+        attention_source: the attention router's input: ``"weights"``, ``"qk"`` or ``"auto"`` (see
+            the module docstring). ``"qk"`` changes ``model.config._attn_implementation`` to a
+            wrapper of the current one.
     Returns the swapped routers (each records its last :class:`~routed.route.ExpertRoute` in
     ``last_route``). Raises if the model has none.
     """
     if method not in ROUTER_METHODS:
         raise RouteError(f"method must be one of {ROUTER_METHODS}, got {method!r}.")
+    if attention_source not in ("auto", "weights", "qk"):
+        raise RouteError(f"attention_source must be 'auto', 'weights' or 'qk', got {attention_source!r}.")
     if method == "expert_choice" and causal:
         raise RouteError("expert-choice routing is not causal (each expert ranks all tokens); pass causal=False to "
                          "accept that.")
@@ -158,25 +191,69 @@ def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_or
         raise RouteError(f"{type(model).__name__} has no transformers top-k router (a module '.gate' of a class "
                          "named '*TopKRouter'); nothing to swap.")
     if method == "attention":
-        _hook_attention(model)
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if attention_source == "auto":
+            attention_source = "weights" if impl in (None, "eager") else "qk"
+        _hook_attention(model, attention_source)
+        if attention_source == "qk":
+            _use_qk_capturing_attention(model)
     return swapped
 
 
-def _hook_attention(model: nn.Module) -> None:
-    """Hand each decoder layer's attention weights to the router of the same layer."""
+# attention module -> the router of its decoder layer (weak keys: no reference cycle, nothing in
+# the model's state_dict, unlike an attribute holding the router module)
+_QK_GATES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+QK_PREFIX = "routed_moe_qk_"
+
+
+def _hook_attention(model: nn.Module, source: str) -> None:
+    """Connect each decoder layer's attention to the router of the same layer."""
     hooked = 0
     for layer in model.modules():
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         gate = getattr(mlp, "gate", None)
         if attn is None or gate is None or not isinstance(gate, _RoutedRouterMixin):
             continue
-        if not getattr(attn, "_routed_attn_hooked", False):
+        if source == "qk":
+            _QK_GATES[attn] = gate
+        elif not getattr(attn, "_routed_attn_hooked", False):
             attn.register_forward_hook(_attn_hook(gate))
             attn._routed_attn_hooked = True
         hooked += 1
     if not hooked:
         raise RouteError("attention-aware routing needs decoder layers with 'self_attn' and an 'mlp' holding the "
                          "router; none found.")
+
+
+def _qk_capturing(base: str):
+    """An attention implementation that runs ``base`` and hands q, k (and the scale) to the layer's router."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        gate = _QK_GATES.get(module)
+        if gate is not None:
+            gate._routed_qk = (query, key, kwargs.get("scaling"))
+        if base == "eager":  # eager is each model's own function, not in the registry
+            fn = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            fn = ALL_ATTENTION_FUNCTIONS[base]
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    return forward
+
+
+def _use_qk_capturing_attention(model: nn.Module) -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    base = model.config._attn_implementation or "eager"
+    if base.startswith(QK_PREFIX):
+        return
+    name = QK_PREFIX + re.sub(r"[^0-9A-Za-z_]", "_", base)
+    AttentionInterface.register(name, _qk_capturing(base))
+    if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:  # the same masks as the wrapped implementation
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    model.set_attn_implementation(name)
 
 
 def _routed_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
