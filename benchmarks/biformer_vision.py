@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -209,8 +210,16 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     header = machine_header()
-    header["command"] = " ".join(["python", "benchmarks/biformer_vision.py"] + list(sys.argv[1:] if argv is None else argv))
+    cli = list(sys.argv[1:] if argv is None else argv)
+    # The device tool's output folder is a machine path: record it as $OUT.
+    cli = ["$OUT" if os.environ.get("OUT") and a == os.environ["OUT"] else a for a in cli]
+    header["command"] = " ".join(["python", "benchmarks/biformer_vision.py"] + cli)
     result: dict = {"machine": header}
+    out_json = args.out / "biformer_vision.json"
+
+    def save() -> None:   # after every phase, so a run cut short still leaves what it measured
+        result["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        out_json.write_text(json.dumps(result, indent=2) + "\n")
 
     # (a) throughput
     tp_cfg = dict(batch=2, size=224, repeats=2, iters=1) if args.smoke else dict(batch=64, size=224, repeats=10, iters=5)
@@ -221,6 +230,7 @@ def main(argv=None) -> int:
             print("throughput", rows[-1], flush=True)
     result["throughput"] = {"config": {**tp_cfg, "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                                        "mode": "forward, eval, inference_mode, random weights"}, "rows": rows}
+    save()
 
     # (b) quality
     scene = SceneConfig(canvas=64, scale=(1.0, 1.5), clutter=6, clutter_size=10) if args.smoke else \
@@ -254,6 +264,9 @@ def main(argv=None) -> int:
         models[attn_type], r = train(attn_type, cfg, steps, train_x, train_y, test_x, test_y, device)
         runs.append(r)
         print("quality", r, flush=True)
+        result["quality_runs_so_far"] = runs
+        save()
+    result.pop("quality_runs_so_far")
     density = [None if k < 0 else round(k / cfg["n_win"] ** 2, 4) for k in cfg["topks"]]
     result["quality"] = {
         "task": "cluttered Fashion-MNIST scenes: one item among clutter patches cut from other items; 10 classes",
@@ -291,8 +304,7 @@ def main(argv=None) -> int:
         pictures.append({"file": name, "scene": idx, "stage": stage + 1, "query_region": q,
                          "routed_regions": sorted(set(r.region_ids[0, q].tolist()))})
     result["pictures"] = pictures
-    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    (args.out / "biformer_vision.json").write_text(json.dumps(result, indent=2) + "\n")
+    save()
 
     print(f"\n{header['gpu'] or 'CPU'}  torch {header['torch']}  triton {header['triton']}  "
           f"total {result['total_seconds']}s")
