@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-timm = pytest.importorskip("timm", reason="timm is in the vision extra: pip install -e '.[vision]'")
+import timm  # the vision extra (pip install -e '.[vision]'); CI installs it, so no skip
 
-import routed.models  # noqa: E402,F401  (registers the BiFormer entrypoints with timm)
-from routed.models.biformer import (BiFormer, BRABlock, WindowRegionAttention,  # noqa: E402
-                                    static_region_ids)
+import routed.models  # noqa: F401  (registers the BiFormer entrypoints with timm)
+from routed.layers.bra import BiLevelRoutingAttention
+from routed.models.biformer import BiFormer, BRABlock, WindowRegionAttention, static_region_ids
 
 TINY = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), head_dim=16, topks=(1, 2, 4, -2), n_win=2)
 
@@ -201,6 +201,17 @@ def test_window_attention_with_every_region_is_dense_attention(hw):
     o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=attn.scale)
     o = o.transpose(1, 2).reshape(2, H, W, dim) + attn.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     torch.testing.assert_close(y, attn.wo(o))
+
+
+def test_window_and_bra_agree_when_both_see_every_region():
+    # Same parameters (state dicts load across), same kernels: with topk = n_win**2 routing has no
+    # choice to make, so the two modules compute the same function.
+    torch.manual_seed(0)
+    bra = BiLevelRoutingAttention(24, num_heads=3, n_win=3, topk=9)
+    win = WindowRegionAttention(24, num_heads=3, n_win=3, topk=9)
+    win.load_state_dict(bra.state_dict())
+    x = torch.randn(2, 11, 8, 24)
+    torch.testing.assert_close(win(x), bra(x), atol=1e-5, rtol=1e-4)
 
 
 def test_bra_block_standalone_nchw():

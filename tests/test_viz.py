@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("matplotlib", reason="matplotlib is in the plot extra: pip install -e '.[plot]'")
-
-from routed.viz import draw_bra_routing  # noqa: E402
+from routed.viz import draw_bra_routing  # matplotlib comes with the dev and plot extras
 
 
 def fake_routing(ids, S=4, region=(8, 8)):
