@@ -32,6 +32,8 @@ def test_token_choice_softmax_then_topk(k):
     raw = token_choice_route(logits, k, normalize=False)
     assert_close_rel(raw.weights, top.values, floor=1e-6, what="unnormalised weights")
     assert r.counts.sum() == 53 * k and r.dropped_fraction() == 0
+    same = topk_route_from_probs(logits.softmax(-1), k)
+    assert torch.equal(same.expert_ids, r.expert_ids) and torch.equal(same.order, r.order)
 
 
 def test_token_choice_topk_then_softmax():

@@ -24,7 +24,6 @@ import logging
 import os
 from typing import Callable, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
