@@ -183,6 +183,34 @@ def train(attn_type: str, cfg: dict, steps: int, train_x, train_y, test_x, test_
                    "train_acc": round(train_acc, 4), "test_acc": round(acc, 4)}
 
 
+@torch.no_grad()
+def routing_stats(model: BiFormer, images: torch.Tensor, boxes: np.ndarray, device, batch: int = 256) -> list[dict]:
+    """How content-dependent the learned routes are, per routed stage, over ``images``:
+    ``distinct_sets``: distinct routed sets among the query regions of one image (1 = every query
+    region routes to the same regions; n_win**2 = all differ), averaged over images;
+    ``own_region``: fraction of query regions whose routed set holds the region itself;
+    ``target_region``: fraction of query regions routed to the region holding the target's centre."""
+    model.eval()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with amp:
+        routings = model.routings(to_input(images[:batch]))
+    stats = []
+    for stage, per_block in enumerate(routings):
+        if per_block[0] is None:
+            continue
+        r = per_block[0]
+        ids = r.region_ids.cpu()                                       # [B, S*S, topk]
+        S, n = r.grid.grid, ids.shape[0]
+        stride = 4 * 2 ** stage
+        distinct = statistics.mean(len({tuple(row) for row in ids[b].tolist()}) for b in range(n))
+        own = (ids == torch.arange(S * S)[None, :, None]).any(-1).float().mean().item()
+        target = torch.tensor([region_of(boxes[b], stride, r.region_hw[0], S) for b in range(n)])
+        hit = (ids == target[:, None, None]).any(-1).float().mean().item()
+        stats.append({"stage": stage + 1, "block": 1, "topk": ids.shape[-1], "regions": S * S,
+                      "distinct_sets": round(distinct, 2), "own_region": round(own, 3), "target_region": round(hit, 3)})
+    return stats
+
+
 def region_of(box, stride: int, region_tokens: int, n_win: int) -> int:
     """The region (row * n_win + col) holding the centre of a pixel box, on a map of the given stride."""
     top, left, h, w = box
@@ -278,6 +306,10 @@ def main(argv=None) -> int:
                            "4: a 2x2 block holding it), the same number of key regions as BRA routes to",
         "calibration_s_per_step": {k: round(v, 4) for k, v in calib.items()}, "runs": runs,
     }
+
+    result["quality"]["routing_stats"] = routing_stats(models["bra"], test_x, te["boxes"], device)
+    print("routing", result["quality"]["routing_stats"], flush=True)
+    save()
 
     # (c) routing pictures: stage 2 (stride 8) of the trained routed model on a test scene.
     model = models["bra"].eval()
