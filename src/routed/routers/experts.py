@@ -182,6 +182,19 @@ def _mix(probs: Tensor, mixed: Tensor, mix: float) -> Tensor:
     return mixed if mix == 1.0 else (1.0 - mix) * probs + mix * mixed
 
 
+def _attend_values(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> Tensor:
+    """``softmax(q k^T * scale) v`` through ``scaled_dot_product_attention`` with one head dim for
+    q/k and v: the fused kernels (flash on CPU and GPU, memory-efficient) want equal dims, and the
+    math fallback they would otherwise leave would build the ``N x N`` scores. Zero columns change
+    neither ``q k^T`` nor the kept columns of the output."""
+    d, e = q.shape[-1], v.shape[-1]
+    if e < d:
+        v = F.pad(v, (0, d - e))
+    elif d < e:
+        q, k = F.pad(q, (0, e - d)), F.pad(k, (0, e - d))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)[..., :e]
+
+
 def similarity_mixed_probs(probs: Tensor, features: Tensor, *, causal: bool, temperature: float = 0.1,
                            mix: float = 0.5) -> Tensor:
     """Similarity-aware gate distributions ``(1 - mix) p + mix S p``, ``S = softmax_j(<f_i, f_j> / temperature)``.
@@ -198,7 +211,7 @@ def similarity_mixed_probs(probs: Tensor, features: Tensor, *, causal: bool, tem
            f"features must be [batch, seq, dim] matching probs {list(probs.shape[:2])}, got {list(features.shape)}.")
     _check(temperature > 0, f"temperature must be > 0, got {temperature}.")
     f = F.normalize(features.to(probs.dtype), dim=-1).unsqueeze(1)  # [B, 1, N, d]
-    mixed = F.scaled_dot_product_attention(f, f, probs.unsqueeze(1), is_causal=causal, scale=1.0 / temperature)
+    mixed = _attend_values(f, f, probs.unsqueeze(1), causal=causal, scale=1.0 / temperature)
     return _mix(probs, mixed.squeeze(1), mix)
 
 
@@ -237,7 +250,8 @@ def attention_mixed_probs(probs: Tensor, *, q: Optional[Tensor] = None, k: Optio
     if hkv != hq:
         k = k.repeat_interleave(hq // hkv, dim=1)
     v = probs.to(q.dtype).unsqueeze(1).expand(B, hq, N, E)
-    mixed = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).mean(1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mixed = _attend_values(q, k, v, causal=causal, scale=scale).mean(1)
     return _mix(probs, mixed.to(probs.dtype), mix)
 
 
