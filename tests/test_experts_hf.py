@@ -122,3 +122,18 @@ def test_swap_errors():
         swap_moe_routers(_mixtral(), "expert_choice")
     with pytest.raises(RouteError, match="method must be one of"):
         swap_moe_routers(_mixtral(), "hash")
+
+
+def test_aux_loss_free_balancing_in_a_model():
+    model, ids = _mixtral(), _ids()
+    gates = swap_moe_routers(model, balance_bias_rate=0.01)
+    assert "model.layers.0.mlp.gate.routed_selection_bias" in model.state_dict()
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert bool((gates[0].routed_selection_bias == 0).all())  # no update outside training
+    model.train()
+    with torch.no_grad():
+        model(ids)
+    bias, counts = gates[0].routed_selection_bias, gates[0].last_route.counts.float()
+    assert torch.equal(torch.sign(bias), torch.sign(counts.mean() - counts)) and bias.abs().sum() > 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from routed.experts_metrics import expert_load, load_imbalance, router_entropy, routing_fluctuation, top1_experts
-from routed.layers.moe import RoutedMoE
+from routed.layers.moe import RoutedMoE, moe_balance_loss
 from routed.ops.expert_dispatch import expert_mlp_reference
 from routed.route import ExpertRoute, RouteError
 from routed.routers.experts import (ExpertRouter, attention_mixed_probs, expert_choice_route, router_z_loss,
@@ -291,3 +291,13 @@ def test_routed_moe_errors():
     with pytest.raises(RouteError, match=r"x must be \[batch, seq, 8\]"):
         moe(torch.randn(1, 5, 9))
     assert RoutedMoE(8, 4, 4, 2).balance_loss is None
+
+
+def test_moe_balance_loss_sums_the_layers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(RoutedMoE(8, 4, 4, 2, aux_loss_coef=0.1), RoutedMoE(8, 4, 4, 2, z_loss_coef=0.01),
+                                RoutedMoE(8, 4, 4, 2))
+    assert moe_balance_loss(model) is None  # nothing ran yet
+    model(torch.randn(1, 9, 8))
+    want = 0.1 * model[0].last.aux_loss + 0.01 * model[1].last.z_loss
+    assert torch.allclose(moe_balance_loss(model), want)

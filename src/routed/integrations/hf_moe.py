@@ -44,7 +44,8 @@ from torch import Tensor
 from ..ops.expert_dispatch import expert_mlp
 from ..route import ExpertRoute, RouteError
 from ..routers.experts import (ROUTER_METHODS, attention_mixed_probs, expert_capacity, expert_choice_route,
-                               similarity_mixed_probs, token_choice_route, topk_route_from_probs)
+                               similarity_mixed_probs, token_choice_route, topk_route_from_probs,
+                               update_selection_bias)
 
 __all__ = ["swap_moe_routers", "use_routed_experts", "is_hf_topk_router"]
 
@@ -73,11 +74,12 @@ class _RoutedRouterMixin:
         T = h.shape[0]
         cap = None if opts["capacity_factor"] is None else expert_capacity(T, k, E, opts["capacity_factor"])
         out_logits = logits
+        bias = self.routed_selection_bias if opts["balance_bias_rate"] > 0 else None
         if method == "token_choice":
             route = token_choice_route(logits, k, score_order=opts["score_order"], normalize=self._routed_normalize,
-                                       capacity=cap)
+                                       selection_bias=bias, capacity=cap)
         elif method == "expert_choice":
-            route = expert_choice_route(logits, min(T, cap or expert_capacity(T, k, E, 1.0)))
+            route = expert_choice_route(logits, min(T, cap or expert_capacity(T, k, E, 1.0)), selection_bias=bias)
         else:
             bn = self.__dict__.pop("_routed_bn", None) or (1, T)
             B, N = bn
@@ -111,8 +113,11 @@ class _RoutedRouterMixin:
                                          "cached tokens; run the whole sequence at once (use_cache=False).")
                     probs = attention_mixed_probs(p, attn_weights=attn, causal=opts["causal"], mix=opts["mix"])
             probs = probs.reshape(T, E)
-            route = topk_route_from_probs(probs, k, normalize=self._routed_normalize, capacity=cap)
+            route = topk_route_from_probs(probs, k, normalize=self._routed_normalize, selection_bias=bias,
+                                          capacity=cap)
             out_logits = probs.clamp_min(1e-20).log().to(logits.dtype)
+        if bias is not None and self.training:
+            update_selection_bias(self.routed_selection_bias, route.counts, opts["balance_bias_rate"])
         self.last_route = route
         idx = torch.where(route.expert_ids >= 0, route.expert_ids.long(), torch.full_like(route.expert_ids.long(), E))
         scores = route.weights
@@ -143,7 +148,8 @@ def _attn_hook(gate: nn.Module):
 
 def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_order: str = "softmax_topk",
                      capacity_factor: Optional[float] = None, causal: bool = True, similarity_dim: int = 64,
-                     temperature: float = 0.1, mix: float = 0.5, attention_source: str = "auto") -> list[nn.Module]:
+                     temperature: float = 0.1, mix: float = 0.5, attention_source: str = "auto",
+                     balance_bias_rate: float = 0.0) -> list[nn.Module]:
     """Replace, in place, the routing of every transformers top-k router in ``model``.
 
     Args:
@@ -157,6 +163,9 @@ def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_or
         attention_source: the attention router's input: ``"weights"``, ``"qk"`` or ``"auto"`` (see
             the module docstring). ``"qk"`` changes ``model.config._attn_implementation`` to a
             wrapper of the current one.
+        balance_bias_rate: > 0 turns on auxiliary-loss-free balancing: a per-expert selection bias
+            (buffer ``routed_selection_bias``, saved with the model) added to the scores only to
+            choose experts, moved by this rate after each training-mode call (DeepSeek-V3: 1e-3).
     Returns the swapped routers (each records its last :class:`~routed.route.ExpertRoute` in
     ``last_route``). Raises if the model has none.
     """
@@ -179,7 +188,9 @@ def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_or
         gate._routed_normalize = bool(getattr(gate, "norm_topk_prob", True))
         gate._routed_cast_scores = hasattr(gate, "norm_topk_prob")
         gate._routed_opts = dict(method=method, score_order=score_order, capacity_factor=capacity_factor,
-                                 causal=causal, temperature=temperature, mix=mix)
+                                 causal=causal, temperature=temperature, mix=mix, balance_bias_rate=balance_bias_rate)
+        if balance_bias_rate > 0 and not hasattr(gate, "routed_selection_bias"):
+            gate.register_buffer("routed_selection_bias", torch.zeros(gate.num_experts, device=gate.weight.device))
         if method == "similarity" and not hasattr(gate, "routed_sim_proj"):
             w = torch.empty(similarity_dim, gate.hidden_dim, device=gate.weight.device, dtype=gate.weight.dtype)
             gate.routed_sim_proj = nn.Parameter(nn.init.normal_(w, std=gate.hidden_dim ** -0.5))

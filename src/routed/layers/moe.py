@@ -13,7 +13,7 @@ from ..ops.expert_dispatch import expert_mlp
 from ..route import RouteError
 from ..routers.experts import ExpertRouter, RouterOutput
 
-__all__ = ["RoutedMoE"]
+__all__ = ["RoutedMoE", "moe_balance_loss"]
 
 
 class RoutedMoE(nn.Module):
@@ -79,3 +79,10 @@ class RoutedMoE(nn.Module):
         y = expert_mlp(flat, out.route, self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype),
                        backend=self.backend, fused=self.fused)
         return y.view(x.shape)
+
+
+def moe_balance_loss(model: nn.Module) -> Optional[Tensor]:
+    """Sum of the :attr:`RoutedMoE.balance_loss` of every MoE layer in ``model`` after its last
+    forward (None if no layer has one): add it to the training loss."""
+    losses = [m.balance_loss for m in model.modules() if isinstance(m, RoutedMoE) and m.balance_loss is not None]
+    return torch.stack(losses).sum() if losses else None
