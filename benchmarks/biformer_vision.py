@@ -4,7 +4,7 @@ regions per query region, the same FLOPs, no routing) trained for the same steps
 Fashion-MNIST scenes; (c) routing pictures of the trained model on a test scene.
 
     ROUTED_FASHION_MNIST=/folder/with/idx/files python benchmarks/biformer_vision.py --out results/
-    python benchmarks/biformer_vision.py --smoke --out /tmp/bv     # CPU, tiny sizes, a few steps
+    python benchmarks/biformer_vision.py --smoke --out bv_smoke    # CPU, tiny sizes, a few steps
 
 Throughput: forward only, bf16 autocast, batch 64 at 224x224, random weights, eval mode; median over
 repeats timed with CUDA events. Quality: both models see the same scenes in the same order from the
