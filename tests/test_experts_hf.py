@@ -115,6 +115,16 @@ def test_attention_router_errors():
         model.generate(ids, max_new_tokens=2, do_sample=False)
 
 
+def test_mixing_router_needs_the_sequence_layout():
+    model = _mixtral()
+    gates = swap_moe_routers(model, "similarity")
+    h = torch.randn(2, 7, 32)
+    logits, scores, idx = gates[0](h)  # [batch, seq, hidden] carries the layout itself
+    assert logits.shape == (14, 5) and idx.shape == (14, 2)
+    with pytest.raises(RouteError, match=r"needs the tokens' \[batch, seq\] layout"):
+        gates[0](h.reshape(14, 32))
+
+
 def test_swap_errors():
     with pytest.raises(RouteError, match="no transformers top-k router"):
         swap_moe_routers(torch.nn.Linear(3, 3))

@@ -81,11 +81,14 @@ class _RoutedRouterMixin:
         elif method == "expert_choice":
             route = expert_choice_route(logits, min(T, cap or expert_capacity(T, k, E, 1.0)), selection_bias=bias)
         else:
-            bn = self.__dict__.pop("_routed_bn", None) or (1, T)
+            bn = self.__dict__.pop("_routed_bn", None)
+            if hidden_states.dim() == 3:
+                bn = tuple(hidden_states.shape[:2])
+            if bn is None or bn[0] * bn[1] != T:
+                raise RouteError(f"the {method} router needs the tokens' [batch, seq] layout to mix along sequences: "
+                                 f"got {T} flattened tokens and {'no layout' if bn is None else list(bn)}; call the "
+                                 "sparse block (its hook supplies the layout) or pass [batch, seq, hidden].")
             B, N = bn
-            if B * N != T:
-                raise RouteError(f"the router got {T} tokens but its block announced [{B}, {N}]; call the sparse "
-                                 "block, not its gate, or pass one sequence.")
             p = logits.float().softmax(-1).view(B, N, E)
             if method == "similarity":
                 feats = F.linear(h.view(B, N, -1), self.routed_sim_proj.to(h.dtype))
