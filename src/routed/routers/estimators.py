@@ -117,9 +117,15 @@ def select_blocks(probs: Tensor, budget: BlockBudget, *, q_len: int, kv_len: int
         # Forced blocks rank first (probabilities are <= 1), invisible ones last.
         key = torch.where(forced, p + 2.0, p).masked_fill(~visible, -1.0)
         if budget.top_k is not None:
-            top = key.topk(min(budget.top_k, nkb), dim=-1).indices
-            mask = torch.zeros(B, H, nqb, nkb, dtype=torch.bool, device=probs.device)
-            mask.scatter_(-1, top, True)
+            # Forced blocks hold the largest keys, so a top-k of at least their number keeps them
+            # all; the ids come straight from the top-k (sorted), no pass over whole rows.
+            width = min(max(budget.top_k, budget.sink_blocks + budget.local_blocks), nkb)
+            top = key.topk(width, dim=-1)
+            ids = torch.where(top.values >= 0, top.indices, nkb).sort(dim=-1).values
+            counts = (ids < nkb).sum(-1, dtype=torch.int32)
+            ids = torch.where(ids < nkb, ids, -1).to(torch.int32)
+            return BlockRoute(ids.contiguous(), counts, q_len, kv_len, block_size, block_size, causal=True,
+                              validate=False)
         else:
             p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
             order = key.argsort(dim=-1, descending=True)

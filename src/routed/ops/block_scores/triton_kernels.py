@@ -54,7 +54,7 @@ def _pooled_block_probs_kernel(PQ, PK, Out, stride_pqb, stride_pqh, stride_pqn, 
                                stride_ob, stride_oh, stride_om, n_heads_kv, group_size, nqb, nkb, q_len, kv_len,
                                block_size, scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                GROUP_P: tl.constexpr, TILE_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                               REDUCE_MAX: tl.constexpr):
+                               DOT_PRECISION: tl.constexpr, REDUCE_MAX: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_kv
@@ -82,7 +82,7 @@ def _pooled_block_probs_kernel(PQ, PK, Out, stride_pqb, stride_pqh, stride_pqn, 
         pk = tl.load(pk_base + offs_n[:, None] * stride_pkn + offs_d[None, :],
                      mask=(offs_n < nkb)[:, None] & d_ok[None, :], other=0.0)
         cnt = tl.maximum(tl.minimum(kv_len - offs_n * block_size, block_size), 1).to(tl.float32)
-        s = tl.dot(pq, tl.trans(pk), input_precision="ieee") * scale_log2 + tl.log2(cnt)[None, :]
+        s = tl.dot(pq, tl.trans(pk), input_precision=DOT_PRECISION) * scale_log2 + tl.log2(cnt)[None, :]
         vis = (offs_n[None, :] * block_size <= qmax[:, None]) & (offs_n < nkb)[None, :] & row_ok[:, None]
         s = tl.where(vis, s, float("-inf"))
         m_i, l_i = _online_softmax_step(m_i, l_i, s)
@@ -96,7 +96,7 @@ def _pooled_block_probs_kernel(PQ, PK, Out, stride_pqb, stride_pqh, stride_pqn, 
             pk = tl.load(pk_base + offs_n[:, None] * stride_pkn + offs_d[None, :],
                          mask=(offs_n < nkb)[:, None] & d_ok[None, :], other=0.0)
             cnt = tl.maximum(tl.minimum(kv_len - offs_n * block_size, block_size), 1).to(tl.float32)
-            s = tl.dot(pq, tl.trans(pk), input_precision="ieee") * scale_log2 + tl.log2(cnt)[None, :]
+            s = tl.dot(pq, tl.trans(pk), input_precision=DOT_PRECISION) * scale_log2 + tl.log2(cnt)[None, :]
             vis = (offs_n[None, :] * block_size <= qmax[:, None]) & (offs_n < nkb)[None, :] & row_ok[:, None]
             p = tl.where(vis, tl.exp2(s - m_safe[:, None]) * inv_l[:, None], 0.0)
             p3 = tl.reshape(p, (GROUP_P, TILE_Q, BLOCK_N))
@@ -184,15 +184,18 @@ def pooled_block_probs_triton(q: Tensor, k: Tensor, block_size: int, scale: floa
     B, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     pq, pk = block_means(q, block_size), block_means(k, block_size)
+    if q.dtype != torch.float32:  # low-precision inputs: tensor-core dots on means rounded to that precision
+        pq, pk = pq.to(q.dtype), pk.to(q.dtype)
     nqb, nkb = pq.shape[2], pk.shape[2]
     gp = _group_pow2(hq // hkv)
-    tile_q = max(16 // gp, min(MAX_TILE_ROWS // gp, 64), 1)
+    tile_q = max(16 // gp, min(64 // gp, 64), 1)  # 64 rows: the query tile stays in registers
     out = new_output((B, hkv, nqb, nkb), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(nqb, tile_q), B * hkv)
     _pooled_block_probs_kernel[grid](
         pq, pk, out, *pq.stride()[:3], *pk.stride()[:3], *out.stride()[:3], hkv, hq // hkv, nqb, nkb, nq, nk,
         block_size, scale * LOG2E, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP_P=gp,
-        TILE_Q=tile_q, BLOCK_N=64, REDUCE_MAX=head_reduce == "max", num_warps=4)
+        TILE_Q=tile_q, BLOCK_N=64, DOT_PRECISION="ieee" if pq.dtype == torch.float32 else "tf32",
+        REDUCE_MAX=head_reduce == "max", num_warps=4)
     return out
 
 
