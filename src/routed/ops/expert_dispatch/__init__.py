@@ -152,7 +152,7 @@ def expert_mlp(x: Tensor, route: ExpertRoute, gate_up_proj: Tensor, down_proj: T
     if fused and reason is not None:
         raise BackendUnavailable(f"fused=True cannot run this call: {reason}")
     use_fused = (reason is None and x.device.type == "cuda") if fused is None else fused
-    if fused is None:
+    if fused is None and logger.isEnabledFor(logging.DEBUG):
         logger.debug("routed: dispatch kernels around the GEMMs: %s", "fused Triton" if use_fused else
                      f"plain PyTorch ({reason or 'fused kernels are for CUDA GPUs'})")
     return sorted_expert_mlp(x, route, gate_up_proj, down_proj, _GMM[name], act, fused=use_fused)
