@@ -18,8 +18,8 @@ same decoder layer, in one of two ways (``attention_source``):
   the model's attention implementation is wrapped (registered as ``routed_moe_qk_<name>``, with
   the same mask function) so that it also hands the layer's post-RoPE ``q`` and ``k`` to the router,
   which recomputes ``mean_h A_h p`` as one attention pass with the gate distributions as values:
-  ``O(N (d + E))`` memory per head, no ``N x N`` tensor, ``2 N^2 (d + E)`` FLOPs per head (half
-  when causal) on top of the layer's own attention.
+  ``O(N max(d, E))`` memory per head, no ``N x N`` tensor, about ``4 N^2 max(d, E)`` FLOPs per
+  head (half when causal) on top of the layer's own attention.
 
 ``"auto"`` (the default) takes ``"weights"`` under eager attention and ``"qk"`` otherwise. Either
 needs the whole sequence in one call: with a KV cache (decoding) the router has no gate

@@ -19,10 +19,11 @@ Routers:
 
 In causal models the mixing only looks at earlier tokens (``j <= i``). ``S p`` is computed as an
 attention with the gate distributions as values (``scaled_dot_product_attention`` with
-``v = p``), so no ``N x N`` tensor is built: it costs one attention pass of ``2 N^2 (d + E)``
-FLOPs per head (``N^2/2`` when causal), ``d`` the feature or head dim, ``E`` the experts, and
-``O(N (d + E))`` memory per head. Given an explicit ``[B, H, N, N]`` attention matrix (HF eager
-attention with ``output_attentions=True``), it is averaged and used as is.
+``v = p``, both padded to one head dim so that a fused kernel runs), so no ``N x N`` tensor is
+built: it costs one attention pass of about ``4 N^2 max(d, E)`` FLOPs per head (half when
+causal), ``d`` the feature or head dim, ``E`` the experts, and ``O(N max(d, E))`` memory per
+head. Given an explicit ``[B, H, N, N]`` attention matrix (HF eager attention builds one anyway),
+it is averaged over heads and, when causal, masked to earlier tokens and renormalised.
 
 Load balancing, each optional and reported by :class:`ExpertRouter`:
 
