@@ -56,6 +56,47 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_prefill(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.text import load_smollm2, sotu_text
+    from .env import machine_header
+    from .eval_prefill import PrefillEvalConfig, passkey_table, plot_quality_vs_density, run_prefill_eval
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = PrefillEvalConfig(lengths=tuple(args.lengths), policies=tuple(args.policies), block_size=args.block_size,
+                            min_seq_len=args.min_seq_len, dense_layers=tuple(args.dense_layers),
+                            sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, windows=args.windows,
+                            passkey_lengths=tuple(args.passkey_lengths), passkey_depths=tuple(args.passkey_depths),
+                            first_year=args.first_year, last_year=args.last_year, attn_error=not args.no_attn_error,
+                            seed=args.seed)
+    model, tok = load_smollm2(device=args.device)
+    result = run_prefill_eval(model, tok, sotu_text(cfg.first_year, cfg.last_year), cfg,
+                              progress=not args.no_progress)
+    result = {"machine": machine_header(), "command": "routed " + " ".join(sys.argv[1:]),
+              "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)",
+              "text": f"State of the Union addresses {cfg.first_year}-{cfg.last_year}", **result}
+    print(f"{'length':>7} {'policy':<26} {'ppl':>8} {'ratio':>7} {'density':>8} {'attn err':>9} {'s':>6}")
+    for r in result["perplexity"]:
+        err = "" if r["attn_rel_err_mean"] is None else f"{r['attn_rel_err_mean']:.3f}"
+        print(f"{r['length']:>7} {r['policy']:<26} {r['ppl']:>8.3f} {r['ppl_ratio']:>7.4f} {r['density']:>8.3f} "
+              f"{err:>9} {r['seconds']:>6.1f}")
+    result["passkey_accuracy"] = passkey_table(result)
+    print(f"{'length':>7} {'policy':<26} {'passkey':>8} {'density':>8}")
+    for r in result["passkey_accuracy"]:
+        print(f"{r['length']:>7} {r['policy']:<26} {r['accuracy']:>8.2f} {r['density']:>8.3f}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+    if args.plot:
+        plot_quality_vs_density(result, args.plot, title="SmolLM2-135M, routed prefill vs dense (CPU, exact kernels)")
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="routed", description="Content-based routing inside transformers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,6 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="routed-bench.json", help="JSON results path ('' to skip)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_bench)
+
+    ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="evaluation", required=True)
+    s = ev.add_parser("prefill", help="a pretrained LLM (SmolLM2-135M, offline) dense vs routed prefill: "
+                                      "perplexity, attention error, passkey retrieval, density, time")
+    s.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="perplexity prompt lengths")
+    s.add_argument("--policies", nargs="+", default=["pooled:coverage=0.9", "strided:coverage=0.9"],
+                   help="estimator:budget specs, e.g. pooled:coverage=0.9 strided:top_k=8,samples=8")
+    s.add_argument("--block-size", type=int, default=64)
+    s.add_argument("--min-seq-len", type=int, default=1024)
+    s.add_argument("--dense-layers", type=int, nargs="*", default=[])
+    s.add_argument("--sink-blocks", type=int, default=1)
+    s.add_argument("--local-blocks", type=int, default=2)
+    s.add_argument("--windows", type=int, default=1, help="perplexity windows per length")
+    s.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
+    s.add_argument("--passkey-depths", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    s.add_argument("--first-year", type=int, default=1990)
+    s.add_argument("--last-year", type=int, default=2021)
+    s.add_argument("--no-attn-error", action="store_true", help="skip the per-layer attention error (faster)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="routed-eval-prefill.json", help="JSON results path ('' to skip)")
+    s.add_argument("--plot", default="routed-eval-prefill.png", help="quality-vs-density plot ('' to skip)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_eval_prefill)
     return p
 
 
