@@ -221,7 +221,10 @@ def main() -> int:
             return 2
         device, dtype, cfg = torch.device("cuda"), torch.bfloat16, LLAMA_31_8B
         backend = est_backend = "triton"
-    result = {"machine": machine_header(), "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    if os.environ.get("OUT"):  # the device's output folder, recorded as the variable (no machine path)
+        command = command.replace(os.environ["OUT"], "$OUT")
+    result = {"machine": machine_header(), "command": command,
               "config": {"model": "Llama-3.1-8B configuration, random weights" if not args.smoke else "smoke",
                          **{k: v for k, v in cfg.items() if k != "rope_parameters"}, "dtype": str(dtype),
                          "block_size": args.block_size, "logits_to_keep": 1, "batch": 1}, "check": None, "runs": []}
