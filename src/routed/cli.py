@@ -69,6 +69,7 @@ def _cmd_eval_prefill(args: argparse.Namespace) -> int:
                             min_seq_len=args.min_seq_len, dense_layers=tuple(args.dense_layers),
                             sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, windows=args.windows,
                             passkey_lengths=tuple(args.passkey_lengths), passkey_depths=tuple(args.passkey_depths),
+                            passkey_policies=args.passkey_policies,
                             first_year=args.first_year, last_year=args.last_year, attn_error=not args.no_attn_error,
                             seed=args.seed)
     model, tok = load_smollm2(device=args.device)
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--windows", type=int, default=1, help="perplexity windows per length")
     s.add_argument("--passkey-lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     s.add_argument("--passkey-depths", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    s.add_argument("--passkey-policies", type=int, default=1,
+                   help="how many of --policies (from the first) also run the passkey test")
     s.add_argument("--first-year", type=int, default=1990)
     s.add_argument("--last-year", type=int, default=2021)
     s.add_argument("--no-attn-error", action="store_true", help="skip the per-layer attention error (faster)")

@@ -37,6 +37,8 @@ class PrefillEvalConfig:
         windows: perplexity windows (disjoint, consecutive) per length.
         passkey_lengths, passkey_depths: retrieval prompts (depth = fraction of the document
             before the passkey).
+        passkey_policies: how many of ``policies`` (from the first) also run the passkey test
+            (each trial is a full prefill and a few decode steps).
         first_year, last_year: the State of the Union addresses used as text.
         attn_error: also measure each routed layer's attention error (one extra dense attention
             per layer).
@@ -52,6 +54,7 @@ class PrefillEvalConfig:
     windows: int = 1
     passkey_lengths: tuple = (2048, 4096, 8192)
     passkey_depths: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
+    passkey_policies: int = 1
     first_year: int = 1990
     last_year: int = 2021
     attn_error: bool = True
@@ -164,7 +167,8 @@ def run_prefill_eval(model, tok, text: str, cfg: PrefillEvalConfig, progress: bo
     filler = ids_all[need:]
     rng = random.Random(cfg.seed)
     trials = [(n, d, rng.randrange(10000, 99999)) for n in cfg.passkey_lengths for d in cfg.passkey_depths]
-    bar = tqdm([(t, spec, pol) for t in trials for spec, pol in policies], desc="passkey", disable=not progress)
+    chosen = policies[: 1 + cfg.passkey_policies]  # dense first
+    bar = tqdm([(t, spec, pol) for t in trials for spec, pol in chosen], desc="passkey", disable=not progress)
     for (n, depth, key), spec, pol in bar:
         bar.set_postfix_str(f"{n} tokens, depth {depth}, {spec or 'dense'}")
         ids, answer = passkey_prompt(tok, filler, n, depth, key)
