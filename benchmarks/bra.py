@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -163,24 +164,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bra.json")
     ap.add_argument("--sides", type=int, nargs="+", default=[224, 512, 1024])
-    ap.add_argument("--smoke", action="store_true", help="tiny run to check the script (CPU-less GPU check)")
+    ap.add_argument("--smoke", action="store_true", help="one resolution, short timings")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    ap.add_argument("--rep-ms", type=int, default=100, help="timing budget per measurement")
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.bfloat16
-    result = {"machine": machine_header(), "command": " ".join(sys.argv), "dtype": "bfloat16"}
-    result["check"] = check(dev)
-    rows = []
+    # The command as run, with the output folder (a path on the benchmark machine) left out.
+    command = " ".join(Path(a).name if a == args.out else a for a in sys.argv)
+    result = {"machine": machine_header(), "command": command, "dtype": "bfloat16",
+              "autotune": os.environ.get("ROUTED_AUTOTUNE", "1") != "0"}
+    result["check"] = [] if args.no_check else check(dev)
+    rows = result["stages"] = []
     sides = [224] if args.smoke else args.sides
     for side in sides:
         for stage in range(3):
-            row = stage_case(side, stage, dev, dtype, 20 if args.smoke else 100)
+            row = stage_case(side, stage, dev, dtype, 20 if args.smoke else args.rep_ms)
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    result["stages"] = rows
-    result["tuned_configs"] = tuned_configs()
-    Path(args.out).write_text(json.dumps(result, indent=1))
+            result["tuned_configs"] = tuned_configs()
+            Path(args.out).write_text(json.dumps(result, indent=1))  # after every row: a cut run keeps its rows
 
-    print(f"\nall checks ok: {all(r['ok'] for r in result['check'])}")
+    print(f"\nall checks ok: {all(r['ok'] for r in result['check'])} ({len(result['check'])} run)")
     hdr = ("side stage tokens reg topk | core fwd+bwd ms routed / gather / cudnn | x gather x cudnn | "
            "module fwd+bwd ms routed / gather / dense | x gather x dense | peak MiB routed / gather / dense")
     print(hdr)
