@@ -1,3 +1,4 @@
 """Layers: nn.Modules built from a router and an op."""
 
-from .moe import RoutedMoE
+from .bra import BiLevelRoutingAttention, bra_gather_attention
+from .moe import RoutedMoE, moe_balance_loss
