@@ -180,7 +180,7 @@ def breakdown(device, dtype, n, policies, repeats=3) -> dict:
     with sdpa_backend("cudnn" if device.type == "cuda" else "default"):
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         out["sdpa_dense_ms"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    bs = policies[0].block_size
+    bs = policies[0][1].block_size
     out["block_means_qk_ms"] = ms(lambda: (block_means(q, bs), block_means(k, bs)))
     for spec, pol in policies:
         est = pol.router
