@@ -116,6 +116,13 @@ class BiLevelRoutingAttention(nn.Module):
         return (f"dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, n_win={self.n_win}, "
                 f"topk={self.topk}, impl={self.impl!r}, data_format={self.data_format!r}")
 
+    def route_regions(self, grid: RegionGrid, q: Tensor, k: Tensor) -> RegionRouting:
+        """Region level: the top-k key regions of every query region by the dot product of the
+        detached means of its queries and keys (the paper's default). ``q``, ``k``: ``[B, N, qk_dim]``
+        region-major. Subclasses change the choice of regions here (a static-window baseline)."""
+        return region_topk_route(grid.region_means(q.detach()), grid.region_means(k.detach()), grid, self.topk,
+                                 self.scale)
+
     def forward(self, x: Tensor, return_routing: bool = False):
         if x.dim() != 4:
             raise RouteError(f"x must be 4-D ({self.data_format}), got shape {list(x.shape)}.")
@@ -130,9 +137,7 @@ class BiLevelRoutingAttention(nn.Module):
         tokens = grid.to_region_major(qkv)  # [B, N, 2 qk + C], region-major
         qk, heads = self.qk_dim, self.num_heads
         q, k, v = tokens.split([qk, qk, C], dim=-1)
-        # Region level: detached means of each region's queries and keys (the paper's default).
-        routing = region_topk_route(grid.region_means(q.detach()), grid.region_means(k.detach()), grid, self.topk,
-                                    self.scale)
+        routing = self.route_regions(grid, q, k)
 
         def per_head(t: Tensor) -> Tensor:  # [B, N, heads * d] -> [B, heads, N, d] (a view)
             return t.unflatten(-1, (heads, -1)).transpose(1, 2)

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..attention import routed_attention
 from ..layers.bra import BiLevelRoutingAttention
 from ..route import BlockRoute
 from ..routers.regions2d import RegionGrid, RegionRouting
@@ -131,24 +130,10 @@ class WindowRegionAttention(BiLevelRoutingAttention):
             self._routes[key] = RegionRouting(ids[None], grid, route)
         return self._routes[key]
 
-    def forward(self, x: Tensor, return_routing: bool = False):
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [B, H, W, {self.dim}] (NHWC), got shape {list(x.shape)}.")
-        B, H, W, C = x.shape
-        grid = RegionGrid(H, W, self.n_win)
-        qkv = self.qkv(x)
-        q, k, v = grid.to_region_major(qkv).split([self.qk_dim, self.qk_dim, C], dim=-1)
-        routing = self.static_routing(grid, x.device)
-        # [B, N, heads * d] -> [B, heads, N, d]
-        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
-        o = routed_attention(q, k, v, routing.route, scale=self.scale, backend=self.backend)
-        out = grid.from_region_major(o.transpose(1, 2).reshape(B, grid.seq_len, C))
-        if self.lepe is not None:
-            out = out + self.lepe(qkv[..., 2 * self.qk_dim:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        out = self.wo(out)
-        if return_routing:
-            return out, RegionRouting(routing.region_ids.expand(B, -1, -1), grid, routing.route)
-        return out
+    def route_regions(self, grid: RegionGrid, q: Tensor, k: Tensor) -> RegionRouting:
+        """The static neighbourhoods, whatever the content (``q``, ``k`` only give the batch)."""
+        routing = self.static_routing(grid, q.device)
+        return RegionRouting(routing.region_ids.expand(q.shape[0], -1, -1), grid, routing.route)
 
 
 # ------------------------------------------------------------------------------------------------ blocks
