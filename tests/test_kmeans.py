@@ -1,0 +1,167 @@
+"""KMeansRouter (online spherical k-means) and the causal cluster route on the block-sparse kernels."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from routed import routed_attention
+from routed.routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
+from routed.testing import assert_close_rel, block_route_token_mask, dense_attention_f64, poisoned_outputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _clustered(b, h, n, d, directions, seed, noise=0.05):
+    """Vectors scattered around ``directions [h, C, d]``; returns them and each one's true cluster."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randint(0, directions.shape[1], (b, h, n), generator=g)
+    x = directions[torch.arange(h).view(1, h, 1), truth] + noise * torch.randn(b, h, n, d, generator=g)
+    return x * (1 + torch.rand(b, h, n, 1, generator=g)), truth  # norms vary: the k-means is spherical
+
+
+def _directions(h, c, d, seed):
+    return F.normalize(torch.randn(h, c, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_initialises_from_data_in_evaluation_and_recovers_clusters():
+    dirs = _directions(2, 4, 16, seed=0)
+    x, truth = _clustered(2, 2, 200, 16, dirs, seed=1)
+    km = KMeansRouter(2, 16, 4).eval()
+    assert not bool(km.initialized)
+    a = km.assign(x)  # first use, evaluation mode: initialised from x
+    assert bool(km.initialized)
+    assert torch.allclose(km.centroids.norm(dim=-1), torch.ones(2, 4), atol=1e-5)
+    for h in range(2):  # the clustering matches the truth up to relabelling
+        pairs = torch.stack([a[:, h].flatten(), truth[:, h].flatten()], 1).unique(dim=0)
+        assert pairs.shape[0] == 4, pairs
+    before = km.centroids.clone()
+    km.assign(torch.randn(1, 2, 50, 16))  # already initialised: other data does not re-initialise
+    assert torch.equal(km.centroids, before)
+
+
+def test_fewer_tokens_than_clusters():
+    km = KMeansRouter(1, 8, 16)
+    a = km.assign(torch.randn(1, 1, 5, 8))
+    assert a.shape == (1, 1, 5) and bool(km.initialized) and torch.isfinite(km.centroids).all()
+
+
+def test_ema_update_and_commitment_loss():
+    km = KMeansRouter(1, 4, 2, decay=0.0, commitment=0.5)
+    km.centroids.copy_(torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0]]]))
+    km.initialized.fill_(True)
+    x = torch.tensor([[[[2.0, 0.2, 0, 0], [1.0, -0.1, 0, 0], [0, 3.0, 1.0, 0]]]], requires_grad=True)
+    a = km.assign(x)
+    assert a.tolist() == [[[0, 0, 1]]]
+    loss = km.commitment_loss(x, a)
+    xn = F.normalize(x.detach(), dim=-1)
+    want = 0.5 * (xn - km.centroids[0, a[0, 0]]).pow(2).sum(-1).mean()
+    assert torch.allclose(loss, want)
+    loss.backward()
+    assert x.grad is not None and km.centroids.grad is None
+    km.update(x.detach(), a)  # decay 0: the normalised mean direction of the members
+    assert torch.allclose(km.centroids[0, 0], F.normalize(xn[0, 0, :2].sum(0), dim=0), atol=1e-6)
+    assert torch.allclose(km.centroids[0, 1], xn[0, 0, 2], atol=1e-6)
+    km2 = KMeansRouter(1, 4, 3, decay=0.9)
+    km2.assign(x.detach())
+    c = km2.centroids.clone()
+    km2.update(x.detach(), torch.zeros(1, 1, 3, dtype=torch.long))  # clusters 1, 2 have no members
+    assert torch.equal(km2.centroids[0, 1:], c[0, 1:])
+    assert not torch.equal(km2.centroids[0, 0], c[0, 0])
+
+
+def test_state_round_trips_through_save_and_load():
+    km = KMeansRouter(3, 8, 5)
+    x = torch.randn(2, 3, 40, 8)
+    km.train()
+    for _ in range(3):
+        km.update(x, km.assign(x))
+    buf = io.BytesIO()
+    torch.save(km.state_dict(), buf)
+    buf.seek(0)
+    fresh = KMeansRouter(3, 8, 5)
+    fresh.load_state_dict(torch.load(buf))
+    assert bool(fresh.initialized) and torch.equal(fresh.centroids, km.centroids)
+    y = torch.randn(1, 3, 30, 8)
+    assert torch.equal(fresh.assign(y), km.assign(y))
+
+
+def test_balanced_groups_take_the_nearest_tokens():
+    km = KMeansRouter(2, 8, 3)
+    x = torch.randn(2, 2, 33, 8)
+    route = km.balanced_groups(x, 10)
+    ids = route.token_ids
+    assert ids.shape == (2, 2, 3, 10) and bool((ids[..., 1:] > ids[..., :-1]).all())
+    sim = km.similarities(x)  # [B, H, N, C]
+    for b in range(2):
+        for h in range(2):
+            for c in range(3):
+                kth = sim[b, h, :, c].topk(10).values[-1]
+                assert bool((sim[b, h, ids[b, h, c], c] >= kth).all())
+
+
+def _ranks_by_loop(cl):
+    rank = torch.zeros_like(cl)
+    for r in range(cl.shape[0]):
+        seen = {}
+        for t in range(cl.shape[1]):
+            c = int(cl[r, t])
+            rank[r, t] = seen.get(c, 0)
+            seen[c] = seen.get(c, 0) + 1
+    return rank
+
+
+@pytest.mark.parametrize("n,clusters,window", [(37, 3, 8), (64, 5, 16), (10, 7, 4), (1, 2, 16)])
+def test_cluster_window_route_matches_its_definition(n, clusters, window):
+    g = torch.Generator().manual_seed(n)
+    cl = torch.randint(0, clusters, (3, n), generator=g)
+    cl[0] = 1  # one row with a single cluster
+    route, slot_tokens, token_slots = cluster_window_route(cl, clusters, window)
+    assert route.q_len <= n + clusters * (window - 1) and route.q_len % window == 0
+    assert torch.equal(slot_tokens.gather(1, token_slots), torch.arange(n).expand(3, n))
+    rank, counts = cluster_ranks(cl, clusters)
+    assert torch.equal(rank, _ranks_by_loop(cl))
+    assert torch.equal(counts.sum(-1), torch.full((3,), n))
+    # The route's token mask over slots, mapped back to tokens, is the written-out mask.
+    slot_mask = block_route_token_mask(route)[:, 0]  # [R, L, L]
+    tok_mask = slot_mask.gather(1, token_slots[:, :, None].expand(-1, -1, route.q_len))
+    tok_mask = tok_mask.gather(2, token_slots[:, None, :].expand(-1, n, -1))
+    pos = torch.arange(n).expand(3, n)
+    want = cluster_window_mask(cl, rank, pos, cl, rank, pos, window)
+    assert torch.equal(tok_mask, want)
+    # Every query sees itself and at most 2 * window keys.
+    assert bool(want.diagonal(dim1=1, dim2=2).all()) and int(want.sum(-1).max()) <= 2 * window
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_cluster_route_attention_against_float64(backend):
+    """The op the routing layer runs: attention over the cluster-sorted copies, forward and backward,
+    against float64 dense attention under the written-out mask in the original order."""
+    g = torch.Generator().manual_seed(5)
+    R, G, n, d, C, w = 2, 2, 45, 16, 3, 16
+    cl = torch.randint(0, C, (R, n), generator=g)
+    q, k, v = (torch.randn(R, h, n, d, generator=g).to(DEVICE).requires_grad_() for h in (G, 1, 1))
+    route, slot_tokens, token_slots = cluster_window_route(cl.to(DEVICE), C, w)
+    src = slot_tokens.clamp_min(0)
+    L = src.shape[1]
+
+    def perm(x):
+        return x.gather(2, src.view(R, 1, L, 1).expand(R, x.shape[1], L, d))
+
+    with poisoned_outputs():
+        o = routed_attention(perm(q), perm(k), perm(v), route, backend=backend)
+    out = o.gather(2, token_slots.view(R, 1, n, 1).expand(R, G, n, d))
+    rank, _ = cluster_ranks(cl, C)
+    pos = torch.arange(n).expand(R, n)
+    mask = cluster_window_mask(cl, rank, pos, cl, rank, pos, w)[:, None].to(DEVICE)
+    ref, _ = dense_attention_f64(q, k, v, mask, d ** -0.5)
+    base, _ = dense_attention_f64(q, k, v, mask, d ** -0.5, dtype=q.dtype)
+    assert_close_rel(out, ref, base, what="out")
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with poisoned_outputs():
+        got = torch.autograd.grad(out, (q, k, v), do)
+    want = torch.autograd.grad(ref, (q, k, v), do.double())
+    plain = torch.autograd.grad(base, (q, k, v), do)
+    for name, x, r, b in zip(("dq", "dk", "dv"), got, want, plain):
+        assert_close_rel(x, r, b, what=name)
