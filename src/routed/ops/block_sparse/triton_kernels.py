@@ -57,6 +57,21 @@ def _load_rows(base, offs_rows, stride_rows, offs_cols, n_rows, N_COLS: tl.const
 
 
 @triton.jit
+def _own_rows(pid, length, BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The rows program ``pid`` owns: ``(block, offs, ok)``. Aligned: tile ``pid`` of the sequence
+    (tiles divide the blocks). Otherwise ``ceil(BLOCK / TILE)`` tiles per block; rows past the block
+    belong to the next one and are masked."""
+    if ALIGNED:
+        offs = pid * TILE + tl.arange(0, TILE)
+        return (pid * TILE) // BLOCK, offs, offs < length
+    N_SUB: tl.constexpr = (BLOCK + TILE - 1) // TILE
+    blk = pid // N_SUB
+    in_blk = (pid % N_SUB) * TILE + tl.arange(0, TILE)
+    offs = blk * BLOCK + in_blk
+    return blk, offs, (in_blk < BLOCK) & (offs < length)
+
+
+@triton.jit
 def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih,
                 stride_iq, stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div,
                 q_len, pos_offset, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -68,17 +83,7 @@ def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, s
     b = (pid_bh // n_heads_q).to(tl.int64)
     hq = (pid_bh % n_heads_q).to(tl.int64)
     hr = hq // route_head_div
-    if Q_TILE_ALIGNED:
-        q_start = pid_m * BLOCK_M
-        qblk = q_start // Q_BLOCK
-        offs_m = q_start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < q_len
-    else:  # tiles of one block; rows past the block belong to the next one and are masked
-        N_SUB: tl.constexpr = (Q_BLOCK + BLOCK_M - 1) // BLOCK_M
-        qblk = pid_m // N_SUB
-        in_blk = (pid_m % N_SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_m = qblk * Q_BLOCK + in_blk
-        row_ok = (in_blk < Q_BLOCK) & (offs_m < q_len)
+    qblk, offs_m, row_ok = _own_rows(pid_m, q_len, Q_BLOCK, BLOCK_M, Q_TILE_ALIGNED)
     q = _load_rows(Q + b * stride_qb + hq * stride_qh, offs_m, stride_qn, tl.arange(0, BLOCK_D), q_len, HEAD_DIM,
                    True, BLOCK_D == HEAD_DIM)
     if HAS_POS:
@@ -405,16 +410,7 @@ def _block_sparse_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_kv).to(tl.int64)
     hkv = (pid_bh % n_heads_kv).to(tl.int64)
-    if KV_TILE_ALIGNED:
-        kblk = (pid_n * BLOCK_N) // KV_BLOCK
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < kv_len
-    else:  # tiles of one block; rows past the block belong to the next one and are masked
-        N_SUB: tl.constexpr = (KV_BLOCK + BLOCK_N - 1) // BLOCK_N
-        kblk = pid_n // N_SUB
-        in_blk = (pid_n % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_n = kblk * KV_BLOCK + in_blk
-        key_ok = (in_blk < KV_BLOCK) & (offs_n < kv_len)
+    kblk, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = _load_rows(K + b * stride_kb + hkv * stride_kh, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, True,
