@@ -1,0 +1,210 @@
+"""Routing Transformer attention (Roy et al., TACL 2021): clustered heads mixed with local heads.
+
+Routed heads attend inside content clusters learned by online spherical k-means
+(:class:`~routed.routers.kmeans.KMeansRouter`); local heads attend within a sliding window, as
+in the paper's mix. Causal language modelling needs more care than the paper's top-``w``
+balanced clusters give: a token's membership there depends on later tokens, which leaks the
+future into earlier outputs and makes KV-cache decoding differ from the full forward. Here a
+token joins the cluster of its key's nearest centroid and, inside its cluster and in position
+order, attends to its own chunk of ``w`` tokens and the chunk before (at most ``2w`` keys; see
+:func:`~routed.routers.kmeans.cluster_window_route`). The cost stays balanced (``O(N w)``),
+nothing depends on later tokens, and decoding reproduces the full forward exactly.
+
+The clusters run on the block-sparse kernels as a band route over the cluster-sorted order (the
+causal test on original positions). The sort materialises permuted copies of the routed heads'
+q, k and v (``(G + 2) * L * head_dim`` per row, ``L <= N + C (w - 1)``, G query heads per
+key/value head): ``O(N)`` memory, never ``N^2``.
+
+Routed heads carry no rotary embedding: their keys are pure content, so the k-means sees content
+and cached keys can be re-assigned to clusters at decode time (order comes from the causal test
+and from the local heads, which do use rotary).
+
+Config fields (defaults in brackets), beside ``hidden_size``, ``num_attention_heads``,
+``num_key_value_heads`` and ``head_dim``:
+
+* ``routing_heads`` [half the query heads]: query heads that attend inside clusters (a multiple
+  of the GQA group size); the others are local.
+* ``kmeans_clusters`` [16]: centroids per routed key/value head.
+* ``routing_window`` [64]: ``w``, the chunk of a cluster a query attends to (and the one before).
+* ``routing_local_window`` [``routing_window``]: block of the local heads, which see their own
+  block and the one before.
+* ``kmeans_decay`` [0.999], ``kmeans_commitment`` [1e-4]: EMA decay and commitment-loss weight.
+* ``attention_bias`` [False]; ``attention_backend`` [None: automatic] for ``routed_attention``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attention import routed_attention
+from ..routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
+from ..routers.static import sliding_window_route
+from .registry import register_attention
+
+__all__ = ["RoutingAttention", "apply_rotary", "lm_head_dims"]
+
+
+def lm_head_dims(config) -> tuple[int, int, int, int]:
+    """``(hidden, query heads, key/value heads, head_dim)`` of a model config, with a clear error."""
+    hidden = config.hidden_size
+    hq = config.num_attention_heads
+    hkv = getattr(config, "num_key_value_heads", None) or hq
+    d = getattr(config, "head_dim", None) or hidden // hq
+    if hq % hkv:
+        raise ValueError(f"num_attention_heads={hq} must be a multiple of num_key_value_heads={hkv}.")
+    return hidden, hq, hkv, d
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding (the HF ``rotate_half`` layout) of ``x [B, H, N, D]`` with ``cos, sin [B|1, N, D]``."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """SDPA of ``q [B, Hq, Nq, D]`` over ``k, v [B, Hkv, Nk, D]`` with a bool ``mask`` broadcast to
+    ``[B, Hq, Nq, Nk]`` (the decode path: ``Nq`` is small, so the mask is ``O(Nk)`` per query)."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@register_attention("routing")
+class RoutingAttention(nn.Module):
+    """Routing Transformer attention layer (the registry interface; see :mod:`routed.layers.registry`).
+
+    ``forward(hidden_states [B, N, hidden], position_embeddings (cos, sin) [B, N, head_dim],
+    past_key_values=None, cache_position=None) -> (out [B, N, hidden], aux_loss)``; ``aux_loss`` is
+    the k-means commitment loss in training, None in evaluation. In training every call also moves
+    the centroids (EMA). Any sequence length.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        hidden, hq, hkv, d = lm_head_dims(config)
+        self.layer_idx, self.hq, self.hkv, self.head_dim = layer_idx, hq, hkv, d
+        self.group = hq // hkv
+        routed = getattr(config, "routing_heads", None)
+        routed = hq // 2 if routed is None else routed
+        if not 0 <= routed <= hq or routed % self.group:
+            raise ValueError(f"routing_heads={routed} must lie in [0, {hq}] and be a multiple of the GQA group size "
+                             f"{self.group} (num_attention_heads / num_key_value_heads), so routed heads own whole "
+                             "key/value heads.")
+        self.kv_routed = routed // self.group
+        self.kv_local = hkv - self.kv_routed
+        self.clusters = int(getattr(config, "kmeans_clusters", 16))
+        self.window = int(getattr(config, "routing_window", 64))
+        self.local_window = int(getattr(config, "routing_local_window", None) or self.window)
+        if self.window < 1 or self.local_window < 1 or self.clusters < 1:
+            raise ValueError(f"routing_window ({self.window}), routing_local_window ({self.local_window}) and "
+                             f"kmeans_clusters ({self.clusters}) must be >= 1.")
+        self.backend = getattr(config, "attention_backend", None)
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_proj = nn.Linear(hidden, hq * d, bias=bias)
+        self.k_proj = nn.Linear(hidden, hkv * d, bias=bias)
+        self.v_proj = nn.Linear(hidden, hkv * d, bias=bias)
+        self.o_proj = nn.Linear(hq * d, hidden, bias=bias)
+        self.kmeans = (KMeansRouter(self.kv_routed, d, self.clusters, decay=float(getattr(config, "kmeans_decay", 0.999)),
+                                    commitment=float(getattr(config, "kmeans_commitment", 1e-4)))
+                       if self.kv_routed else None)
+
+    def extra_repr(self) -> str:
+        return (f"routed_kv_heads={self.kv_routed}, local_kv_heads={self.kv_local}, clusters={self.clusters}, "
+                f"window={self.window}, local_window={self.local_window}")
+
+    # --------------------------------------------------------------------------------------------
+    def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], past_key_values=None,
+                cache_position: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
+        B, N, _ = hidden_states.shape
+        d, G, kl = self.head_dim, self.group, self.kv_local
+        q = self.q_proj(hidden_states).view(B, N, self.hq, d).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(B, N, self.hkv, d).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(B, N, self.hkv, d).transpose(1, 2)
+        cos, sin = position_embeddings
+        # Rotary on the local heads only (routed keys stay pure content, see the module docstring).
+        q = torch.cat([apply_rotary(q[:, : kl * G], cos, sin), q[:, kl * G:]], 1)
+        k = torch.cat([apply_rotary(k[:, :kl], cos, sin), k[:, kl:]], 1)
+        scale = d ** -0.5
+
+        aux = None
+        if self.kmeans is not None:
+            self.kmeans.maybe_init(k[:, kl:])
+            if self.training:
+                aux = self._kmeans_step(q[:, kl * G:], k[:, kl:])
+
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        if k.shape[2] == N:  # no earlier tokens: the kernels over the whole sequence
+            outs = []
+            if kl:
+                route = sliding_window_route(N, block_size=self.local_window, window_blocks=2, causal=True,
+                                             device=q.device)
+                outs.append(routed_attention(q[:, : kl * G], k[:, :kl], v[:, :kl], route, scale=scale,
+                                             backend=self.backend))
+            if self.kv_routed:
+                outs.append(self._routed_full(q[:, kl * G:], k[:, kl:], v[:, kl:], scale))
+        else:  # decoding (or a chunk) after cached tokens: masks over the cache, O(cache) per query
+            outs = self._after_cache(q, k, v, scale)
+        o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+        return self.o_proj(o.transpose(1, 2).reshape(B, N, self.hq * d)), aux
+
+    def _kmeans_step(self, q_r: Tensor, k_r: Tensor) -> Tensor:
+        """Commitment loss of the routed keys and queries to their token's centroid, then one EMA step."""
+        B, _, N, d = k_r.shape
+        cl = self.kmeans.assign(k_r)
+        qg = q_r.reshape(B, self.kv_routed, self.group, N, d)
+        loss = self.kmeans.commitment_loss(k_r, cl)
+        for g in range(self.group):
+            loss = loss + self.kmeans.commitment_loss(qg[:, :, g], cl) / self.group
+        with torch.no_grad():
+            self.kmeans.update(k_r.detach(), cl)
+        return loss
+
+    def _routed_full(self, q_r: Tensor, k_r: Tensor, v_r: Tensor, scale: float) -> Tensor:
+        """Clustered attention of the routed heads over a whole sequence (the kernel path)."""
+        B, Hk, N, d = k_r.shape
+        G, R = self.group, B * Hk
+        with torch.no_grad():
+            cl = self.kmeans.assign(k_r).reshape(R, N)
+            route, slot_tokens, token_slots = cluster_window_route(cl, self.clusters, self.window)
+        L = slot_tokens.shape[1]
+        src = slot_tokens.clamp_min(0)
+
+        def permute(x: Tensor, heads: int) -> Tensor:  # [R, heads, N, d] -> cluster order [R, heads, L, d]
+            return x.reshape(R, heads, N, d).gather(2, src.view(R, 1, L, 1).expand(R, heads, L, d))
+
+        o = routed_attention(permute(q_r, G), permute(k_r, 1), permute(v_r, 1), route, scale=scale,
+                             backend=self.backend)  # [R, G, L, d]
+        o = o.gather(2, token_slots.view(R, 1, N, 1).expand(R, G, N, d))
+        return o.reshape(B, Hk * G, N, d)
+
+    def _after_cache(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> list[Tensor]:
+        """Attention of ``N`` new queries (the last ``N`` cached positions) over the whole cache."""
+        B, _, N, d = q.shape
+        T = k.shape[2]
+        G, kl = self.group, self.kv_local
+        pos_k = torch.arange(T, device=q.device)
+        pos_q = pos_k[T - N:]
+        outs = []
+        if kl:
+            b = self.local_window
+            mask = (torch.div(pos_k, b, rounding_mode="floor")[None, :] >=
+                    torch.div(pos_q, b, rounding_mode="floor")[:, None] - 1) & (pos_k[None, :] <= pos_q[:, None])
+            outs.append(_masked_attention(q[:, : kl * G], k[:, :kl], v[:, :kl], mask, scale))
+        if self.kv_routed:
+            Hk = self.kv_routed
+            R = B * Hk
+            with torch.no_grad():
+                cl = self.kmeans.assign(k[:, kl:]).reshape(R, T)
+                rank, _ = cluster_ranks(cl, self.clusters)
+                pk = pos_k.expand(R, T)
+                mask = cluster_window_mask(cl[:, T - N:], rank[:, T - N:], pk[:, T - N:], cl, rank, pk, self.window)
+            mask = mask.view(B, Hk, 1, N, T).expand(B, Hk, G, N, T).reshape(B, Hk * G, N, T)
+            outs.append(_masked_attention(q[:, kl * G:], k[:, kl:], v[:, kl:], mask, scale))
+        return outs

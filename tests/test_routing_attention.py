@@ -1,0 +1,180 @@
+"""RoutingAttention (Routing Transformer layer): the definition in float64, any length, evaluation
+before training, no causal leakage, KV-cache decoding equal to the full forward, checkpoints."""
+
+import io
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
+
+from routed.layers.registry import attention_class
+from routed.layers.routing_attention import RoutingAttention, apply_rotary
+from routed.testing import poisoned_outputs
+
+
+def _config(**kw):
+    base = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, kmeans_clusters=3,
+                routing_window=8, routing_local_window=8)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def rope(n, d, batch=1, start=0, dtype=torch.float64):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    f = torch.arange(start, start + n, dtype=torch.float64)[:, None] * inv[None]
+    e = torch.cat([f, f], -1)
+    return e.cos()[None].expand(batch, -1, -1).to(dtype), e.sin()[None].expand(batch, -1, -1).to(dtype)
+
+
+def _layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    return RoutingAttention(_config(**kw), 0).double().eval()
+
+
+def _definition(layer, x, cos, sin):
+    """The layer written out in float64 with Python loops for the cluster ranks and dense masks."""
+    B, N, _ = x.shape
+    d, G, kl = layer.head_dim, layer.group, layer.kv_local
+    q = layer.q_proj(x).view(B, N, layer.hq, d).transpose(1, 2)
+    k = layer.k_proj(x).view(B, N, layer.hkv, d).transpose(1, 2)
+    v = layer.v_proj(x).view(B, N, layer.hkv, d).transpose(1, 2)
+    qr, kr = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    pos = torch.arange(N)
+    out = torch.zeros(B, layer.hq, N, d, dtype=x.dtype)
+    for h in range(layer.hq):
+        hk = h // G
+        for b in range(B):
+            if hk < kl:
+                qq, kk = qr[b, h], kr[b, hk]
+                blk = pos // layer.local_window
+                mask = (blk[None, :] >= blk[:, None] - 1) & (pos[None, :] <= pos[:, None])
+            else:
+                qq, kk = q[b, h], k[b, hk]
+                cent = layer.kmeans.centroids[hk - kl]
+                cl = (F.normalize(kk, dim=-1) @ cent.double().T).argmax(-1)
+                rank = torch.tensor([int((cl[:t] == cl[t]).sum()) for t in range(N)])
+                chunk = rank // layer.window
+                mask = (cl[None, :] == cl[:, None]) & (chunk[None, :] >= chunk[:, None] - 1) & \
+                    (pos[None, :] <= pos[:, None])
+            s = (qq @ kk.T) * d ** -0.5
+            out[b, h] = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v[b, hk]
+    return layer.o_proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_registered():
+    assert attention_class("routing") is RoutingAttention
+
+
+@pytest.mark.parametrize("n", [37, 8, 1])
+def test_matches_definition_at_any_length_before_training(n):
+    layer = _layer(kmeans_clusters=3)
+    x = torch.randn(2, n, 64, dtype=torch.float64)
+    cos, sin = rope(n, 16, 2)
+    assert not bool(layer.kmeans.initialized)
+    with poisoned_outputs():
+        out, aux = layer(x, (cos, sin))  # evaluation before any training: initialises from x
+    assert aux is None and bool(layer.kmeans.initialized)
+    torch.testing.assert_close(out, _definition(layer, x, cos, sin), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("routing_heads", [0, 2, 4])
+def test_head_mixes(routing_heads):
+    layer = _layer(routing_heads=routing_heads)
+    x = torch.randn(1, 21, 64, dtype=torch.float64)
+    cos, sin = rope(21, 16)
+    out, _ = layer(x, (cos, sin))
+    torch.testing.assert_close(out, _definition(layer, x, cos, sin), rtol=1e-10, atol=1e-10)
+
+
+def test_bad_routing_heads_say_how_to_fix():
+    with pytest.raises(ValueError, match="multiple of the GQA group size"):
+        RoutingAttention(_config(routing_heads=3), 0)
+
+
+def test_no_causal_leakage():
+    layer = _layer(seed=1)
+    x = torch.randn(2, 40, 64, dtype=torch.float64)
+    cos, sin = rope(40, 16, 2)
+    layer(x, (cos, sin))  # initialise the centroids (from this very input)
+    out = layer(x, (cos, sin))[0]
+    for t in (0, 17, 39):
+        y = x.clone()
+        y[:, t:] = torch.randn_like(y[:, t:]) * 3
+        torch.testing.assert_close(layer(y, (cos, sin))[0][:, :t], out[:, :t], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prefill", [1, 13, 24])
+def test_kv_cache_decoding_equals_full_forward(prefill):
+    layer = _layer(seed=2)
+    n = 41
+    x = torch.randn(2, n, 64, dtype=torch.float64)
+    cos, sin = rope(n, 16, 2)
+    full = layer(x, (cos, sin))[0]
+    cache = DynamicCache()
+    outs = [layer(x[:, :prefill], (cos[:, :prefill], sin[:, :prefill]), past_key_values=cache,
+                  cache_position=torch.arange(prefill))[0]]
+    t = prefill
+    while t < n:  # steps of 1 and a chunk of 3
+        step = 3 if t == prefill + 2 else 1
+        sl = slice(t, min(n, t + step))
+        outs.append(layer(x[:, sl], (cos[:, sl], sin[:, sl]), past_key_values=cache,
+                          cache_position=torch.arange(sl.start, sl.stop))[0])
+        t = sl.stop
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_training_moves_centroids_and_gives_commitment_loss():
+    torch.manual_seed(3)
+    layer = RoutingAttention(_config(), 0).train()
+    x = torch.randn(2, 30, 64, requires_grad=True)
+    cos, sin = rope(30, 16, 2, dtype=torch.float32)
+    out, aux = layer(x, (cos, sin))
+    c0 = layer.kmeans.centroids.clone()
+    out2, aux2 = layer(x, (cos, sin))
+    assert not torch.equal(layer.kmeans.centroids, c0)
+    assert aux.dim() == 0 and float(aux.detach()) > 0
+    (out2.square().mean() + aux2).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert float(layer.k_proj.weight.grad[-16:].norm()) > 0  # the routed heads' keys learn
+
+
+def test_checkpoint_round_trip():
+    layer = _layer(seed=4)
+    x = torch.randn(1, 25, 64, dtype=torch.float64)
+    cos, sin = rope(25, 16)
+    layer.train()
+    layer(x, (cos, sin))
+    layer.eval()
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = _layer(seed=99)
+    fresh.load_state_dict(torch.load(buf))
+    y = torch.randn(1, 19, 64, dtype=torch.float64)
+    cy = rope(19, 16)
+    torch.testing.assert_close(fresh(y, cy)[0], layer(y, cy)[0], rtol=0, atol=0)
+
+
+def test_triton_backend_matches_reference():
+    torch.manual_seed(5)
+    cfg = _config(attention_backend="triton", routing_window=16, routing_local_window=16)
+    tri = RoutingAttention(cfg, 0)
+    ref = RoutingAttention(_config(attention_backend="reference", routing_window=16, routing_local_window=16), 0)
+    ref.load_state_dict(tri.state_dict())
+    x = torch.randn(1, 50, 64)
+    cos, sin = rope(50, 16, dtype=torch.float32)
+    tri(x, (cos, sin))  # initialise, then copy the centroids over
+    ref.load_state_dict(tri.state_dict())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with poisoned_outputs():
+        oa = tri(xa, (cos, sin))[0]
+    ob = ref(xb, (cos, sin))[0]
+    torch.testing.assert_close(oa, ob, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(oa)
+    with poisoned_outputs():
+        oa.backward(g)
+    ob.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
