@@ -1,0 +1,153 @@
+"""MoSAAttention: expert-choice sparse heads against the TokenRoute definition, the causal threshold
+selection (no leakage, KV-cache decoding equal to the full forward), errors, gradients."""
+
+import types
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from routed import TokenRoute, routed_attention
+from routed.layers.mosa import MoSAAttention, mosa_select
+from routed.layers.registry import attention_class
+from routed.layers.routing_attention import apply_rotary
+from test_routing_attention import assert_round_trips, rope
+
+
+def _config(**kw):
+    base = dict(hidden_size=64, num_attention_heads=4, head_dim=16, mosa_sparsity=4, mosa_local_window=8)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def _layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = MoSAAttention(_config(**kw), 0).double().eval()
+    with torch.no_grad():  # router biases that make the threshold selection pick about a third
+        layer.router.bias.fill_(-0.5)
+    return layer
+
+
+def _definition(layer, x, cos, sin):
+    """Sparse heads as a TokenRoute (one group per head, weights = router scores) over q, k, v
+    projected at every token, on the reference backend; dense heads as masked softmax."""
+    B, N, _ = x.shape
+    d, hd, hs = layer.head_dim, layer.dense_heads, layer.sparse_heads
+    scores = torch.sigmoid(layer.router(x)).transpose(1, 2)
+    ids, picked = mosa_select(scores, layer.sparsity, layer.selection, layer.capacity)
+    qkv = torch.einsum("bnc,hcd->bhnd", x, layer.qkv_sparse)
+    qs, ks, vs = (apply_rotary(t, cos, sin) if i < 2 else t for i, t in enumerate(qkv.split(d, -1)))
+    tok = torch.where(picked, ids, torch.full_like(ids, -1)).unsqueeze(2)
+    w = torch.where(picked, scores.gather(-1, ids), torch.zeros_like(scores.gather(-1, ids))).unsqueeze(2)
+    outs = []
+    if hd:
+        qd, kd, vd = layer.qkv_dense(x).view(B, N, 3, hd, d).permute(2, 0, 3, 1, 4)
+        qd, kd = apply_rotary(qd, cos, sin), apply_rotary(kd, cos, sin)
+        pos = torch.arange(N)
+        mask = pos[None, :] <= pos[:, None]
+        if layer.hybrid == "local":
+            blk = pos // layer.local_window
+            mask = mask & (blk[None, :] >= blk[:, None] - 1)
+        s = (qd @ kd.transpose(-1, -2)) * d ** -0.5
+        outs.append(torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vd)
+    if hs:
+        route = TokenRoute(tok, N, weights=w, causal=True)
+        outs.append(routed_attention(qs, ks, vs, route, backend="reference"))
+    o = torch.cat(outs, 1)
+    return layer.o_proj(o.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_registered():
+    assert attention_class("mosa") is MoSAAttention
+
+
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+@pytest.mark.parametrize("hybrid,heads", [("dense", 2), ("local", 3), ("dense", 4)])
+@pytest.mark.parametrize("n", [37, 1])
+def test_matches_token_route_definition(selection, hybrid, heads, n):
+    layer = _layer(mosa_selection=selection, mosa_hybrid=hybrid, mosa_heads=heads)
+    x = torch.randn(2, n, 64, dtype=torch.float64)
+    cos, sin = rope(n, 16, 2)
+    out, aux = layer(x, (cos, sin))
+    assert aux is None
+    torch.testing.assert_close(out, _definition(layer, x, cos, sin), rtol=1e-10, atol=1e-10)
+
+
+def test_topk_picks_exactly_k_tokens_per_head():
+    scores = torch.rand(2, 3, 50)
+    ids, picked = mosa_select(scores, 8, "topk")
+    assert ids.shape == (2, 3, 7) and bool(picked.all()) and bool((ids[..., 1:] > ids[..., :-1]).all())
+    assert torch.equal(scores.gather(-1, ids).sort(-1).values, scores.topk(7).values.sort(-1).values)
+
+
+def test_threshold_selection_keeps_the_causal_budget():
+    scores = torch.rand(1, 2, 200, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.3  # most are candidates
+    ids, picked = mosa_select(scores, 8, "threshold", capacity=1.25)
+    chosen = torch.zeros(1, 2, 200, dtype=torch.bool).scatter(2, ids, picked)
+    budget = torch.floor(1.25 * (torch.arange(200) + 1) / 8).long() + 1
+    assert bool((chosen.long().cumsum(-1) <= budget).all())
+    assert bool((chosen <= (scores > 0.5)).all())
+
+
+def test_threshold_has_no_causal_leakage():
+    layer = _layer(seed=1, mosa_selection="threshold")
+    x = torch.randn(2, 40, 64, dtype=torch.float64)
+    cos, sin = rope(40, 16, 2)
+    out = layer(x, (cos, sin))[0]
+    for t in (0, 17, 39):
+        y = x.clone()
+        y[:, t:] = torch.randn_like(y[:, t:]) * 3
+        # Not bitwise: the picked set after t changes the masked columns SDPA reduces over.
+        torch.testing.assert_close(layer(y, (cos, sin))[0][:, :t], out[:, :t], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("hybrid", ["dense", "local"])
+def test_threshold_kv_cache_decoding_equals_full_forward(hybrid):
+    layer = _layer(seed=2, mosa_selection="threshold", mosa_hybrid=hybrid)
+    n, prefill = 33, 11
+    x = torch.randn(2, n, 64, dtype=torch.float64)
+    cos, sin = rope(n, 16, 2)
+    full = layer(x, (cos, sin))[0]
+    cache = DynamicCache()
+    outs = [layer(x[:, :prefill], (cos[:, :prefill], sin[:, :prefill]), past_key_values=cache)[0]]
+    for t in range(prefill, n, 2):  # chunks of 2 after the prefill
+        sl = slice(t, min(n, t + 2))
+        outs.append(layer(x[:, sl], (cos[:, sl], sin[:, sl]), past_key_values=cache)[0])
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_topk_decoding_raises_with_the_fix():
+    layer = _layer()
+    cache = DynamicCache()
+    x = torch.randn(1, 9, 64, dtype=torch.float64)
+    cos, sin = rope(10, 16)
+    layer(x, (cos[:, :9], sin[:, :9]), past_key_values=cache)  # the prefill works
+    with pytest.raises(RuntimeError, match="mosa_selection='threshold'"):
+        layer(x[:, :1], (cos[:, 9:], sin[:, 9:]), past_key_values=cache)
+
+
+def test_bad_options_say_what_is_allowed():
+    with pytest.raises(ValueError, match="mosa_selection"):
+        MoSAAttention(_config(mosa_selection="random"), 0)
+    with pytest.raises(ValueError, match="'dense' layer"):
+        MoSAAttention(_config(mosa_heads=0), 0)
+    with pytest.raises(ValueError, match="mosa_hybrid"):
+        MoSAAttention(_config(mosa_hybrid="global"), 0)
+
+
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_training_gradients_reach_the_router(selection):
+    torch.manual_seed(3)
+    layer = MoSAAttention(_config(mosa_selection=selection), 0).train()
+    x = torch.randn(2, 30, 64, requires_grad=True)
+    out, aux = layer(x, rope(30, 16, 2, dtype=torch.float32))
+    loss = out.square().mean() + (0 if aux is None else aux)
+    assert (aux is None) == (selection == "topk")
+    loss.backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert float(layer.router.weight.grad.norm()) > 0
+
+
+def test_checkpoint_round_trip():
+    assert_round_trips(_layer(seed=4), _layer(seed=99))
