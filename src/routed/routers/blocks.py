@@ -1,0 +1,328 @@
+"""Block routers for trained block-sparse attention: MoBA and NSA's selection branch.
+
+Both return a causal :class:`~routed.BlockRoute` whose head axis is the key/value heads by default
+(one route shared by the query heads of a GQA group, so the kernel loads each K/V tile once per
+group), and both always keep, besides their top scorers, the first ``sink_blocks`` key blocks and a
+local window of ``local_blocks`` key blocks ending at the query block's own (diagonal) block.
+
+* :class:`MoBARouter` (Mixture of Block Attention, Lu et al. 2025): key block ``j`` scores
+  ``q . mean(k_j)``. A query block uses the mean of its queries' scores, which is
+  ``mean(q_i) . mean(k_j)`` (the score is linear in ``q``): the pooled-block scores of
+  :mod:`routed.ops.block_scores` (Triton kernel on CUDA, plain PyTorch elsewhere).
+  ``q_block_size=1`` routes every query on its own (the paper's token-level gating, exact under
+  incremental decoding, slower kernels).
+* :class:`NSASelectionRouter` (Native Sparse Attention, Yuan et al. 2025): the compressed
+  branch's attention probabilities, summed over the query heads of a KV group, spread over the
+  selection blocks they overlap, averaged over the queries of a query block.
+
+Queries are the last ``q_len`` positions of the keys (a prefill, or new tokens after a KV cache);
+query block ``i`` holds queries ``i * q_block_size ..`` of ``q`` (blocks start at the first query).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import BackendUnavailable
+from ..ops.block_scores import block_means, estimator_backend_why_not, pooled_block_probs
+from ..route import BlockRoute, RouteError
+
+__all__ = ["block_topk_route", "MoBARouter", "NSASelectionRouter", "compressed_positions", "check_block_options"]
+
+
+def _pos_int(name: str, v, minimum: int = 1) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise RouteError(f"{name} must be an int >= {minimum}, got {v!r}.")
+    return v
+
+
+def check_block_options(*, block_size: int, top_k: int, sink_blocks: int, local_blocks: int,
+                        max_len: Optional[int] = None, what: str = "top_k") -> None:
+    """Raise :class:`RouteError` for a block budget that cannot work (``max_len``: the longest
+    sequence the model is configured for; ``top_k`` may not exceed its number of key blocks)."""
+    _pos_int("block_size", block_size)
+    _pos_int(what, top_k)
+    _pos_int("sink_blocks", sink_blocks, 0)
+    _pos_int("local_blocks", local_blocks, 1)
+    if max_len is not None:
+        nkb = math.ceil(max_len / block_size)
+        if top_k > nkb:
+            raise RouteError(f"{what}={top_k} exceeds the {nkb} key blocks of {block_size} tokens that the longest "
+                             f"sequence ({max_len} tokens) has; lower {what} or raise the maximum length.")
+        if sink_blocks + local_blocks > nkb:
+            raise RouteError(f"sink_blocks + local_blocks = {sink_blocks + local_blocks} exceeds the {nkb} key blocks "
+                             f"of the longest sequence ({max_len} tokens).")
+
+
+def _query_block_extent(q_len: int, kv_len: int, q_block_size: int, kv_block_size: int, device) -> tuple[Tensor, Tensor]:
+    """For every query block: the first key block it overlaps and the key block of its last query
+    (``[nqb]`` each; queries are the last ``q_len`` positions)."""
+    nqb = math.ceil(q_len / q_block_size)
+    qi = torch.arange(nqb, device=device)
+    off = kv_len - q_len
+    first = (qi * q_block_size + off) // kv_block_size
+    last = (torch.clamp((qi + 1) * q_block_size, max=q_len) - 1 + off) // kv_block_size
+    return first, last
+
+
+def block_topk_route(scores: Tensor, *, top_k: int, q_len: int, kv_len: int, q_block_size: int,
+                     kv_block_size: int, sink_blocks: int = 0, local_blocks: int = 1) -> BlockRoute:
+    """The ``top_k`` best-scoring visible key blocks of every query block, as a causal route.
+
+    Args:
+        scores: ``[B, H, nqb, nkb]`` float, higher is better (only visible entries are read).
+        top_k: key blocks per query block, sinks and local window included (more when those
+            alone exceed it; fewer near the start, where fewer blocks are visible).
+        q_len, kv_len, q_block_size, kv_block_size: the route's geometry.
+        sink_blocks: first key blocks, always kept.
+        local_blocks: key blocks ending at the diagonal, always kept (>= 1). Every key block the
+            query block overlaps counts as its own block and is kept too.
+    Returns:
+        A causal :class:`BlockRoute` with ``H`` heads. Ties go to the lower block id (a stable
+        sort), so a prefill and a step-by-step decode choose alike.
+    """
+    nqb, nkb = math.ceil(q_len / q_block_size), math.ceil(kv_len / kv_block_size)
+    if scores.dim() != 4 or scores.shape[2:] != (nqb, nkb):
+        raise RouteError(f"scores must be [batch, heads, {nqb}, {nkb}] for q_len={q_len}, kv_len={kv_len}, "
+                         f"q_block_size={q_block_size}, kv_block_size={kv_block_size}; got {list(scores.shape)}.")
+    _pos_int("top_k", top_k)
+    first, diag = _query_block_extent(q_len, kv_len, q_block_size, kv_block_size, scores.device)
+    kb = torch.arange(nkb, device=scores.device)[None, :]
+    visible = kb <= diag[:, None]
+    forced = visible & ((kb < sink_blocks) | (kb >= torch.minimum(first, diag - local_blocks + 1)[:, None]))
+    key = torch.where(forced, float("inf"), scores.float()).masked_fill(~visible, float("-inf"))
+    # Most key blocks one query block overlaps, from the geometry alone (no GPU sync).
+    own = (q_block_size + kv_block_size - 2) // kv_block_size + 1
+    width = min(max(top_k, sink_blocks + max(local_blocks, own)), nkb)
+    order = key.sort(dim=-1, descending=True, stable=True)
+    ids, vals = order.indices[..., :width], order.values[..., :width]
+    ids = torch.where(vals > float("-inf"), ids, nkb).sort(dim=-1).values
+    counts = (ids < nkb).sum(-1, dtype=torch.int32)
+    ids = torch.where(ids < nkb, ids, -1).to(torch.int32)
+    return BlockRoute(ids.contiguous(), counts.contiguous(), q_len, kv_len, q_block_size, kv_block_size,
+                      causal=True, validate=False)
+
+
+def _check_qk(q: Tensor, k: Tensor) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
+            raise RouteError(f"{name} must be a 4-D floating-point tensor [batch, heads, seq, head_dim], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}.")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise RouteError(f"q {list(q.shape)} and k {list(k.shape)} must share batch and head_dim.")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise RouteError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of key/value "
+                         f"heads ({k.shape[1]}).")
+
+
+class MoBARouter:
+    """MoBA block router: top-k key blocks by ``mean(query block) . mean(key block)``.
+
+    Args:
+        block_size: tokens per key block.
+        top_k: key blocks per query block (sinks and local window included).
+        q_block_size: queries per routing decision (default ``block_size``); ``1`` is the paper's
+            per-token gating.
+        sink_blocks, local_blocks: always-kept first blocks and window ending at the diagonal
+            (MoBA itself: 0 and 1, the query's own block).
+        heads: ``"kv"`` (one route per KV head, scores reduced over the group with ``head_reduce``)
+            or ``"query"`` (one route per query head, as in the paper; the Triton path then
+            scores against a copy of ``k`` repeated per query head).
+        head_reduce: ``"max"`` or ``"mean"`` (``heads="kv"`` only).
+        backend: scoring kernel: ``"triton"`` (needs ``q_block_size == block_size``),
+            ``"reference"``, or None (Triton on CUDA when it can run, else plain PyTorch).
+    Call ``router(q, k, scale=None)``: ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` (``Nk >= Nq``)
+    -> a causal :class:`BlockRoute`. Routing is not differentiable (MoBA's gate is a top-k).
+    """
+
+    def __init__(self, block_size: int = 64, top_k: int = 8, *, q_block_size: Optional[int] = None,
+                 sink_blocks: int = 0, local_blocks: int = 1, heads: str = "kv", head_reduce: str = "max",
+                 backend: Optional[str] = None) -> None:
+        check_block_options(block_size=block_size, top_k=top_k, sink_blocks=sink_blocks, local_blocks=local_blocks)
+        self.q_block_size = block_size if q_block_size is None else _pos_int("q_block_size", q_block_size)
+        if heads not in ("kv", "query"):
+            raise RouteError(f"heads must be 'kv' (one route per key/value head) or 'query', got {heads!r}.")
+        if head_reduce not in ("max", "mean"):
+            raise RouteError(f"head_reduce must be 'max' or 'mean', got {head_reduce!r}.")
+        if backend not in (None, "triton", "reference"):
+            raise ValueError(f"backend must be 'triton', 'reference' or None (automatic), got {backend!r}.")
+        if backend == "triton" and self.q_block_size != block_size:
+            raise BackendUnavailable(f"the Triton pooled-score kernel pools queries and keys with one block size; "
+                                     f"q_block_size={self.q_block_size} differs from block_size={block_size}. Use "
+                                     "backend='reference' or q_block_size=block_size.")
+        self.block_size, self.top_k = block_size, top_k
+        self.sink_blocks, self.local_blocks = sink_blocks, local_blocks
+        self.heads, self.head_reduce, self.backend = heads, head_reduce, backend
+
+    def scores(self, q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> Tensor:
+        """``[B, H, nqb, nkb]`` float32 routing scores (H = KV or query heads): per query head the
+        softmax over the visible key blocks of the pooled scores (plus ``log`` of the block's token
+        count), reduced over the GQA group for ``heads="kv"``. Ranking equals MoBA's raw scores."""
+        _check_qk(q, k)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        if self.heads == "query" and k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        nq, nk = q.shape[2], k.shape[2]
+        # One query block covering every query pools them alike with either block size.
+        same_blocks = self.q_block_size == self.block_size or nq <= min(self.q_block_size, self.block_size)
+        if same_blocks:
+            if self.backend == "triton" or (self.backend is None and q.device.type == "cuda"
+                                            and estimator_backend_why_not(q, self.block_size, False) is None):
+                backend = "triton"
+            else:
+                backend = "reference"
+            return pooled_block_probs(q, k, self.block_size, scale=scale, head_reduce=self.head_reduce,
+                                      backend=backend)
+        return _pooled_probs_torch(q, k, self.q_block_size, self.block_size, scale, self.head_reduce)
+
+    def __call__(self, q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> BlockRoute:
+        with torch.no_grad():
+            s = self.scores(q.detach(), k.detach(), scale=scale)
+            return block_topk_route(s, top_k=self.top_k, q_len=q.shape[2], kv_len=k.shape[2],
+                                    q_block_size=self.q_block_size,
+                                    kv_block_size=self.block_size, sink_blocks=self.sink_blocks,
+                                    local_blocks=self.local_blocks)
+
+    def __repr__(self) -> str:
+        return (f"MoBARouter(block_size={self.block_size}, top_k={self.top_k}, q_block_size={self.q_block_size}, "
+                f"sink_blocks={self.sink_blocks}, local_blocks={self.local_blocks}, heads={self.heads!r}, "
+                f"head_reduce={self.head_reduce!r}, backend={self.backend!r})")
+
+
+def _pooled_probs_torch(q: Tensor, k: Tensor, q_block_size: int, kv_block_size: int, scale: float,
+                        head_reduce: str) -> Tensor:
+    """Pooled-block probabilities with different query and key block sizes (plain PyTorch; the
+    same definition as :func:`~routed.ops.block_scores.reference.pooled_block_probs_reference`)."""
+    B, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    pq, pk = block_means(q, q_block_size), block_means(k, kv_block_size)
+    nqb, nkb = pq.shape[2], pk.shape[2]
+    logits = (pq.view(B, hkv, hq // hkv * nqb, -1) @ pk.transpose(-1, -2)).view(B, hq, nqb, nkb) * scale
+    kcount = torch.clamp(nk - torch.arange(nkb, device=q.device) * kv_block_size, max=kv_block_size).float()
+    _, diag = _query_block_extent(nq, nk, q_block_size, kv_block_size, q.device)
+    visible = torch.arange(nkb, device=q.device)[None, :] <= diag[:, None]
+    p = torch.softmax((logits + kcount.log()).masked_fill(~visible, float("-inf")), dim=-1)
+    p = p.view(B, hkv, hq // hkv, nqb, nkb)
+    return p.amax(2) if head_reduce == "max" else p.mean(2)
+
+
+def compressed_positions(kv_len: int, compress_block: int, compress_stride: int, device=None) -> Tensor:
+    """``[num_compressed]`` int64 position of the last token of every compressed block (block ``i``
+    covers tokens ``i * stride .. i * stride + compress_block - 1``; only whole blocks exist)."""
+    n = max(0, (kv_len - compress_block) // compress_stride + 1)
+    return torch.arange(n, device=device) * compress_stride + (compress_block - 1)
+
+
+def _overlap_weights(num_compressed: int, compress_block: int, compress_stride: int, num_sel_blocks: int,
+                     sel_block: int, device) -> Tensor:
+    """``[num_compressed, num_sel_blocks]``: the share of compressed block ``i``'s tokens that lie in
+    selection block ``j`` (rows sum to 1): how a compressed score spreads over selection blocks."""
+    start = torch.arange(num_compressed, device=device, dtype=torch.float64)[:, None] * compress_stride
+    lo = torch.arange(num_sel_blocks, device=device, dtype=torch.float64)[None, :] * sel_block
+    inter = (torch.minimum(start + compress_block, lo + sel_block) - torch.maximum(start, lo)).clamp_min(0)
+    return (inter / compress_block).float()
+
+
+class NSASelectionRouter:
+    """NSA selection: top-n key blocks by the compressed branch's attention probabilities.
+
+    Args:
+        block_size: tokens per selection block (``l'`` in the paper).
+        top_n: selection blocks per query block (sinks and local window included).
+        compress_block, compress_stride: the compressed branch's block length ``l`` and stride
+            ``d``; ``d`` must divide both ``l`` and ``block_size`` (the paper's condition).
+        q_block_size: queries per routing decision (default ``block_size``; ``1`` selects per query,
+            exact under incremental decoding).
+        sink_blocks, local_blocks: always-kept blocks (the paper keeps 1 initial and 2 local).
+        chunk: queries scored at once (bounds the ``chunk x num_compressed`` temporary).
+        backend: ``"reference"`` or None. There is no Triton scoring kernel yet; asking for one raises.
+    Call ``router(q, k_cmp, lse_cmp, kv_len, scale=None)``: ``q [B, Hq, Nq, D]``, the compressed
+    keys ``k_cmp [B, Hkv, Nc, D]`` and the compressed branch's log-sum-exp ``lse_cmp [B, Hq, Nq]``
+    (``-inf`` where a query sees no compressed block; recomputed when None) -> a causal KV-head
+    :class:`BlockRoute` over the ``kv_len`` real keys.
+    """
+
+    def __init__(self, block_size: int = 64, top_n: int = 16, *, compress_block: int = 32, compress_stride: int = 16,
+                 q_block_size: Optional[int] = None, sink_blocks: int = 1, local_blocks: int = 2, chunk: int = 4096,
+                 backend: Optional[str] = None) -> None:
+        check_block_options(block_size=block_size, top_k=top_n, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                            what="top_n")
+        _pos_int("compress_block", compress_block)
+        _pos_int("compress_stride", compress_stride)
+        if compress_block % compress_stride or block_size % compress_stride:
+            raise RouteError(f"compress_stride={compress_stride} must divide both compress_block={compress_block} and "
+                             f"the selection block_size={block_size} (NSA's condition: compressed blocks then tile the "
+                             "selection blocks exactly); e.g. compress_block=32, compress_stride=16, block_size=64.")
+        if backend == "triton":
+            raise BackendUnavailable("NSA selection scoring has no Triton kernel yet; use backend='reference' or None.")
+        if backend not in (None, "reference"):
+            raise ValueError(f"backend must be 'reference' or None, got {backend!r}.")
+        self.block_size, self.top_n = block_size, top_n
+        self.compress_block, self.compress_stride = compress_block, compress_stride
+        self.q_block_size = block_size if q_block_size is None else _pos_int("q_block_size", q_block_size)
+        self.sink_blocks, self.local_blocks = sink_blocks, local_blocks
+        self.chunk = _pos_int("chunk", chunk)
+        self.backend = backend
+
+    def scores(self, q: Tensor, k_cmp: Tensor, lse_cmp: Optional[Tensor], kv_len: int, *,
+               scale: Optional[float] = None) -> Tensor:
+        """``[B, Hkv, nqb, num_sel_blocks]`` float32: for every query block, the mean over its
+        queries of the compressed attention mass each selection block holds (summed over the
+        group's query heads)."""
+        _check_qk(q, k_cmp)
+        B, hq, nq, d = q.shape
+        hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
+        if kv_len < nq:
+            raise RouteError(f"kv_len={kv_len} is smaller than the {nq} queries; queries are the last positions.")
+        expect = compressed_positions(kv_len, self.compress_block, self.compress_stride).numel()
+        if nc != expect:
+            raise RouteError(f"k_cmp has {nc} compressed keys but kv_len={kv_len} with compress_block="
+                             f"{self.compress_block}, compress_stride={self.compress_stride} gives {expect}.")
+        scale = d ** -0.5 if scale is None else float(scale)
+        qbs = self.q_block_size
+        nqb, nsb = math.ceil(nq / qbs), math.ceil(kv_len / self.block_size)
+        out = torch.zeros(B, hkv, nqb, nsb, dtype=torch.float32, device=q.device)
+        if nc == 0:
+            return out
+        w = _overlap_weights(nc, self.compress_block, self.compress_stride, nsb, self.block_size, q.device)
+        ends = compressed_positions(kv_len, self.compress_block, self.compress_stride, q.device)
+        kc = k_cmp.float()
+        g = hq // hkv
+        step = max(qbs, (self.chunk // qbs) * qbs)  # whole query blocks per chunk
+        for s0 in range(0, nq, step):
+            s1 = min(nq, s0 + step)
+            qc = q[:, :, s0:s1].float()
+            logits = (qc.reshape(B, hkv, g * (s1 - s0), d) @ kc.transpose(-1, -2)).view(B, hq, s1 - s0, nc) * scale
+            pos = torch.arange(s0, s1, device=q.device) + (kv_len - nq)
+            vis = ends[None, :] <= pos[:, None]
+            if lse_cmp is None:
+                lse = torch.logsumexp(logits.masked_fill(~vis, float("-inf")), dim=-1)
+            else:
+                lse = lse_cmp[:, :, s0:s1].float()
+            lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # sees nothing -> p = 0
+            p = torch.exp(logits - lse[..., None]).masked_fill(~vis, 0.0)
+            p = p.view(B, hkv, g, s1 - s0, nc).sum(2) @ w  # [B, Hkv, rows, nsb]
+            rows = s1 - s0
+            nb = math.ceil(rows / qbs)
+            p = torch.nn.functional.pad(p, (0, 0, 0, nb * qbs - rows)).view(B, hkv, nb, qbs, nsb).sum(3)
+            cnt = torch.clamp(rows - torch.arange(nb, device=q.device) * qbs, max=qbs).float()
+            out[:, :, s0 // qbs: s0 // qbs + nb] = p / cnt[:, None]
+        return out
+
+    def __call__(self, q: Tensor, k_cmp: Tensor, lse_cmp: Optional[Tensor], kv_len: int, *,
+                 scale: Optional[float] = None) -> BlockRoute:
+        with torch.no_grad():
+            s = self.scores(q.detach(), k_cmp.detach(), None if lse_cmp is None else lse_cmp.detach(), kv_len,
+                            scale=scale)
+            return block_topk_route(s, top_k=self.top_n, q_len=q.shape[2], kv_len=kv_len,
+                                    q_block_size=self.q_block_size, kv_block_size=self.block_size,
+                                    sink_blocks=self.sink_blocks, local_blocks=self.local_blocks)
+
+    def __repr__(self) -> str:
+        return (f"NSASelectionRouter(block_size={self.block_size}, top_n={self.top_n}, compress_block="
+                f"{self.compress_block}, compress_stride={self.compress_stride}, q_block_size={self.q_block_size}, "
+                f"sink_blocks={self.sink_blocks}, local_blocks={self.local_blocks}, backend={self.backend!r})")

@@ -1,0 +1,145 @@
+"""MoBA and NSA selection routers: their kernels against their references, their routes against
+definitions written out with loops, and the errors bad options raise."""
+
+import math
+
+import pytest
+import torch
+
+from routed import BlockRoute
+from routed.backends import BackendUnavailable
+from routed.route import RouteError
+from routed.routers.blocks import (MoBARouter, NSASelectionRouter, block_topk_route, check_block_options,
+                                   compressed_positions)
+
+
+def _topk_definition(scores, top_k, q_len, kv_len, qbs, kbs, sinks, local):
+    """Loop form: forced = sinks + local window + every block the query block overlaps; then the
+    best-scoring visible others (ties to the lower id) until top_k; [B, H, nqb, nkb] bool."""
+    B, H, nqb, nkb = scores.shape
+    own = (qbs + kbs - 2) // kbs + 1
+    width = min(max(top_k, sinks + max(local, own)), nkb)
+    mask = torch.zeros(B, H, nqb, nkb, dtype=torch.bool)
+    off = kv_len - q_len
+    for i in range(nqb):
+        first = (i * qbs + off) // kbs
+        diag = (min((i + 1) * qbs, q_len) - 1 + off) // kbs
+        visible = list(range(diag + 1))
+        forced = [j for j in visible if j < sinks or j >= min(first, diag - local + 1)]
+        for b in range(B):
+            for h in range(H):
+                rest = sorted((j for j in visible if j not in forced), key=lambda j: (-float(scores[b, h, i, j]), j))
+                keep = forced + rest[: max(0, width - len(forced))]
+                mask[b, h, i, keep] = True
+    return mask
+
+
+@pytest.mark.parametrize("q_len,kv_len,qbs,kbs,top_k,sinks,local", [
+    (100, 100, 16, 16, 3, 1, 1), (37, 100, 16, 16, 4, 0, 2), (1, 90, 16, 16, 3, 1, 1),
+    (64, 64, 1, 16, 2, 0, 1), (50, 80, 32, 16, 2, 1, 1)])
+def test_block_topk_route_matches_definition(q_len, kv_len, qbs, kbs, top_k, sinks, local):
+    g = torch.Generator().manual_seed(0)
+    nqb, nkb = math.ceil(q_len / qbs), math.ceil(kv_len / kbs)
+    scores = torch.rand(2, 3, nqb, nkb, generator=g)
+    scores[0, 0, :, 1] = scores[0, 0, :, 2]  # a tie: the lower id wins
+    route = block_topk_route(scores, top_k=top_k, q_len=q_len, kv_len=kv_len, q_block_size=qbs, kv_block_size=kbs,
+                             sink_blocks=sinks, local_blocks=local)
+    BlockRoute(route.kv_block_ids, route.kv_block_counts, q_len, kv_len, qbs, kbs, causal=True)  # validates
+    assert torch.equal(route.to_block_mask(), _topk_definition(scores, top_k, q_len, kv_len, qbs, kbs, sinks, local))
+
+
+def _moba_scores_f64(q, k, qbs, kbs):
+    """Per query head: the mean over a query block's queries of ``q . mean(k block)``, float64."""
+    B, hq, nq, d = q.shape
+    k = k.double().repeat_interleave(hq // k.shape[1], dim=1)
+    nkb = math.ceil(k.shape[2] / kbs)
+    kmean = torch.stack([k[:, :, j * kbs:(j + 1) * kbs].mean(2) for j in range(nkb)], 2)
+    tok = q.double() @ kmean.transpose(-1, -2)  # [B, hq, nq, nkb]
+    return torch.stack([tok[:, :, i * qbs:(i + 1) * qbs].mean(2) for i in range(math.ceil(nq / qbs))], 2)
+
+
+@pytest.mark.parametrize("nq,nk,hq,hkv,qbs", [(96, 96, 4, 4, 32), (40, 130, 4, 2, 32), (64, 64, 2, 1, 1),
+                                              (1, 77, 4, 2, 32)])
+def test_moba_router_ranks_like_the_definition(nq, nk, hq, hkv, qbs):
+    """Per query head (heads="query") the route keeps the top-k of MoBA's own scores."""
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, hq, nq, 16, generator=g), torch.randn(1, hkv, nk, 16, generator=g)
+    router = MoBARouter(32, 3, q_block_size=qbs, heads="query", backend="reference")
+    route = router(q, k)
+    assert route.kv_block_ids.shape[1] == hq and route.causal
+    ref = _moba_scores_f64(q, k, qbs, 32)
+    expect = _topk_definition(ref, 3, nq, nk, qbs, 32, 0, 1)
+    assert torch.equal(route.to_block_mask(), expect)
+
+
+@pytest.mark.parametrize("heads,head_reduce", [("kv", "max"), ("kv", "mean"), ("query", "max")])
+def test_moba_router_triton_equals_reference(heads, head_reduce):
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 4, 200, 32, generator=g), torch.randn(2, 2, 200, 32, generator=g)
+    tri = MoBARouter(32, 3, heads=heads, head_reduce=head_reduce, backend="triton")
+    ref = MoBARouter(32, 3, heads=heads, head_reduce=head_reduce, backend="reference")
+    s_tri, s_ref = tri.scores(q, k), ref.scores(q, k)
+    torch.testing.assert_close(s_tri, s_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(tri(q, k).to_block_mask(), ref(q, k).to_block_mask())
+
+
+def _nsa_scores_f64(q, k_cmp, kv_len, lb, stride, sel, qbs):
+    """Loop form of NSA's selection scores: per query, the compressed softmax over the blocks
+    that ended, each block's probability spread over the selection blocks by token overlap,
+    summed over the group's heads; averaged over the query block."""
+    B, hq, nq, d = q.shape
+    hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
+    nsb = math.ceil(kv_len / sel)
+    kc = k_cmp.double().repeat_interleave(hq // hkv, dim=1)
+    out = torch.zeros(B, hkv, math.ceil(nq / qbs), nsb, dtype=torch.float64)
+    for t in range(nq):
+        pos = t + kv_len - nq
+        vis = [i for i in range(nc) if i * stride + lb - 1 <= pos]
+        if not vis:
+            continue
+        p = torch.softmax(q[:, :, t].double()[:, :, None, :].mul(d ** -0.5).mul(kc[:, :, vis]).sum(-1), -1)
+        p = p.view(B, hkv, hq // hkv, len(vis)).sum(2)
+        for col, i in enumerate(vis):
+            for tok in range(i * stride, i * stride + lb):
+                out[:, :, t // qbs, tok // sel] += p[:, :, col] / lb
+    cnt = torch.tensor([min(qbs, nq - i * qbs) for i in range(out.shape[2])], dtype=torch.float64)
+    return out / cnt[:, None]
+
+
+@pytest.mark.parametrize("nq,nk,qbs,chunk", [(80, 80, 16, 4096), (20, 90, 16, 16), (48, 48, 1, 16)])
+def test_nsa_selection_scores_match_definition(nq, nk, qbs, chunk):
+    g = torch.Generator().manual_seed(3)
+    lb, stride, sel = 8, 4, 16
+    nc = compressed_positions(nk, lb, stride).numel()
+    q, kc = torch.randn(1, 4, nq, 16, generator=g), torch.randn(1, 2, nc, 16, generator=g)
+    router = NSASelectionRouter(sel, 3, compress_block=lb, compress_stride=stride, q_block_size=qbs, chunk=chunk)
+    ref = _nsa_scores_f64(q, kc, nk, lb, stride, sel, qbs)
+    torch.testing.assert_close(router.scores(q, kc, None, nk), ref.float(), rtol=1e-4, atol=1e-6)
+    route = router(q, kc, None, nk)
+    assert route.kv_block_ids.shape[1] == 2  # shared by the query heads of a KV group
+    assert torch.equal(route.to_block_mask(), _topk_definition(ref, 3, nq, nk, qbs, sel, 1, 2))
+
+
+def test_compressed_positions():
+    assert compressed_positions(7, 8, 4).tolist() == []
+    assert compressed_positions(16, 8, 4).tolist() == [7, 11, 15]
+
+
+def test_bad_options_raise_clear_errors():
+    with pytest.raises(RouteError, match="compress_stride=6 must divide"):
+        NSASelectionRouter(64, 4, compress_block=32, compress_stride=6)
+    with pytest.raises(RouteError, match="must divide both"):
+        NSASelectionRouter(40, 4, compress_block=32, compress_stride=16)
+    with pytest.raises(RouteError, match="top_k=9 exceeds the 8 key blocks"):
+        check_block_options(block_size=64, top_k=9, sink_blocks=0, local_blocks=1, max_len=512)
+    with pytest.raises(RouteError, match="local_blocks must be an int >= 1"):
+        MoBARouter(64, 4, local_blocks=0)
+    with pytest.raises(RouteError, match="heads must be"):
+        MoBARouter(64, 4, heads="both")
+    with pytest.raises(BackendUnavailable, match="q_block_size=1 differs"):
+        MoBARouter(64, 4, q_block_size=1, backend="triton")
+    with pytest.raises(BackendUnavailable, match="no Triton kernel"):
+        NSASelectionRouter(64, 4, backend="triton")
+    with pytest.raises(RouteError, match="k_cmp has 3 compressed keys"):
+        NSASelectionRouter(16, 2, compress_block=8, compress_stride=4)(torch.randn(1, 2, 8, 8),
+                                                                         torch.randn(1, 2, 3, 8), None, 32)
