@@ -87,6 +87,16 @@ def test_state_round_trips_through_save_and_load():
     assert torch.equal(fresh.assign(y), km.assign(y))
 
 
+def test_centroids_stay_float32_in_a_bf16_model():
+    km = KMeansRouter(1, 8, 2, decay=0.999).to(torch.bfloat16)
+    x = torch.randn(1, 1, 20, 8, dtype=torch.bfloat16)
+    a = km.assign(x)
+    c = km.centroids.clone()
+    km.update(x, a)
+    assert km.centroids.dtype == torch.float32 and not torch.equal(km.centroids, c)
+    assert km.double().centroids.dtype == torch.float32
+
+
 def test_balanced_groups_take_the_nearest_tokens():
     km = KMeansRouter(2, 8, 3)
     x = torch.randn(2, 2, 33, 8)

@@ -50,7 +50,8 @@ class KMeansRouter(nn.Module):
         init_iters: Lloyd iterations of the initialisation from the first batch.
 
     Buffers (saved with the model): ``centroids [heads, clusters, dim]`` (unit rows) and
-    ``initialized`` (a bool scalar).
+    ``initialized`` (a bool scalar). The centroids stay float32 when the module is cast
+    (``.to(torch.bfloat16)``, ``.half()``): in bf16 an EMA step of ``1 - decay = 0.001`` would round away.
     """
 
     def __init__(self, heads: int, dim: int, clusters: int, *, decay: float = 0.999, commitment: float = 1e-4,
@@ -67,6 +68,12 @@ class KMeansRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim={self.dim}, clusters={self.clusters}, decay={self.decay}"
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.centroids.dtype != torch.float32:  # follow devices, not dtypes (see the class docstring)
+            self.centroids = self.centroids.float()
+        return self
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.heads or x.shape[-1] != self.dim:
@@ -101,7 +108,7 @@ class KMeansRouter(nn.Module):
                 (torch.arange(self.heads, device=x.device)[:, None].expand_as(members), members), xn, accumulate=True)
             empty = sums.norm(dim=-1, keepdim=True) == 0
             c = torch.where(empty, c, F.normalize(sums, dim=-1))
-        self.centroids.copy_(c.to(self.centroids.dtype))
+        self.centroids.copy_(c)
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -118,8 +125,8 @@ class KMeansRouter(nn.Module):
         sums.index_put_((h, assignment), xn, accumulate=True)
         means = F.normalize(sums, dim=-1)
         has = sums.norm(dim=-1, keepdim=True) > 0
-        new = self.decay * self.centroids.float() + (1 - self.decay) * means
-        self.centroids.copy_(torch.where(has, F.normalize(new, dim=-1), self.centroids.float()).to(self.centroids.dtype))
+        new = self.decay * self.centroids + (1 - self.decay) * means
+        self.centroids.copy_(torch.where(has, F.normalize(new, dim=-1), self.centroids))
 
     def commitment_loss(self, x: Tensor, assignment: Tensor) -> Tensor:
         """``commitment * mean ||x/|x| - centroid||^2`` (a scalar; gradients reach ``x`` only)."""
