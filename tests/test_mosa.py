@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache
 from routed import TokenRoute, routed_attention
 from routed.layers.mosa import MoSAAttention, mosa_select
 from routed.layers.registry import attention_class
-from routed.layers.routing_attention import apply_rotary
+from routed.layers.lm_attention import apply_rotary
 from test_routing_attention import assert_round_trips, rope
 
 

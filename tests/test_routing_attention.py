@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from routed.layers.registry import attention_class
-from routed.layers.routing_attention import RoutingAttention, apply_rotary
+from routed.layers.lm_attention import apply_rotary
+from routed.layers.routing_attention import RoutingAttention
 from routed.testing import poisoned_outputs
 
 

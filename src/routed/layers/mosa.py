@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..attention import routed_attention
 from ..routers.static import sliding_window_route
 from .registry import register_attention
-from .routing_attention import apply_rotary
+from .lm_attention import apply_rotary
 
 __all__ = ["MoSAAttention", "mosa_select"]
 
@@ -151,8 +151,8 @@ class MoSAAttention(nn.Module):
         qs, ks, vs = torch.einsum("bhkc,hcd->bhkd", xs, self.qkv_sparse.to(x.dtype)).split(d, dim=-1)
         cs = cos.unsqueeze(1).expand(B, hs, N, d).gather(2, ids.unsqueeze(-1).expand(B, hs, k_sel, d))
         sn = sin.unsqueeze(1).expand(B, hs, N, d).gather(2, ids.unsqueeze(-1).expand(B, hs, k_sel, d))
-        cs, sn = cs.to(qs.dtype), sn.to(qs.dtype)
-        qs, ks = qs * cs + _rot(qs) * sn, ks * cs + _rot(ks) * sn
+        qs, ks = (apply_rotary(t.reshape(B * hs, 1, k_sel, d), cs.reshape(B * hs, k_sel, d),
+                               sn.reshape(B * hs, k_sel, d)).view(B, hs, k_sel, d) for t in (qs, ks))
         w = (scores.gather(-1, ids) * picked).to(x.dtype)  # [B, hs, k]
 
         # Dense heads.
@@ -241,8 +241,3 @@ class MoSAAttention(nn.Module):
             o = F.scaled_dot_product_attention(q_full, k_all[:, hd:], v_all[:, hd:], attn_mask=mask, scale=scale)
             outs.append(o * w_full.unsqueeze(-1))
         return torch.cat(outs, 1)
-
-
-def _rot(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)

@@ -43,9 +43,10 @@ from torch import Tensor, nn
 from ..attention import routed_attention
 from ..routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
 from ..routers.static import sliding_window_route
+from .lm_attention import apply_rotary
 from .registry import register_attention
 
-__all__ = ["RoutingAttention", "apply_rotary", "lm_head_dims"]
+__all__ = ["RoutingAttention", "lm_head_dims"]
 
 
 def lm_head_dims(config) -> tuple[int, int, int, int]:
@@ -59,20 +60,10 @@ def lm_head_dims(config) -> tuple[int, int, int, int]:
     return hidden, hq, hkv, d
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding (the HF ``rotate_half`` layout) of ``x [B, H, N, D]`` with ``cos, sin [B|1, N, D]``."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """SDPA of ``q [B, Hq, Nq, D]`` over ``k, v [B, Hkv, Nk, D]`` with a bool ``mask`` broadcast to
     ``[B, Hq, Nq, Nk]`` (the decode path: ``Nq`` is small, so the mask is ``O(Nk)`` per query)."""
-    g = q.shape[1] // k.shape[1]
-    if g > 1:
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 @register_attention("routing")
