@@ -49,10 +49,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bra import peak_mem as bra_peak_mem  # noqa: E402  (benchmarks/bra.py, beside this script)
 from routed import TokenRoute, routed_attention  # noqa: E402
 from routed.env import machine_header  # noqa: E402
+from routed.layers.lm_attention import DenseAttention  # noqa: E402
 from routed.layers.mosa import MoSAAttention  # noqa: E402
-from routed.layers.routing_attention import RoutingAttention, apply_rotary  # noqa: E402
+from routed.layers.routing_attention import RoutingAttention  # noqa: E402
 from routed.routers.kmeans import KMeansRouter, cluster_window_route  # noqa: E402
 from routed.testing import rel_err  # noqa: E402
 
@@ -87,15 +89,7 @@ def bench(fn, dev, rep_ms: int) -> float:
 
 def peak_mem(fn, dev) -> float | None:
     """Peak MiB allocated by ``fn`` above what was live before it (CUDA only)."""
-    if dev.type != "cuda":
-        return None
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return bra_peak_mem(fn) if dev.type == "cuda" else None
 
 
 def guarded(fn):
@@ -239,23 +233,6 @@ def attention_flops(n: int, hidden: int, d: int, dense_heads: int, sparse_heads:
     return dense_heads * head(n) + sparse_heads * (head(k) + 2 * n * hidden)  # + the router
 
 
-class DenseCausal(torch.nn.Module):
-    """The dense baseline: q/k/v/o projections, rotary, causal SDPA (flash/cuDNN), ``heads`` heads."""
-
-    def __init__(self, hidden: int, heads: int, d: int):
-        super().__init__()
-        self.heads, self.d = heads, d
-        self.qkv = torch.nn.Linear(hidden, 3 * heads * d, bias=False)
-        self.o = torch.nn.Linear(heads * d, hidden, bias=False)
-
-    def forward(self, x, pe):
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, *pe), apply_rotary(k, *pe)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(o.transpose(1, 2).reshape(B, N, -1)), None
-
-
 def mosa_case(n: int, dev, dtype, rep_ms: int, hidden=1024, heads=16, sparsity=8, dense_heads=4) -> dict:
     """MoSA (``dense_heads`` dense + as many sparse heads as the dense layer's FLOPs pay for)."""
     d = hidden // heads
@@ -270,7 +247,7 @@ def mosa_case(n: int, dev, dtype, rep_ms: int, hidden=1024, heads=16, sparsity=8
     pe = rope(n, d, dev, dtype)
     layers = {"mosa": MoSAAttention(lm_config(hidden_size=hidden, num_attention_heads=dense_heads + sparse,
                                               head_dim=d, mosa_heads=sparse, mosa_sparsity=sparsity), 0),
-              "dense": DenseCausal(hidden, heads, d)}
+              "dense": DenseAttention(lm_config(hidden_size=hidden, num_attention_heads=heads, head_dim=d), 0)}
     for name, layer in layers.items():
         layer = layer.to(dev, dtype).train()
 
