@@ -72,15 +72,25 @@ def test_moba_router_ranks_like_the_definition(nq, nk, hq, hkv, qbs):
     assert torch.equal(route.to_block_mask(), expect)
 
 
-@pytest.mark.parametrize("heads,head_reduce", [("kv", "max"), ("kv", "mean"), ("query", "max")])
-def test_moba_router_triton_equals_reference(heads, head_reduce):
+@pytest.mark.parametrize("nq,nk", [(200, 200), (70, 200), (1, 150)])
+def test_moba_router_triton_equals_reference(nq, nk):
     g = torch.Generator().manual_seed(2)
-    q, k = torch.randn(2, 4, 200, 32, generator=g), torch.randn(2, 2, 200, 32, generator=g)
-    tri = MoBARouter(32, 3, heads=heads, head_reduce=head_reduce, backend="triton")
-    ref = MoBARouter(32, 3, heads=heads, head_reduce=head_reduce, backend="reference")
+    q, k = torch.randn(2, 4, nq, 32, generator=g), torch.randn(2, 2, nk, 32, generator=g)
+    tri = MoBARouter(32, 3, heads="query", backend="triton")
+    ref = MoBARouter(32, 3, heads="query", backend="reference")
     s_tri, s_ref = tri.scores(q, k), ref.scores(q, k)
     torch.testing.assert_close(s_tri, s_ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(tri(q, k).to_block_mask(), ref(q, k).to_block_mask())
+
+
+def test_moba_scores_ignore_keys_at_or_after_the_query_block():
+    """Changing the keys of a query block's own blocks (and later ones) changes no score of it."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 4, 128, 16, generator=g), torch.randn(1, 2, 128, 16, generator=g)
+    router = MoBARouter(32, 2, backend="reference")
+    k2 = k.clone()
+    k2[:, :, 64:] = torch.randn(1, 2, 64, 16, generator=g)
+    assert torch.equal(router.scores(q, k)[:, :, :3], router.scores(q, k2)[:, :, :3])
 
 
 def _nsa_scores_f64(q, k_cmp, kv_len, lb, stride, sel, qbs):
@@ -136,8 +146,11 @@ def test_bad_options_raise_clear_errors():
         MoBARouter(64, 4, local_blocks=0)
     with pytest.raises(RouteError, match="heads must be"):
         MoBARouter(64, 4, heads="both")
-    with pytest.raises(BackendUnavailable, match="q_block_size=1 differs"):
-        MoBARouter(64, 4, q_block_size=1, backend="triton")
+    with pytest.raises(BackendUnavailable, match="heads='kv'"):
+        MoBARouter(16, 2, backend="triton")(torch.randn(1, 2, 64, 8), torch.randn(1, 1, 64, 8))
+    with pytest.raises(BackendUnavailable, match="q_block_size=1"):
+        MoBARouter(16, 2, q_block_size=1, heads="query", backend="triton")(torch.randn(1, 2, 64, 8),
+                                                                            torch.randn(1, 1, 64, 8))
     with pytest.raises(BackendUnavailable, match="no Triton kernel"):
         NSASelectionRouter(64, 4, backend="triton")
     with pytest.raises(RouteError, match="k_cmp has 3 compressed keys"):

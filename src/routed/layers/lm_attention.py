@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import routed_attention
-from ..route import RouteError
+from ..route import BlockRoute, RouteError
 from ..routers.blocks import MoBARouter, check_block_options
 from ..routers.static import sliding_window_route
 from .registry import register_attention
 
 __all__ = ["LMAttention", "DenseAttention", "SlidingWindowAttention", "MoBAAttention", "apply_rotary",
-           "causal_sdpa"]
+           "causal_sdpa", "block_window_route"]
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -63,6 +63,25 @@ def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) 
     qpos = torch.arange(nq, device=q.device) + (nk - nq)
     mask = torch.arange(nk, device=q.device)[None, :] <= qpos[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def block_window_route(q_len: int, kv_len: int, block_size: int, window_blocks: int, device=None) -> BlockRoute:
+    """Causal sliding window of ``window_blocks`` key blocks ending at each query's own block.
+
+    When the queries start on a block boundary (a prefill, a block-aligned chunk) or there is one
+    query (a decode step), this is :func:`~routed.routers.static.sliding_window_route`; otherwise
+    (a chunk that starts mid-block) every query is its own query block, so each sees exactly the
+    window it saw in the full pass.
+    """
+    off = kv_len - q_len
+    if off % block_size == 0 or q_len == 1:
+        return sliding_window_route(q_len, kv_len, block_size=block_size, window_blocks=window_blocks, device=device)
+    diag = (torch.arange(q_len, device=device) + off) // block_size
+    count = torch.clamp(diag + 1, max=window_blocks)
+    j = torch.arange(window_blocks, device=device)
+    ids = torch.where(j[None, :] < count[:, None], diag[:, None] - count[:, None] + 1 + j[None, :], -1)
+    return BlockRoute(ids.to(torch.int32)[None, None].contiguous(), count.to(torch.int32)[None, None].contiguous(),
+                      q_len, kv_len, 1, block_size, causal=True, validate=False)
 
 
 def _opt(config, name: str, default):
@@ -143,7 +162,8 @@ class DenseAttention(LMAttention):
 @register_attention("sliding_window")
 class SlidingWindowAttention(LMAttention):
     """Causal sliding window of ``window_blocks`` key blocks of ``attention_block_size`` tokens
-    ending at the query's own block, on the block-sparse kernel (static: no router)."""
+    ending at the query's own block, on the block-sparse kernel (static: no router; see
+    :func:`block_window_route`)."""
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -153,8 +173,7 @@ class SlidingWindowAttention(LMAttention):
                             max_len=self.max_len, what="window_blocks")
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, hidden: Tensor) -> Tensor:
-        route = sliding_window_route(q.shape[2], k.shape[2], block_size=self.block_size,
-                                     window_blocks=self.window_blocks, device=q.device)
+        route = block_window_route(q.shape[2], k.shape[2], self.block_size, self.window_blocks, q.device)
         return routed_attention(q, k, v, route, scale=self.scale, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 from ..attention import routed_attention
 from ..route import BlockRoute
 from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions
-from ..routers.static import sliding_window_route
-from .lm_attention import LMAttention, _opt
+from .lm_attention import LMAttention, _opt, block_window_route
 from .registry import register_attention
 
 __all__ = ["NSAAttention"]
@@ -114,8 +113,7 @@ class NSAAttention(LMAttention):
         o_cmp, lse_cmp = self.compressed_attention(q, k_cmp, v_cmp, nk)
         route = self.router(q, k_cmp, lse_cmp, nk, scale=self.scale)
         o_slc = routed_attention(q, k, v, route, scale=self.scale, backend=self.backend)
-        window = sliding_window_route(nq, nk, block_size=self.block_size, window_blocks=self.window_blocks,
-                                      device=q.device)
+        window = block_window_route(nq, nk, self.block_size, self.window_blocks, q.device)
         o_win = routed_attention(q, k, v, window, scale=self.scale, backend=self.backend)
         g = torch.sigmoid(self.gate(hidden)).view(B, nq, 3, hq).permute(2, 0, 3, 1).unsqueeze(-1).to(q.dtype)
         return g[0] * o_cmp + g[1] * o_slc + g[2] * o_win

@@ -7,10 +7,11 @@ local window of ``local_blocks`` key blocks ending at the query block's own (dia
 
 * :class:`MoBARouter` (Mixture of Block Attention, Lu et al. 2025): key block ``j`` scores
   ``q . mean(k_j)``. A query block uses the mean of its queries' scores, which is
-  ``mean(q_i) . mean(k_j)`` (the score is linear in ``q``): the pooled-block scores of
-  :mod:`routed.ops.block_scores` (Triton kernel on CUDA, plain PyTorch elsewhere).
-  ``q_block_size=1`` routes every query on its own (the paper's token-level gating, exact under
-  incremental decoding, slower kernels).
+  ``mean(q_i) . mean(k_j)`` (the score is linear in ``q``): pooled-block scores (the Triton kernel
+  of :mod:`routed.ops.block_scores` or plain PyTorch). Only key blocks wholly before the query
+  block compete (its own blocks are always kept), so no routing decision reads a future key.
+  ``q_block_size=1`` routes every query on its own (the paper's token-level gating; a
+  token-by-token decode then routes exactly as the prefill did; slower kernels).
 * :class:`NSASelectionRouter` (Native Sparse Attention, Yuan et al. 2025): the compressed
   branch's attention probabilities, summed over the query heads of a KV group, spread over the
   selection blocks they overlap, averaged over the queries of a query block.
@@ -129,12 +130,15 @@ class MoBARouter:
             per-token gating.
         sink_blocks, local_blocks: always-kept first blocks and window ending at the diagonal
             (MoBA itself: 0 and 1, the query's own block).
-        heads: ``"kv"`` (one route per KV head, scores reduced over the group with ``head_reduce``)
-            or ``"query"`` (one route per query head, as in the paper; the Triton path then
-            scores against a copy of ``k`` repeated per query head).
+        heads: ``"kv"`` (one route per KV head, scores reduced over the group with ``head_reduce``;
+            the kernel then loads each K/V tile once per group) or ``"query"`` (one route per query
+            head, as in the paper).
         head_reduce: ``"max"`` or ``"mean"`` (``heads="kv"`` only).
-        backend: scoring kernel: ``"triton"`` (needs ``q_block_size == block_size``),
-            ``"reference"``, or None (Triton on CUDA when it can run, else plain PyTorch).
+        backend: scoring: ``"triton"`` (the pooled-score kernel of :mod:`routed.ops.block_scores`;
+            ``heads="query"`` with ``q_block_size == block_size``; it scores against ``k`` repeated
+            per query head), ``"reference"`` (plain PyTorch, any options), or None (Triton where
+            it applies on CUDA, else PyTorch). The scoring is small next to the attention: block
+            means (one read of q and k) and a ``num_blocks x num_blocks`` product per head.
     Call ``router(q, k, scale=None)``: ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` (``Nk >= Nq``)
     -> a causal :class:`BlockRoute`. Routing is not differentiable (MoBA's gate is a top-k).
     """
@@ -150,34 +154,52 @@ class MoBARouter:
             raise RouteError(f"head_reduce must be 'max' or 'mean', got {head_reduce!r}.")
         if backend not in (None, "triton", "reference"):
             raise ValueError(f"backend must be 'triton', 'reference' or None (automatic), got {backend!r}.")
-        if backend == "triton" and self.q_block_size != block_size:
-            raise BackendUnavailable(f"the Triton pooled-score kernel pools queries and keys with one block size; "
-                                     f"q_block_size={self.q_block_size} differs from block_size={block_size}. Use "
-                                     "backend='reference' or q_block_size=block_size.")
         self.block_size, self.top_k = block_size, top_k
         self.sink_blocks, self.local_blocks = sink_blocks, local_blocks
         self.heads, self.head_reduce, self.backend = heads, head_reduce, backend
 
     def scores(self, q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> Tensor:
-        """``[B, H, nqb, nkb]`` float32 routing scores (H = KV or query heads): per query head the
-        softmax over the visible key blocks of the pooled scores (plus ``log`` of the block's token
-        count), reduced over the GQA group for ``heads="kv"``. Ranking equals MoBA's raw scores."""
+        """``[B, H, nqb, nkb]`` float32 routing scores (H = KV or query heads, per ``heads``).
+
+        Per query head: the softmax, over the key blocks wholly before the query block (the
+        candidates; the query block's own blocks are always kept and score 0 here), of
+        ``scale * mean(query block) . mean(key block)``; then the max or mean over the GQA group for
+        ``heads="kv"``. Per head the ranking is MoBA's raw score; the softmax makes heads comparable
+        before the group reduction. Nothing here depends on keys at or after the query block, so
+        a prefill and a token-by-token decode (``q_block_size=1``) route alike.
+        """
         _check_qk(q, k)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        if self.heads == "query" and k.shape[1] != q.shape[1]:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         nq, nk = q.shape[2], k.shape[2]
-        # One query block covering every query pools them alike with either block size.
+        if nk < nq:
+            raise RouteError(f"k has {nk} tokens but q has {nq}: queries are the last q_len positions of the keys.")
+        first, _ = _query_block_extent(nq, nk, self.q_block_size, self.block_size, q.device)
+        nkb = math.ceil(nk / self.block_size)
+        earlier = torch.arange(nkb, device=q.device)[None, :] < first[:, None]  # [nqb, nkb] candidates
+        if self._use_triton(q, nq):
+            # The pooled-score kernel's softmax also covers the own (partial) blocks; per query head
+            # renormalising over the earlier blocks (all full) gives exactly the definition above.
+            k_rep = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1) if k.shape[1] != q.shape[1] else k
+            p = pooled_block_probs(q, k_rep, self.block_size, scale=scale, backend="triton") * earlier
+            return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return _moba_scores_torch(q, k, self.q_block_size, self.block_size, scale, earlier,
+                                  None if self.heads == "query" else self.head_reduce)
+
+    def _use_triton(self, q: Tensor, nq: int) -> bool:
+        # One query block holding every query pools alike with either block size.
         same_blocks = self.q_block_size == self.block_size or nq <= min(self.q_block_size, self.block_size)
-        if same_blocks:
-            if self.backend == "triton" or (self.backend is None and q.device.type == "cuda"
-                                            and estimator_backend_why_not(q, self.block_size, False) is None):
-                backend = "triton"
-            else:
-                backend = "reference"
-            return pooled_block_probs(q, k, self.block_size, scale=scale, head_reduce=self.head_reduce,
-                                      backend=backend)
-        return _pooled_probs_torch(q, k, self.q_block_size, self.block_size, scale, self.head_reduce)
+        if self.backend == "triton":
+            if self.heads != "query" or not same_blocks:
+                raise BackendUnavailable(
+                    "the Triton pooled-score kernel scores one route per query head with query blocks as large as "
+                    f"key blocks; this router has heads={self.heads!r}, q_block_size={self.q_block_size}, "
+                    f"block_size={self.block_size}. Use backend='reference' (or None) or heads='query'.")
+            why = estimator_backend_why_not(q, self.block_size, False)
+            if why is not None:
+                raise BackendUnavailable(f"the Triton pooled-score kernel cannot run this call: {why}.")
+            return True
+        return (self.backend is None and self.heads == "query" and same_blocks and q.device.type == "cuda"
+                and estimator_backend_why_not(q, self.block_size, False) is None)
 
     def __call__(self, q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> BlockRoute:
         with torch.no_grad():
@@ -193,19 +215,20 @@ class MoBARouter:
                 f"head_reduce={self.head_reduce!r}, backend={self.backend!r})")
 
 
-def _pooled_probs_torch(q: Tensor, k: Tensor, q_block_size: int, kv_block_size: int, scale: float,
-                        head_reduce: str) -> Tensor:
-    """Pooled-block probabilities with different query and key block sizes (plain PyTorch; the
-    same definition as :func:`~routed.ops.block_scores.reference.pooled_block_probs_reference`)."""
+def _moba_scores_torch(q: Tensor, k: Tensor, q_block_size: int, kv_block_size: int, scale: float,
+                       candidates: Tensor, head_reduce: Optional[str]) -> Tensor:
+    """:meth:`MoBARouter.scores` in plain PyTorch, any block sizes: block means (one read of ``q``
+    and ``k``), a ``nqb x nkb`` product per head, a softmax over ``candidates [nqb, nkb]``, the
+    group reduction (``None``: keep the query heads)."""
     B, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     pq, pk = block_means(q, q_block_size), block_means(k, kv_block_size)
     nqb, nkb = pq.shape[2], pk.shape[2]
     logits = (pq.view(B, hkv, hq // hkv * nqb, -1) @ pk.transpose(-1, -2)).view(B, hq, nqb, nkb) * scale
-    kcount = torch.clamp(nk - torch.arange(nkb, device=q.device) * kv_block_size, max=kv_block_size).float()
-    _, diag = _query_block_extent(nq, nk, q_block_size, kv_block_size, q.device)
-    visible = torch.arange(nkb, device=q.device)[None, :] <= diag[:, None]
-    p = torch.softmax((logits + kcount.log()).masked_fill(~visible, float("-inf")), dim=-1)
+    logits = logits.masked_fill(~candidates, float("-inf"))
+    p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a row without candidates: all zero
+    if head_reduce is None:
+        return p
     p = p.view(B, hkv, hq // hkv, nqb, nkb)
     return p.amax(2) if head_reduce == "max" else p.mean(2)
 
