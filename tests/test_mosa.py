@@ -151,3 +151,61 @@ def test_training_gradients_reach_the_router(selection):
 
 def test_checkpoint_round_trip():
     assert_round_trips(_layer(seed=4), _layer(seed=99))
+
+
+# --- the gather-in-kernel TokenRoute op (MoSA-style weighted groups) ----------------------------
+from routed.ops.token_group.triton_ops import token_group_attention_triton  # noqa: E402
+from routed.testing import assert_close_rel, poisoned_outputs, token_route_dense_f64  # noqa: E402
+from test_token_group_triton import _inputs, _route  # noqa: E402
+
+
+def _grads(out, inputs, do):
+    return torch.autograd.grad(out, inputs, do)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("route_heads,n,groups,size", [(1, 90, 3, 20), (2, 70, 2, 33), (6, 40, 4, 8)])
+def test_token_group_kernel_against_float64(causal, route_heads, n, groups, size):
+    q, k, v = _inputs(2, 6, 2, n, 16, seed=route_heads)
+    route = _route(2, route_heads, n, groups=groups, size=size, causal=causal, seed=route_heads, weighted=True)
+    scale = 16 ** -0.5
+    with poisoned_outputs():
+        out, lse = token_group_attention_triton(q, k, v, route, scale)
+    ref = token_route_dense_f64(q, k, v, route, scale)
+    base = token_route_dense_f64(q, k, v, route, scale, dtype=q.dtype)
+    assert_close_rel(out, ref, base, what="out")
+    _, ref_lse = routed_attention(q.double(), k.double(), v.double(), route, backend="reference", return_lse=True)
+    assert_close_rel(lse, ref_lse, floor=1e-5, what="lse")
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    with poisoned_outputs():
+        got = _grads(out, (q, k, v), do)
+    want = _grads(ref, (q, k, v), do.double())
+    plain = _grads(base, (q, k, v), do)
+    for name, x, r, b in zip(("dq", "dk", "dv"), got, want, plain):
+        assert_close_rel(x, r, b, what=name)
+
+
+def test_token_group_kernel_weight_and_lse_gradients():
+    """Gradients through the route's weights (MoSA's router scores) and through lse, against the
+    reference op in float64 (route batch 1 broadcast over a batch of 2)."""
+    q, k, v = _inputs(2, 4, 4, 50, 16, seed=11)
+    r = _route(1, 4, 50, groups=3, size=12, causal=True, seed=11, weighted=True)
+    w64 = r.weights.double().requires_grad_()
+    w32 = r.weights.clone().requires_grad_()
+    scale = 16 ** -0.5
+    with poisoned_outputs():
+        out, lse = token_group_attention_triton(q, k, v, TokenRoute(r.token_ids, 50, w32, causal=True), scale)
+    ref, ref_lse = routed_attention(q.double(), k.double(), v.double(), TokenRoute(r.token_ids, 50, w64, causal=True),
+                                    backend="reference", return_lse=True)
+    g = torch.Generator().manual_seed(4)
+    do, dl = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    fin = torch.isfinite(ref_lse)
+
+    def loss(o, l, dt):
+        return (o * do.to(dt)).sum() + torch.where(fin, l * dl.to(dt), torch.zeros_like(l)).sum()
+
+    with poisoned_outputs():
+        got = torch.autograd.grad(loss(out, lse, torch.float32), (q, k, v, w32))
+    want = torch.autograd.grad(loss(ref, ref_lse, torch.float64), (q, k, v, w64))
+    for name, x, y in zip(("dq", "dk", "dv", "dweights"), got, want):
+        assert_close_rel(x, y, floor=1e-5, what=name)
