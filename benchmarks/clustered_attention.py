@@ -21,9 +21,10 @@ Sections:
   (membership depends on later tokens) against our causal nearest-centroid clusters with a
   chunk-and-previous-chunk window (see the layer's docstring); the work per query is the same order
   (``w`` vs at most ``2w`` keys).
-* ``core``: the clustered attention core alone (q, k, v -> out): the cluster-sorted band route on
-  the block-sparse kernel (what the layer runs) against a ``TokenRoute`` of balanced clusters on
-  the Triton backend (gathered group-major copies) at the same cluster size.
+* ``core``: the clustered attention core alone (q, k, v -> out), forward+backward: the
+  cluster-sorted band route on the block-sparse kernel (what the layer runs), and a ``TokenRoute``
+  of balanced clusters of the same size through the Triton backend (gathered group-major copies on
+  the block-sparse kernels) and through the gather-in-kernel token-group kernels.
 * ``mosa``: a MoSA layer (expert-choice heads at sparsity 8, plus dense heads) sized to the FLOPs of
   a dense causal layer of 16 heads, against that dense layer (SDPA), forward+backward.
 
@@ -55,6 +56,7 @@ from routed.env import machine_header  # noqa: E402
 from routed.layers.lm_attention import DenseAttention  # noqa: E402
 from routed.layers.mosa import MoSAAttention  # noqa: E402
 from routed.layers.routing_attention import RoutingAttention  # noqa: E402
+from routed.ops.token_group.triton_ops import token_group_attention_triton  # noqa: E402
 from routed.routers.kmeans import KMeansRouter, cluster_window_route  # noqa: E402
 from routed.testing import rel_err  # noqa: E402
 
@@ -217,12 +219,22 @@ def core_case(n: int, dev, dtype, rep_ms: int, heads=8, d=64, window=256) -> dic
         o = o.gather(2, token_slots.view(heads, 1, n, 1).expand(heads, 1, n, d))
         o.float().square().mean().backward()
 
-    def token_route_step():
-        o = routed_attention(q, k, v, TokenRoute(groups.token_ids, n, causal=True, validate=False), backend=backend)
+    token_route = TokenRoute(groups.token_ids, n, causal=True, validate=False)
+
+    def token_route_step():  # the triton backend's TokenRoute path: group-major gathered copies
+        o = routed_attention(q, k, v, token_route, backend=backend)
+        o.float().square().mean().backward()
+
+    def in_kernel_step():  # rows gathered inside the kernels
+        if dev.type == "cuda":
+            o, _ = token_group_attention_triton(q, k, v, token_route, d ** -0.5)
+        else:
+            o = routed_attention(q, k, v, token_route, backend="reference")
         o.float().square().mean().backward()
 
     return {"n": n, "window": window, "clusters": C, "slots": L,
-            "band_route": measure(band_step, dev, rep_ms), "token_route": measure(token_route_step, dev, rep_ms)}
+            "band_route": measure(band_step, dev, rep_ms), "token_route": measure(token_route_step, dev, rep_ms),
+            "token_route_in_kernel": measure(in_kernel_step, dev, rep_ms)}
 
 
 def attention_flops(n: int, hidden: int, d: int, dense_heads: int, sparse_heads: int, k: int) -> float:
@@ -306,10 +318,11 @@ def main() -> None:
         p = r.get("peer", {})
         print(f"{r['n']} | {fmt(r['ours']['ms'])} / {fmt(p.get('ms'))} | {fmt(r['ours']['peak_mib'])} / "
               f"{fmt(p.get('peak_mib'))} | {fmt(r['peer_over_ours_ms'])}x {fmt(r['peer_over_ours_peak_mib'])}x")
-    print("core: n | fwd+bwd ms band route / balanced TokenRoute | peak MiB")
+    print("core: n | fwd+bwd ms band route / TokenRoute copies / TokenRoute in-kernel | peak MiB, same order")
+    names = ("band_route", "token_route", "token_route_in_kernel")
     for r in result["core"]:
-        print(f"{r['n']} | {fmt(r['band_route']['ms'])} / {fmt(r['token_route']['ms'])} | "
-              f"{fmt(r['band_route']['peak_mib'])} / {fmt(r['token_route']['peak_mib'])}")
+        print(f"{r['n']} | {' / '.join(fmt(r[x]['ms']) for x in names)} | "
+              f"{' / '.join(fmt(r[x]['peak_mib']) for x in names)}")
     print("mosa (equal FLOPs): n | sparse heads | fwd+bwd ms mosa / dense | peak MiB mosa / dense")
     for r in result["mosa"]:
         print(f"{r['n']} | {r['mosa_sparse_heads']} | {fmt(r['mosa']['ms'])} / {fmt(r['dense']['ms'])} | "
