@@ -182,3 +182,30 @@ def test_triton_backend_matches_reference():
         oa.backward(g)
     ob.backward(g)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_in_the_routed_lm_decoding_equals_full_forward_and_training_works():
+    """Both layers by name in the small routed LM: evaluation before training, KV-cache decoding
+    (generate) equal to the full forward, a training step with the auxiliary losses."""
+    import routed.layers.mosa  # noqa: F401  (registers "mosa")
+    from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM
+
+    torch.manual_seed(6)
+    cfg = RoutedLMConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, attention_types=["routing", "mosa"],
+                         kmeans_clusters=3, routing_window=8, mosa_selection="threshold", mosa_sparsity=4)
+    model = RoutedLMForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 50, (2, 30))
+    full = model(ids).logits
+    out = model(ids[:, :12], use_cache=True)
+    steps = [out.logits]
+    for t in range(12, 30):
+        out = model(ids[:, t:t + 1], cache=out.cache, use_cache=True)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    gen = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
+    assert gen.shape == (2, 9)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.layers[1].self_attn.router.weight.grad is not None
