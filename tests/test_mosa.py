@@ -73,6 +73,18 @@ def test_matches_token_route_definition(selection, hybrid, heads, n):
     torch.testing.assert_close(out, _definition(layer, x, cos, sin), rtol=1e-10, atol=1e-10)
 
 
+def test_dense_mode_sees_every_token_and_decodes():
+    layer = _layer(attention_dense=True, mosa_hybrid="local")
+    assert layer.selection == "all" and layer.hybrid == "dense"
+    x = torch.randn(2, 23, 64, dtype=torch.float64)
+    cos, sin = rope(23, 16, 2)
+    full = layer(x, (cos, sin))[0]
+    torch.testing.assert_close(full, _definition(layer, x, cos, sin), rtol=1e-10, atol=1e-10)
+    cache = DynamicCache()
+    outs = [layer(x[:, t:t + 1], (cos[:, t:t + 1], sin[:, t:t + 1]), past_key_values=cache)[0] for t in range(23)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+
+
 def test_topk_picks_exactly_k_tokens_per_head():
     scores = torch.rand(2, 3, 50)
     ids, picked = mosa_select(scores, 8, "topk")

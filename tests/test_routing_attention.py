@@ -89,6 +89,19 @@ def test_head_mixes(routing_heads):
     torch.testing.assert_close(out, _definition(layer, x, cos, sin), rtol=1e-10, atol=1e-10)
 
 
+def test_dense_mode_is_full_causal_attention():
+    layer = _layer(attention_dense=True)
+    x = torch.randn(2, 19, 64, dtype=torch.float64)
+    cos, sin = rope(19, 16, 2)
+    out, aux = layer(x, (cos, sin))
+    q = apply_rotary(layer.q_proj(x).view(2, 19, 4, 16).transpose(1, 2), cos, sin)
+    k = apply_rotary(layer.k_proj(x).view(2, 19, 2, 16).transpose(1, 2), cos, sin)
+    v = layer.v_proj(x).view(2, 19, 2, 16).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(out, layer.o_proj(o.transpose(1, 2).reshape(2, 19, 64)), rtol=1e-10, atol=1e-10)
+    assert aux is None and not bool(layer.kmeans.initialized)
+
+
 def test_bad_routing_heads_say_how_to_fix():
     with pytest.raises(ValueError, match="multiple of the GQA group size"):
         RoutingAttention(_config(routing_heads=3), 0)

@@ -23,7 +23,8 @@ Config fields (defaults in brackets), beside ``hidden_size``, ``num_attention_he
 ``head_dim``: ``mosa_heads`` [half the heads], ``mosa_sparsity`` [8], ``mosa_selection``
 [``"topk"``], ``mosa_capacity`` [1.25], ``mosa_rate_weight`` [1e-2], ``mosa_hybrid`` [``"dense"``
 or ``"local"``], ``mosa_local_window`` [64] (local heads see their block and the one before),
-``attention_bias`` [False]. Every head has its own key/value head here (no GQA).
+``attention_bias`` [False], ``attention_dense`` [False] (the routed LM's ablation: sparse heads take
+every token, still scaled by their router scores). Every head has its own key/value head here (no GQA).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def mosa_select(scores: Tensor, sparsity: float, selection: str = "topk", capaci
     Args:
         scores: ``[B, H, N]`` router scores in (0, 1).
         sparsity: ``N / k``.
-        selection: ``"topk"`` (expert choice, ``k = ceil(N / sparsity)``) or ``"threshold"``
-            (causal budget; see the module docstring).
+        selection: ``"topk"`` (expert choice, ``k = ceil(N / sparsity)``), ``"threshold"``
+            (causal budget; see the module docstring) or ``"all"`` (every token: the dense ablation).
         candidates_before: ``[B, H]`` candidates among earlier (cached) tokens, threshold only.
         start: position of the first token (the cached length), threshold only.
     Returns:
@@ -62,6 +63,9 @@ def mosa_select(scores: Tensor, sparsity: float, selection: str = "topk", capaci
         (False at padding slots, which hold tokens that were not picked; threshold only).
     """
     B, H, N = scores.shape
+    if selection == "all":  # the dense ablation: every token, no routing decision
+        ids = torch.arange(N, device=scores.device).expand(B, H, N)
+        return ids, torch.ones_like(ids, dtype=torch.bool)
     if selection == "topk":
         k = min(N, math.ceil(N / sparsity))
         ids = scores.topk(k, dim=-1).indices.sort(dim=-1).values
@@ -106,6 +110,8 @@ class MoSAAttention(nn.Module):
         self.local_window = int(getattr(config, "mosa_local_window", 64))
         if self.selection not in _SELECTIONS:
             raise ValueError(f"mosa_selection must be one of {_SELECTIONS}, got {self.selection!r}.")
+        if getattr(config, "attention_dense", False):  # the routed LM's ablation: every head sees every token
+            self.selection, self.hybrid = "all", "dense"
         if self.hybrid not in ("dense", "local"):
             raise ValueError(f"mosa_hybrid must be 'dense' or 'local', got {self.hybrid!r}.")
         if self.sparsity < 1:
@@ -165,7 +171,7 @@ class MoSAAttention(nn.Module):
             if hd:
                 outs.append(self._dense(qd, kd, vd, scale))
             if hs:
-                if self.selection == "topk":  # all slots picked: plain causal attention among the k tokens
+                if self.selection != "threshold":  # all slots picked: plain causal attention among the k tokens
                     o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
                 else:  # unpicked padding slots are hidden as keys (their own rows are weighted 0)
                     tri = torch.ones(k_sel, k_sel, dtype=torch.bool, device=x.device).tril()

@@ -30,6 +30,8 @@ Config fields (defaults in brackets), beside ``hidden_size``, ``num_attention_he
   block and the one before.
 * ``kmeans_decay`` [0.999], ``kmeans_commitment`` [1e-4]: EMA decay and commitment-loss weight.
 * ``attention_bias`` [False]; ``attention_backend`` [None: automatic] for ``routed_attention``.
+* ``attention_dense`` [False]: the ablation of the routed LM: full causal attention over every
+  head (rotary on all), the same parameters, no k-means.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from torch import Tensor, nn
 from ..attention import routed_attention
 from ..routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
 from ..routers.static import sliding_window_route
-from .lm_attention import apply_rotary
+from .lm_attention import apply_rotary, causal_sdpa
 from .registry import register_attention
 
 __all__ = ["RoutingAttention", "lm_head_dims"]
@@ -96,6 +98,7 @@ class RoutingAttention(nn.Module):
             raise ValueError(f"routing_window ({self.window}), routing_local_window ({self.local_window}) and "
                              f"kmeans_clusters ({self.clusters}) must be >= 1.")
         self.backend = getattr(config, "attention_backend", None)
+        self.dense_mode = bool(getattr(config, "attention_dense", False))
         bias = bool(getattr(config, "attention_bias", False))
         self.q_proj = nn.Linear(hidden, hq * d, bias=bias)
         self.k_proj = nn.Linear(hidden, hkv * d, bias=bias)
@@ -118,10 +121,16 @@ class RoutingAttention(nn.Module):
         k = self.k_proj(hidden_states).view(B, N, self.hkv, d).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, N, self.hkv, d).transpose(1, 2)
         cos, sin = position_embeddings
+        scale = d ** -0.5
+        if self.dense_mode:  # ablation: full causal attention, rotary on every head, no k-means
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, self.layer_idx)
+            o = causal_sdpa(q, k, v, scale)
+            return self.o_proj(o.transpose(1, 2).reshape(B, N, self.hq * d)), None
         # Rotary on the local heads only (routed keys stay pure content, see the module docstring).
         q = torch.cat([apply_rotary(q[:, : kl * G], cos, sin), q[:, kl * G:]], 1)
         k = torch.cat([apply_rotary(k[:, :kl], cos, sin), k[:, kl:]], 1)
-        scale = d ** -0.5
 
         aux = None
         if self.kmeans is not None:
