@@ -1,0 +1,323 @@
+"""Dense vs sliding window vs MoBA vs NSA language models at equal size and equal training tokens.
+
+Two parts, each optional:
+
+* **train** (``--variants``): the same decoder (``--hidden-size``, ``--layers``, heads, context
+  ``--seq-len``) with a different attention in every layer, trained on the same State of the Union
+  token stream (GPT-2 BPE; 1790-2000 for training, 2001-2021 held out) for ``--train-tokens``
+  tokens each. Reported per variant: parameters, training tokens/s, validation perplexity, passkey
+  retrieval at the trained length and at twice it, and the loss curves (one PNG).
+* **speed** (``--speed``): on random inputs, bf16 on CUDA: one attention module's forward+backward
+  at ``--speed-lens`` for every variant against the dense module; the whole model's prefill
+  (forward, batch 1) at ``--prefill-len``; the NSA module against the same module in its dense mode
+  at ``--long-len``; and, at ``--router-len``, the routers' own time against the attention time
+  the route saves (the issue's 10-15% budget).
+
+Results merge into ``--out`` (JSON with a machine header), so variants can run in separate calls.
+
+On the GPU machine (no network): carry the corpora and tokenizer archives and point the cache at
+them, e.g. ``mkdir -p .routed-cache && cp ~/.cache/routed/*.tgz ~/.cache/routed/tokens -r
+.routed-cache/`` here, then there::
+
+    ROUTED_CACHE=.routed-cache PYTHONPATH=src python benchmarks/lm_compare.py --variants dense moba \\
+        --out benchmarks/results/h100/lm_compare.json
+    ROUTED_CACHE=.routed-cache PYTHONPATH=src python benchmarks/lm_compare.py --variants sliding_window nsa \\
+        --out benchmarks/results/h100/lm_compare.json
+    PYTHONPATH=src python benchmarks/lm_compare.py --variants --speed --out benchmarks/results/h100/lm_compare.json
+
+``--smoke`` shrinks everything to run on the CPU in about a minute (a pipeline check, not a result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from routed.env import machine_header  # noqa: E402
+from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
+from routed.train import load_tokens, passkey_accuracy, train_model  # noqa: E402
+
+VARIANTS = ("dense", "sliding_window", "moba", "nsa")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="attention variants to train (none: skip)")
+    p.add_argument("--speed", action="store_true", help="run the speed part")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes for a CPU pipeline check")
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-tokens", type=int, default=16_000_000)
+    p.add_argument("--max-minutes", type=float, default=None, help="per variant training time cap")
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8, help="MoBA blocks per query block")
+    p.add_argument("--nsa-top-n", type=int, default=8)
+    p.add_argument("--window-blocks", type=int, default=8, help="sliding window / NSA window, in blocks")
+    p.add_argument("--nsa-compress-block", type=int, default=32)
+    p.add_argument("--nsa-compress-stride", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--passkey-trials", type=int, default=20)
+    p.add_argument("--speed-lens", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--prefill-len", type=int, default=32768)
+    p.add_argument("--long-len", type=int, default=65536)
+    p.add_argument("--router-len", type=int, default=32768)
+    p.add_argument("--corpus", default="sotu")
+    p.add_argument("--tokenizer", default="gpt2")
+    p.add_argument("--text-file", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="lm_compare.json")
+    p.add_argument("--plot", default=None, help="loss curves PNG (default: next to --out)")
+    p.add_argument("--label", default="", help="a title prefix for the plot, also stored in the JSON")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.hidden_size, args.layers, args.heads, args.kv_heads = 64, 2, 4, 2
+        args.seq_len, args.batch_size, args.train_tokens, args.warmup = 256, 4, 4 * 256 * 6, 2
+        args.block_size, args.top_k, args.nsa_top_n, args.window_blocks = 32, 2, 2, 2
+        args.eval_every, args.eval_batches, args.passkey_trials = 3, 1, 1
+        args.speed_lens, args.prefill_len, args.long_len, args.router_len = [512], 512, 1024, 512
+    return args
+
+
+def _train_namespace(args, attention: str) -> SimpleNamespace:
+    """The ``routed train`` options for one variant (everything but the attention shared)."""
+    return SimpleNamespace(
+        attention=attention, layers=args.layers, hidden_size=args.hidden_size, heads=args.heads,
+        kv_heads=args.kv_heads, block_size=args.block_size, route_q_block_size=None,
+        window_blocks=args.window_blocks, top_k=args.top_k, nsa_top_n=args.nsa_top_n,
+        nsa_compress_block=args.nsa_compress_block, nsa_compress_stride=args.nsa_compress_stride, dense_mode=False,
+        backend=None, router_backend=None, seq_len=args.seq_len, max_len=2 * args.seq_len,
+        batch_size=args.batch_size, steps=None, train_tokens=args.train_tokens, max_minutes=args.max_minutes,
+        lr=args.lr, min_lr_ratio=0.1, warmup=args.warmup, weight_decay=0.1, grad_clip=1.0,
+        eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device, threads=0, compile=False,
+        seed=args.seed)
+
+
+def train_variants(args, device) -> dict:
+    train_ids, val_ids, tok = load_tokens(args.corpus, args.tokenizer, args.text_file)
+    out = {}
+    for attention in args.variants:
+        ns = _train_namespace(args, attention)
+        res = train_model(ns, train_ids, val_ids, tok, progress=not args.no_progress)
+        m = res.metrics
+        passkey = passkey_accuracy(res.model, tok, val_ids.tolist(), [args.seq_len, 2 * args.seq_len],
+                                   args.passkey_trials, device, seed=args.seed)
+        out[attention] = {
+            "parameters": m["parameters"], "parameters_without_embeddings": m["parameters_without_embeddings"],
+            "tokens": m["tokens"], "train_tokens_per_second": m["train_tokens_per_second"],
+            "val_loss": m["final"]["loss"], "val_ppl": m["final"]["ppl"], "passkey": passkey,
+            "curve": [{"tokens": h["tokens"], "loss": h["loss"]} for h in m["history"]],
+            "evals": m["evals"], "config": m["config"]}
+        print(f"{attention}: ppl {m['final']['ppl']:.3f}, {m['train_tokens_per_second']:.0f} tokens/s, passkey "
+              + ", ".join(f"{r['length']}: {r['correct']}/{r['trials']}" for r in passkey), flush=True)
+        del res
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+def _time(fn, device, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on a GPU, wall clock on the CPU)."""
+    fn()  # warm-up: autotuning, allocations
+    times = []
+    for _ in range(reps if device.type == "cuda" else 2):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _config(args, attention: str, max_len: int, dense: bool = False) -> RoutedLMConfig:
+    return RoutedLMConfig(
+        vocab_size=50257, hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=max_len, attention_types=attention,
+        attention_block_size=args.block_size, window_blocks=args.window_blocks, moba_top_k=args.top_k,
+        nsa_top_n=args.nsa_top_n, nsa_compress_block=args.nsa_compress_block,
+        nsa_compress_stride=args.nsa_compress_stride, attention_dense=dense)
+
+
+def _layer(args, attention: str, n: int, device, dtype, dense: bool = False):
+    from routed.layers.registry import attention_class
+
+    cfg = _config(args, attention, n, dense)
+    torch.manual_seed(0)
+    return attention_class(attention)(cfg, 0).to(device, dtype), cfg
+
+
+def _rope(cfg, n, device, dtype):
+    from routed.models.routed_lm import RotaryEmbedding
+
+    rot = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(device)
+    return rot(torch.empty(0, device=device, dtype=dtype), torch.arange(n, device=device)[None])
+
+
+def speed(args, device) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    res: dict = {"dtype": str(dtype).replace("torch.", ""), "module_fwd_bwd": [], "prefill": [], "nsa_long": None,
+                 "router_cost": []}
+    # One attention module, forward+backward, against the dense module.
+    for n in args.speed_lens:
+        row = {"seq_len": n}
+        for attention in VARIANTS:
+            layer, cfg = _layer(args, attention, n, device, dtype)
+            x = torch.randn(1, n, args.hidden_size, device=device, dtype=dtype, requires_grad=True)
+            pe = _rope(cfg, n, device, dtype)
+
+            def step():
+                out, _ = layer(x, pe)
+                out.sum().backward()
+
+            row[f"{attention}_ms"] = _time(step, device)
+            del layer, x
+        for attention in VARIANTS[1:]:
+            row[f"{attention}_speedup"] = row["dense_ms"] / row[f"{attention}_ms"]
+        res["module_fwd_bwd"].append(row)
+        print("fwd+bwd", row, flush=True)
+    # The whole model's prefill (forward, no logits but the last).
+    n = args.prefill_len
+    ids = torch.randint(0, 50257, (1, n), device=device)
+    for attention in VARIANTS:
+        torch.manual_seed(0)
+        model = RoutedLMForCausalLM(_config(args, attention, n)).to(device, dtype).eval()
+        with torch.no_grad():
+            ms = _time(lambda: model(ids, logits_to_keep=1), device, reps=5)
+        res["prefill"].append({"attention": attention, "seq_len": n, "ms": ms})
+        print("prefill", res["prefill"][-1], flush=True)
+        del model
+    for r in res["prefill"]:
+        r["speedup_vs_dense"] = res["prefill"][0]["ms"] / r["ms"]
+    # NSA module against the same module in dense mode (forward).
+    n = args.long_len
+    nsa, cfg = _layer(args, "nsa", n, device, dtype)
+    x = torch.randn(1, n, args.hidden_size, device=device, dtype=dtype)
+    pe = _rope(cfg, n, device, dtype)
+    with torch.no_grad():
+        routed_ms = _time(lambda: nsa(x, pe), device)
+        nsa.dense_mode = True
+        dense_ms = _time(lambda: nsa(x, pe), device)
+    res["nsa_long"] = {"seq_len": n, "nsa_ms": routed_ms, "same_module_dense_ms": dense_ms,
+                       "speedup": dense_ms / routed_ms}
+    print("nsa long", res["nsa_long"], flush=True)
+    del nsa, x
+    res["router_cost"] = router_cost(args, device, dtype)
+    return res
+
+
+def router_cost(args, device, dtype) -> list[dict]:
+    """Router time against the attention time its route saves (dense attention - routed attention),
+    on the q, k, v a layer would see (random), forward."""
+    from routed import routed_attention
+    from routed.layers.lm_attention import causal_sdpa
+
+    n, d = args.router_len, args.hidden_size // args.heads
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, args.heads, n, d, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, args.kv_heads, n, d, device=device, dtype=dtype, generator=g)
+    v = torch.randn(1, args.kv_heads, n, d, device=device, dtype=dtype, generator=g)
+    rows = []
+    with torch.no_grad():
+        dense_ms = _time(lambda: causal_sdpa(q, k, v), device)
+        moba, _ = _layer(args, "moba", n, device, dtype)
+        route = moba.router(q, k)
+        rows.append(_cost_row("moba", _time(lambda: moba.router(q, k), device),
+                              _time(lambda: routed_attention(q, k, v, route), device), dense_ms, route.density()))
+        nsa, _ = _layer(args, "nsa", n, device, dtype)
+        kc = nsa.compress_k(nsa.compress(k))
+        _, lse = nsa.compressed_attention(q, kc, nsa.compress_v(nsa.compress(v)), n)
+        route = nsa.router(q, kc, lse, n)
+        rows.append(_cost_row("nsa_selection", _time(lambda: nsa.router(q, kc, lse, n), device),
+                              _time(lambda: routed_attention(q, k, v, route), device), dense_ms, route.density()))
+    for r in rows:
+        print("router cost", r, flush=True)
+    return rows
+
+
+def _cost_row(name, router_ms, routed_ms, dense_ms, density) -> dict:
+    saved = dense_ms - routed_ms
+    return {"router": name, "router_ms": router_ms, "routed_attention_ms": routed_ms, "dense_attention_ms": dense_ms,
+            "saved_ms": saved, "router_over_saved": router_ms / saved if saved > 0 else math.inf, "density": density}
+
+
+def plot_curves(train: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (name, r) in enumerate(train.items()):
+        tok = [c["tokens"] / 1e6 for c in r["curve"]]
+        loss = [c["loss"] for c in r["curve"]]
+        k = max(1, len(loss) // 30)
+        smooth = [sum(loss[max(0, j - k + 1):j + 1]) / len(loss[max(0, j - k + 1):j + 1]) for j in range(len(loss))]
+        color = f"C{i}"
+        ax.plot(tok, smooth, color=color, label=f"{name} (val ppl {r['val_ppl']:.2f})")
+        ax.plot([e["tokens"] / 1e6 for e in r["evals"]], [e["loss"] for e in r["evals"]], "o", color=color, ms=3)
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("loss (nats): train (line), validation (dots)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["machine"] = machine_header()
+    result.setdefault("train", {})
+    result["smoke"] = bool(args.smoke)
+    result["label"] = args.label or ("CPU SMOKE (pipeline check, not a result)" if args.smoke else "")
+    result["args"] = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
+    if args.variants:
+        result["train"].update(train_variants(args, device))
+    if args.speed:
+        result["speed"] = speed(args, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    if result["train"]:
+        plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+        any_cfg = next(iter(result["train"].values()))
+        plot_curves(result["train"], plot,
+                    f"{result['label'] + ': ' if result['label'] else ''}"
+                    f"{any_cfg['parameters'] / 1e6:.1f}M-parameter LMs, context {args.seq_len}, "
+                    f"{args.corpus}, equal tokens")
+        print(f"wrote {out} and {plot}")
+    else:
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
