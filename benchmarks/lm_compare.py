@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from routed.bench import time_median_ms  # noqa: E402
 from routed.env import machine_header  # noqa: E402
 from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
 from routed.train import load_tokens, passkey_accuracy, train_model  # noqa: E402
@@ -136,22 +135,9 @@ def train_variants(args, device) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 def _time(fn, device, reps: int = 10) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on a GPU, wall clock on the CPU)."""
-    fn()  # warm-up: autotuning, allocations
-    times = []
-    for _ in range(reps if device.type == "cuda" else 2):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    """Median milliseconds of ``fn()`` after one warm-up call (autotuning, allocations); CUDA
+    events on a GPU, two wall-clock runs on the CPU."""
+    return time_median_ms(fn, device, reps if device.type == "cuda" else 2)
 
 
 def _config(args, attention: str, max_len: int, dense: bool = False) -> RoutedLMConfig:

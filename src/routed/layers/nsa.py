@@ -17,6 +17,9 @@ Three branches over the same queries, keys and values, mixed by learned gates:
 a linear map of the layer's input, per query head (the paper's gated sum of branch outputs).
 With ``attention_dense=True`` the module computes full causal attention with its q/k/v/o
 projections (the compression, router and gates are unused): the same module, dense, for ablations.
+
+Under a KV cache every step recompresses the cached keys and values (``O(kv_len)`` work per step,
+small next to a prefill; caching the compressed blocks is not done yet).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ The rest is a Llama-style block: RMSNorm, rotary embeddings, SwiGLU MLP, tied em
 
 It follows transformers' conventions (``PreTrainedConfig`` / ``PreTrainedModel`` /
 ``GenerationMixin``, a ``DynamicCache``), so ``save_pretrained``, ``from_pretrained`` and
-``generate()`` work::
+``generate()`` work (and ``AutoModelForCausalLM``, once this module is imported)::
 
     config = RoutedLMConfig(vocab_size=50257, hidden_size=512, num_hidden_layers=8,
                             num_attention_heads=8, num_key_value_heads=2, attention_types=["moba"] * 8)
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -255,3 +255,8 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
             if aux is not None:
                 loss = loss + aux
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+
+# AutoConfig / AutoModelForCausalLM.from_pretrained(checkpoint) work once this module is imported.
+AutoConfig.register(RoutedLMConfig.model_type, RoutedLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(RoutedLMConfig, RoutedLMForCausalLM, exist_ok=True)
