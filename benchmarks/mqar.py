@@ -1,0 +1,180 @@
+"""Multi-query associative recall (MQAR, Zoology: Arora et al., 2023): generate it, train a small
+routed LM per attention type on it, report recall.
+
+    PYTHONPATH=src python benchmarks/mqar.py --out mqar.json [--smoke]
+        [--attention dense sliding_window routing mosa] [--seq-lens 2048 4096 8192]
+        [--option kmeans_clusters=16 --option routing_window=64 ...]
+
+A sequence opens with ``kv_pairs`` key-value pairs (keys from the lower half of the vocabulary,
+values from the upper half), then repeats keys at random later positions (gaps drawn from a power
+law, Zoology's ``power_a``), each followed by its value; every other position holds a random token.
+The model is trained with next-token cross-entropy on the value positions only (plus the layers'
+auxiliary losses) and scored by greedy accuracy there (teacher forcing, one forward per sequence),
+on held-out sequences. Each attention type gets the same model size, steps, data and seed.
+
+MoSA runs with ``mosa_selection=threshold`` unless ``--option`` says otherwise: the top-k selection
+compares the whole sequence, so later tokens would steer which earlier tokens are picked, a channel
+a causal recall score must not have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import routed.layers.mosa  # noqa: E402,F401  (registers "mosa")
+import routed.layers.routing_attention  # noqa: E402,F401  (registers "routing")
+from routed.env import machine_header  # noqa: E402
+from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
+
+
+def mqar(num: int, seq_len: int, vocab: int, kv_pairs: int, *, power_a: float = 0.01,
+         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoology's multi-query associative recall.
+
+    Returns ``inputs [num, seq_len]`` int64 token ids and ``labels [num, seq_len]`` (the value the
+    model must predict at the position of each repeated key, ``-100`` elsewhere: ``labels[t]`` is
+    the target for ``inputs[:, t]``'s next token).
+    """
+    context = 2 * kv_pairs
+    space = (seq_len + 1 - context) // 2
+    if kv_pairs < 1 or space < kv_pairs or vocab < 2 * kv_pairs + 2:
+        raise ValueError(f"seq_len={seq_len} holds {space} query slots after {kv_pairs} pairs, and vocab={vocab} "
+                         f"needs at least {2 * kv_pairs + 2} tokens; lower --kv-pairs or raise --seq-len/--vocab.")
+    half = vocab // 2
+    keys = torch.stack([torch.randperm(half - 1, generator=generator)[:kv_pairs] + 1 for _ in range(num)])
+    values = torch.stack([torch.randperm(vocab - half, generator=generator)[:kv_pairs] + half for _ in range(num)])
+    kvs = torch.stack([keys, values], -1).reshape(num, context)
+    # Query gaps: a power law over the free slots (near slots likelier), distinct per sequence.
+    p = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
+    gaps = torch.stack([torch.multinomial(p, kv_pairs, replacement=False, generator=generator) for _ in range(num)])
+    tail = torch.randint(0, vocab, (num, seq_len + 1 - context), generator=generator)  # random non-queries
+    tail_labels = torch.full_like(tail, -100)
+    tail.scatter_(1, 2 * gaps, keys)
+    tail.scatter_(1, 2 * gaps + 1, values)
+    tail_labels.scatter_(1, 2 * gaps + 1, values)
+    seq = torch.cat([kvs, tail], 1)  # [num, seq_len + 1]
+    labels = torch.cat([torch.full_like(kvs, -100), tail_labels], 1)
+    return seq[:, :-1], labels[:, 1:]
+
+
+def parse_options(items: list[str]) -> dict:
+    """``key=value`` strings -> config kwargs (ints, floats, booleans and strings)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--option takes key=value, got {item!r}.")
+        key, raw = item.split("=", 1)
+        low = raw.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(raw)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = raw
+    return out
+
+
+def run_one(attention: str, seq_len: int, args, options: dict, device) -> dict:
+    torch.manual_seed(args.seed)
+    cfg = RoutedLMConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, max_position_embeddings=seq_len, attention_types=attention,
+                         **options)
+    model = RoutedLMForCausalLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98))
+    data_gen = torch.Generator().manual_seed(args.seed)
+    test_x, test_y = mqar(args.test_examples, seq_len, args.vocab, args.kv_pairs,
+                          generator=torch.Generator().manual_seed(args.seed + 1))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    history, t0 = [], time.perf_counter()
+    model.train()
+    for step in range(args.steps):
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = mqar(args.batch_size, seq_len, args.vocab, args.kv_pairs, generator=data_gen)
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            out = model.model(x)
+            logits = model.lm_head(out[0])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        total = loss if out[2] is None else loss + out[2]
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % max(1, args.steps // 10) == 0 or step + 1 == args.steps:
+            history.append({"step": step + 1, "loss": float(loss.detach())})
+            print(f"  {attention} {seq_len}: step {step + 1} loss {history[-1]['loss']:.4f}", flush=True)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    correct = total_q = 0
+    with torch.no_grad(), autocast:
+        for i in range(0, args.test_examples, args.batch_size):
+            x, y = test_x[i:i + args.batch_size].to(device), test_y[i:i + args.batch_size].to(device)
+            pred = model(x).logits.argmax(-1)
+            mask = y != -100
+            correct += int((pred[mask] == y[mask]).sum())
+            total_q += int(mask.sum())
+    return {"attention": attention, "seq_len": seq_len, "recall": correct / max(total_q, 1), "queries": total_q,
+            "train_seconds": train_s, "final_loss": history[-1]["loss"] if history else None, "history": history,
+            "config": {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="mqar.json")
+    ap.add_argument("--attention", nargs="+", default=["dense", "sliding_window", "routing", "mosa"])
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--kv-pairs", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--test-examples", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--option", action="append", default=[],
+                    help="key=value config field for every model (e.g. kmeans_clusters=32, window_blocks=4)")
+    ap.add_argument("--smoke", action="store_true", help="tiny: seq 128, 8 pairs, 20 steps (runs on the CPU)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.seq_lens, args.kv_pairs, args.vocab, args.hidden, args.steps = [128], 8, 256, 64, 20
+        args.batch_size, args.test_examples, args.warmup = 8, 16, 5
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    options = {"mosa_selection": "threshold", **parse_options(args.option)}
+    command = " ".join(Path(a).name if a == args.out else a for a in sys.argv)
+    result = {"machine": machine_header(), "command": command, "options": options, "runs": []}
+    for seq_len in args.seq_lens:
+        for attention in args.attention:
+            row = run_one(attention, seq_len, args, options, device)
+            result["runs"].append(row)
+            print(f"{attention} @ {seq_len}: recall {row['recall']:.3f} ({row['train_seconds']:.0f} s)", flush=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))  # after every run: a cut run keeps its rows
+    print("\nattention | " + " | ".join(str(n) for n in args.seq_lens))
+    for attention in args.attention:
+        cells = [f"{r['recall']:.3f}" for n in args.seq_lens for r in result["runs"]
+                 if r["attention"] == attention and r["seq_len"] == n]
+        print(f"{attention} | " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
