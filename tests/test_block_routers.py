@@ -116,18 +116,40 @@ def _nsa_scores_f64(q, k_cmp, kv_len, lb, stride, sel, qbs):
     return out / cnt[:, None]
 
 
-@pytest.mark.parametrize("nq,nk,qbs,chunk", [(80, 80, 16, 4096), (20, 90, 16, 16), (48, 48, 1, 16)])
-def test_nsa_selection_scores_match_definition(nq, nk, qbs, chunk):
+@pytest.mark.parametrize("nq,nk,qbs,chunk,backend", [(80, 80, 16, 4096, "reference"), (20, 90, 16, 16, "reference"),
+                                                     (48, 48, 1, 16, "reference"), (80, 80, 16, 0, "triton"),
+                                                     (20, 90, 16, 0, "triton"), (48, 48, 1, 0, "triton")])
+def test_nsa_selection_scores_match_definition(nq, nk, qbs, chunk, backend):
     g = torch.Generator().manual_seed(3)
     lb, stride, sel = 8, 4, 16
     nc = compressed_positions(nk, lb, stride).numel()
     q, kc = torch.randn(1, 4, nq, 16, generator=g), torch.randn(1, 2, nc, 16, generator=g)
-    router = NSASelectionRouter(sel, 3, compress_block=lb, compress_stride=stride, q_block_size=qbs, chunk=chunk)
+    router = NSASelectionRouter(sel, 3, compress_block=lb, compress_stride=stride, q_block_size=qbs,
+                                chunk=chunk or 4096, backend=backend)
     ref = _nsa_scores_f64(q, kc, nk, lb, stride, sel, qbs)
     torch.testing.assert_close(router.scores(q, kc, None, nk), ref.float(), rtol=1e-4, atol=1e-6)
     route = router(q, kc, None, nk)
     assert route.kv_block_ids.shape[1] == 2  # shared by the query heads of a KV group
     assert torch.equal(route.to_block_mask(), _topk_definition(ref, 3, nq, nk, qbs, sel, 1, 2))
+
+
+@pytest.mark.parametrize("hq,hkv,nq,nk,qbs", [(3, 1, 70, 70, 24), (4, 4, 33, 100, 16), (8, 2, 1, 77, 64)])
+def test_nsa_mass_kernel_equals_pytorch(hq, hkv, nq, nk, qbs):
+    """The fused kernel against the chunked PyTorch twin: GQA groups of 1, 3 (padded) and 4, query
+    blocks that are not powers of two, a decode step, queries that see no compressed block."""
+    from routed.ops.block_topk.triton_kernels import nsa_compressed_mass_triton
+    from routed.routers.blocks import _nsa_lse_torch, _nsa_mass_torch
+    from routed.testing import poisoned_outputs
+
+    g = torch.Generator().manual_seed(4)
+    lb, st = 16, 8
+    nc = compressed_positions(nk, lb, st).numel()
+    q, kc = torch.randn(2, hq, nq, 32, generator=g), torch.randn(2, hkv, nc, 32, generator=g)
+    lse = _nsa_lse_torch(q, kc, nk, lb, st, 0.2, 4096)
+    ref = _nsa_mass_torch(q, kc, lse, nk, qbs, lb, st, 0.2, 32)
+    with poisoned_outputs():
+        out = nsa_compressed_mass_triton(q, kc, lse, nk, qbs, lb, st, 0.2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_compressed_positions():
@@ -151,8 +173,8 @@ def test_bad_options_raise_clear_errors():
     with pytest.raises(BackendUnavailable, match="q_block_size=1"):
         MoBARouter(16, 2, q_block_size=1, heads="query", backend="triton")(torch.randn(1, 2, 64, 8),
                                                                             torch.randn(1, 1, 64, 8))
-    with pytest.raises(BackendUnavailable, match="no Triton kernel"):
-        NSASelectionRouter(64, 4, backend="triton")
+    with pytest.raises(ValueError, match="backend must be 'triton', 'reference' or None"):
+        NSASelectionRouter(64, 4, backend="flex")
     with pytest.raises(RouteError, match="k_cmp has 3 compressed keys"):
         NSASelectionRouter(16, 2, compress_block=8, compress_stride=4)(torch.randn(1, 2, 8, 8),
                                                                          torch.randn(1, 2, 3, 8), None, 32)

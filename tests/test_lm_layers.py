@@ -133,7 +133,7 @@ def _nsa_f64(layer, x, pe):
 @pytest.mark.parametrize("backend,n", [("reference", 70), ("triton", 70), ("reference", 5)])
 def test_nsa_equals_its_branches_written_out(backend, n):
     torch.manual_seed(3)
-    layer = NSAAttention(_config(attention_backend=backend), 0)
+    layer = NSAAttention(_config(attention_backend=backend, router_backend=backend), 0)
     with torch.no_grad():  # non-trivial compression and gates
         layer.compress_k.weight.add_(0.05 * torch.randn_like(layer.compress_k.weight))
         layer.gate.weight.normal_(0, 0.3)

@@ -233,6 +233,51 @@ def _moba_scores_torch(q: Tensor, k: Tensor, q_block_size: int, kv_block_size: i
     return p.amax(2) if head_reduce == "max" else p.mean(2)
 
 
+def _nsa_lse_torch(q: Tensor, k_cmp: Tensor, kv_len: int, compress_block: int, compress_stride: int, scale: float,
+                   chunk: int) -> Tensor:
+    """``[B, Hq, Nq]`` log-sum-exp of every query over the compressed blocks that ended (``-inf``
+    where none has)."""
+    B, hq, nq, d = q.shape
+    hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
+    ends = compressed_positions(kv_len, compress_block, compress_stride, q.device)
+    out = []
+    for s0 in range(0, nq, chunk):
+        s1 = min(nq, s0 + chunk)
+        logits = (q[:, :, s0:s1].float().reshape(B, hkv, -1, d) @ k_cmp.float().transpose(-1, -2))
+        logits = logits.view(B, hq, s1 - s0, nc) * scale
+        vis = ends[None, :] <= (torch.arange(s0, s1, device=q.device) + kv_len - nq)[:, None]
+        out.append(torch.logsumexp(logits.masked_fill(~vis, float("-inf")), dim=-1))
+    return torch.cat(out, dim=2)
+
+
+def _nsa_mass_torch(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: int, q_block_size: int, compress_block: int,
+                    compress_stride: int, scale: float, chunk: int) -> Tensor:
+    """``[B, Hkv, nqb, Nc]``: per query block, the compressed-attention probability of every
+    compressed block summed over the block's queries and the group's query heads (PyTorch twin of
+    :func:`~routed.ops.block_topk.triton_kernels.nsa_compressed_mass_triton`)."""
+    B, hq, nq, d = q.shape
+    hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
+    qbs, g = q_block_size, hq // hkv
+    nqb = math.ceil(nq / qbs)
+    ends = compressed_positions(kv_len, compress_block, compress_stride, q.device)
+    kc = k_cmp.float()
+    out = torch.zeros(B, hkv, nqb, nc, dtype=torch.float32, device=q.device)
+    step = max(qbs, (chunk // qbs) * qbs)  # whole query blocks per chunk
+    for s0 in range(0, nq, step):
+        s1 = min(nq, s0 + step)
+        rows = s1 - s0
+        logits = (q[:, :, s0:s1].float().reshape(B, hkv, g * rows, d) @ kc.transpose(-1, -2)).view(B, hq, rows, nc)
+        vis = ends[None, :] <= (torch.arange(s0, s1, device=q.device) + kv_len - nq)[:, None]
+        l = lse[:, :, s0:s1].float()
+        l = torch.where(torch.isfinite(l), l, torch.full_like(l, float("inf")))  # sees nothing -> p = 0
+        p = torch.exp(logits * scale - l[..., None]).masked_fill(~vis, 0.0)
+        p = p.view(B, hkv, g, rows, nc).sum(2)
+        nb = math.ceil(rows / qbs)
+        p = torch.nn.functional.pad(p, (0, 0, 0, nb * qbs - rows)).view(B, hkv, nb, qbs, nc).sum(3)
+        out[:, :, s0 // qbs: s0 // qbs + nb] = p
+    return out
+
+
 def compressed_positions(kv_len: int, compress_block: int, compress_stride: int, device=None) -> Tensor:
     """``[num_compressed]`` int64 position of the last token of every compressed block (block ``i``
     covers tokens ``i * stride .. i * stride + compress_block - 1``; only whole blocks exist)."""
@@ -261,8 +306,11 @@ class NSASelectionRouter:
         q_block_size: queries per routing decision (default ``block_size``; ``1`` selects per query,
             exact under incremental decoding).
         sink_blocks, local_blocks: always-kept blocks (the paper keeps 1 initial and 2 local).
-        chunk: queries scored at once (bounds the ``chunk x num_compressed`` temporary).
-        backend: ``"reference"`` or None. There is no Triton scoring kernel yet; asking for one raises.
+        chunk: queries scored at once by the PyTorch path (bounds its ``chunk x num_compressed``
+            temporary).
+        backend: scoring: ``"triton"`` (one fused kernel, :mod:`routed.ops.block_topk`; nothing of
+            size ``q_len x num_compressed`` is written), ``"reference"`` (plain PyTorch, chunked), or
+            None (Triton on CUDA, PyTorch elsewhere).
     Call ``router(q, k_cmp, lse_cmp, kv_len, scale=None)``: ``q [B, Hq, Nq, D]``, the compressed
     keys ``k_cmp [B, Hkv, Nc, D]`` and the compressed branch's log-sum-exp ``lse_cmp [B, Hq, Nq]``
     (``-inf`` where a query sees no compressed block; recomputed when None) -> a causal KV-head
@@ -280,10 +328,8 @@ class NSASelectionRouter:
             raise RouteError(f"compress_stride={compress_stride} must divide both compress_block={compress_block} and "
                              f"the selection block_size={block_size} (NSA's condition: compressed blocks then tile the "
                              "selection blocks exactly); e.g. compress_block=32, compress_stride=16, block_size=64.")
-        if backend == "triton":
-            raise BackendUnavailable("NSA selection scoring has no Triton kernel yet; use backend='reference' or None.")
-        if backend not in (None, "reference"):
-            raise ValueError(f"backend must be 'reference' or None, got {backend!r}.")
+        if backend not in (None, "reference", "triton"):
+            raise ValueError(f"backend must be 'triton', 'reference' or None (automatic), got {backend!r}.")
         self.block_size, self.top_n = block_size, top_n
         self.compress_block, self.compress_stride = compress_block, compress_stride
         self.q_block_size = block_size if q_block_size is None else _pos_int("q_block_size", q_block_size)
@@ -308,33 +354,30 @@ class NSASelectionRouter:
         scale = d ** -0.5 if scale is None else float(scale)
         qbs = self.q_block_size
         nqb, nsb = math.ceil(nq / qbs), math.ceil(kv_len / self.block_size)
-        out = torch.zeros(B, hkv, nqb, nsb, dtype=torch.float32, device=q.device)
         if nc == 0:
-            return out
+            return torch.zeros(B, hkv, nqb, nsb, dtype=torch.float32, device=q.device)
+        if lse_cmp is None:
+            lse_cmp = _nsa_lse_torch(q, k_cmp, kv_len, self.compress_block, self.compress_stride, scale, self.chunk)
+        if self._use_triton(q):
+            from ..ops.block_topk.triton_kernels import nsa_compressed_mass_triton
+
+            mass = nsa_compressed_mass_triton(q, k_cmp, lse_cmp, kv_len, qbs, self.compress_block,
+                                              self.compress_stride, scale)
+        else:
+            mass = _nsa_mass_torch(q, k_cmp, lse_cmp, kv_len, qbs, self.compress_block, self.compress_stride, scale,
+                                   self.chunk)
+        # Spread each compressed block's mass over the selection blocks it overlaps; mean per query.
         w = _overlap_weights(nc, self.compress_block, self.compress_stride, nsb, self.block_size, q.device)
-        ends = compressed_positions(kv_len, self.compress_block, self.compress_stride, q.device)
-        kc = k_cmp.float()
-        g = hq // hkv
-        step = max(qbs, (self.chunk // qbs) * qbs)  # whole query blocks per chunk
-        for s0 in range(0, nq, step):
-            s1 = min(nq, s0 + step)
-            qc = q[:, :, s0:s1].float()
-            logits = (qc.reshape(B, hkv, g * (s1 - s0), d) @ kc.transpose(-1, -2)).view(B, hq, s1 - s0, nc) * scale
-            pos = torch.arange(s0, s1, device=q.device) + (kv_len - nq)
-            vis = ends[None, :] <= pos[:, None]
-            if lse_cmp is None:
-                lse = torch.logsumexp(logits.masked_fill(~vis, float("-inf")), dim=-1)
-            else:
-                lse = lse_cmp[:, :, s0:s1].float()
-            lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # sees nothing -> p = 0
-            p = torch.exp(logits - lse[..., None]).masked_fill(~vis, 0.0)
-            p = p.view(B, hkv, g, s1 - s0, nc).sum(2) @ w  # [B, Hkv, rows, nsb]
-            rows = s1 - s0
-            nb = math.ceil(rows / qbs)
-            p = torch.nn.functional.pad(p, (0, 0, 0, nb * qbs - rows)).view(B, hkv, nb, qbs, nsb).sum(3)
-            cnt = torch.clamp(rows - torch.arange(nb, device=q.device) * qbs, max=qbs).float()
-            out[:, :, s0 // qbs: s0 // qbs + nb] = p / cnt[:, None]
-        return out
+        cnt = torch.clamp(nq - torch.arange(nqb, device=q.device) * qbs, max=qbs).float()
+        return (mass @ w) / cnt[:, None]
+
+    def _use_triton(self, q: Tensor) -> bool:
+        why = estimator_backend_why_not(q, 16, False)  # the same conditions as the estimator kernels
+        if self.backend == "triton":
+            if why is not None:
+                raise BackendUnavailable(f"the Triton NSA scoring kernel cannot run this call: {why}.")
+            return True
+        return self.backend is None and why is None and q.device.type == "cuda"
 
     def __call__(self, q: Tensor, k_cmp: Tensor, lse_cmp: Optional[Tensor], kv_len: int, *,
                  scale: Optional[float] = None) -> BlockRoute:

@@ -1,0 +1,99 @@
+"""Triton kernel for NSA's selection scores, and its host launcher.
+
+One program per (query block, batch x KV head): the query heads of the GQA group and a tile of the
+block's queries are packed into the rows of one tile (head-major, the head count padded to a
+power of two with masked rows), so each compressed-key tile is loaded once for the whole group.
+For every compressed key the program sums, over its rows, the compressed-attention probability
+``exp(scale * q . k_cmp - lse)`` (``lse``: the compressed branch's log-sum-exp, already known), with
+the causal test on the compressed blocks' end positions. Compressed-key tiles wholly after the
+block's last query are skipped (zeros written).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...testing import new_output
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _nsa_compressed_mass_kernel(Q, KC, LSE, Out, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                                stride_lb, stride_lh, stride_ln, stride_ob, stride_oh, stride_om, n_heads_kv,
+                                group_size, q_len, kv_len, num_cmp, q_block, cmp_block, cmp_stride, scale_log2,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_P: tl.constexpr,
+                                TILE_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_qb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_kv
+    hkv = pid_bh % n_heads_kv
+    ROWS: tl.constexpr = GROUP_P * TILE_Q
+    r = tl.arange(0, ROWS)
+    g = r // TILE_Q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_start = pid_qb * q_block
+    q_end = tl.minimum(q_start + q_block, q_len)
+    off = kv_len - q_len
+    # Compressed blocks that end at or before the block's last query.
+    n_vis = tl.minimum(tl.maximum((q_end - 1 + off - cmp_block + 1) // cmp_stride + 1, 0), num_cmp)
+    q_base = Q + b * stride_qb + (hkv * group_size + g)[:, None] * stride_qh
+    l_base = LSE + b * stride_lb + (hkv * group_size + g) * stride_lh
+    kc_base = KC + b * stride_kb + hkv * stride_kh
+    out_base = Out + b * stride_ob + hkv * stride_oh + pid_qb * stride_om
+    for n0 in range(0, num_cmp, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        if n0 < n_vis:
+            kc = tl.load(kc_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                         mask=(offs_n < num_cmp)[:, None] & d_ok[None, :], other=0.0)
+            end_pos = offs_n * cmp_stride + cmp_block - 1
+            for t0 in range(q_start, q_end, TILE_Q):
+                qi = t0 + r % TILE_Q
+                row_ok = (g < group_size) & (qi < q_end)
+                q = tl.load(q_base + qi[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                lse = tl.load(l_base + qi * stride_ln, mask=row_ok, other=float("-inf"))
+                row_ok = row_ok & (lse > float("-inf"))  # a query that sees no compressed block adds nothing
+                lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+                s = tl.dot(q, tl.trans(kc), input_precision=DOT_PRECISION) * scale_log2
+                vis = (end_pos[None, :] <= (qi + off)[:, None]) & row_ok[:, None] & (offs_n < num_cmp)[None, :]
+                p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+                acc += tl.sum(p, 0)
+        tl.store(out_base + offs_n, acc, mask=offs_n < num_cmp)
+
+
+def nsa_compressed_mass_triton(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: int, q_block_size: int,
+                               compress_block: int, compress_stride: int, scale: float) -> Tensor:
+    """``[B, Hkv, nqb, Nc]`` float32: per query block, the compressed-attention probability mass of
+    every compressed block, summed over the block's queries and the query heads of the KV group.
+
+    Args:
+        q: ``[B, Hq, Nq, D]`` (the last ``Nq`` of ``kv_len`` positions); k_cmp: ``[B, Hkv, Nc, D]``
+            compressed keys (block ``i`` ends at position ``i * compress_stride + compress_block - 1``);
+        lse: ``[B, Hq, Nq]`` the compressed branch's natural-log log-sum-exp (``-inf``: sees nothing).
+    """
+    B, hq, nq, d = q.shape
+    hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
+    nqb = -(-nq // q_block_size)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cmp = k_cmp.to(q.dtype)
+    k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
+    lse = lse.float()
+    gp = triton.next_power_of_2(hq // hkv)
+    # 64 rows per tile (heads x queries), at least 16 for tl.dot; never wider than the block needs.
+    tile_q = max(16 // gp, min(64 // gp, triton.next_power_of_2(q_block_size)), 1)
+    out = new_output((B, hkv, nqb, nc), dtype=torch.float32, device=q.device)
+    if nc == 0:
+        return out
+    grid = (nqb, B * hkv)
+    _nsa_compressed_mass_kernel[grid](
+        q, k_cmp, lse, out, *q.stride()[:3], *k_cmp.stride()[:3], *lse.stride(), *out.stride()[:3], hkv, hq // hkv,
+        nq, kv_len, nc, q_block_size, compress_block, compress_stride, scale * LOG2E, HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP_P=gp, TILE_Q=tile_q, BLOCK_N=64,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+    return out
