@@ -85,6 +85,9 @@ def test_state_round_trips_through_save_and_load():
     assert bool(fresh.initialized) and torch.equal(fresh.centroids, km.centroids)
     y = torch.randn(1, 3, 30, 8)
     assert torch.equal(fresh.assign(y), km.assign(y))
+    fresh.load_state_dict(KMeansRouter(3, 8, 5).state_dict())  # an uninitialised state: initialises again
+    fresh.assign(y)
+    assert bool(fresh.initialized) and not torch.equal(fresh.centroids, km.centroids)
 
 
 def test_centroids_stay_float32_in_a_bf16_model():

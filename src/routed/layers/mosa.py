@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import routed_attention
-from ..routers.static import sliding_window_route
-from .registry import register_attention
 from .lm_attention import apply_rotary
+from .registry import register_attention
+from .routing_attention import local_window_route
 
 __all__ = ["MoSAAttention", "mosa_select"]
 
@@ -194,9 +194,7 @@ class MoSAAttention(nn.Module):
     def _dense(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         if self.hybrid == "dense":
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        route = sliding_window_route(q.shape[2], block_size=self.local_window, window_blocks=2, causal=True,
-                                     device=q.device)
-        return routed_attention(q, k, v, route, scale=scale)
+        return routed_attention(q, k, v, local_window_route(q.shape[2], self.local_window, q.device), scale=scale)
 
     def _cache_update(self, ids, picked, scores, ks, vs, kd, vd, cache, N):
         """Append the new tokens to the cache: sparse heads' k/v at every position (zeros where not

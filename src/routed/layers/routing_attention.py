@@ -36,6 +36,7 @@ Config fields (defaults in brackets), beside ``hidden_size``, ``num_attention_he
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -43,12 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import routed_attention
+from ..route import BlockRoute
 from ..routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
 from ..routers.static import sliding_window_route
 from .lm_attention import apply_rotary, causal_sdpa
 from .registry import register_attention
 
-__all__ = ["RoutingAttention", "lm_head_dims"]
+__all__ = ["RoutingAttention", "lm_head_dims", "local_window_route"]
 
 
 def lm_head_dims(config) -> tuple[int, int, int, int]:
@@ -60,6 +62,14 @@ def lm_head_dims(config) -> tuple[int, int, int, int]:
     if hq % hkv:
         raise ValueError(f"num_attention_heads={hq} must be a multiple of num_key_value_heads={hkv}.")
     return hidden, hq, hkv, d
+
+
+@functools.lru_cache(maxsize=32)
+def local_window_route(n: int, block: int, device: torch.device) -> BlockRoute:
+    """The local heads' route for ``n`` tokens: each query block sees its own key block and the one
+    before, causal. Built once per (length, block, device): a route caches the kernels' derived data,
+    so reusing it saves that work (and a host sync) on every call."""
+    return sliding_window_route(n, block_size=block, window_blocks=2, causal=True, device=device)
 
 
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -143,8 +153,7 @@ class RoutingAttention(nn.Module):
         if k.shape[2] == N:  # no earlier tokens: the kernels over the whole sequence
             outs = []
             if kl:
-                route = sliding_window_route(N, block_size=self.local_window, window_blocks=2, causal=True,
-                                             device=q.device)
+                route = local_window_route(N, self.local_window, q.device)
                 outs.append(routed_attention(q[:, : kl * G], k[:, :kl], v[:, :kl], route, scale=scale,
                                              backend=self.backend))
             if self.kv_routed:

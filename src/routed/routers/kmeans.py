@@ -25,8 +25,6 @@ Two ways to turn clusters into a route:
 
 from __future__ import annotations
 
-import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +63,7 @@ class KMeansRouter(nn.Module):
         self.decay, self.commitment, self.init_iters = decay, commitment, init_iters
         self.register_buffer("centroids", F.normalize(torch.randn(heads, clusters, dim), dim=-1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._known_initialized = False  # a host mirror of the flag: no GPU sync per call once it is set
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim={self.dim}, clusters={self.clusters}, decay={self.decay}"
@@ -91,10 +90,17 @@ class KMeansRouter(nn.Module):
         self.maybe_init(x)
         return self.similarities(x).argmax(-1)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False  # the loaded flag decides (read once, at the next call)
+
     @torch.no_grad()
     def maybe_init(self, x: Tensor) -> None:
         """Initialise the centroids from ``x [B, H, N, D]`` if they never were (any mode)."""
+        if self._known_initialized:
+            return
         if bool(self.initialized):
+            self._known_initialized = True
             return
         self._check(x)
         xn = F.normalize(x.float(), dim=-1).transpose(0, 1).reshape(self.heads, -1, self.dim)  # [H, T, D]
@@ -110,6 +116,7 @@ class KMeansRouter(nn.Module):
             c = torch.where(empty, c, F.normalize(sums, dim=-1))
         self.centroids.copy_(c)
         self.initialized.fill_(True)
+        self._known_initialized = True
 
     @torch.no_grad()
     def update(self, x: Tensor, assignment: Tensor) -> None:
