@@ -25,7 +25,6 @@ Two ways to turn clusters into a route:
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
