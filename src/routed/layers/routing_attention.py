@@ -142,11 +142,12 @@ class RoutingAttention(nn.Module):
         q = torch.cat([apply_rotary(q[:, : kl * G], cos, sin), q[:, kl * G:]], 1)
         k = torch.cat([apply_rotary(k[:, :kl], cos, sin), k[:, kl:]], 1)
 
-        aux = None
+        aux = cl = None
         if self.kmeans is not None:
-            self.kmeans.maybe_init(k[:, kl:])
+            with torch.no_grad():
+                cl = self.kmeans.assign(k[:, kl:])  # [B, routed kv heads, N]; initialises on first use
             if self.training:
-                aux = self._kmeans_step(q[:, kl * G:], k[:, kl:])
+                aux = self._kmeans_step(q[:, kl * G:], k[:, kl:], cl)
 
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -157,16 +158,16 @@ class RoutingAttention(nn.Module):
                 outs.append(routed_attention(q[:, : kl * G], k[:, :kl], v[:, :kl], route, scale=scale,
                                              backend=self.backend))
             if self.kv_routed:
-                outs.append(self._routed_full(q[:, kl * G:], k[:, kl:], v[:, kl:], scale))
+                outs.append(self._routed_full(q[:, kl * G:], k[:, kl:], v[:, kl:], cl, scale))
         else:  # decoding (or a chunk) after cached tokens: masks over the cache, O(cache) per query
             outs = self._after_cache(q, k, v, scale)
         o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         return self.o_proj(o.transpose(1, 2).reshape(B, N, self.hq * d)), aux
 
-    def _kmeans_step(self, q_r: Tensor, k_r: Tensor) -> Tensor:
-        """Commitment loss of the routed keys and queries to their token's centroid, then one EMA step."""
+    def _kmeans_step(self, q_r: Tensor, k_r: Tensor, cl: Tensor) -> Tensor:
+        """Commitment loss of the routed keys and queries to their token's centroid ``cl``, then one
+        EMA step (this call's routing keeps the assignment made before the step)."""
         B, _, N, d = k_r.shape
-        cl = self.kmeans.assign(k_r)
         qg = q_r.reshape(B, self.kv_routed, self.group, N, d)
         loss = self.kmeans.commitment_loss(k_r, cl)
         for g in range(self.group):
@@ -175,13 +176,13 @@ class RoutingAttention(nn.Module):
             self.kmeans.update(k_r.detach(), cl)
         return loss
 
-    def _routed_full(self, q_r: Tensor, k_r: Tensor, v_r: Tensor, scale: float) -> Tensor:
-        """Clustered attention of the routed heads over a whole sequence (the kernel path)."""
+    def _routed_full(self, q_r: Tensor, k_r: Tensor, v_r: Tensor, cl: Tensor, scale: float) -> Tensor:
+        """Clustered attention of the routed heads over a whole sequence (the kernel path); ``cl
+        [B, Hk, N]`` are the keys' clusters."""
         B, Hk, N, d = k_r.shape
         G, R = self.group, B * Hk
         with torch.no_grad():
-            cl = self.kmeans.assign(k_r).reshape(R, N)
-            route, slot_tokens, token_slots = cluster_window_route(cl, self.clusters, self.window)
+            route, slot_tokens, token_slots = cluster_window_route(cl.reshape(R, N), self.clusters, self.window)
         L = slot_tokens.shape[1]
         src = slot_tokens.clamp_min(0)
 
