@@ -221,3 +221,20 @@ def test_token_group_kernel_weight_and_lse_gradients():
     want = torch.autograd.grad(loss(ref, ref_lse, torch.float64), (q, k, v, w64))
     for name, x, y in zip(("dq", "dk", "dv", "dweights"), got, want):
         assert_close_rel(x, y, floor=1e-5, what=name)
+
+
+def test_token_group_kernel_traces_under_torch_compile():
+    """The custom ops and their fake implementations trace as one graph, forward and backward."""
+    q, k, v = _inputs(1, 4, 2, 40, 16, seed=1)
+    r = _route(1, 2, 40, groups=2, size=10, causal=True, seed=1, weighted=True)
+    w = r.weights.clone().requires_grad_()
+
+    def f(q, k, v, w):
+        return token_group_attention_triton(q, k, v, TokenRoute(r.token_ids, 40, w, causal=True, validate=False),
+                                            0.25)[0]
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, w)
+    want = f(q, k, v, w)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v, w)), torch.autograd.grad(want.sum(), (q, k, v, w))):
+        torch.testing.assert_close(a, b)
