@@ -139,6 +139,30 @@ def test_kv_cache_decoding_equals_full_forward(prefill):
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
 
 
+def test_decoding_reuses_the_cached_clusters_and_recovers_without_them():
+    layer = _layer(seed=7)
+    n = 30
+    x = torch.randn(1, n, 64, dtype=torch.float64)
+    cos, sin = rope(n, 16)
+    full = layer(x, (cos, sin))[0]
+    cache = DynamicCache()
+    layer(x[:, :20], (cos[:, :20], sin[:, :20]), past_key_values=cache)
+    seen = []
+    assign = layer.kmeans.assign
+    layer.kmeans.assign = lambda t: seen.append(t.shape[2]) or assign(t)
+    outs = [layer(x[:, t:t + 1], (cos[:, t:t + 1], sin[:, t:t + 1]), past_key_values=cache)[0] for t in range(20, 25)]
+    assert seen == [1] * 5  # only the new key is assigned; the cached ones are remembered
+    # A copy of the layer that never saw this cache re-assigns the cached keys once, from the cache.
+    twin = _layer(seed=8)
+    twin.load_state_dict(layer.state_dict())
+    seen.clear()
+    assign2 = twin.kmeans.assign
+    twin.kmeans.assign = lambda t: seen.append(t.shape[2]) or assign2(t)
+    outs += [twin(x[:, t:t + 1], (cos[:, t:t + 1], sin[:, t:t + 1]), past_key_values=cache)[0] for t in range(25, n)]
+    assert seen == [1, 25] + [1] * 4
+    torch.testing.assert_close(torch.cat(outs, 1), full[:, 20:], rtol=1e-10, atol=1e-10)
+
+
 def test_training_moves_centroids_and_gives_commitment_loss():
     torch.manual_seed(3)
     layer = RoutingAttention(_config(), 0).train()

@@ -15,6 +15,11 @@ causal test on original positions). The sort materialises permuted copies of the
 q, k and v (``(G + 2) * L * head_dim`` per row, ``L <= N + C (w - 1)``, G query heads per
 key/value head): ``O(N)`` memory, never ``N^2``.
 
+Decoding keeps every cached token's cluster and in-cluster rank beside the cache (weakly keyed on
+the cache object), so a step assigns only its new keys. A cache reordered in place (beam search's
+``reorder_cache``) would leave that record in the old order: greedy decoding and sampling are
+supported, beam search is not.
+
 Routed heads carry no rotary embedding: their keys are pure content, so the k-means sees content
 and cached keys can be re-assigned to clusters at decode time (order comes from the causal test
 and from the local heads, which do use rotary).
@@ -37,6 +42,7 @@ Config fields (defaults in brackets), beside ``hidden_size``, ``num_attention_he
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Optional
 
 import torch
@@ -109,6 +115,7 @@ class RoutingAttention(nn.Module):
                              f"kmeans_clusters ({self.clusters}) must be >= 1.")
         self.backend = getattr(config, "attention_backend", None)
         self.dense_mode = bool(getattr(config, "attention_dense", False))
+        self._cluster_state: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         bias = bool(getattr(config, "attention_bias", False))
         self.q_proj = nn.Linear(hidden, hq * d, bias=bias)
         self.k_proj = nn.Linear(hidden, hkv * d, bias=bias)
@@ -149,8 +156,12 @@ class RoutingAttention(nn.Module):
             if self.training:
                 aux = self._kmeans_step(q[:, kl * G:], k[:, kl:], cl)
 
+        clusters = None
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+            if cl is not None:
+                with torch.no_grad():
+                    clusters = self._remember_clusters(past_key_values, cl, k[:, kl:])
         if k.shape[2] == N:  # no earlier tokens: the kernels over the whole sequence
             outs = []
             if kl:
@@ -160,7 +171,7 @@ class RoutingAttention(nn.Module):
             if self.kv_routed:
                 outs.append(self._routed_full(q[:, kl * G:], k[:, kl:], v[:, kl:], cl, scale))
         else:  # decoding (or a chunk) after cached tokens: masks over the cache, O(cache) per query
-            outs = self._after_cache(q, k, v, scale)
+            outs = self._after_cache(q, k, v, clusters, scale)
         o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         return self.o_proj(o.transpose(1, 2).reshape(B, N, self.hq * d)), aux
 
@@ -194,8 +205,30 @@ class RoutingAttention(nn.Module):
         o = o.gather(2, token_slots.view(R, 1, N, 1).expand(R, G, N, d))
         return o.reshape(B, Hk * G, N, d)
 
-    def _after_cache(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> list[Tensor]:
-        """Attention of ``N`` new queries (the last ``N`` cached positions) over the whole cache."""
+    def _remember_clusters(self, cache, cl: Tensor, k_r: Tensor) -> tuple[Tensor, Tensor]:
+        """Clusters and in-cluster ranks ``[B * routed kv heads, T]`` of every cached token.
+
+        The layer keeps them beside ``cache`` (weakly keyed on it) and appends the new keys' ``cl``,
+        so decoding never re-assigns cached keys; a cache holding tokens this layer never saw
+        (another copy of the model filled it) is re-assigned once from its keys ``k_r [B, Hk, T, d]``.
+        """
+        R, T, N = k_r.shape[0] * k_r.shape[1], k_r.shape[2], cl.shape[-1]
+        state = self._cluster_state.get(cache)
+        if T > N and (state is None or state[0].shape[1] != T - N):
+            old = self.kmeans.assign(k_r[:, :, : T - N]).reshape(R, T - N)
+            state = (old, *cluster_ranks(old, self.clusters))
+        cl = cl.reshape(R, N)
+        rank, counts = cluster_ranks(cl, self.clusters)
+        if state is not None and T > N:
+            rank = rank + state[2].gather(1, cl)  # earlier members of the same cluster come first
+            cl, rank, counts = torch.cat([state[0], cl], 1), torch.cat([state[1], rank], 1), state[2] + counts
+        self._cluster_state[cache] = (cl, rank, counts)
+        return cl, rank
+
+    def _after_cache(self, q: Tensor, k: Tensor, v: Tensor, clusters: Optional[tuple[Tensor, Tensor]],
+                     scale: float) -> list[Tensor]:
+        """Attention of ``N`` new queries (the last ``N`` cached positions) over the whole cache;
+        ``clusters``: every cached token's cluster and rank (:meth:`_remember_clusters`)."""
         B, _, N, d = q.shape
         T = k.shape[2]
         G, kl = self.group, self.kv_local
@@ -210,9 +243,8 @@ class RoutingAttention(nn.Module):
         if self.kv_routed:
             Hk = self.kv_routed
             R = B * Hk
+            cl, rank = clusters
             with torch.no_grad():
-                cl = self.kmeans.assign(k[:, kl:]).reshape(R, T)
-                rank, _ = cluster_ranks(cl, self.clusters)
                 pk = pos_k.expand(R, T)
                 mask = cluster_window_mask(cl[:, T - N:], rank[:, T - N:], pk[:, T - N:], cl, rank, pk, self.window)
             mask = mask.view(B, Hk, 1, N, T).expand(B, Hk, G, N, T).reshape(B, Hk * G, N, T)
