@@ -154,13 +154,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--option", action="append", default=[],
                     help="key=value config field for every model (e.g. kmeans_clusters=32, window_blocks=4)")
-    ap.add_argument("--smoke", action="store_true", help="tiny: seq 128, 8 pairs, 20 steps (runs on the CPU)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny: seq 128, 8 pairs, 20 steps, blocks and windows of 16 (runs on the CPU)")
     args = ap.parse_args()
     if args.smoke:
         args.seq_lens, args.kv_pairs, args.vocab, args.hidden, args.steps = [128], 8, 256, 64, 20
         args.batch_size, args.test_examples, args.warmup = 8, 16, 5
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    options = {"mosa_selection": "threshold", **parse_options(args.option)}
+    smoke_options = dict(attention_block_size=16, window_blocks=2, routing_window=16, kmeans_clusters=4,
+                         mosa_sparsity=4) if args.smoke else {}
+    options = {"mosa_selection": "threshold", **smoke_options, **parse_options(args.option)}
     command = " ".join(Path(a).name if a == args.out else a for a in sys.argv)
     result = {"machine": machine_header(), "command": command, "options": options, "runs": []}
     for seq_len in args.seq_lens:
