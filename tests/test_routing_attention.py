@@ -246,3 +246,27 @@ def test_in_the_routed_lm_decoding_equals_full_forward_and_training_works():
     loss = model(ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and model.model.layers[1].self_attn.router.weight.grad is not None
+
+
+def test_mqar_generator():
+    """benchmarks/mqar.py: every labelled position holds a repeated key and its label is that key's
+    value from the opening pairs; keys and values come from their halves of the vocabulary."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("mqar", Path(__file__).resolve().parents[1] / "benchmarks/mqar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mqar = module.mqar
+
+    x, y = mqar(4, 96, 100, 6, generator=torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 96)
+    for i in range(4):
+        pairs = x[i, :12].view(6, 2)
+        assert bool((pairs[:, 0] < 50).all() and (pairs[:, 1] >= 50).all())
+        kv = dict(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()))
+        asked = (y[i] != -100).nonzero().flatten()
+        assert asked.numel() == 6 and {int(x[i, t]) for t in asked} == set(kv)
+        assert all(kv[int(x[i, t])] == int(y[i, t]) for t in asked)
+    with pytest.raises(ValueError, match="lower --kv-pairs"):
+        mqar(1, 20, 100, 16, generator=torch.Generator())
