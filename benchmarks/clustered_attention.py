@@ -6,7 +6,7 @@ attention at equal FLOPs.
 
 The peer and its needs travel as wheels (the device machine reaches no index): in the repo root,
 ``echo /.whl/ >> .git/info/exclude`` and ``pip download --no-deps -d .whl routing-transformer==1.6.1
-local-attention==1.4.4 mixture-of-experts==0.2.1 einops``; on the device, ``pip install --no-index
+local-attention==1.4.4 mixture-of-experts==0.2.1 einops==0.8.2`` (pure-Python wheels); on the device, ``pip install --no-index
 --no-deps --target /tmp/site .whl/*.whl`` and ``PYTHONPATH=src:/tmp/site``. Its ``product_key_memory``
 import (product-key memory layers, unused by its attention) is stubbed when the package is absent.
 
