@@ -4,11 +4,12 @@ attention at equal FLOPs.
 
     PYTHONPATH=src python benchmarks/clustered_attention.py --out clustered_attention.json [--smoke]
 
-The peer and its needs travel as wheels (the device machine reaches no index): in the repo root,
-``echo /.whl/ >> .git/info/exclude`` and ``pip download --no-deps -d .whl routing-transformer==1.6.1
-local-attention==1.4.4 mixture-of-experts==0.2.1 einops==0.8.2`` (pure-Python wheels); on the device, ``pip install --no-index
---no-deps --target /tmp/site .whl/*.whl`` and ``PYTHONPATH=src:/tmp/site``. Its ``product_key_memory``
-import (product-key memory layers, unused by its attention) is stubbed when the package is absent.
+The peer and its needs travel as pure-Python wheels (the device machine reaches no index): in the
+repo root, ``echo /.whl/ >> .git/info/exclude`` and ``pip download --no-deps -d .whl
+routing-transformer==1.6.1 local-attention==1.4.4 mixture-of-experts==0.2.1 einops==0.8.2``; on the
+device, ``pip install --no-index --no-deps --target /tmp/site .whl/*.whl`` and
+``PYTHONPATH=src:/tmp/site``. Its ``product_key_memory`` import (product-key memory layers, unused by
+its attention) is stubbed when the package is absent.
 
 Sections:
 
