@@ -121,8 +121,8 @@ class RoutingAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, hkv * d, bias=bias)
         self.v_proj = nn.Linear(hidden, hkv * d, bias=bias)
         self.o_proj = nn.Linear(hq * d, hidden, bias=bias)
-        self.kmeans = (KMeansRouter(self.kv_routed, d, self.clusters, decay=float(getattr(config, "kmeans_decay", 0.999)),
-                                    commitment=float(getattr(config, "kmeans_commitment", 1e-4)))
+        decay, commitment = getattr(config, "kmeans_decay", 0.999), getattr(config, "kmeans_commitment", 1e-4)
+        self.kmeans = (KMeansRouter(self.kv_routed, d, self.clusters, decay=float(decay), commitment=float(commitment))
                        if self.kv_routed else None)
 
     def extra_repr(self) -> str:
