@@ -16,9 +16,10 @@ Selection (``mosa_selection``):
   the candidates so far stay within the budget ``floor(mosa_capacity * (t + 1) / mosa_sparsity) + 1``
   at its position ``t``; a rate loss ``mosa_rate_weight * (mean score - 1/sparsity)^2`` pulls the
   scores down so that about ``1/sparsity`` of the tokens stay candidates (the budget caps the rest).
-  Nothing depends on later tokens; KV-cache decoding reproduces the full forward (the layer keeps the picked flags of a cache beside it, keyed weakly on the
-  cache object; a cache reordered in place, as beam search does, would leave them in the old order:
-  greedy decoding and sampling are supported, beam search is not).
+  Nothing depends on later tokens; KV-cache decoding reproduces the full forward (the layer keeps
+  the picked flags of a cache beside it, keyed weakly on the cache object; a cache reordered in
+  place, as beam search does, would leave them in the old order: greedy decoding and sampling are
+  supported, beam search is not).
 
 Config fields (defaults in brackets), beside ``hidden_size``, ``num_attention_heads`` and
 ``head_dim``: ``mosa_heads`` [half the heads], ``mosa_sparsity`` [8], ``mosa_selection``
