@@ -15,10 +15,13 @@ from .backends import BackendUnavailable, backends, explain_backends
 from .experts_metrics import expert_load, load_imbalance, router_entropy, routing_fluctuation, top1_experts
 from .layers.bra import BiLevelRoutingAttention
 from .layers.moe import RoutedMoE, moe_balance_loss
+from .layers.mosa import MoSAAttention
+from .layers.routing_attention import RoutingAttention
 from .ops.expert_dispatch import explain_dispatch_backends, expert_mlp
 from .route import BlockRoute, ExpertRoute, RouteError, TokenRoute, segment_ids_from_cu_seqlens
 from .routers.experts import (ExpertRouter, RouterOutput, attention_mixed_probs, expert_choice_route, router_z_loss,
                               similarity_mixed_probs, switch_aux_loss, token_choice_route, update_selection_bias)
+from .routers.kmeans import KMeansRouter
 from .routers.regions2d import RegionGrid, region_topk_route
 from .routers.static import causal_dense_route, random_block_route, sliding_window_route
 
@@ -40,6 +43,9 @@ __all__ = [
     "RegionGrid",
     "region_topk_route",
     "BiLevelRoutingAttention",
+    "KMeansRouter",
+    "RoutingAttention",
+    "MoSAAttention",
     "ExpertRoute",
     "expert_mlp",
     "explain_dispatch_backends",
