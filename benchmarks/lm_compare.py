@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -268,7 +269,7 @@ def plot_curves(train: dict, path: Path, title: str) -> None:
         ax.plot([e["tokens"] / 1e6 for e in r["evals"]], [e["loss"] for e in r["evals"]], "o", color=color, ms=3)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("loss (nats): train (line), validation (dots)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
