@@ -28,10 +28,10 @@ def _train_args(tmp_path, attention, *extra):
         "--device", "cpu", *extra])
 
 
-@pytest.mark.parametrize("attention", ["moba", "nsa"])
-def test_tiny_model_trains_and_its_loss_falls(tmp_path, attention):
+def test_tiny_model_trains_and_its_loss_falls(tmp_path):
+    """One MoBA layer and one NSA layer (one run covers both)."""
     torch.manual_seed(0)
-    metrics = run_train(_train_args(tmp_path, attention))
+    metrics = run_train(_train_args(tmp_path, "moba,nsa"))
     losses = [h["loss"] for h in metrics["history"]]
     assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses  # from ~ln(256) = 5.5 towards the text's entropy
@@ -40,7 +40,7 @@ def test_tiny_model_trains_and_its_loss_falls(tmp_path, attention):
     assert (run / "checkpoint" / "model.safetensors").exists() and (run / "checkpoint" / "config.json").exists()
     assert (run / "loss.png").stat().st_size > 1000
     saved = json.loads((run / "metrics.json").read_text())
-    assert saved["config"]["attention_types"] == [attention, attention] and saved["train_tokens_per_second"] > 0
+    assert saved["config"]["attention_types"] == ["moba", "nsa"] and saved["train_tokens_per_second"] > 0
 
     p = argparse.ArgumentParser()
     add_eval_lm_arguments(p)
