@@ -12,6 +12,9 @@ from routed.routers.estimators import (BlockBudget, PooledBlockEstimator, Sample
                                        select_blocks)
 from routed.testing import block_route_token_mask, dense_attention_f64, poisoned_outputs
 
+# Kernel tests run on the GPU when there is one (else in the Triton interpreter on the CPU).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # (batch, q heads, kv heads, q_len, kv_len, block, head_dim): GQA groups of 1, 3 and 4, partial
 # last blocks, more keys than queries (a chunk after a cache), a single query.
 SHAPES = [(1, 3, 3, 50, 50, 16, 16), (2, 6, 2, 70, 100, 16, 32), (1, 4, 1, 33, 33, 32, 24), (1, 8, 2, 1, 90, 16, 16)]
@@ -73,7 +76,7 @@ def test_pooled_reference_matches_definition():
 @pytest.mark.parametrize("head_reduce", ["max", "mean"])
 def test_pooled_kernel_matches_reference(shape, head_reduce):
     b, hq, hkv, nq, nk, bs, d = shape
-    q, k = _qk(b, hq, hkv, nq, nk, d)
+    q, k = (t.to(DEVICE) for t in _qk(b, hq, hkv, nq, nk, d))
     ref = pooled_block_probs(q, k, bs, head_reduce=head_reduce, backend="reference")
     with poisoned_outputs():
         got = pooled_block_probs(q, k, bs, head_reduce=head_reduce, backend="triton")
@@ -84,9 +87,9 @@ def test_pooled_kernel_matches_reference(shape, head_reduce):
 @pytest.mark.parametrize("mode", ["strided", "last"])
 def test_sampled_kernel_matches_reference(shape, mode):
     b, hq, hkv, nq, nk, bs, d = shape
-    q, k = _qk(b, hq, hkv, nq, nk, d)
+    q, k = (t.to(DEVICE) for t in _qk(b, hq, hkv, nq, nk, d))
     r = 4
-    rows = _strided_rows(nq, bs, r) if mode == "strided" else torch.arange(nq - r, nq).clamp(min=0)
+    rows = (_strided_rows(nq, bs, r) if mode == "strided" else torch.arange(nq - r, nq).clamp(min=0)).to(DEVICE)
     ref = sampled_block_mass(q, k, rows, r, bs, backend="reference")
     with poisoned_outputs():
         got = sampled_block_mass(q, k, rows, r, bs, backend="triton")

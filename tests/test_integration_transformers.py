@@ -11,6 +11,7 @@ import routed.integrations.transformers as rt  # noqa: E402
 from routed import RouteError  # noqa: E402
 from routed.backends import BackendUnavailable  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton backend runs
 BS = 16  # block size of every policy here: tiny prompts still span several blocks
 
 
@@ -60,8 +61,8 @@ def test_full_budget_equals_sdpa(arch, estimator):
 
 
 def test_sparse_budget_runs_and_matches_the_reference_backend():
-    model = _model("llama", num_attention_heads=4, num_key_value_heads=1)
-    ids = torch.randint(0, 97, (1, 128), generator=torch.Generator().manual_seed(2))
+    model = _model("llama", num_attention_heads=4, num_key_value_heads=1).to(DEVICE)
+    ids = torch.randint(0, 97, (1, 128), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     dense = _logits(model, ids, "sdpa")
     rec = rt.PrefillRecorder(compare_dense=True)
     ref = _logits(model, ids, "routed", _policy(top_k=3, backend="reference", estimator_backend="reference"), rec)
