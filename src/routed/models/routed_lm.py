@@ -37,6 +37,10 @@ from ..layers.registry import attention_class
 
 __all__ = ["RoutedLMConfig", "RoutedLMModel", "RoutedLMForCausalLM"]
 
+# Newer transformers name the output's cache field "cache", older ones "past_key_values";
+# generate() reads the one its version defines (the GPU machine may run another version).
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 
 class RoutedLMConfig(PretrainedConfig):
     """Configuration of :class:`RoutedLMForCausalLM`.
@@ -254,7 +258,7 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
             if aux is not None:
                 loss = loss + aux
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
 
 # AutoConfig / AutoModelForCausalLM.from_pretrained(checkpoint) work once this module is imported.
