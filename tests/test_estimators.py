@@ -41,7 +41,7 @@ def _strided_rows(nq, bs, r):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("head_reduce", ["max", "mean"])
+@pytest.mark.parametrize("head_reduce", ["max", "mean", "none"])
 def test_sampled_reference_matches_definition(shape, head_reduce):
     b, hq, hkv, nq, nk, bs, d = shape
     q, k = _qk(b, hq, hkv, nq, nk, d)
@@ -51,8 +51,10 @@ def test_sampled_reference_matches_definition(shape, head_reduce):
     p = _dense_probs_f64(q, k, d ** -0.5)[:, :, rows]  # [B, Hq, rows, Nk]
     nkb = math.ceil(nk / bs)
     p = torch.nn.functional.pad(p, (0, nkb * bs - nk)).view(b, hq, -1, r, nkb, bs).sum(-1).mean(3)
-    p = p.view(b, hkv, hq // hkv, -1, nkb)
-    want = p.amax(2) if head_reduce == "max" else p.mean(2)
+    want = p
+    if head_reduce != "none":
+        p = p.view(b, hkv, hq // hkv, -1, nkb)
+        want = p.amax(2) if head_reduce == "max" else p.mean(2)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -73,7 +75,7 @@ def test_pooled_reference_matches_definition():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("head_reduce", ["max", "mean"])
+@pytest.mark.parametrize("head_reduce", ["max", "mean", "none"])
 def test_pooled_kernel_matches_reference(shape, head_reduce):
     b, hq, hkv, nq, nk, bs, d = shape
     q, k = (t.to(DEVICE) for t in _qk(b, hq, hkv, nq, nk, d))
@@ -84,15 +86,15 @@ def test_pooled_kernel_matches_reference(shape, head_reduce):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("mode", ["strided", "last"])
-def test_sampled_kernel_matches_reference(shape, mode):
+@pytest.mark.parametrize("mode,head_reduce", [("strided", "max"), ("last", "max"), ("strided", "none")])
+def test_sampled_kernel_matches_reference(shape, mode, head_reduce):
     b, hq, hkv, nq, nk, bs, d = shape
     q, k = (t.to(DEVICE) for t in _qk(b, hq, hkv, nq, nk, d))
     r = 4
     rows = (_strided_rows(nq, bs, r) if mode == "strided" else torch.arange(nq - r, nq).clamp(min=0)).to(DEVICE)
-    ref = sampled_block_mass(q, k, rows, r, bs, backend="reference")
+    ref = sampled_block_mass(q, k, rows, r, bs, head_reduce=head_reduce, backend="reference")
     with poisoned_outputs():
-        got = sampled_block_mass(q, k, rows, r, bs, backend="triton")
+        got = sampled_block_mass(q, k, rows, r, bs, head_reduce=head_reduce, backend="triton")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -162,12 +164,14 @@ def test_full_budget_route_is_exact(name):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("est", [PooledBlockEstimator(16, BlockBudget(top_k=2)),
-                                 SampledQueryEstimator(16, BlockBudget(coverage=0.5), samples=4)])
-def test_sparse_route_is_causal_and_kv_headed(est):
+@pytest.mark.parametrize("est,heads", [(PooledBlockEstimator(16, BlockBudget(top_k=2)), 2),
+                                       (SampledQueryEstimator(16, BlockBudget(coverage=0.5), samples=4), 2),
+                                       (SampledQueryEstimator(16, BlockBudget(coverage=0.5), samples=4,
+                                                              head_reduce="none"), 6)])
+def test_sparse_route_is_causal_and_kv_headed(est, heads):
     q, k = _qk(2, 6, 2, 64, 96, 16)
     route = est(q, k)
-    assert isinstance(route, BlockRoute) and route.kv_block_ids.shape[:2] == (2, 2) and route.causal
+    assert isinstance(route, BlockRoute) and route.kv_block_ids.shape[:2] == (2, heads) and route.causal
     tok = block_route_token_mask(route)
     assert not (tok & ~torch.ones(64, 96, dtype=torch.bool).tril(32)).any()
     assert route.density() < 1.0

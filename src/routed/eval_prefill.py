@@ -75,7 +75,8 @@ def parse_policy(spec: str, cfg: Optional[PrefillEvalConfig] = None, **defaults)
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"policy spec {spec!r}: expected key=value after ':', got {item!r}.")
-        kw[key.strip()] = float(value) if key.strip() == "coverage" else int(value)
+        key, value = key.strip(), value.strip()
+        kw[key] = float(value) if key == "coverage" else int(value) if value.lstrip("-").isdigit() else value
     return RoutedPrefillPolicy(estimator=name, **kw)
 
 

@@ -70,7 +70,8 @@ class RoutedPrefillPolicy:
         dense_layers: layer indices that always run dense (early layers are often diffuse).
         min_seq_len: calls with fewer queries run dense (short prompts gain nothing).
         samples: sampled queries per block (``"strided"``) or in total (``"last"``); a power of two.
-        head_reduce: ``"max"`` or ``"mean"`` over the query heads of a GQA group.
+        head_reduce: ``"max"`` or ``"mean"`` over the query heads of a GQA group (KV-head
+            routes), or ``"none"`` (a route per query head).
         backend: routed attention backend (``None``: automatic; named: it must run or it raises).
         estimator_backend: ``"triton"``, ``"reference"`` or None (Triton on CUDA).
         decode: ``"dense"`` (SDPA over the KV cache) or ``"routed"`` (route the decode queries

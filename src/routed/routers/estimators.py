@@ -150,10 +150,12 @@ class PooledBlockEstimator:
     Args:
         block_size: tokens per block (queries and keys; the route's block size).
         budget: a :class:`BlockBudget`.
-        head_reduce: ``"max"`` (a block any head of the group needs is kept) or ``"mean"``.
+        head_reduce: ``"max"`` (a block any head of the group needs is kept) or ``"mean"``: one
+            route per KV head (K/V tiles loaded once per group); ``"none"``: one route per query
+            head (each head keeps only its own blocks: lower density, K/V read per query head).
         backend: estimator kernel, ``"triton"``, ``"reference"`` or None (Triton on CUDA).
     Call ``est(q, k, scale=None)`` with ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` -> a causal
-    :class:`BlockRoute` with ``Hkv`` heads.
+    :class:`BlockRoute` with ``Hkv`` heads (``Hq`` with ``head_reduce="none"``).
     """
 
     name = "pooled"
@@ -162,6 +164,8 @@ class PooledBlockEstimator:
                  head_reduce: str = "max", backend: Optional[str] = None) -> None:
         if not isinstance(block_size, int) or block_size < 1:
             raise RouteError(f"block_size must be a positive int, got {block_size!r}.")
+        if head_reduce not in ("max", "mean", "none"):
+            raise RouteError(f"head_reduce must be 'max', 'mean' or 'none', got {head_reduce!r}.")
         self.block_size, self.budget = block_size, _check_budget(budget)
         self.head_reduce, self.backend = head_reduce, backend
 

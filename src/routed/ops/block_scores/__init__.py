@@ -8,7 +8,7 @@ CUDA, the reference elsewhere; a backend asked for by name that cannot run raise
 * :func:`sampled_block_mass` -- the exact attention of sampled queries against every key,
   summed per key block (finer: ``O(samples x N)``).
 
-Both return ``[batch, kv_heads, rows, num_kv_blocks]`` float32 rows of probabilities (each row
+Both return ``[batch, kv_heads, rows, num_kv_blocks]`` (``head_reduce="none"``: query heads) float32 rows of probabilities (each row
 sums to 1 before the reduction over a GQA group's query heads), ready for
 :mod:`routed.routers.estimators` to turn into a KV-head :class:`~routed.BlockRoute`.
 """
@@ -27,7 +27,7 @@ from .reference import block_means, pooled_block_probs_reference, sampled_block_
 
 __all__ = ["pooled_block_probs", "sampled_block_mass", "block_means", "estimator_backend_why_not"]
 
-_HEAD_REDUCES = ("max", "mean")
+_HEAD_REDUCES = ("max", "mean", "none")
 
 
 def _check_qk(q: Tensor, k: Tensor, block_size: int, head_reduce: str) -> None:
@@ -89,7 +89,8 @@ def pooled_block_probs(q: Tensor, k: Tensor, block_size: int, *, scale: Optional
             positions); ``Hq`` a multiple of ``Hkv``.
         block_size: tokens per query block and per key block.
         scale: attention scale (default ``D ** -0.5``).
-        head_reduce: ``"max"`` or ``"mean"`` over the query heads of a GQA group.
+        head_reduce: ``"max"`` or ``"mean"`` over the query heads of a GQA group, or ``"none"``
+            (one row per query head: ``Hq`` instead of ``Hkv`` on the head axis).
         backend: ``"reference"``, ``"triton"`` or None (automatic).
     Returns:
         ``[B, Hkv, ceil(Nq / block_size), ceil(Nk / block_size)]`` float32; zero where a key block

@@ -40,7 +40,10 @@ def block_means(x: Tensor, block_size: int) -> Tensor:
 
 
 def _aggregate(p: Tensor, hkv: int, head_reduce: str) -> Tensor:
-    """``[B, Hq, R, C]`` per-query-head probabilities -> ``[B, Hkv, R, C]`` over each GQA group."""
+    """``[B, Hq, R, C]`` per-query-head probabilities -> ``[B, Hkv, R, C]`` over each GQA group
+    (``"none"``: kept per query head)."""
+    if head_reduce == "none":
+        return p
     B, hq, r, c = p.shape
     p = p.view(B, hkv, hq // hkv, r, c)
     return p.amax(2) if head_reduce == "max" else p.mean(2)
@@ -54,9 +57,10 @@ def pooled_block_probs_reference(q: Tensor, k: Tensor, block_size: int, scale: f
         q: ``[B, Hq, Nq, D]``; k: ``[B, Hkv, Nk, D]`` with ``Nk >= Nq``; blocks of ``block_size``
             tokens on both (query blocks start at query 0, key blocks at key 0).
         scale: softmax scale of the attention.
-        head_reduce: ``"max"`` or ``"mean"`` over the query heads of a GQA group.
+        head_reduce: ``"max"`` or ``"mean"`` over the query heads of a GQA group, ``"none"``
+            to keep one row per query head.
     Returns:
-        ``[B, Hkv, nqb, nkb]`` float32; per query head each row is a softmax over the key blocks
+        ``[B, Hkv (Hq for "none"), nqb, nkb]`` float32; per query head each row is a softmax over the key blocks
         the query block may see (the others are 0), then reduced over the group's heads.
     """
     B, hq, nq, _ = q.shape
@@ -81,9 +85,9 @@ def sampled_block_mass_reference(q: Tensor, k: Tensor, rows: Tensor, rows_per_gr
         rows: ``[num_groups * rows_per_group]`` int query indices (into ``q``'s sequence axis);
             consecutive runs of ``rows_per_group`` form a group (repeats allowed).
         block_size: tokens per key block.
-        head_reduce: ``"max"`` or ``"mean"`` over the query heads of a GQA group.
+        head_reduce: ``"max"``, ``"mean"`` or ``"none"``, as above.
     Returns:
-        ``[B, Hkv, num_groups, nkb]`` float32: for every group, the mean over its rows of the
+        ``[B, Hkv (Hq for "none"), num_groups, nkb]`` float32: for every group, the mean over its rows of the
         softmax mass that each key block receives (each row's masses sum to 1 over the blocks it
         may see), reduced over the group's query heads.
     """

@@ -54,7 +54,7 @@ def _pooled_block_probs_kernel(PQ, PK, Out, stride_pqb, stride_pqh, stride_pqn, 
                                stride_ob, stride_oh, stride_om, n_heads_kv, group_size, nqb, nkb, q_len, kv_len,
                                block_size, scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                GROUP_P: tl.constexpr, TILE_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                               DOT_PRECISION: tl.constexpr, REDUCE_MAX: tl.constexpr):
+                               DOT_PRECISION: tl.constexpr, REDUCE: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_kv
@@ -99,14 +99,18 @@ def _pooled_block_probs_kernel(PQ, PK, Out, stride_pqb, stride_pqh, stride_pqn, 
             s = tl.dot(pq, tl.trans(pk), input_precision=DOT_PRECISION) * scale_log2 + tl.log2(cnt)[None, :]
             vis = (offs_n[None, :] * block_size <= qmax[:, None]) & (offs_n < nkb)[None, :] & row_ok[:, None]
             p = tl.where(vis, tl.exp2(s - m_safe[:, None]) * inv_l[:, None], 0.0)
+        else:
+            p = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        if REDUCE == 2:  # per query head
+            tl.store(Out + b * stride_ob + (hkv * group_size + g)[:, None] * stride_oh + qb[:, None] * stride_om
+                     + offs_n[None, :], p, mask=row_ok[:, None] & (offs_n < nkb)[None, :])
+        else:
             p3 = tl.reshape(p, (GROUP_P, TILE_Q, BLOCK_N))
-            if REDUCE_MAX:
+            if REDUCE == 1:
                 agg = tl.max(p3, 0)
             else:
                 agg = tl.sum(p3, 0) / group_size
-        else:
-            agg = tl.zeros([TILE_Q, BLOCK_N], tl.float32)
-        tl.store(out_base + offs_n[None, :], agg, mask=(offs_t < nqb)[:, None] & (offs_n < nkb)[None, :])
+            tl.store(out_base + offs_n[None, :], agg, mask=(offs_t < nqb)[:, None] & (offs_n < nkb)[None, :])
 
 
 @triton.jit
@@ -114,7 +118,7 @@ def _sampled_block_mass_kernel(Q, K, Rows, Out, stride_qb, stride_qh, stride_qn,
                                stride_ob, stride_oh, stride_og, n_heads_kv, group_size, num_groups, q_len, kv_len,
                                nkb, scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                GROUP_P: tl.constexpr, TILE_G: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
-                               DOT_PRECISION: tl.constexpr, REDUCE_MAX: tl.constexpr):
+                               DOT_PRECISION: tl.constexpr, REDUCE: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_kv
@@ -159,17 +163,26 @@ def _sampled_block_mass_kernel(Q, K, Rows, Out, stride_qb, stride_qh, stride_qn,
             p = tl.where(vis, tl.exp2(s - m_safe[:, None]) * inv_l[:, None], 0.0)
             per_row = tl.reshape(tl.sum(p, 1), (GROUP_P, TILE_G, R))
             per_group = tl.sum(per_row, 2) / R  # [GROUP_P, TILE_G]
-            if REDUCE_MAX:
+        else:
+            per_group = tl.zeros([GROUP_P, TILE_G], tl.float32)
+        if REDUCE == 2:  # per query head
+            offs_g = tl.arange(0, GROUP_P)
+            tl.store(Out + b * stride_ob + (hkv * group_size + offs_g)[:, None] * stride_oh
+                     + offs_t[None, :] * stride_og + j, per_group,
+                     mask=(offs_g < group_size)[:, None] & (offs_t < num_groups)[None, :])
+        else:
+            if REDUCE == 1:
                 agg = tl.max(per_group, 0)
             else:
                 agg = tl.sum(per_group, 0) / group_size
-        else:
-            agg = tl.zeros([TILE_G], tl.float32)
-        tl.store(out_ptrs + j, agg, mask=offs_t < num_groups)
+            tl.store(out_ptrs + j, agg, mask=offs_t < num_groups)
 
 
 # ------------------------------------------------------------------------------------------------
 # Host launchers
+
+
+_REDUCE = {"mean": 0, "max": 1, "none": 2}  # over the query heads of a GQA group ("none": kept per head)
 
 
 def _group_pow2(group_size: int) -> int:
@@ -189,13 +202,13 @@ def pooled_block_probs_triton(q: Tensor, k: Tensor, block_size: int, scale: floa
     nqb, nkb = pq.shape[2], pk.shape[2]
     gp = _group_pow2(hq // hkv)
     tile_q = max(16 // gp, min(64 // gp, 64), 1)  # 64 rows: the query tile stays in registers
-    out = new_output((B, hkv, nqb, nkb), dtype=torch.float32, device=q.device)
+    out = new_output((B, hq if head_reduce == "none" else hkv, nqb, nkb), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(nqb, tile_q), B * hkv)
     _pooled_block_probs_kernel[grid](
         pq, pk, out, *pq.stride()[:3], *pk.stride()[:3], *out.stride()[:3], hkv, hq // hkv, nqb, nkb, nq, nk,
         block_size, scale * LOG2E, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP_P=gp,
         TILE_Q=tile_q, BLOCK_N=64, DOT_PRECISION="ieee" if pq.dtype == torch.float32 else "tf32",
-        REDUCE_MAX=head_reduce == "max", num_warps=4)
+        REDUCE=_REDUCE[head_reduce], num_warps=4)
     return out
 
 
@@ -215,11 +228,12 @@ def sampled_block_mass_triton(q: Tensor, k: Tensor, rows: Tensor, rows_per_group
     tile_g = max(1, MAX_TILE_ROWS // (gp * r))
     while gp * tile_g * r < 16:  # tl.dot needs at least 16 rows
         tile_g *= 2
-    out = new_output((B, hkv, num_groups, nkb), dtype=torch.float32, device=q.device)
+    out = new_output((B, hq if head_reduce == "none" else hkv, num_groups, nkb), dtype=torch.float32,
+                     device=q.device)
     grid = (triton.cdiv(num_groups, tile_g), B * hkv)
     _sampled_block_mass_kernel[grid](
         q, k, rows, out, *q.stride()[:3], *k.stride()[:3], *out.stride()[:3], hkv, hq // hkv, num_groups, nq, nk,
         nkb, scale * LOG2E, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP_P=gp, TILE_G=tile_g, R=r,
         BLOCK_N=block_size, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        REDUCE_MAX=head_reduce == "max", num_warps=8 if gp * tile_g * r >= 128 else 4)
+        REDUCE=_REDUCE[head_reduce], num_warps=8 if gp * tile_g * r >= 128 else 4)
     return out
