@@ -119,3 +119,17 @@ def test_layer_types_alias_and_hf_cache_kinds():
     cfg = RoutedLMConfig(num_hidden_layers=2, layer_types=["moba", "dense"])
     assert cfg.attention_types == ["moba", "dense"]
     assert cfg.layer_types == ["full_attention", "full_attention"]  # what transformers' caches read
+
+
+def test_aux_losses_reach_the_output_and_the_loss():
+    """Layers with auxiliary losses (k-means commitment): ``aux_loss`` is their sum and ``loss``
+    is the cross-entropy plus it, so training code that computes its own cross-entropy can add it."""
+    import torch.nn.functional as F
+
+    model = _model(["routing", "dense"], kmeans_clusters=3, routing_window=8, routing_local_window=8).train()
+    ids = torch.randint(0, 97, (2, 40))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss.requires_grad and float(out.aux_loss.detach()) > 0
+    ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, ce + out.aux_loss)
+    assert _model("dense")(ids).aux_loss is None

@@ -366,17 +366,19 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         t0 = time.perf_counter()
         with _autocast(device):
             out = step_fn(x[:, :-1])
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+        aux = out.aux_loss  # k-means commitment, MoSA's rate loss, ...: trained, not plotted
+        loss = ce if aux is None else ce + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        loss_v = float(loss.detach())  # syncs: the step's time is complete
+        loss_v = float(ce.detach())  # syncs: the step's time is complete
         train_time += time.perf_counter() - t0
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"the loss became {loss_v} at step {step}; lower --lr or raise --warmup.")
         history.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_v, "lr": lr,
-                        "grad_norm": float(gnorm)})
+                        "grad_norm": float(gnorm), **({} if aux is None else {"aux_loss": float(aux.detach())})})
         bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{(step + 1) * tokens_per_step / max(train_time, 1e-9):.0f}")
         last = step + 1 == steps
         out_of_time = args.max_minutes is not None and time.perf_counter() - t_start > 60 * args.max_minutes

@@ -21,6 +21,7 @@ with zeros raises.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -40,6 +41,15 @@ __all__ = ["RoutedLMConfig", "RoutedLMModel", "RoutedLMForCausalLM"]
 # Newer transformers name the output's cache field "cache", older ones "past_key_values";
 # generate() reads the one its version defines (the GPU machine may run another version).
 _CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+@dataclass
+class RoutedLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``aux_loss``: the sum of the layers' auxiliary losses
+    (k-means commitment, MoSA's rate loss, ...), or None. Training code that computes its own
+    cross-entropy from ``logits`` must add it (``loss`` already includes it)."""
+
+    aux_loss: Optional[Tensor] = None
 
 
 class RoutedLMConfig(PretrainedConfig):
@@ -222,8 +232,8 @@ class RoutedLMModel(RoutedLMPreTrainedModel):
 
 class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
     """:class:`RoutedLMModel` with a (tied) language-model head. ``forward(input_ids, labels=...)``
-    returns a ``CausalLMOutputWithPast`` (``loss`` is the mean next-token cross-entropy plus the
-    layers' auxiliary losses; labels of -100 are ignored)."""
+    returns a :class:`RoutedLMOutput` (``loss`` is the mean next-token cross-entropy plus the
+    layers' auxiliary losses, also given alone as ``aux_loss``; labels of -100 are ignored)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -243,7 +253,7 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
                 position_ids: Optional[Tensor] = None, cache: Optional[Cache] = None,
                 inputs_embeds: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 use_cache: Optional[bool] = None, logits_to_keep: int = 0, past_key_values: Optional[Cache] = None,
-                **kwargs) -> CausalLMOutputWithPast:
+                **kwargs) -> RoutedLMOutput:
         if cache is None:
             cache = past_key_values
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -258,7 +268,7 @@ class RoutedLMForCausalLM(RoutedLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
             if aux is not None:
                 loss = loss + aux
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
+        return RoutedLMOutput(loss=loss, logits=logits, aux_loss=aux, **{_CACHE_FIELD: cache if use_cache else None})
 
 
 # AutoConfig / AutoModelForCausalLM.from_pretrained(checkpoint) work once this module is imported.
