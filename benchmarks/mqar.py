@@ -35,6 +35,7 @@ import routed.layers.mosa  # noqa: E402,F401  (registers "mosa")
 import routed.layers.routing_attention  # noqa: E402,F401  (registers "routing")
 from routed.env import machine_header  # noqa: E402
 from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
+from routed.train import parse_options  # noqa: E402
 
 
 def mqar(num: int, seq_len: int, vocab: int, kv_pairs: int, *, power_a: float = 0.01,
@@ -65,28 +66,6 @@ def mqar(num: int, seq_len: int, vocab: int, kv_pairs: int, *, power_a: float = 
     seq = torch.cat([kvs, tail], 1)  # [num, seq_len + 1]
     labels = torch.cat([torch.full_like(kvs, -100), tail_labels], 1)
     return seq[:, :-1], labels[:, 1:]
-
-
-def parse_options(items: list[str]) -> dict:
-    """``key=value`` strings -> config kwargs (ints, floats, booleans and strings)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--option takes key=value, got {item!r}.")
-        key, raw = item.split("=", 1)
-        low = raw.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-            continue
-        for cast in (int, float):
-            try:
-                out[key] = cast(raw)
-                break
-            except ValueError:
-                pass
-        else:
-            out[key] = raw
-    return out
 
 
 def run_one(attention: str, seq_len: int, args, options: dict, device) -> dict:

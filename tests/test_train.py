@@ -84,3 +84,18 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
         run_train(_train_args(tmp_path, "dense,moba,nsa"))
     with pytest.raises(ValueError, match=r"the training text has \d+ tokens; a window of --seq-len 50000 needs 50002"):
         run_train(_train_args(tmp_path, "dense", "--seq-len", "50000"))
+
+
+def test_option_flags_reach_the_model_config():
+    import argparse
+
+    from routed.train import add_train_arguments, model_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    args = p.parse_args(["--attention", "routing", "--window-blocks", "2", "--option", "kmeans_clusters=5",
+                         "--option", "window_blocks=3", "--option", "mosa_selection=threshold"])
+    config = model_config_from_args(args, 100)
+    assert (config.kmeans_clusters, config.window_blocks, config.mosa_selection) == (5, 3, "threshold")
+    with pytest.raises(ValueError, match="key=value"):
+        model_config_from_args(p.parse_args(["--option", "kmeans_clusters"]), 100)

@@ -146,6 +146,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dense-mode", action="store_true", help="run the routed layers in their dense mode (ablation)")
     g.add_argument("--backend", default=None, help="routed_attention backend (default: automatic)")
     g.add_argument("--router-backend", default=None, help="routers' scoring backend (default: automatic)")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other model config field, e.g. kmeans_clusters=16, mosa_selection=threshold (repeat)")
+
+
+def parse_options(items: list[str]) -> dict:
+    """``key=value`` strings (``--option``) -> config kwargs (ints, floats, booleans and strings)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--option takes key=value, got {item!r}.")
+        key, raw = item.split("=", 1)
+        low = raw.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(raw)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = raw
+    return out
 
 
 def model_config_from_args(args, vocab_size: int):
@@ -157,7 +181,7 @@ def model_config_from_args(args, vocab_size: int):
     if len(names) not in (1, args.layers):
         raise ValueError(f"--attention lists {len(names)} names but --layers is {args.layers}; give one name for "
                          "every layer or one for all.")
-    return RoutedLMConfig(
+    fields = dict(
         vocab_size=vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=max(args.seq_len, getattr(args, "max_len", 0) or 0),
@@ -166,6 +190,8 @@ def model_config_from_args(args, vocab_size: int):
         nsa_top_n=args.nsa_top_n, nsa_compress_block=args.nsa_compress_block,
         nsa_compress_stride=args.nsa_compress_stride, attention_dense=args.dense_mode,
         attention_backend=args.backend, router_backend=args.router_backend)
+    fields.update(parse_options(getattr(args, "option", None) or []))  # --option wins over the named flags
+    return RoutedLMConfig(**fields)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
