@@ -24,3 +24,26 @@ def test_bench_writes_json(tmp_path, capsys):
         assert r["dense_ms"] > 0 and r["routed_ms"] > 0
         assert 0.2 < r["density"] < 0.4
     assert "speedup" in capsys.readouterr().out
+
+
+def test_show_draws_the_routing_picture(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    # No Fashion-MNIST files here: the embedded default falls back to the synthetic picture.
+    monkeypatch.setenv("ROUTED_FASHION_MNIST", str(tmp_path / "absent"))
+    out = tmp_path / "routing.png"
+    assert main(["show", "--size", "64", "--stage", "2", "--query", "1", "2", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 2000
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="outside the 7x7 region grid"):
+        main(["show", "--size", "64", "--query", "7", "0", "--out", str(out)])
+
+
+def test_train_and_eval_lm_are_wired(capsys):
+    import pytest
+
+    for argv in (["train", "--help"], ["eval", "lm", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    assert "--checkpoint" in capsys.readouterr().out

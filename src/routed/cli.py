@@ -1,5 +1,5 @@
 """The ``routed`` command line. Each subcommand is one ``_cmd_*`` function registered in
-:func:`build_parser`; later capabilities (eval, train, show) slot in the same way."""
+:func:`build_parser`: info, bench, eval (prefill, lm), train, show."""
 
 from __future__ import annotations
 
@@ -98,6 +98,27 @@ def _cmd_eval_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import run_train
+
+    run_train(args)
+    return 0
+
+
+def _cmd_eval_lm(args: argparse.Namespace) -> int:
+    from .train import run_eval_lm
+
+    run_eval_lm(args)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .show import run_show
+
+    print(f"wrote {run_show(args)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="routed", description="Content-based routing inside transformers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -152,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", default="routed-eval-prefill.png", help="quality-vs-density plot ('' to skip)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_eval_prefill)
+
+    from .show import add_show_arguments
+    from .train import add_eval_lm_arguments, add_train_arguments
+
+    s = ev.add_parser("lm", help="a `routed train` checkpoint: validation perplexity and passkey retrieval")
+    add_eval_lm_arguments(s)
+    s.set_defaults(func=_cmd_eval_lm)
+    s = sub.add_parser("train", help="train a small routed LM (dense, sliding_window, moba, nsa, routing, mosa) "
+                                     "on offline text")
+    add_train_arguments(s)
+    s.set_defaults(func=_cmd_train)
+    s = sub.add_parser("show", help="draw where a BiFormer's routing attention sent a query region (PNG)")
+    add_show_arguments(s)
+    s.set_defaults(func=_cmd_show)
     return p
 
 
