@@ -19,6 +19,7 @@ from .layers.mosa import MoSAAttention
 from .layers.routing_attention import RoutingAttention
 from .ops.expert_dispatch import explain_dispatch_backends, expert_mlp
 from .route import BlockRoute, ExpertRoute, RouteError, TokenRoute, segment_ids_from_cu_seqlens
+from .routers.estimators import BlockBudget, PooledBlockEstimator, SampledQueryEstimator, select_blocks
 from .routers.experts import (ExpertRouter, RouterOutput, attention_mixed_probs, expert_choice_route, router_z_loss,
                               similarity_mixed_probs, switch_aux_loss, token_choice_route, update_selection_bias)
 from .routers.kmeans import KMeansRouter
@@ -44,6 +45,10 @@ __all__ = [
     "region_topk_route",
     "BiLevelRoutingAttention",
     "KMeansRouter",
+    "BlockBudget",
+    "PooledBlockEstimator",
+    "SampledQueryEstimator",
+    "select_blocks",
     "RoutingAttention",
     "MoSAAttention",
     "ExpertRoute",
