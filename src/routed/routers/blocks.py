@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..backends import BackendUnavailable
-from ..ops.block_scores import block_means, estimator_backend_why_not, pooled_block_probs
+from ..ops.block_scores import block_means, check_qk_heads, estimator_backend_why_not, pooled_block_probs
 from ..route import BlockRoute, RouteError
 
 __all__ = ["block_topk_route", "MoBARouter", "NSASelectionRouter", "compressed_positions", "check_block_options"]
@@ -108,18 +108,6 @@ def block_topk_route(scores: Tensor, *, top_k: int, q_len: int, kv_len: int, q_b
                       causal=True, validate=False)
 
 
-def _check_qk(q: Tensor, k: Tensor) -> None:
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
-            raise RouteError(f"{name} must be a 4-D floating-point tensor [batch, heads, seq, head_dim], got "
-                             f"{getattr(t, 'shape', type(t).__name__)}.")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise RouteError(f"q {list(q.shape)} and k {list(k.shape)} must share batch and head_dim.")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise RouteError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of key/value "
-                         f"heads ({k.shape[1]}).")
-
-
 class MoBARouter:
     """MoBA block router: top-k key blocks by ``mean(query block) . mean(key block)``.
 
@@ -168,7 +156,7 @@ class MoBARouter:
         before the group reduction. Nothing here depends on keys at or after the query block, so
         a prefill and a token-by-token decode (``q_block_size=1``) route alike.
         """
-        _check_qk(q, k)
+        check_qk_heads(q, k)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         nq, nk = q.shape[2], k.shape[2]
         if nk < nq:
@@ -342,7 +330,7 @@ class NSASelectionRouter:
         """``[B, Hkv, nqb, num_sel_blocks]`` float32: for every query block, the mean over its
         queries of the compressed attention mass each selection block holds (summed over the
         group's query heads)."""
-        _check_qk(q, k_cmp)
+        check_qk_heads(q, k_cmp)
         B, hq, nq, d = q.shape
         hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
         if kv_len < nq:

@@ -25,12 +25,14 @@ from ...backends import BackendUnavailable
 from ...route import RouteError
 from .reference import block_means, pooled_block_probs_reference, sampled_block_mass_reference
 
-__all__ = ["pooled_block_probs", "sampled_block_mass", "block_means", "estimator_backend_why_not"]
+__all__ = ["pooled_block_probs", "sampled_block_mass", "block_means", "check_qk_heads", "estimator_backend_why_not"]
 
 _HEAD_REDUCES = ("max", "mean", "none")
 
 
-def _check_qk(q: Tensor, k: Tensor, block_size: int, head_reduce: str) -> None:
+def check_qk_heads(q: Tensor, k: Tensor) -> None:
+    """``q``/``k`` are 4-D floating-point ``[batch, heads, seq, head_dim]`` tensors that share batch
+    and head_dim, with the query heads a multiple of the key heads (GQA); a clear error otherwise."""
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
             raise RouteError(f"{name} must be a 4-D floating-point tensor [batch, heads, seq, head_dim] (the SDPA "
@@ -40,6 +42,10 @@ def _check_qk(q: Tensor, k: Tensor, block_size: int, head_reduce: str) -> None:
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise RouteError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of key/value "
                          f"heads ({k.shape[1]}).")
+
+
+def _check_qk(q: Tensor, k: Tensor, block_size: int, head_reduce: str) -> None:
+    check_qk_heads(q, k)
     if k.shape[2] < q.shape[2]:
         raise RouteError(f"k has {k.shape[2]} tokens but q has {q.shape[2]}: the queries must be the last q_len "
                          "positions of the keys (self-attention prefill, or a chunk after a KV cache).")
