@@ -139,3 +139,17 @@ def assert_close_rel(x: Tensor, ref: Tensor, baseline: Optional[Tensor] = None, 
     base = 0.0 if baseline is None else rel_err(baseline, ref)
     tol = factor * base + floor
     assert err <= tol, f"{what}: relative error {err:.3e} exceeds {tol:.3e} (plain PyTorch gets {base:.3e})"
+
+
+def assert_grads_close_rel(out: Tensor, ref: Tensor, base: Tensor, inputs: tuple, dout: Tensor, *,
+                           names: tuple = ("dq", "dk", "dv"), **kwargs) -> None:
+    """Gradients of ``out`` (the op under test, its backward run with poisoned outputs), ``ref``
+    (float64) and ``base`` (plain PyTorch in the inputs' dtype) w.r.t. ``inputs`` under the same
+    ``dout``: each of the op's must pass :func:`assert_close_rel` against float64 with ``base``
+    setting the tolerance."""
+    with poisoned_outputs():
+        got = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(ref, inputs, dout.double())
+    plain = torch.autograd.grad(base, inputs, dout)
+    for name, x, r, b in zip(names, got, want, plain):
+        assert_close_rel(x, r, b, what=name, **kwargs)
