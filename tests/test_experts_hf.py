@@ -75,8 +75,34 @@ def test_other_routers_run_in_the_model_and_feed_its_aux_loss(method):
     assert gates[0].weight.grad is not None and gates[0].weight.grad.abs().sum() > 0
     if method == "similarity":
         assert gates[0].routed_sim_proj.grad.abs().sum() > 0
-    if method == "expert_choice":  # empty slots reach the model's experts as index E, which it skips
+    if method == "expert_choice":  # the route has empty slots
         assert bool((gates[0].last_route.expert_ids < 0).any())
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_empty_slots_reach_every_experts_implementation_safely(impl):
+    """Expert choice leaves slots empty. eager skips index E; grouped_mm would leave those rows
+    uninitialised (NaN, at random) and batched_mm would index out of range, so they get expert 0
+    with score 0 there. Output and gradients equal the eager run in float64."""
+    def run(impl, dtype):
+        model, ids = _mixtral(), _ids()
+        model = model.to(dtype)
+        model.set_experts_implementation(impl)
+        gates = swap_moe_routers(model, "expert_choice", causal=False)
+        seen = []
+        model.model.layers[0].mlp.experts.register_forward_hook(lambda m, a, o: seen.append(a[1].clone()))
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), gates[0].weight.grad, seen[0]
+
+    logits, grad, index = run(impl, torch.float32)
+    ref_logits, ref_grad, ref_index = run("eager", torch.float64)
+    assert bool((ref_index == 5).any())  # eager gets the sentinel E = 5 ...
+    if impl != "eager":
+        assert int(index.max()) < 5  # ... the others never do
+    base_logits, base_grad, _ = run("eager", torch.float32)
+    assert_close_rel(logits, ref_logits, base_logits, what=f"{impl} logits")
+    assert_close_rel(grad, ref_grad, base_grad, what=f"{impl} router gradient")
 
 
 def test_attention_router_without_the_attention_matrix_matches_eager_weights():

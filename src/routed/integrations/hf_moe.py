@@ -63,7 +63,8 @@ def is_hf_topk_router(module: nn.Module) -> bool:
 class _RoutedRouterMixin:
     """Forward of a swapped-in router. Returns what the transformers router returns:
     ``(router_logits [T, E], scores [T, k], indices [T, k])``; empty slots (capacity, expert choice)
-    get index ``E``, which the transformers experts skip, and score 0."""
+    get score 0 and index ``E`` when the block's experts implementation skips it (eager, routed),
+    else index 0."""
 
     def forward(self, hidden_states: Tensor):  # noqa: D401
         h = hidden_states.reshape(-1, self.hidden_dim)
@@ -122,7 +123,12 @@ class _RoutedRouterMixin:
         if bias is not None and self.training:
             update_selection_bias(self.routed_selection_bias, route.counts, opts["balance_bias_rate"])
         self.last_route = route
-        idx = torch.where(route.expert_ids >= 0, route.expert_ids.long(), torch.full_like(route.expert_ids.long(), E))
+        # Empty slots (capacity, expert choice): index E where the experts implementation skips it;
+        # otherwise expert 0 with score 0 (transformers' grouped_mm leaves index-E rows uninitialised
+        # and batched_mm indexes out of range, outside expert parallelism).
+        skips_sentinel = self.__dict__.pop("_routed_skips_sentinel", False)
+        empty = torch.full_like(route.expert_ids.long(), E if skips_sentinel else 0)
+        idx = torch.where(route.expert_ids >= 0, route.expert_ids.long(), empty)
         scores = route.weights
         if self._routed_cast_scores:
             scores = scores.to(logits.dtype)
@@ -135,7 +141,15 @@ def _routed_class(base: type) -> type:
     return _SUBCLASSES[base]
 
 
+# experts implementations that skip slots with index num_experts (transformers' batched_mm and
+# grouped_mm do so only under expert parallelism)
+_SENTINEL_SKIPPING_EXPERTS = ("eager", "routed")
+
+
 def _block_pre_hook(block: nn.Module, args, kwargs):
+    experts_config = getattr(getattr(block, "experts", None), "config", None)
+    impl = getattr(experts_config, "_experts_implementation", None)
+    block.gate._routed_skips_sentinel = impl in _SENTINEL_SKIPPING_EXPERTS
     x = args[0] if args else kwargs["hidden_states"]
     if x.dim() == 3:
         block.gate._routed_bn = (x.shape[0], x.shape[1])
