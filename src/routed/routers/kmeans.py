@@ -21,11 +21,18 @@ Two ways to turn clusters into a route:
   full forward and KV-cache decoding. The clusters, sorted by cluster then position and each
   padded to whole chunks, become a block-diagonal-band :class:`~routed.BlockRoute` with the
   original positions for the causal test: the block-sparse kernels run it.
+
+Under data-parallel training (``torch.distributed``) the routers of all processes keep one set of
+centroids: the statistics of every update and of the initialisation are all-reduced, so each step
+equals the single-process step over all processes' batches together (see :class:`KMeansRouter`).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -45,14 +52,39 @@ class KMeansRouter(nn.Module):
             batch's cluster means.
         commitment: weight of the commitment loss ``mean ||x/|x| - centroid(x)||^2``.
         init_iters: Lloyd iterations of the initialisation from the first batch.
+        sync_distributed: keep the centroids of all processes identical under data-parallel
+            training (below). Turn it off when the processes should cluster on their own (they
+            see different kinds of data, or the model is sharded so that ranks hold different
+            routers).
+        process_group: the ``torch.distributed`` group to synchronise over (default: the world).
 
     Buffers (saved with the model): ``centroids [heads, clusters, dim]`` (unit rows) and
     ``initialized`` (a bool scalar). The centroids stay float32 when the module is cast
     (``.to(torch.bfloat16)``, ``.half()``): in bf16 an EMA step of ``1 - decay = 0.001`` would round away.
+
+    Data-parallel training: the centroids are buffers, so DDP's gradient all-reduce never reaches
+    them, and its ``broadcast_buffers`` would only copy rank 0's over (the other ranks' batches
+    lost). So when ``torch.distributed`` is initialised, ``sync_distributed`` is on, the group
+    has more than one process and the module is in training mode, the router synchronises itself:
+
+    * :meth:`update` all-reduces (sums) the per-cluster sums of the unit vectors before the EMA
+      step, so every rank takes the step the single process would take over the concatenation of
+      all ranks' batches, and all centroids stay identical (``broadcast_buffers`` may stay on or go).
+    * The first call in training mode agrees on the state: if no rank is initialised yet, the
+      Lloyd initialisation runs over all ranks' tokens (seeds picked from the concatenation in
+      rank order, sums all-reduced each iteration), equal to the single-process one over the
+      concatenation; if some rank is (a checkpoint, or a first use in evaluation), the lowest such
+      rank broadcasts its centroids. Ranks may hold batches of different sizes.
+
+    Every rank of the group must then call the router together (as DDP's forward does). In
+    evaluation mode nothing is communicated (evaluation may run on one rank only), so a router
+    first used in evaluation initialises from that rank's data; the next training call aligns
+    the ranks as above. A single process never communicates nor adds a host sync.
     """
 
     def __init__(self, heads: int, dim: int, clusters: int, *, decay: float = 0.999, commitment: float = 1e-4,
-                 init_iters: int = 10):
+                 init_iters: int = 10, sync_distributed: bool = True,
+                 process_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         if clusters < 1 or heads < 1 or dim < 1:
             raise ValueError(f"heads, dim and clusters must be >= 1, got {heads}, {dim}, {clusters}.")
@@ -60,9 +92,11 @@ class KMeansRouter(nn.Module):
             raise ValueError(f"decay must lie in [0, 1), got {decay}.")
         self.heads, self.dim, self.clusters = heads, dim, clusters
         self.decay, self.commitment, self.init_iters = decay, commitment, init_iters
+        self.sync_distributed, self.process_group = sync_distributed, process_group
         self.register_buffer("centroids", F.normalize(torch.randn(heads, clusters, dim), dim=-1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._known_initialized = False  # a host mirror of the flag: no GPU sync per call once it is set
+        self._ranks_agree = False  # whether the ranks have aligned their state (distributed training only)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim={self.dim}, clusters={self.clusters}, decay={self.decay}"
@@ -92,10 +126,24 @@ class KMeansRouter(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._known_initialized = False  # the loaded flag decides (read once, at the next call)
+        self._ranks_agree = False  # ranks may have loaded different states: align them again
+
+    def _sync_group(self) -> Optional[dist.ProcessGroup]:
+        """The group to synchronise over, or ``None`` when there is nothing to synchronise (sync off,
+        evaluation mode, ``torch.distributed`` absent or not initialised, a group of one). Host-only."""
+        if not (self.sync_distributed and self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None  # -1 (not a member) falls out too
 
     @torch.no_grad()
     def maybe_init(self, x: Tensor) -> None:
-        """Initialise the centroids from ``x [B, H, N, D]`` if they never were (any mode)."""
+        """Initialise the centroids from ``x [B, H, N, D]`` if they never were (any mode); under
+        distributed training, first make every rank's state agree (see the class docstring)."""
+        group = self._sync_group()
+        if group is not None and not self._ranks_agree:
+            self._agree_across_ranks(x, group)
+            return
         if self._known_initialized:
             return
         if bool(self.initialized):
@@ -106,29 +154,76 @@ class KMeansRouter(nn.Module):
         T = xn.shape[1]
         # Evenly strided tokens as seeds (deterministic; no draw from the global RNG).
         seeds = torch.div(torch.arange(self.clusters, device=x.device) * T, self.clusters, rounding_mode="floor")
-        c = xn[:, seeds]
+        self._set_initialized(self._lloyd(xn, xn[:, seeds], None))
+
+    def _lloyd(self, xn: Tensor, c: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+        """``init_iters`` spherical Lloyd iterations from seeds ``c [H, C, D]`` over the unit vectors
+        ``xn [H, T, D]``; with a ``group``, over the tokens of all its ranks (the sums all-reduced)."""
+        h = torch.arange(self.heads, device=xn.device)[:, None]
         for _ in range(self.init_iters):
             members = torch.einsum("htd,hcd->htc", xn, c).argmax(-1)
-            sums = torch.zeros_like(c).index_put_(
-                (torch.arange(self.heads, device=x.device)[:, None].expand_as(members), members), xn, accumulate=True)
+            sums = torch.zeros_like(c).index_put_((h.expand_as(members), members), xn, accumulate=True)
+            if group is not None:
+                dist.all_reduce(sums, group=group)
             empty = sums.norm(dim=-1, keepdim=True) == 0
             c = torch.where(empty, c, F.normalize(sums, dim=-1))
+        return c
+
+    def _set_initialized(self, c: Tensor) -> None:
         self.centroids.copy_(c)
         self.initialized.fill_(True)
         self._known_initialized = True
+
+    def _agree_across_ranks(self, x: Tensor, group: dist.ProcessGroup) -> None:
+        """Make every rank of ``group`` hold the same initialised centroids (a collective, once).
+
+        No rank initialised: Lloyd over the concatenation of all ranks' ``x`` (in rank order), as
+        one process would run it. Else the lowest initialised rank broadcasts its centroids. The
+        flags decide on the host here (one read, once per process: this path is distributed only).
+        """
+        self._check(x)
+        dev, rank, world = self.centroids.device, dist.get_rank(group), dist.get_world_size(group)
+        src = torch.where(self.initialized.to(dev), rank, world).to(torch.int64).reshape(1)
+        dist.all_reduce(src, op=dist.ReduceOp.MIN, group=group)
+        src = int(src.item())
+        if src < world:
+            dist.broadcast(self.centroids, src=dist.get_global_rank(group, src), group=group)
+            self._set_initialized(self.centroids)
+        else:
+            xn = F.normalize(x.float(), dim=-1).transpose(0, 1).reshape(self.heads, -1, self.dim)  # [H, T, D]
+            sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+            dist.all_gather(sizes, torch.tensor([xn.shape[1]], dtype=torch.int64, device=dev), group=group)
+            sizes = [int(t.item()) for t in sizes]
+            start, total = sum(sizes[:rank]), sum(sizes)
+            if total == 0:
+                raise RouteError("KMeansRouter cannot initialise its centroids: no rank has any tokens.")
+            # The single-process seeds over the concatenation; each rank fills the ones it holds.
+            c = torch.zeros(self.heads, self.clusters, self.dim, device=dev)
+            for i in range(self.clusters):
+                t = i * total // self.clusters - start
+                if 0 <= t < xn.shape[1]:
+                    c[:, i] = xn[:, t]
+            dist.all_reduce(c, group=group)
+            self._set_initialized(self._lloyd(xn, c, group))
+        self._ranks_agree = True
 
     @torch.no_grad()
     def update(self, x: Tensor, assignment: Tensor) -> None:
         """One EMA step of the centroids towards the mean direction of their members.
 
         ``x [B, H, N, D]``, ``assignment [B, H, N]`` (from :meth:`assign`); clusters without
-        members keep their centroid. Call in training only.
+        members keep their centroid. Call in training only. Under distributed training the sums
+        are all-reduced first: the step of all ranks' batches together (see the class docstring).
         """
         xn = F.normalize(x.float(), dim=-1)
         H, C, D = self.centroids.shape
         sums = torch.zeros(H, C, D, device=x.device, dtype=torch.float32)
         h = torch.arange(H, device=x.device).view(1, H, 1).expand_as(assignment)
         sums.index_put_((h, assignment), xn, accumulate=True)
+        group = self._sync_group()
+        if group is not None:
+            self.maybe_init(x)  # the ranks agree on the centroids before they step together
+            dist.all_reduce(sums, group=group)  # sums are additive: the statistics of the concatenation
         means = F.normalize(sums, dim=-1)
         has = sums.norm(dim=-1, keepdim=True) > 0
         new = self.decay * self.centroids + (1 - self.decay) * means
