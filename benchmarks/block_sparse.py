@@ -11,8 +11,10 @@ that. Times are medians (triton.testing.do_bench, L2 flushed between runs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +35,20 @@ from routed.testing import poisoned_outputs, rel_err  # noqa: E402
 torch._dynamo.config.cache_size_limit = 256
 if hasattr(torch._dynamo.config, "recompile_limit"):
     torch._dynamo.config.recompile_limit = 256
+
+
+@contextlib.contextmanager
+def bwd_mode(mode: str):
+    """Run the block-sparse backward in ``mode`` (ROUTED_BWD: auto, split or atomic)."""
+    old = os.environ.get("ROUTED_BWD")
+    os.environ["ROUTED_BWD"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ROUTED_BWD")
+        else:
+            os.environ["ROUTED_BWD"] = old
 
 
 def do_bench(fn, rep_ms=200):
@@ -95,24 +111,27 @@ def check(args, dev):
         k = torch.randn(1, hkv, n, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
         v = torch.randn(1, hkv, n, 128, generator=g).to(dev, torch.bfloat16).requires_grad_()
         do = torch.randn(1, hq, n, 128, generator=g).to(dev, torch.bfloat16)
-        with poisoned_outputs():
-            out, lse = routed_attention(q, k, v, route, backend="triton", return_lse=True)
-            grads = torch.autograd.grad(out, (q, k, v), do)
         q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
         ref, ref_lse = routed_attention(q32, k32, v32, route, backend="reference", return_lse=True)
         ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
         # What bf16 itself costs: the float32 reference's output rounded to bf16.
         row = dict(n=n, hq=hq, hkv=hkv, route_heads=hr, block=bs, blocks=blocks, causal=causal,
-                   out=rel_err(out, ref), lse=rel_err(lse, ref_lse),
-                   dq=rel_err(grads[0], ref_grads[0]), dk=rel_err(grads[1], ref_grads[1]),
-                   dv=rel_err(grads[2], ref_grads[2]), bf16_rounding=rel_err(ref.bfloat16(), ref))
+                   bf16_rounding=rel_err(ref.bfloat16(), ref))
+        for mode in ("split", "atomic"):  # both ways of getting dQ
+            with poisoned_outputs(), bwd_mode(mode):
+                out, lse = routed_attention(q, k, v, route, backend="triton", return_lse=True)
+                grads = torch.autograd.grad(out, (q, k, v), do)
+            tag = "" if mode == "split" else "atomic_"
+            row.update({tag + "out": rel_err(out, ref), tag + "lse": rel_err(lse, ref_lse),
+                        tag + "dq": rel_err(grads[0], ref_grads[0]), tag + "dk": rel_err(grads[1], ref_grads[1]),
+                        tag + "dv": rel_err(grads[2], ref_grads[2])})
         try:  # FlexAttention as a second opinion; a shape it cannot run is recorded, not hidden
             flex_out, _ = flex_routed_attention(q.detach(), k.detach(), v.detach(),
                                                 route_to_block_mask(route, 1, hq), 128 ** -0.5)
             row["flex_out"] = rel_err(flex_out, ref)
         except Exception as e:  # noqa: BLE001
             row["flex_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-        row["ok"] = all(row[x] < 2e-2 for x in ("out", "lse", "dq", "dk", "dv"))
+        row["ok"] = all(row[p + x] < 2e-2 for p in ("", "atomic_") for x in ("out", "lse", "dq", "dk", "dv"))
         rows.append(row)
         print("check", {k_: (round(v_, 6) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
         del q, k, v, do, out, lse, grads, ref, ref_lse, ref_grads, q32, k32, v32
@@ -186,10 +205,15 @@ def bench(args, dev):
                                        peak_mib=peak_mib(fwd_bwd(f)), pairs=pairs,
                                        # GPU time alone, replayed from a CUDA graph (no host overhead)
                                        fwd_graph_ms=graph_bench(f), fwd_bwd_graph_ms=graph_bench(fwd_bwd(f)))
+                for mode in ("split", "atomic"):  # the backward's two ways to dQ, forced ("routed" picks one)
+                    with bwd_mode(mode):
+                        entry[f"routed_bwd_{mode}"] = dict(fwd_bwd_ms=do_bench(fwd_bwd(routed)),
+                                                           peak_mib=peak_mib(fwd_bwd(routed)), pairs=pairs)
                 entry.update({k_: v_ for k_, v_ in timings.items()})
                 for name, e in entry.items():
                     if "fwd_ms" in e:
                         e["fwd_tflops"] = 4 * d * e["pairs"] / e["fwd_ms"] / 1e9
+                    if "fwd_bwd_ms" in e:
                         e["fwd_bwd_tflops"] = 3.5 * 4 * d * e["pairs"] / e["fwd_bwd_ms"] / 1e9
                     for key in ("fwd", "fwd_bwd"):
                         if e.get(f"{key}_graph_ms"):
@@ -203,6 +227,8 @@ def bench(args, dev):
                 for key in ("fwd", "fwd_bwd"):
                     if r.get(f"{key}_graph_ms") and fl.get(f"{key}_graph_ms"):
                         row[f"{key}_graph_vs_flex"] = fl[f"{key}_graph_ms"] / r[f"{key}_graph_ms"]
+                for mode in ("split", "atomic"):
+                    row[f"fwd_bwd_{mode}_vs_flex"] = fl["fwd_bwd_ms"] / entry[f"routed_bwd_{mode}"]["fwd_bwd_ms"]
                 if "fwd_tflops" in cu:
                     row["fwd_tflops_vs_cudnn"] = r["fwd_tflops"] / cu["fwd_tflops"]
                     row["fwd_speedup_vs_cudnn"] = cu["fwd_ms"] / r["fwd_ms"]
@@ -294,7 +320,7 @@ def print_table(result):
               f"{us(row['routed_ms']):6.1f} flex {us(row['flex_ms']):6.1f} dense {us(row['sdpa_flash_dense_ms']):6.1f} us")
     hdr = (f"{'N':>6} {'hkv':>3} {'blk':>3} {'dens':>5} | {'routed fwd':>10} {'flex fwd':>8} {'cudnn':>6} {'flash':>6}"
            f" TF/s | {'routed f+b':>10} {'flex f+b':>8} TF/s | fwd x flex  x cudnn | f+b x flex | graph fwd/f+b x flex"
-           f" | mem MiB r/f/cudnn")
+           f" | f+b split/atomic x flex | mem MiB r/f/cudnn")
     print(hdr)
     for row in result.get("bench", []):
         e = row["results"]
@@ -305,6 +331,8 @@ def print_table(result):
               f"{tf('flex', 'fwd_bwd_tflops'):>8.0f}      | {row['fwd_tflops_vs_flex']:>10.2f} "
               f"{row.get('fwd_tflops_vs_cudnn', float('nan')):>7.2f} | {row['fwd_bwd_tflops_vs_flex']:>10.2f} | "
               f"{row.get('fwd_graph_vs_flex', float('nan')):>9.2f}/{row.get('fwd_bwd_graph_vs_flex', float('nan')):.2f} | "
+              f"{row.get('fwd_bwd_split_vs_flex', float('nan')):>11.2f}/"
+              f"{row.get('fwd_bwd_atomic_vs_flex', float('nan')):.2f} | "
               f"{tf('routed', 'peak_mib'):.0f}/{tf('flex', 'peak_mib'):.0f}/{tf('sdpa_cudnn', 'peak_mib'):.0f}")
 
 

@@ -170,6 +170,56 @@ def test_route_of_width_zero(nq):
         assert torch.equal(gr, torch.zeros_like(gr))
 
 
+ATOMIC_DQ_CASES = {
+    "gqa3_causal_ragged": lambda: ((_inputs(2, 3, 1, 63, 63, 32, torch.float32, seed=5)),
+                                   _mask_route(2, 1, 63, 63, 32, 32, True, 0.5, seed=5), {}),
+    "gqa8_full": lambda: (_inputs(1, 8, 1, 100, 100, 16, torch.float32, seed=6),
+                          _mask_route(1, 1, 100, 100, 16, 16, False, 0.5, seed=6), {}),
+    "gathered_small_blocks": lambda: (_inputs(2, 4, 2, 70, 75, 16, torch.float32, seed=7),
+                                      _mask_route(2, 2, 70, 75, 4, 4, True, 0.4, seed=7), {}),
+    "blocks_12_9": lambda: (_inputs(2, 4, 2, 70, 75, 16, torch.float32, seed=8),
+                            _mask_route(2, 2, 70, 75, 12, 9, True, 0.4, seed=8), {}),
+    "permuted_positions": lambda: (_inputs(2, 4, 2, 100, 100, 16, torch.float32, seed=9),
+                                   _mask_route(2, 2, 100, 100, 16, 32, True, 0.7, seed=9, positions="batched"), {}),
+    "head_dims_40_24_lse_grad": lambda: (_inputs(1, 2, 2, 70, 70, 40, torch.float32, seed=10, dv=24),
+                                         _mask_route(1, 2, 70, 70, 16, 16, True, 0.5, seed=10), {"lse_grad": True}),
+    "one_query": lambda: (_inputs(1, 8, 1, 1, 130, 16, torch.float32, seed=11),
+                          _mask_route(1, 1, 1, 130, 16, 16, True, 0.8, seed=11), {}),
+    "float16": lambda: (_inputs(1, 4, 2, 100, 100, 32, torch.float16, seed=12),
+                        _mask_route(1, 2, 100, 100, 16, 16, True, 0.5, seed=12), {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATOMIC_DQ_CASES))
+def test_backward_with_atomic_dq(case, monkeypatch):
+    """ROUTED_BWD=atomic: dQ added by the dk/dv kernel with atomics (no dq kernel) equals float64."""
+    monkeypatch.setenv("ROUTED_BWD", "atomic")
+    (q, k, v), route, kw = ATOMIC_DQ_CASES[case]()
+    check_against_f64(q, k, v, route, **kw)
+
+
+def test_backward_with_atomic_dq_and_segments(monkeypatch):
+    monkeypatch.setenv("ROUTED_BWD", "atomic")
+    q, k, v = _inputs(2, 3, 3, 64, 64, 16, torch.float32, seed=77)
+    seg = (torch.arange(64) % 16 >= 13).to(torch.int32)
+    check_against_f64(q, k, v, _mask_route(2, 1, 64, 64, 4, 4, False, 0.5, seed=77).with_segments(seg.to(DEVICE)))
+
+
+def test_backward_mode_requests_are_checked(monkeypatch):
+    q, k, v = _inputs(1, 2, 1, 32, 32, 16, torch.float32, seed=0)
+    route = _mask_route(1, 1, 32, 32, 16, 16, True, 1.0, seed=0)
+    monkeypatch.setenv("ROUTED_BWD", "fused")
+    with pytest.raises(ValueError, match="ROUTED_BWD must be one of"):
+        routed_attention(q, k, v, route, backend="triton").sum().backward()
+    monkeypatch.setenv("ROUTED_BWD", "atomic")
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deterministic"):
+            routed_attention(q, k, v, route, backend="triton").sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_float16():
     q, k, v = _inputs(1, 4, 2, 100, 100, 32, torch.float16, seed=11)
     check_against_f64(q, k, v, _mask_route(1, 2, 100, 100, 16, 16, True, 0.5, seed=11))

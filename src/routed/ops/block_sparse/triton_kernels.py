@@ -7,7 +7,8 @@ Three kernels, FlashAttention-2 style, exp2 online softmax, float32 accumulation
 * ``_block_sparse_bwd_dq_kernel``: same walk, recomputes P and accumulates dQ (no atomics).
 * ``_block_sparse_bwd_dkdv_kernel``: one program per (key tile, batch x kv head); walks the
   *transposed* route (the query blocks that route to this key block) for every query head of
-  the GQA group, accumulating dK and dV in registers (no atomics).
+  the GQA group, accumulating dK and dV in registers (no atomics). With ``ATOMIC_DQ`` it also
+  adds each tile's dQ share into a float32 buffer by atomics, and the dq kernel is skipped.
 
 Blocks need not be tile multiples. A program's own block (the query block in the forward and dq
 passes, the key block in dk/dv) smaller than, or not a multiple of, its tile is covered by tiles
@@ -337,15 +338,18 @@ def _block_sparse_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base, qseg_base,
-                t_base, stride_tq, stride_qn, stride_don, i_lo, i_hi, q_len, kv_len, pos_offset, scale_log2, q_desc,
-                do_desc, b32, hq32,
+def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc, qpos_base,
+                qseg_base, t_base, stride_tq, stride_qn, stride_don, i_lo, i_hi, q_len, kv_len, pos_offset, scale,
+                scale_log2, q_desc, do_desc, b32, hq32,
                 Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
                 HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-                GATHER_Q: tl.constexpr):
+                GATHER_Q: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dK, dV of one key tile from the query blocks ``i_lo .. i_hi`` of its transposed route.
-    Query rows outside the walked range load lse = +inf, so their P is 0: no extra mask."""
+    Query rows outside the walked range load lse = +inf, so their P is 0: no extra mask.
+    ``ATOMIC_DQ``: also add this tile's share of dQ (``scale * dS K``) into the float32 ``DQAcc``
+    with atomics, FlashAttention-2 style, so no separate dQ pass recomputes P (5 matrix products
+    per tile pair instead of 3 + 4)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     it_lo, it_hi = _walk_bounds(i_lo, i_hi, Q_BLOCK, BLOCK_M, GATHER_Q)
@@ -381,12 +385,16 @@ def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, L
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
+            tl.atomic_add(DQAcc + (row_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
+                          mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, TIds, TCounts, TMaskedCounts, QPos, KPos, QSeg, KSeg, QDesc, DODesc,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, TIds, TCounts, TMaskedCounts, QPos, KPos, QSeg, KSeg, QDesc, DODesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -402,10 +410,11 @@ def _block_sparse_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, KV_TILE_ALIGNED: tl.constexpr, GATHER_Q: tl.constexpr,
+    USE_TMA: tl.constexpr, KV_TILE_ALIGNED: tl.constexpr, GATHER_Q: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """One key tile of one kv head, over every query head of its GQA group. Of each transposed
-    row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal)."""
+    row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal).
+    ``DQAcc`` (``ATOMIC_DQ`` only): contiguous float32 ``[B, Hq, q_len, HEAD_DIM]``, zeroed."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_kv).to(tl.int64)
@@ -417,6 +426,8 @@ def _block_sparse_bwd_dkdv_kernel(
                    BLOCK_D == HEAD_DIM)
     v = _load_rows(V + b * stride_vb + hkv * stride_vh, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, True,
                    BLOCK_DV == HEAD_DIM_V)
+    if ATOMIC_DQ and not KV_TILE_ALIGNED:  # rows of the next key block must add nothing to dQ
+        k = tl.where(key_ok[:, None], k, tl.zeros_like(k))
     if HAS_POS:
         k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=key_ok, other=0)
     else:
@@ -438,14 +449,16 @@ def _block_sparse_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + hq * stride_doh
         row_base = (b * n_heads_q + hq) * q_len
         b32, hq32 = b.to(tl.int32), hq.to(tl.int32)
-        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base,
-                             qseg_base, t_base, stride_tq, stride_qn, stride_don, 0, n_masked, q_len, kv_len,
-                             pos_offset, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
-                             HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION, USE_TMA, GATHER_Q)
-        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, qpos_base,
-                             qseg_base, t_base, stride_tq, stride_qn, stride_don, n_masked, count, q_len, kv_len,
-                             pos_offset, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D,
-                             HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA, GATHER_Q)
+        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc,
+                             qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, 0, n_masked, q_len, kv_len,
+                             pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM,
+                             BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION, USE_TMA,
+                             GATHER_Q, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc,
+                             qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, n_masked, count, q_len,
+                             kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM,
+                             BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA,
+                             GATHER_Q, ATOMIC_DQ)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

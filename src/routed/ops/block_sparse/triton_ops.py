@@ -112,10 +112,15 @@ def _own_grid(length: int, block: int, tile: int) -> int:
     return triton.cdiv(length, block) * triton.cdiv(block, tile)
 
 
+def _tuning(device: torch.device) -> bool:
+    """Whether launch configs are timed here (CUDA, unless ROUTED_AUTOTUNE=0)."""
+    return device.type == "cuda" and os.environ.get("ROUTED_AUTOTUNE", "1") != "0"
+
+
 def _autotuned(name: str, key: tuple, candidates: list[dict], launch, device: torch.device) -> dict:
     """The fastest candidate for ``key``, timed once per process on the first call (launches
     rewrite their outputs completely, so timing them is harmless)."""
-    if device.type != "cuda" or os.environ.get("ROUTED_AUTOTUNE", "1") == "0" or len(candidates) == 1:
+    if not _tuning(device) or len(candidates) == 1:
         return candidates[0]
     full_key = (name, *key)
     if full_key not in _TUNED:
@@ -139,6 +144,41 @@ def _tune_key(q: Tensor, v: Tensor, q_block: int, kv_block: int, causal: bool, a
     """Autotuning key: everything that changes the kernel's shape of work, with the length bucketed."""
     return (q.shape[-1], v.shape[-1], str(q.dtype), q_block, kv_block, causal, all_masked, group,
             max(1, q.shape[2]).bit_length())
+
+
+# How the backward gets dQ: "split" runs a dq kernel beside the dk/dv kernel (deterministic; 7 matrix
+# products per routed tile pair), "atomic" adds dQ from the dk/dv kernel into a float32 buffer by
+# atomics (5 products, run-to-run differences in the last bits). ROUTED_BWD picks one; "auto" (the
+# default) times both on the first call of each shape where configs are tuned, else runs "split".
+BWD_MODES = ("auto", "split", "atomic")
+
+
+def _requested_bwd_mode() -> str:
+    mode = os.environ.get("ROUTED_BWD", "auto")
+    if mode not in BWD_MODES:
+        raise ValueError(f"ROUTED_BWD must be one of {BWD_MODES}, got {mode!r}.")
+    if torch.are_deterministic_algorithms_enabled():
+        if mode == "atomic":
+            raise RuntimeError("ROUTED_BWD=atomic adds dQ with atomics, which torch.use_deterministic_algorithms(True) "
+                               "forbids; unset ROUTED_BWD (or set it to 'split') or turn deterministic mode off.")
+        return "split"
+    return mode
+
+
+def _fastest(name: str, key: tuple, runners: dict, device: torch.device) -> str:
+    """The name of the fastest of ``runners`` (callables that each run one whole variant), timed
+    once per ``key``; each runs once first, so its own config tuning stays out of the timing."""
+    full_key = (name, *key)
+    if full_key not in _TUNED:
+        from triton.testing import do_bench
+
+        for run in runners.values():
+            run()
+        times = {mode: do_bench(run, warmup=5, rep=25, return_mode="median") for mode, run in runners.items()}
+        _TUNED[full_key] = min(times, key=times.get)
+        logger.info("routed: tuned %s %s -> %s (%s)", name, key, _TUNED[full_key],
+                    ", ".join(f"{m} {t:.3f} ms" for m, t in times.items()))
+    return _TUNED[full_key]
 
 
 def tuned_configs() -> dict[str, dict]:
@@ -357,7 +397,8 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                      t_masked_counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward kernels; returns (dq, dk, dv). ``dlse`` is the gradient reaching lse;
     ``t_ids``/``t_counts`` the transposed route (:meth:`routed.BlockRoute.transposed`). What is not
-    given of the route's derived data is computed here."""
+    given of the route's derived data is computed here. dQ comes from a dq kernel or from atomics
+    in the dk/dv kernel (``ROUTED_BWD``, see :data:`BWD_MODES`)."""
     do, q, k, v = _last_dim_contiguous(do, q, k, v)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -384,12 +425,13 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     clean_counts = clean_counts.expand(counts.shape)
     t_ids, t_counts = _route_views(t_ids, t_counts, B)
     t_masked_counts = t_masked_counts.expand(t_counts.shape)
-    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
     common = dict(Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims)
+    grads = {}  # "dq" (split) or "dq_f32" (atomic): allocated by the variant that runs
 
     def launch_dq(cfg):
+        dq = grads["dq"]
         k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
         _block_sparse_bwd_dq_kernel[(_own_grid(Nq, q_block_size, cfg["BLOCK_M"]), B * Hq)](
             q, k, v, do, lse, delta, dq, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
@@ -398,22 +440,44 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg,
             Q_TILE_ALIGNED=q_block_size % cfg["BLOCK_M"] == 0, GATHER_KV=kv_block_size % cfg["BLOCK_N"] != 0)
 
-    def launch_dkdv(cfg):
+    def launch_dkdv(cfg, atomic_dq=False):
         q_desc, do_desc = _row_descriptors(q, do, cfg["BLOCK_M"]) if cfg["USE_TMA"] else (None, None)
+        dq_f32 = grads["dq_f32"].zero_() if atomic_dq else delta  # delta: a placeholder, never read
         _block_sparse_bwd_dkdv_kernel[(_own_grid(Nk, kv_block_size, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, t_ids, t_counts, t_masked_counts, *maps.tensors, q_desc, do_desc,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+            q, k, v, do, lse, delta, dk, dv, dq_f32, t_ids, t_counts, t_masked_counts, *maps.tensors, q_desc,
+            do_desc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
             *dv.stride()[:3], *t_ids.stride(), *t_counts.stride()[:2], *maps.strides,
             Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg,
-            KV_TILE_ALIGNED=kv_block_size % cfg["BLOCK_N"] == 0, GATHER_Q=q_block_size % cfg["BLOCK_M"] != 0)
+            KV_TILE_ALIGNED=kv_block_size % cfg["BLOCK_N"] == 0, GATHER_Q=q_block_size % cfg["BLOCK_M"] != 0,
+            ATOMIC_DQ=atomic_dq)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
-    dq_cands, mode = _with_tma("the dq pass", q, (k, v), DQ_CANDIDATES, DQ_CANDIDATES, q_block_size, kv_block_size)
-    launch_dq(_autotuned("bwd_dq", key + mode, dq_cands, launch_dq, q.device))
-    dkdv_cands, mode = _with_tma("the dk/dv pass", q, (q, do), DKDV_CANDIDATES, DKDV_CANDIDATES, q_block_size,
-                                 kv_block_size, own="kv")
-    launch_dkdv(_autotuned("bwd_dkdv", key + mode, dkdv_cands, launch_dkdv, q.device))
-    return dq, dk, dv
+    dq_cands, dq_tma = _with_tma("the dq pass", q, (k, v), DQ_CANDIDATES, DQ_CANDIDATES, q_block_size,
+                                 kv_block_size)
+    dkdv_cands, dkdv_tma = _with_tma("the dk/dv pass", q, (q, do), DKDV_CANDIDATES, DKDV_CANDIDATES, q_block_size,
+                                     kv_block_size, own="kv")
+
+    def run_split():
+        if "dq" not in grads:
+            grads["dq"] = new_output(q.shape, dtype=q.dtype, device=q.device)
+        launch_dq(_autotuned("bwd_dq", key + dq_tma, dq_cands, launch_dq, q.device))
+        launch_dkdv(_autotuned("bwd_dkdv", key + dkdv_tma, dkdv_cands, launch_dkdv, q.device))
+
+    def run_atomic():  # the atomic kernel holds more registers: its configs are tuned apart
+        if "dq_f32" not in grads:
+            grads["dq_f32"] = torch.empty(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
+        launch = functools.partial(launch_dkdv, atomic_dq=True)
+        launch(_autotuned("bwd_dkdv_atomic_dq", key + dkdv_tma, dkdv_cands, launch, q.device))
+
+    mode = _requested_bwd_mode()
+    if mode == "auto":
+        mode = (_fastest("bwd_mode", key + dq_tma + dkdv_tma, {"split": run_split, "atomic": run_atomic}, q.device)
+                if _tuning(q.device) else "split")
+    if mode == "split":
+        run_split()
+        return grads["dq"], dk, dv
+    run_atomic()
+    return grads["dq_f32"].to(q.dtype), dk, dv
 
 
 # ------------------------------------------------------------------------------------ custom ops
