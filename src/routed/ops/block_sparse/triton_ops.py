@@ -172,9 +172,16 @@ def _fastest(name: str, key: tuple, runners: dict, device: torch.device) -> str:
     if full_key not in _TUNED:
         from triton.testing import do_bench
 
-        for run in runners.values():
-            run()
-        times = {mode: do_bench(run, warmup=5, rep=25, return_mode="median") for mode, run in runners.items()}
+        times, errors = {}, {}
+        for mode, run in runners.items():
+            try:
+                run()
+                times[mode] = do_bench(run, warmup=5, rep=25, return_mode="median")
+            except Exception as e:  # noqa: BLE001 - a variant with no config that compiles here is skipped
+                errors[mode] = e
+                logger.debug("routed: %s variant %s rejected: %s", name, mode, e)
+        if not times:
+            raise RuntimeError(f"no variant of {name} could run for {key}: {errors}")
         _TUNED[full_key] = min(times, key=times.get)
         logger.info("routed: tuned %s %s -> %s (%s)", name, key, _TUNED[full_key],
                     ", ".join(f"{m} {t:.3f} ms" for m, t in times.items()))
