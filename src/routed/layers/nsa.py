@@ -18,17 +18,44 @@ a linear map of the layer's input, per query head (the paper's gated sum of bran
 With ``attention_dense=True`` the module computes full causal attention with its q/k/v/o
 projections (the compression, router and gates are unused): the same module, dense, for ablations.
 
-Under a KV cache every step recompresses the cached keys and values (``O(kv_len)`` work per step,
-small next to a prefill; caching the compressed blocks is not done yet).
+Under a KV cache the layer keeps the compressed keys and values beside the cache (weakly keyed on
+the cache object, as :mod:`routed.layers.routing_attention` keeps its clusters), so a decode step or
+a prefill chunk compresses only the blocks that became complete in it (a block started before the
+call reads its cached tokens; with ``stride < compress_block`` consecutive blocks overlap exactly as
+in the full pass): ``O(compress_block + new tokens)`` compression work per call, not ``O(kv_len)``.
+What the selection router reads from the compressed branch (the compressed keys and the branch's
+log-sum-exp) follows from the cached compressed keys, so nothing else is kept.
+
+The record is checked against the cache layer's key tensor (sync-free identity tests):
+
+* a cache this layer never saw (a dense prefill, another copy of the model) is compressed once
+  from its keys, then extended (a cache whose key tensor this module cannot find, neither
+  ``cache.layers[i].keys`` nor ``cache.key_cache[i]``, is compressed from its keys every call:
+  exact, not incremental);
+* cropping (``cache.crop``, assisted decoding) leaves a prefix view of the keys: the record keeps
+  the compressed blocks that end inside the kept prefix;
+* an operation that replaces the keys otherwise (beam search's ``reorder_cache``,
+  ``batch_select_indices``, ``batch_repeat_interleave``, offloading) invalidates the record: the
+  next call recompresses the whole cache once (exact, ``O(kv_len)`` that call);
+* a cache that does not return its cached keys followed by the new ones (``StaticCache`` writes in
+  place into a fixed-length buffer, sliding-window caches drop old keys) raises: this layer, like
+  every :class:`~routed.layers.lm_attention.LMAttention`, needs the whole causal prefix.
+
+Writing into the cached key tensor in place (no transformers cache operation does) is not seen.
+
+Like the KV cache itself, the record holds what the weights computed when each block was compressed.
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..attention import routed_attention
-from ..route import BlockRoute
+from ..route import BlockRoute, RouteError
 from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions
 from .lm_attention import LMAttention, _opt, block_window_route
 from .registry import register_attention
@@ -51,9 +78,39 @@ def _zero_bias_init(lin: nn.Linear) -> None:
     lin.bias.zero_()
 
 
+class _CompressedKV(NamedTuple):
+    """The compressed record one layer keeps beside one KV cache."""
+
+    k_cmp: Tensor  # [B, Hkv, Nc, D]: compress_k of every compressed block that ended in the cache
+    v_cmp: Tensor  # [B, Hkv, Nc, D]
+    kv_len: int  # cached tokens the record covers (Nc = compressed_positions(kv_len, ...).numel())
+    keys: Optional[weakref.ref]  # the cache layer's key tensor then (None: the layout is unknown)
+
+
+def _cache_keys(cache, layer_idx: int) -> Optional[Tensor]:
+    """The ``[B, Hkv, T, D]`` key tensor a transformers cache holds for ``layer_idx`` (``cache.layers[i].keys``
+    in transformers >= 4.54, ``cache.key_cache[i]`` before), or None (empty, or a layout not known here)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        keys = getattr(layers[layer_idx], "keys", None) if layer_idx < len(layers) else None
+    else:
+        key_cache = getattr(cache, "key_cache", None)
+        keys = key_cache[layer_idx] if key_cache is not None and layer_idx < len(key_cache) else None
+    return keys if isinstance(keys, Tensor) and keys.dim() == 4 else None
+
+
+def _is_prefix_view(keys: Tensor, held: Tensor) -> bool:
+    """True when ``keys`` is ``held[:, :, :L]`` (what ``crop`` leaves): a view of the same storage with the
+    same batch, heads, head_dim, strides and start, no longer than ``held``. Cheap, no device sync."""
+    return (keys._base is (held if held._base is None else held._base) and keys.data_ptr() == held.data_ptr()
+            and keys.stride() == held.stride() and keys.shape[:2] == held.shape[:2]
+            and keys.shape[3] == held.shape[3] and keys.shape[2] <= held.shape[2])
+
+
 @register_attention("nsa")
 class NSAAttention(LMAttention):
-    """NSA layer (see the module docstring). ``forward`` follows :mod:`routed.layers.registry`."""
+    """NSA layer (see the module docstring). ``forward`` follows :mod:`routed.layers.registry`; under a KV
+    cache the compressed blocks are cached too (:meth:`project`)."""
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -81,6 +138,10 @@ class NSAAttention(LMAttention):
         self.gate.routed_init = _zero_bias_init
         for m in (self.compress_k, self.compress_v, self.gate):
             m.routed_init(m)
+        # The compressed record of every live KV cache this layer decodes with (see the module docstring).
+        self._compressed_caches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        # This call's (k_cmp, v_cmp) from the record, handed from ``project`` to ``attend``.
+        self._call_compressed: Optional[tuple[Tensor, Tensor]] = None
 
     def compress(self, x: Tensor) -> Tensor:
         """``[B, Hkv, N, D]`` keys or values -> ``[B, Hkv, Nc, D]`` compressed blocks (Nc may be 0)."""
@@ -91,6 +152,68 @@ class NSAAttention(LMAttention):
         # unfold: [B, h, Nc, D, lb] (a view) -> token-major blocks [B, h, Nc, lb * D]
         blocks = x.unfold(2, self.compress_block, self.compress_stride).transpose(-1, -2)
         return blocks.reshape(B, h, nc, self.compress_block * d)
+
+    def num_compressed(self, kv_len: int) -> int:
+        """Compressed blocks that have ended among ``kv_len`` tokens."""
+        return compressed_positions(kv_len, self.compress_block, self.compress_stride).numel()
+
+    def project(self, hidden_states: Tensor, position_embeddings, past_key_values=None,
+                cache_position: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`LMAttention.project`, and under a KV cache the compressed keys and values of the whole
+        cache from the layer's record, extended by the blocks that became complete in this call."""
+        self._call_compressed = None
+        if past_key_values is None or self.dense_mode:
+            return super().project(hidden_states, position_embeddings, past_key_values, cache_position)
+        before = past_key_values.get_seq_length(self.layer_idx)
+        # Check the record against the cache before the update replaces its key tensor (and hold no
+        # reference to the old one past this point, so the cache's concatenation can free it).
+        record = self._followable_record(past_key_values, before)
+        q, k, v = super().project(hidden_states, position_embeddings, past_key_values, cache_position)
+        if k.shape[2] != before + q.shape[2]:
+            raise RouteError(
+                f"NSAAttention (layer {self.layer_idx}) needs a KV cache that returns its {before} cached keys "
+                f"followed by the {q.shape[2]} new ones, but {type(past_key_values).__name__} returned {k.shape[2]} "
+                "keys (a static cache's fixed-length buffer, or a sliding-window cache that drops old keys). Use "
+                "transformers' DynamicCache (generate()'s default).")
+        self._call_compressed = self._extend_record(past_key_values, record, k, v)
+        return q, k, v
+
+    def _followable_record(self, cache, cached_len: int) -> Optional[_CompressedKV]:
+        """The layer's record for ``cache`` if it still describes the ``cached_len`` cached keys (cut back
+        to the kept prefix after a crop), else None: the cache gets compressed from its keys."""
+        record = self._compressed_caches.get(cache)
+        keys = _cache_keys(cache, self.layer_idx)
+        if record is None or record.keys is None or keys is None:
+            return None
+        held = record.keys()
+        if held is None:  # the tensor the record was checked against is gone: the cache replaced it
+            return None
+        if keys is not held:
+            if not _is_prefix_view(keys, held):  # reordered, batch-selected, moved, refilled by another model
+                return None
+            nc = self.num_compressed(keys.shape[2])  # cropped: blocks ending in the kept prefix are unchanged
+            record = _CompressedKV(record.k_cmp[:, :, :nc], record.v_cmp[:, :, :nc], keys.shape[2], weakref.ref(keys))
+        if record.kv_len != cached_len or keys.shape[2] != cached_len:
+            return None
+        return record
+
+    def _extend_record(self, cache, record: Optional[_CompressedKV], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Compressed ``(k_cmp, v_cmp) [B, Hkv, Nc, D]`` of all of ``k, v [B, Hkv, T, D]`` (the updated cache):
+        the record's blocks plus the new ones (all of them when ``record`` is None); stores the new record."""
+        total = self.num_compressed(k.shape[2])
+        if record is None:
+            k_cmp, v_cmp = self.compress_k(self.compress(k)), self.compress_v(self.compress(v))
+        elif total > record.k_cmp.shape[2]:
+            # The first new block starts at done * stride, possibly before this call's tokens (overlap).
+            start = record.k_cmp.shape[2] * self.compress_stride
+            k_cmp = torch.cat([record.k_cmp, self.compress_k(self.compress(k[:, :, start:]))], 2)
+            v_cmp = torch.cat([record.v_cmp, self.compress_v(self.compress(v[:, :, start:]))], 2)
+        else:  # no block completed in this call
+            k_cmp, v_cmp = record.k_cmp, record.v_cmp
+        keys = _cache_keys(cache, self.layer_idx)
+        self._compressed_caches[cache] = _CompressedKV(k_cmp, v_cmp, k.shape[2],
+                                                       None if keys is None else weakref.ref(keys))
+        return k_cmp, v_cmp
 
     def compressed_attention(self, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """Every query against the compressed blocks that end at or before it: ``(out [B, Hq, Nq, D],
@@ -112,7 +235,11 @@ class NSAAttention(LMAttention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, hidden: Tensor) -> Tensor:
         B, hq, nq, d = q.shape
         nk = k.shape[2]
-        k_cmp, v_cmp = self.compress_k(self.compress(k)), self.compress_v(self.compress(v))
+        cached, self._call_compressed = self._call_compressed, None
+        if cached is None:  # no KV cache: compress the whole sequence
+            k_cmp, v_cmp = self.compress_k(self.compress(k)), self.compress_v(self.compress(v))
+        else:
+            k_cmp, v_cmp = cached
         o_cmp, lse_cmp = self.compressed_attention(q, k_cmp, v_cmp, nk)
         route = self.router(q, k_cmp, lse_cmp, nk, scale=self.scale)
         o_slc = routed_attention(q, k, v, route, scale=self.scale, backend=self.backend)
