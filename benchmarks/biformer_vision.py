@@ -84,11 +84,23 @@ def throughput(name: str, device: torch.device, batch: int, size: int, repeats: 
 # ------------------------------------------------------------------------------------------ quality
 
 
-def small_biformer(attn_type: str, cfg: dict) -> BiFormer:
-    torch.manual_seed(cfg["init_seed"])   # the same initial weights for both variants
+# Model variants of the quality comparison: (attn_type, BRA routing options). "bra" is the paper's
+# routing rule; the others add BRA's options (own region always kept, centred query-region means).
+VARIANTS = {
+    "bra": ("bra", {}),
+    "bra_own": ("bra", dict(keep_own_region=True)),
+    "bra_centered": ("bra", dict(center_routing=True)),
+    "bra_centered_own": ("bra", dict(keep_own_region=True, center_routing=True)),
+    "window": ("window", {}),
+}
+
+
+def small_biformer(variant: str, cfg: dict) -> BiFormer:
+    attn_type, options = VARIANTS[variant]
+    torch.manual_seed(cfg["init_seed"])   # the same initial weights for every variant
     return BiFormer(depths=cfg["depths"], embed_dims=cfg["embed_dims"], head_dim=cfg["head_dim"],
                     topks=cfg["topks"], n_win=cfg["n_win"], attn_type=attn_type, in_chans=1, num_classes=10,
-                    drop_path_rate=cfg["drop_path_rate"])
+                    drop_path_rate=cfg["drop_path_rate"], **options)
 
 
 def batches(n: int, batch: int, steps: int, seed: int):
@@ -147,9 +159,9 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, device, batch: i
     return correct / len(images)
 
 
-def time_steps(attn_type: str, cfg: dict, train_x, train_y, device, n: int) -> float:
+def time_steps(variant: str, cfg: dict, train_x, train_y, device, n: int) -> float:
     """Seconds per training step (after warm-up), on a throw-away copy of the model."""
-    model = small_biformer(attn_type, cfg).to(device).train()
+    model = small_biformer(variant, cfg).to(device).train()
     opt, sched = make_optimizer(model, 10**6, cfg["lr"], 1)
     step = train_step_fn(model, opt, sched, device)
     it = batches(len(train_x), cfg["batch"], 3 + n, seed=123)
@@ -162,8 +174,8 @@ def time_steps(attn_type: str, cfg: dict, train_x, train_y, device, n: int) -> f
     return (time.perf_counter() - t) / n
 
 
-def train(attn_type: str, cfg: dict, steps: int, train_x, train_y, test_x, test_y, device) -> tuple[BiFormer, dict]:
-    model = small_biformer(attn_type, cfg).to(device).train()
+def train(variant: str, cfg: dict, steps: int, train_x, train_y, test_x, test_y, device) -> tuple[BiFormer, dict]:
+    model = small_biformer(variant, cfg).to(device).train()
     opt, sched = make_optimizer(model, steps, cfg["lr"], cfg["warmup"])
     step = train_step_fn(model, opt, sched, device)
     losses = []
@@ -177,7 +189,7 @@ def train(attn_type: str, cfg: dict, steps: int, train_x, train_y, test_x, test_
     seconds = time.perf_counter() - t
     acc = evaluate(model, test_x, test_y, device)
     train_acc = evaluate(model, train_x[:len(test_x)], train_y[:len(test_x)], device)
-    return model, {"attn_type": attn_type, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+    return model, {"attn_type": variant, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                    "steps": steps, "train_seconds": round(seconds, 1), "ms_per_step": round(1e3 * seconds / steps, 2),
                    "final_train_loss": round(float(torch.stack(losses).mean()), 4),
                    "train_acc": round(train_acc, 4), "test_acc": round(acc, 4)}
@@ -232,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=50000)
     p.add_argument("--n-test", type=int, default=5000)
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--variants", nargs="+", default=["bra", "bra_centered", "bra_centered_own", "window"], choices=sorted(VARIANTS),
+                   help="models of the quality comparison (same size, init and data order)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -284,12 +298,12 @@ def main(argv=None) -> int:
         steps = 4
         calib = {}
     else:
-        calib = {a: time_steps(a, cfg, train_x, train_y, device, n=20) for a in ("bra", "window")}
+        calib = {a: time_steps(a, cfg, train_x, train_y, device, n=20) for a in args.variants}
         steps = int(min(args.max_steps, args.train_seconds / sum(calib.values())))
         print(f"calibration s/step {calib} -> {steps} steps each", flush=True)
     runs, models = [], {}
-    for attn_type in ("bra", "window"):
-        models[attn_type], r = train(attn_type, cfg, steps, train_x, train_y, test_x, test_y, device)
+    for variant in args.variants:
+        models[variant], r = train(variant, cfg, steps, train_x, train_y, test_x, test_y, device)
         runs.append(r)
         print("quality", r, flush=True)
         result["quality_runs_so_far"] = runs
@@ -307,12 +321,16 @@ def main(argv=None) -> int:
         "calibration_s_per_step": {k: round(v, 4) for k, v in calib.items()}, "runs": runs,
     }
 
-    result["quality"]["routing_stats"] = routing_stats(models["bra"], test_x, te["boxes"], device)
+    routed_variants = [v for v in args.variants if VARIANTS[v][0] == "bra"]
+    result["quality"]["routing_stats"] = {v: routing_stats(models[v], test_x, te["boxes"], device)
+                                          for v in routed_variants}
     print("routing", result["quality"]["routing_stats"], flush=True)
     save()
+    if not routed_variants:
+        return 0
 
-    # (c) routing pictures: stage 2 (stride 8) of the trained routed model on a test scene.
-    model = models["bra"].eval()
+    # (c) routing pictures: stage 2 (stride 8) of the (first) trained routed model on a test scene.
+    model = models[routed_variants[0]].eval()
     idx = next((i for i in range(min(200, n_test))
                 if te["boxes"][i][2] >= 36), 0)   # a large target, so it covers a few regions
     x = to_input(test_x[idx:idx + 1])
@@ -344,9 +362,9 @@ def main(argv=None) -> int:
         print(f"{'model':<32}{'params M':>9}{'img/s':>10}{'ms/batch':>10}")
         for row in rows:
             print(f"{row['model']:<32}{row['params_m']:>9}{row['images_per_s']:>10}{row['ms_per_batch']:>10}")
-    print(f"{'variant':<10}{'steps':>7}{'ms/step':>9}{'train acc':>11}{'test acc':>10}   density/stage {density}")
+    print(f"{'variant':<18}{'steps':>7}{'ms/step':>9}{'train acc':>11}{'test acc':>10}   density/stage {density}")
     for run in runs:
-        print(f"{run['attn_type']:<10}{run['steps']:>7}{run['ms_per_step']:>9}{run['train_acc']:>11}{run['test_acc']:>10}")
+        print(f"{run['attn_type']:<18}{run['steps']:>7}{run['ms_per_step']:>9}{run['train_acc']:>11}{run['test_acc']:>10}")
     return 0
 
 

@@ -128,6 +128,63 @@ def test_gather_impl_equals_routed_impl():
     torch.testing.assert_close(g(x), m(x), rtol=1e-10, atol=1e-10)
 
 
+def _routing_f64(q_r, k_r, real, topk, keep_own, center):
+    """The routing options written out: centred query means over real regions, own region first."""
+    q_r, k_r = q_r.double(), k_r.double()
+    if center:
+        w = real.double()[None, :, None]
+        q_r = q_r - (q_r * w).sum(1, keepdim=True) / w.sum()
+    logits = q_r @ k_r.transpose(-1, -2)
+    R = real.numel()
+    for b in range(q_r.shape[0]):
+        for r in range(R):
+            if keep_own:
+                logits[b, r, r] = float("inf")
+            logits[b, r, ~real] = float("-inf")
+    return logits.topk(topk, dim=-1).indices.sort(-1).values
+
+
+@pytest.mark.parametrize("hw,n_win", [((12, 12), 3), ((9, 9), 7)])
+@pytest.mark.parametrize("keep_own,center", [(True, False), (False, True), (True, True)])
+def test_routing_options(hw, n_win, keep_own, center):
+    """keep_own_region / center_routing equal their definition (also on a grid with all-padding
+    regions), and the module with them still equals the paper's attention over that routing."""
+    from routed.routers.regions2d import region_topk_route
+
+    grid = RegionGrid(*hw, n_win)
+    real = grid.real_regions(DEVICE)
+    g = torch.Generator().manual_seed(n_win)
+    offset = 3 * torch.randn(1, 1, 8, generator=g)  # a component every region shares
+    q_r = (torch.randn(2, grid.num_regions, 8, generator=g) + offset).to(DEVICE)
+    k_r = (torch.randn(2, grid.num_regions, 8, generator=g) + offset).to(DEVICE)
+    topk = 3
+    got = region_topk_route(q_r, k_r, grid, topk, keep_own=keep_own, center=center).region_ids
+    assert torch.equal(got.cpu(), _routing_f64(q_r, k_r, real, topk, keep_own, center).cpu())
+    if keep_own:  # each real region routes to itself; padding-only regions are never routed
+        own = torch.arange(grid.num_regions, device=DEVICE)[None, :, None]
+        assert bool((got == own).any(-1)[:, real].all())
+    assert bool(real[got].all())
+    m = _module(n_win=n_win, topk=topk, backend="reference", keep_own_region=keep_own, center_routing=center).double()
+    x = torch.randn(2, *hw, 32, dtype=torch.float64, device=DEVICE)
+    out, routing = m(x, return_routing=True)
+    want, _ = paper_bra_f64(m, x, routing.region_ids)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_centering_spreads_the_routing():
+    """With a large component shared by all regions, the paper's rule sends every query region to
+    the same key regions; centring the query means ranks by what differs between regions."""
+    from routed.routers.regions2d import region_topk_route
+
+    grid = RegionGrid(16, 16, 4)
+    g = torch.Generator().manual_seed(0)
+    shared = 20 * torch.randn(1, 1, 16, generator=g)
+    q_r, k_r = torch.randn(1, 16, 16, generator=g) + shared, torch.randn(1, 16, 16, generator=g) + shared
+    distinct = lambda ids: len({tuple(r) for r in ids[0].tolist()})  # noqa: E731
+    assert distinct(region_topk_route(q_r, k_r, grid, 2).region_ids) == 1
+    assert distinct(region_topk_route(q_r, k_r, grid, 2, center=True).region_ids) > 4
+
+
 def test_nchw_equals_nhwc():
     m = _module(n_win=3, topk=2, backend="reference").double()
     c = _module(n_win=3, topk=2, backend="reference", data_format="NCHW").double()

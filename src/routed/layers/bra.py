@@ -80,6 +80,9 @@ class BiLevelRoutingAttention(nn.Module):
         impl: ``"routed"`` (block-sparse op over region-major tokens) or ``"gather"`` (the
             paper's gathered copies; a baseline).
         backend: backend of :func:`routed.routed_attention` for ``impl="routed"`` (None: automatic).
+        keep_own_region, center_routing: departures from the paper's routing rule (both off by
+            default): every query region keeps its own region, and regions are ranked by the
+            centred query-region means (see :func:`~routed.routers.regions2d.region_topk_route`).
 
     ``forward(x, return_routing=False)``: ``x`` ``[B, H, W, C]`` (or ``[B, C, H, W]``), any H and
     W; returns the same shape, and with ``return_routing`` also the :class:`RegionRouting`
@@ -88,7 +91,8 @@ class BiLevelRoutingAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, topk: int = 4, qk_dim: Optional[int] = None,
                  qk_scale: Optional[float] = None, side_dwconv: int = 5, data_format: str = "NHWC",
-                 impl: str = "routed", backend: Optional[str] = None):
+                 impl: str = "routed", backend: Optional[str] = None, keep_own_region: bool = False,
+                 center_routing: bool = False):
         super().__init__()
         qk_dim = dim if qk_dim is None else qk_dim
         if num_heads < 1 or dim % num_heads or qk_dim % num_heads:
@@ -107,21 +111,23 @@ class BiLevelRoutingAttention(nn.Module):
         self.dim, self.qk_dim, self.num_heads, self.n_win, self.topk = dim, qk_dim, num_heads, n_win, topk
         self.scale = qk_scale if qk_scale is not None else qk_dim ** -0.5
         self.data_format, self.impl, self.backend = data_format, impl, backend
+        self.keep_own_region, self.center_routing = keep_own_region, center_routing
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
         self.lepe = (nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
                      if side_dwconv else None)
         self.wo = nn.Linear(dim, dim)
 
     def extra_repr(self) -> str:
+        extra = "".join(f", {n}=True" for n in ("keep_own_region", "center_routing") if getattr(self, n))
         return (f"dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, n_win={self.n_win}, "
-                f"topk={self.topk}, impl={self.impl!r}, data_format={self.data_format!r}")
+                f"topk={self.topk}, impl={self.impl!r}, data_format={self.data_format!r}{extra}")
 
     def route_regions(self, grid: RegionGrid, q: Tensor, k: Tensor) -> RegionRouting:
         """Region level: the top-k key regions of every query region by the dot product of the
         detached means of its queries and keys (the paper's default). ``q``, ``k``: ``[B, N, qk_dim]``
         region-major. Subclasses change the choice of regions here (a static-window baseline)."""
         return region_topk_route(grid.region_means(q.detach()), grid.region_means(k.detach()), grid, self.topk,
-                                 self.scale)
+                                 self.scale, keep_own=self.keep_own_region, center=self.center_routing)
 
     def forward(self, x: Tensor, return_routing: bool = False):
         if x.dim() != 4:

@@ -177,6 +177,7 @@ class BRABlock(nn.Module):
         mlp_ratio: hidden width of the MLP over ``dim``.
         before_attn_dwconv: kernel of the depthwise position-encoding conv (0 turns it off).
         drop_path: stochastic-depth probability of both residual branches.
+        keep_own_region, center_routing: BRA's routing options (:class:`BiLevelRoutingAttention`).
 
     ``forward(x [B, C, H, W], return_routing=False)`` returns ``[B, C, H, W]``, or ``(y, routing)`` where
     ``routing`` is the attention's routing result (``None`` for global attention).
@@ -185,7 +186,7 @@ class BRABlock(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, topk: int = 4, attn_type: str = "bra",
                  qk_dim: Optional[int] = None, qk_scale: Optional[float] = None, side_dwconv: int = 5,
                  mlp_ratio: float = 3.0, before_attn_dwconv: int = 3, drop_path: float = 0.0,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, keep_own_region: bool = False, center_routing: bool = False):
         super().__init__()
         if attn_type not in ATTN_TYPES:
             raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}.")
@@ -195,7 +196,8 @@ class BRABlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)   # eps as the official code: avoids attention collapse
         if attn_type == "bra":
             self.attn = BiLevelRoutingAttention(dim, num_heads=num_heads, n_win=n_win, topk=topk, qk_dim=qk_dim,
-                                                qk_scale=qk_scale, side_dwconv=side_dwconv, backend=backend)
+                                                qk_scale=qk_scale, side_dwconv=side_dwconv, backend=backend,
+                                                keep_own_region=keep_own_region, center_routing=center_routing)
         elif attn_type == "window":
             self.attn = WindowRegionAttention(dim, num_heads=num_heads, n_win=n_win, topk=topk, qk_dim=qk_dim,
                                               qk_scale=qk_scale, side_dwconv=side_dwconv)
@@ -275,6 +277,8 @@ class BiFormer(nn.Module):
         drop_path_rate: stochastic depth, rising linearly over the blocks up to this value.
         drop_rate: dropout before the classifier.
         backend: routed-attention backend for BRA (None: automatic).
+        keep_own_region, center_routing: BRA's routing options (:class:`BiLevelRoutingAttention`;
+            the paper's rule when both are off).
 
     Input ``[B, in_chans, H, W]`` of any H, W; ``forward_features`` gives ``[B, embed_dims[-1],
     ceil(H/32), ceil(W/32)]`` (each stride-2 conv rounds up), ``forward`` the logits ``[B, num_classes]``.
@@ -285,7 +289,8 @@ class BiFormer(nn.Module):
                  attn_type: str = "bra", qk_dims: Optional[Sequence[Optional[int]]] = None, in_chans: int = 3,
                  num_classes: int = 1000, mlp_ratios: Union[float, Sequence[float]] = 3.0, side_dwconv: int = 5,
                  before_attn_dwconv: int = 3, qk_scale: Optional[float] = None, drop_path_rate: float = 0.0,
-                 drop_rate: float = 0.0, global_pool: str = "avg", backend: Optional[str] = None):
+                 drop_rate: float = 0.0, global_pool: str = "avg", backend: Optional[str] = None,
+                 keep_own_region: bool = False, center_routing: bool = False):
         super().__init__()
         depths, embed_dims, topks = list(depths), list(embed_dims), list(topks)
         for name, val in (("depths", depths), ("embed_dims", embed_dims), ("topks", topks)):
@@ -326,7 +331,7 @@ class BiFormer(nn.Module):
                 num_heads=8 if glob else embed_dims[i] // head_dim, n_win=n_wins[i], topk=topks[i],
                 attn_type="global" if glob else attn_type, qk_dim=qk_dims[i], qk_scale=qk_scale,
                 side_dwconv=side_dwconv, mlp_ratio=mlp_ratios[i], before_attn_dwconv=before_attn_dwconv,
-                backend=backend))
+                backend=backend, keep_own_region=keep_own_region, center_routing=center_routing))
             cur += depths[i]
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)

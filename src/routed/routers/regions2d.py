@@ -134,7 +134,8 @@ class RegionRouting:
 
 
 def region_topk_route(q_regions: Tensor, k_regions: Tensor, grid: RegionGrid, topk: int,
-                      scale: Optional[float] = None) -> RegionRouting:
+                      scale: Optional[float] = None, *, keep_own: bool = False,
+                      center: bool = False) -> RegionRouting:
     """Route every query region to the ``topk`` key regions with the largest
     ``scale * q_region . k_region`` (BiFormer's region-level routing; shared by all heads).
 
@@ -144,6 +145,14 @@ def region_topk_route(q_regions: Tensor, k_regions: Tensor, grid: RegionGrid, to
         grid: the :class:`RegionGrid` the descriptors come from.
         topk: key regions per query region, ``1 <= topk <= num_regions``.
         scale: multiplies the logits (it changes no choice; kept for parity with the paper's code).
+        keep_own: every query region keeps its own region among its ``topk`` (local context is
+            never routed away; an all-padding region still gets none). It takes one of the ``topk``
+            slots: with ``topk=1`` every region routes to itself alone.
+        center: rank key regions by ``(q_region - mean q_region) . k_region``, the mean taken over
+            the image's real regions. With the paper's rule, the component that all query regions
+            share dominates the dot product, so nearly every query region picks the same key
+            regions; removing it ranks by what sets each region apart. (Centering the keys too
+            would change nothing: it shifts each query's logits by one constant.)
     Returns:
         :class:`RegionRouting` whose route is ``[B, 1, num_regions, topk]`` with blocks of
         ``tokens_per_region``, not causal, and pad tokens in segment 1 when the grid is padded.
@@ -155,9 +164,19 @@ def region_topk_route(q_regions: Tensor, k_regions: Tensor, grid: RegionGrid, to
     if not isinstance(topk, int) or not 1 <= topk <= R:
         raise RouteError(f"topk must be an int in [1, {R}] (the number of regions of a {grid.grid}x{grid.grid} "
                          f"grid), got {topk!r}.")
+    if center:
+        if grid.is_padded:  # the mean over real regions (an all-padding region's mean is meaningless)
+            real = grid.real_regions(q_regions.device).to(q_regions.dtype)[None, :, None]
+            mean = (q_regions * real).sum(1, keepdim=True) / real.sum(1, keepdim=True)
+        else:
+            mean = q_regions.mean(1, keepdim=True)
+        q_regions = q_regions - mean
     logits = q_regions @ k_regions.transpose(-1, -2)
     if scale is not None:
         logits = logits * scale
+    if keep_own:  # +inf: always among the top k
+        own = torch.eye(R, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(own, float("inf"))
     if grid.is_padded:  # a region made only of padding is never worth a slot
         logits = logits.masked_fill(~grid.real_regions(logits.device), float("-inf"))
     ids = logits.topk(topk, dim=-1).indices.sort(dim=-1).values  # [B, R, topk]
