@@ -10,7 +10,7 @@ from routed import BlockRoute
 from routed.backends import BackendUnavailable
 from routed.route import RouteError
 from routed.routers.blocks import (MoBARouter, NSASelectionRouter, block_topk_route, check_block_options,
-                                   compressed_positions)
+                                   compressed_positions, spread_to_selection_blocks)
 
 
 def _topk_definition(scores, top_k, q_len, kv_len, qbs, kbs, sinks, local):
@@ -150,6 +150,96 @@ def test_nsa_mass_kernel_equals_pytorch(hq, hkv, nq, nk, qbs):
     with poisoned_outputs():
         out = nsa_compressed_mass_triton(q, kc, lse, nk, qbs, lb, st, 0.2)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _overlap_matrix_f64(nc, lb, stride, sel, nsb):
+    """Dense form of the spread (what the router computed before): ``[nc, nsb]`` float64, entry
+    ``(i, j)`` the share of compressed block ``i``'s tokens that lie in selection block ``j``."""
+    start = torch.arange(nc, dtype=torch.float64)[:, None] * stride
+    lo = torch.arange(nsb, dtype=torch.float64)[None, :] * sel
+    return (torch.minimum(start + lb, lo + sel) - torch.maximum(start, lo)).clamp_min(0) / lb
+
+
+# (kv_len, compress_block, stride, selection block): lb == stride and lb > stride; the selection
+# block smaller than, equal to and a multiple of lb; lengths off every block multiple; one
+# compressed block; then sizes the router refuses (stride not dividing) that the spread still
+# handles exactly (gcd chunks), and blocks shorter than their stride (gaps).
+_SPREAD_CASES = [(100, 8, 4, 16), (97, 16, 16, 16), (64, 16, 16, 64), (131, 32, 16, 16), (131, 32, 16, 64),
+                 (200, 32, 8, 32), (257, 24, 8, 48), (32, 32, 16, 64), (45, 16, 16, 48), (1000, 64, 16, 128),
+                 (17, 4, 1, 8), (91, 12, 8, 20), (77, 5, 3, 7), (60, 4, 6, 10)]
+
+
+@pytest.mark.parametrize("kv_len,lb,stride,sel", _SPREAD_CASES)
+def test_spread_equals_overlap_matrix(kv_len, lb, stride, sel):
+    g = torch.Generator().manual_seed(kv_len + lb)
+    nc, nsb = compressed_positions(kv_len, lb, stride).numel(), math.ceil(kv_len / sel)
+    w = _overlap_matrix_f64(nc, lb, stride, sel, nsb)
+    for lead in ((2, 3, 5), (1, 1, 1)):  # prefill-like rows and one decode row
+        mass = torch.rand(*lead, nc, generator=g)
+        out = spread_to_selection_blocks(mass, lb, stride, sel, nsb)
+        assert out.shape == (*lead, nsb) and out.dtype == torch.float32
+        # float32 against float64: sums of non-negative terms, a few ulps apart
+        torch.testing.assert_close(out, (mass.double() @ w).float(), rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(spread_to_selection_blocks(mass.double(), lb, stride, sel, nsb), mass.double() @ w,
+                                   rtol=1e-12, atol=1e-14)
+
+
+def test_spread_rejects_blocks_past_the_selection_blocks():
+    with pytest.raises(RouteError, match="reach past the 1 selection blocks"):
+        spread_to_selection_blocks(torch.rand(3), 8, 4, 8, 1)
+
+
+@pytest.mark.parametrize("nq,nk,lb,stride,sel,qbs", [
+    (1, 1000, 32, 16, 64, 64), (1, 517, 16, 16, 16, 1), (3, 700, 16, 8, 32, 1), (150, 150, 32, 16, 64, 64),
+    (90, 333, 8, 8, 32, 16), (120, 120, 16, 8, 16, 24), (64, 200, 32, 32, 128, 32)])
+def test_nsa_routes_unchanged_by_linear_spread(nq, nk, lb, stride, sel, qbs):
+    """The router's scores and routes against the dense overlap-matrix product it replaced."""
+    from routed.routers.blocks import _nsa_lse_torch, _nsa_mass_torch
+
+    g = torch.Generator().manual_seed(nq * 7 + nk)
+    nc, nsb = compressed_positions(nk, lb, stride).numel(), math.ceil(nk / sel)
+    q, kc = torch.randn(2, 4, nq, 16, generator=g), torch.randn(2, 2, nc, 16, generator=g)
+    router = NSASelectionRouter(sel, 3, compress_block=lb, compress_stride=stride, q_block_size=qbs,
+                                backend="reference")
+    lse = _nsa_lse_torch(q, kc, nk, lb, stride, 0.25, 4096)
+    mass = _nsa_mass_torch(q, kc, lse, nk, qbs, lb, stride, 0.25, 4096)
+    cnt = torch.tensor([min(qbs, nq - i * qbs) for i in range(math.ceil(nq / qbs))], dtype=torch.float32)
+    dense = (mass @ _overlap_matrix_f64(nc, lb, stride, sel, nsb).float()) / cnt[:, None]
+    torch.testing.assert_close(router.scores(q, kc, lse, nk, scale=0.25), dense, rtol=1e-5, atol=1e-7)
+    expect = block_topk_route(dense, top_k=3, q_len=nq, kv_len=nk, q_block_size=qbs, kv_block_size=sel,
+                              sink_blocks=1, local_blocks=2)
+    assert torch.equal(router(q, kc, lse, nk, scale=0.25).to_block_mask(), expect.to_block_mask())
+
+
+def _largest_tensor_in_scores(router, kv_len, nq=1):
+    """Most elements any op output holds while ``router.scores`` runs one decode-like call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    nc = compressed_positions(kv_len, router.compress_block, router.compress_stride).numel()
+    q, kc = torch.randn(1, 2, nq, 8), torch.randn(1, 1, nc, 8)
+    with Largest():
+        router.scores(q, kc, None, kv_len)
+    return Largest.most, nc
+
+
+def test_nsa_scores_work_is_linear_in_the_cache():
+    """A decode step's scores allocate nothing of size Nc x num_sel_blocks: the largest tensor grows
+    like the cache (the dense overlap matrix grew with its square)."""
+    router = NSASelectionRouter(64, 4, compress_block=32, compress_stride=16, backend="reference")
+    small, _ = _largest_tensor_in_scores(router, 4096)
+    big, nc = _largest_tensor_in_scores(router, 8192)
+    assert big < nc * math.ceil(8192 / 64) // 8, (big, nc)
+    assert big <= 2.2 * small, (small, big)
 
 
 def test_compressed_positions():

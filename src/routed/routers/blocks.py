@@ -32,7 +32,8 @@ from ..backends import BackendUnavailable
 from ..ops.block_scores import block_means, check_qk_heads, estimator_backend_why_not, pooled_block_probs
 from ..route import BlockRoute, RouteError
 
-__all__ = ["block_topk_route", "MoBARouter", "NSASelectionRouter", "compressed_positions", "check_block_options"]
+__all__ = ["block_topk_route", "MoBARouter", "NSASelectionRouter", "compressed_positions", "check_block_options",
+           "spread_to_selection_blocks"]
 
 
 def _pos_int(name: str, v, minimum: int = 1) -> int:
@@ -260,9 +261,13 @@ def _nsa_mass_torch(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: int, q_block_
         l = torch.where(torch.isfinite(l), l, torch.full_like(l, float("inf")))  # sees nothing -> p = 0
         p = torch.exp(logits * scale - l[..., None]).masked_fill(~vis, 0.0)
         p = p.view(B, hkv, g, rows, nc).sum(2)
-        nb = math.ceil(rows / qbs)
-        p = torch.nn.functional.pad(p, (0, 0, 0, nb * qbs - rows)).view(B, hkv, nb, qbs, nc).sum(3)
-        out[:, :, s0 // qbs: s0 // qbs + nb] = p
+        # Whole query blocks, then the partial last one (padding it to a whole block would make a decode
+        # step of one query pay for q_block_size rows).
+        b0, full = s0 // qbs, rows // qbs
+        if full:
+            out[:, :, b0:b0 + full] = p[:, :, :full * qbs].view(B, hkv, full, qbs, nc).sum(3)
+        if rows > full * qbs:
+            out[:, :, b0 + full] = p[:, :, full * qbs:].sum(2)
     return out
 
 
@@ -273,14 +278,43 @@ def compressed_positions(kv_len: int, compress_block: int, compress_stride: int,
     return torch.arange(n, device=device) * compress_stride + (compress_block - 1)
 
 
-def _overlap_weights(num_compressed: int, compress_block: int, compress_stride: int, num_sel_blocks: int,
-                     sel_block: int, device) -> Tensor:
-    """``[num_compressed, num_sel_blocks]``: the share of compressed block ``i``'s tokens that lie in
-    selection block ``j`` (rows sum to 1): how a compressed score spreads over selection blocks."""
-    start = torch.arange(num_compressed, device=device, dtype=torch.float64)[:, None] * compress_stride
-    lo = torch.arange(num_sel_blocks, device=device, dtype=torch.float64)[None, :] * sel_block
-    inter = (torch.minimum(start + compress_block, lo + sel_block) - torch.maximum(start, lo)).clamp_min(0)
-    return (inter / compress_block).float()
+def spread_to_selection_blocks(mass: Tensor, compress_block: int, compress_stride: int, sel_block: int,
+                               num_sel_blocks: int) -> Tensor:
+    """Spread compressed-block scores over the selection blocks by token overlap, in linear time.
+
+    Compressed block ``i`` covers tokens ``i * compress_stride .. + compress_block - 1``; selection
+    block ``j`` gets the share of ``mass[..., i]`` equal to the fraction of those tokens that lie in
+    it. This equals ``mass @ W`` with ``W[i, j] = overlap(i, j) / compress_block`` (rows sum to 1),
+    without building the ``[Nc, num_sel_blocks]`` matrix: tokens are cut into chunks of
+    ``g = gcd(stride, compress_block, sel_block)`` (``g = stride`` under NSA's condition), each of
+    which lies in exactly one selection block and is covered by whole compressed blocks only. A
+    compressed block spreads over its ``compress_block / g`` chunks (a sliding-window sum), the
+    chunks sum per selection block. Per row: ``O(kv_len / g)`` memory and ``compress_block / g``
+    times that work (NSA's defaults: about ``2 * Nc``).
+
+    Args:
+        mass: ``[..., Nc]`` float scores per compressed block (NSA: probabilities, >= 0).
+        compress_block, compress_stride: the compressed blocks' length and stride (any positive ints).
+        sel_block: tokens per selection block.
+        num_sel_blocks: selection blocks of the output; they must hold every compressed block.
+    Returns:
+        ``[..., num_sel_blocks]`` in ``mass``'s dtype. For ``mass >= 0`` every output is a sum of
+        non-negative terms (no cancellation), so float32 is as accurate as the float32 matrix
+        product: both are within a few ulps, relative, of the exact value.
+    """
+    nc = mass.shape[-1]
+    g = math.gcd(compress_stride, compress_block, sel_block)
+    up, width, per_sel = compress_stride // g, compress_block // g, sel_block // g  # in chunks
+    nch = num_sel_blocks * per_sel
+    if nc and (nc - 1) * compress_stride + compress_block > num_sel_blocks * sel_block:
+        raise RouteError(f"{nc} compressed blocks (length {compress_block}, stride {compress_stride}) reach past the "
+                         f"{num_sel_blocks} selection blocks of {sel_block} tokens.")
+    # Compressed block i starts at chunk i * up: place its mass there (zeros between when up > 1),
+    # then chunk c sums the blocks that start in the ``width`` chunks ending at c.
+    start = torch.nn.functional.pad(mass[..., None], (0, up - 1)).flatten(-2) if up > 1 else mass
+    start = torch.nn.functional.pad(start, (width - 1, max(0, nch - start.shape[-1])))[..., :nch + width - 1]
+    chunks = start.unfold(-1, width, 1).sum(-1) if width > 1 else start  # [..., nch], a strided view reduced
+    return chunks.reshape(*mass.shape[:-1], num_sel_blocks, per_sel).sum(-1) * (g / compress_block)
 
 
 class NSASelectionRouter:
@@ -354,10 +388,11 @@ class NSASelectionRouter:
         else:
             mass = _nsa_mass_torch(q, k_cmp, lse_cmp, kv_len, qbs, self.compress_block, self.compress_stride, scale,
                                    self.chunk)
-        # Spread each compressed block's mass over the selection blocks it overlaps; mean per query.
-        w = _overlap_weights(nc, self.compress_block, self.compress_stride, nsb, self.block_size, q.device)
+        # Spread each compressed block's mass over the selection blocks it overlaps (linear in Nc, no
+        # Nc x num_sel_blocks matrix); mean per query.
+        sel = spread_to_selection_blocks(mass, self.compress_block, self.compress_stride, self.block_size, nsb)
         cnt = torch.clamp(nq - torch.arange(nqb, device=q.device) * qbs, max=qbs).float()
-        return (mass @ w) / cnt[:, None]
+        return sel / cnt[:, None]
 
     def _use_triton(self, q: Tensor) -> bool:
         why = estimator_backend_why_not(q, 16, False)  # the same conditions as the estimator kernels
