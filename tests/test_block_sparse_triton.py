@@ -220,6 +220,27 @@ def test_backward_mode_requests_are_checked(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("route_heads,atomic", [(1, False), (2, False), (2, True)])
+def test_group_major_program_order(route_heads, atomic, monkeypatch):
+    """The forward and dq passes in group-major program order (the GQA heads that share a route run
+    side by side; offered to the autotuner, forced here) equal float64, both ways of getting dQ."""
+    from routed.ops.block_sparse import triton_ops
+
+    offer = triton_ops._with_group_order
+    forced = []
+
+    def group_major_only(candidates, group, route_heads, n_heads_kv):
+        cands, key = offer(candidates, group, route_heads, n_heads_kv)
+        forced.append(key[0])
+        return [c for c in cands if c["GROUP_MAJOR"]], key
+
+    monkeypatch.setattr(triton_ops, "_with_group_order", group_major_only)
+    monkeypatch.setenv("ROUTED_BWD", "atomic" if atomic else "split")
+    q, k, v = _inputs(2, 6, 2, 90, 90, 16, torch.float32, seed=route_heads)
+    check_against_f64(q, k, v, _mask_route(2, route_heads, 90, 90, 16, 32, True, 0.5, seed=route_heads))
+    assert forced and all(forced)  # the order was offered (and so forced) in every pass
+
+
 def test_float16():
     q, k, v = _inputs(1, 4, 2, 100, 100, 32, torch.float16, seed=11)
     check_against_f64(q, k, v, _mask_route(1, 2, 100, 100, 16, 16, True, 0.5, seed=11))

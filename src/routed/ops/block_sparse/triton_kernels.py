@@ -76,13 +76,22 @@ def _own_rows(pid, length, BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.
 def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih,
                 stride_iq, stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div,
                 q_len, pos_offset, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr):
+                BLOCK_D: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr,
+                GROUP_MAJOR: tl.constexpr):
     """What a program over (query tile, batch x query head) starts from: its indices, its Q tile,
-    the tile's positions and segments, and its route row (ids, count, clean count)."""
+    the tile's positions and segments, and its route row (ids, count, clean count).
+    ``GROUP_MAJOR``: the grid is (query tile x GQA group member, batch x kv head), so the query heads
+    of a group that read the same routed K/V tiles run next to each other (L2 reuse)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads_q).to(tl.int64)
-    hq = (pid_bh % n_heads_q).to(tl.int64)
+    if GROUP_MAJOR:
+        n_heads_kv = n_heads_q // group_size
+        b = (pid_bh // n_heads_kv).to(tl.int64)
+        hq = ((pid_bh % n_heads_kv) * group_size + pid_m % group_size).to(tl.int64)
+        pid_m = pid_m // group_size
+    else:
+        b = (pid_bh // n_heads_q).to(tl.int64)
+        hq = (pid_bh % n_heads_q).to(tl.int64)
     hr = hq // route_head_div
     qblk, offs_m, row_ok = _own_rows(pid_m, q_len, Q_BLOCK, BLOCK_M, Q_TILE_ALIGNED)
     q = _load_rows(Q + b * stride_qb + hq * stride_qh, offs_m, stride_qn, tl.arange(0, BLOCK_D), q_len, HEAD_DIM,
@@ -191,7 +200,7 @@ def _block_sparse_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr, GATHER_KV: tl.constexpr,
+    USE_TMA: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr, GATHER_KV: tl.constexpr, GROUP_MAJOR: tl.constexpr,
 ):
     """All tensors have a contiguous last axis; ``Counts``/``CleanCounts`` share strides. Of each
     route row, the first ``CleanCounts`` blocks need no mask (ids are sorted, so they lead).
@@ -199,7 +208,7 @@ def _block_sparse_fwd_kernel(
     b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean = _query_tile(
         Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih, stride_iq,
         stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div, q_len, pos_offset,
-        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED)
+        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED, GROUP_MAJOR)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
@@ -301,13 +310,13 @@ def _block_sparse_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr, GATHER_KV: tl.constexpr,
+    USE_TMA: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr, GATHER_KV: tl.constexpr, GROUP_MAJOR: tl.constexpr,
 ):
     """``Lse`` and ``Delta`` are contiguous ``[B, Hq, q_len]`` float32."""
     b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean = _query_tile(
         Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih, stride_iq,
         stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div, q_len, pos_offset,
-        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED)
+        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED, GROUP_MAJOR)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     do = _load_rows(DO + b * stride_dob + hq * stride_doh, offs_m, stride_don, offs_dv, q_len, HEAD_DIM_V, True,

@@ -344,6 +344,21 @@ def _with_tma(name: str, q: Tensor, tensors: tuple, plain_candidates, tma_candid
     return plain, (mode, False)
 
 
+def _with_group_order(candidates: list[dict], group: int, route_heads: int, n_heads_kv: int) -> tuple[list, tuple]:
+    """Candidates for a pass over query tiles: each in head-major program order, plus (timed as
+    alternatives) group-major order when the query heads of a GQA group share a route, so that they
+    read the same K/V tiles side by side (``GROUP_MAJOR``); and the tuning-key suffix."""
+    head_major = [dict(c, GROUP_MAJOR=False) for c in candidates]
+    offered = group > 1 and route_heads in (1, n_heads_kv)
+    return (head_major + [dict(c, GROUP_MAJOR=True) for c in candidates] if offered else head_major), (offered,)
+
+
+def _query_grid(n_q: int, q_block_size: int, cfg: dict, batch: int, n_heads_q: int, group: int) -> tuple:
+    """Grid of a pass over query tiles in ``cfg``'s program order (see :func:`_with_group_order`)."""
+    tiles = _own_grid(n_q, q_block_size, cfg["BLOCK_M"])
+    return (tiles * group, batch * n_heads_q // group) if cfg["GROUP_MAJOR"] else (tiles, batch * n_heads_q)
+
+
 def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
     """The kernels index the last axis with stride 1."""
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
@@ -379,7 +394,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
 
     def launch(cfg):
         k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
-        _block_sparse_fwd_kernel[(_own_grid(Nq, q_block_size, cfg["BLOCK_M"]), B * Hq)](
+        _block_sparse_fwd_kernel[_query_grid(Nq, q_block_size, cfg, B, Hq, Hq // Hkv)](
             q, k, v, out, lse, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2], *ids.stride(),
             *counts.stride()[:2], *maps.strides,
@@ -390,7 +405,8 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, maps.has_pos or maps.has_seg, Hq // Hkv)
     candidates, mode = _with_tma("the forward", q, (k, v), FWD_CANDIDATES, FWD_TMA_CANDIDATES, q_block_size,
                                  kv_block_size)
-    launch(_autotuned("fwd", key + mode, candidates, launch, q.device))
+    candidates, order = _with_group_order(candidates, Hq // Hkv, ids.shape[1], Hkv)
+    launch(_autotuned("fwd", key + mode + order, candidates, launch, q.device))
     return out, lse
 
 
@@ -440,7 +456,7 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     def launch_dq(cfg):
         dq = grads["dq"]
         k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
-        _block_sparse_bwd_dq_kernel[(_own_grid(Nq, q_block_size, cfg["BLOCK_M"]), B * Hq)](
+        _block_sparse_bwd_dq_kernel[_query_grid(Nq, q_block_size, cfg, B, Hq, Hq // Hkv)](
             q, k, v, do, lse, delta, dq, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             *ids.stride(), *counts.stride()[:2], *maps.strides,
@@ -461,6 +477,8 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
     dq_cands, dq_tma = _with_tma("the dq pass", q, (k, v), DQ_CANDIDATES, DQ_CANDIDATES, q_block_size,
                                  kv_block_size)
+    dq_cands, dq_order = _with_group_order(dq_cands, Hq // Hkv, ids.shape[1], Hkv)
+    dq_tma = dq_tma + dq_order
     dkdv_cands, dkdv_tma = _with_tma("the dk/dv pass", q, (q, do), DKDV_CANDIDATES, DKDV_CANDIDATES, q_block_size,
                                      kv_block_size, own="kv")
 
