@@ -72,12 +72,13 @@ def test_moba_router_ranks_like_the_definition(nq, nk, hq, hkv, qbs):
     assert torch.equal(route.to_block_mask(), expect)
 
 
+@pytest.mark.parametrize("heads,reduce", [("query", "max"), ("kv", "max"), ("kv", "mean")])
 @pytest.mark.parametrize("nq,nk", [(200, 200), (70, 200), (1, 150)])
-def test_moba_router_triton_equals_reference(nq, nk):
+def test_moba_router_triton_equals_reference(nq, nk, heads, reduce):
     g = torch.Generator().manual_seed(2)
-    q, k = torch.randn(2, 4, nq, 32, generator=g), torch.randn(2, 2, nk, 32, generator=g)
-    tri = MoBARouter(32, 3, heads="query", backend="triton")
-    ref = MoBARouter(32, 3, heads="query", backend="reference")
+    q, k = torch.randn(2, 6, nq, 32, generator=g), torch.randn(2, 2, nk, 32, generator=g)
+    tri = MoBARouter(32, 3, heads=heads, head_reduce=reduce, backend="triton")
+    ref = MoBARouter(32, 3, heads=heads, head_reduce=reduce, backend="reference")
     s_tri, s_ref = tri.scores(q, k), ref.scores(q, k)
     torch.testing.assert_close(s_tri, s_ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(tri(q, k).to_block_mask(), ref(q, k).to_block_mask())
@@ -258,8 +259,6 @@ def test_bad_options_raise_clear_errors():
         MoBARouter(64, 4, local_blocks=0)
     with pytest.raises(RouteError, match="heads must be"):
         MoBARouter(64, 4, heads="both")
-    with pytest.raises(BackendUnavailable, match="heads='kv'"):
-        MoBARouter(16, 2, backend="triton")(torch.randn(1, 2, 64, 8), torch.randn(1, 1, 64, 8))
     with pytest.raises(BackendUnavailable, match="q_block_size=1"):
         MoBARouter(16, 2, q_block_size=1, heads="query", backend="triton")(torch.randn(1, 2, 64, 8),
                                                                             torch.randn(1, 1, 64, 8))

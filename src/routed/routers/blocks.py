@@ -123,9 +123,9 @@ class MoBARouter:
             the kernel then loads each K/V tile once per group) or ``"query"`` (one route per query
             head, as in the paper).
         head_reduce: ``"max"`` or ``"mean"`` (``heads="kv"`` only).
-        backend: scoring: ``"triton"`` (the pooled-score kernel of :mod:`routed.ops.block_scores`;
-            ``heads="query"`` with ``q_block_size == block_size``; it scores against ``k`` repeated
-            per query head), ``"reference"`` (plain PyTorch, any options), or None (Triton where
+        backend: scoring: ``"triton"`` (the pooled-score kernel of :mod:`routed.ops.block_scores`,
+            per query head with the GQA group packed per tile, then the group reduction; needs
+            ``q_block_size == block_size``), ``"reference"`` (plain PyTorch, any options), or None (Triton where
             it applies on CUDA, else PyTorch). The scoring is small next to the attention: block
             means (one read of q and k) and a ``num_blocks x num_blocks`` product per head.
     Call ``router(q, k, scale=None)``: ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` (``Nk >= Nq``)
@@ -167,10 +167,14 @@ class MoBARouter:
         earlier = torch.arange(nkb, device=q.device)[None, :] < first[:, None]  # [nqb, nkb] candidates
         if self._use_triton(q, nq):
             # The pooled-score kernel's softmax also covers the own (partial) blocks; per query head
-            # renormalising over the earlier blocks (all full) gives exactly the definition above.
-            k_rep = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1) if k.shape[1] != q.shape[1] else k
-            p = pooled_block_probs(q, k_rep, self.block_size, scale=scale, backend="triton") * earlier
-            return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            # renormalising over the earlier blocks (all full) gives exactly the definition above,
+            # then the group reduction (the kernel reads each KV head's pooled keys for its group).
+            p = pooled_block_probs(q, k, self.block_size, scale=scale, head_reduce="none", backend="triton") * earlier
+            p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            if self.heads == "query":
+                return p
+            p = p.view(q.shape[0], k.shape[1], q.shape[1] // k.shape[1], *p.shape[2:])
+            return p.amax(2) if self.head_reduce == "max" else p.mean(2)
         return _moba_scores_torch(q, k, self.q_block_size, self.block_size, scale, earlier,
                                   None if self.heads == "query" else self.head_reduce)
 
@@ -178,16 +182,16 @@ class MoBARouter:
         # One query block holding every query pools alike with either block size.
         same_blocks = self.q_block_size == self.block_size or nq <= min(self.q_block_size, self.block_size)
         if self.backend == "triton":
-            if self.heads != "query" or not same_blocks:
+            if not same_blocks:
                 raise BackendUnavailable(
-                    "the Triton pooled-score kernel scores one route per query head with query blocks as large as "
-                    f"key blocks; this router has heads={self.heads!r}, q_block_size={self.q_block_size}, "
-                    f"block_size={self.block_size}. Use backend='reference' (or None) or heads='query'.")
+                    "the Triton pooled-score kernel scores query blocks as large as key blocks; this router has "
+                    f"q_block_size={self.q_block_size}, block_size={self.block_size}. Use backend='reference' (or "
+                    "None) or q_block_size=block_size.")
             why = estimator_backend_why_not(q, self.block_size, False)
             if why is not None:
                 raise BackendUnavailable(f"the Triton pooled-score kernel cannot run this call: {why}.")
             return True
-        return (self.backend is None and self.heads == "query" and same_blocks and q.device.type == "cuda"
+        return (self.backend is None and same_blocks and q.device.type == "cuda"
                 and estimator_backend_why_not(q, self.block_size, False) is None)
 
     def __call__(self, q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> BlockRoute:
