@@ -125,6 +125,25 @@ def test_decode_split_path(nq, route_heads):
     check_against_f64(q, k, v, _mask_route(1, route_heads, nq, 300, 16, 16, True, 0.8, seed=1, positions="permuted"))
 
 
+def _decode_configs():
+    from routed.ops.block_sparse.triton_ops import DECODE_CANDIDATES
+
+    return DECODE_CANDIDATES
+
+
+@pytest.mark.parametrize("cfg", _decode_configs())
+def test_decode_launch_configs(cfg, monkeypatch):
+    """Every decode config the autotuner may pick (splits per SM, key tile, warps, stages), forced."""
+    from routed.ops.block_sparse import triton_ops
+
+    pps, n, w, st = cfg
+    monkeypatch.setattr(triton_ops, "_decode_candidates", lambda sub_max: (
+        dict(programs_per_sm=pps, BLOCK_N=min(n, sub_max), num_warps=w, num_stages=st),))
+    q, k, v = _inputs(1, 8, 2, 3, 700, 16, torch.float32, seed=pps)
+    check_against_f64(q, k, v, _mask_route(1, 2, 3, 700, 16, 64, True, 0.8, seed=n))
+    check_against_f64(q, k, v, _mask_route(1, 8, 3, 700, 16, 128, False, 0.8, seed=n + 1))
+
+
 @pytest.mark.parametrize("positions", ["permuted", "batched"])
 def test_permuted_positions(positions):
     q, k, v = _inputs(2, 4, 2, 100, 100, 16, torch.float32, seed=3)

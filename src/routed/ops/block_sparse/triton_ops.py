@@ -280,24 +280,46 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
     n_prog_heads = Hq // g_pack
     block_m = max(16, triton.next_power_of_2(g_pack * Nq))
     width = ids.shape[-1]
-    splits = max(1, min(width, triton.cdiv(2 * _num_sms(q.device), B * n_prog_heads)))
-    per_split = max(1, triton.cdiv(width, splits))
-    splits = max(1, triton.cdiv(width, per_split))
     dims = _dims(q, v)
-    part_out = torch.empty(B * n_prog_heads * splits * block_m * dims["BLOCK_DV"], dtype=torch.float32,
-                           device=q.device)
-    part_lse = torch.empty(B * n_prog_heads * splits * block_m, dtype=torch.float32, device=q.device)
-    _block_sparse_decode_split_kernel[(splits, B * n_prog_heads)](
-        q, k, v, part_out, part_lse, ids[:, :, 0], counts[:, :, 0], *maps.tensors,
-        *q.stride(), *k.stride(), *v.stride(), ids.stride(0), ids.stride(1), ids.stride(3),
-        counts.stride(0), counts.stride(1), *maps.strides,
-        n_prog_heads, g_pack, G, Hq // Hr, per_split, Nq, Nk, Nk - Nq, scale * LOG2E,
-        KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=_pow2_divisor(kv_block_size, 128),
-        CAUSAL=causal, **maps.flags, **dims, num_warps=4, num_stages=3)
-    _decode_combine_kernel[(B * n_prog_heads, g_pack * Nq)](
-        part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
-        BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        num_warps=4)
+    sub_max = _pow2_divisor(kv_block_size, 128)
+
+    def launch(cfg):
+        programs = B * n_prog_heads
+        splits = max(1, min(width, triton.cdiv(cfg["programs_per_sm"] * _num_sms(q.device), programs)))
+        per_split = max(1, triton.cdiv(width, splits))
+        splits = max(1, triton.cdiv(width, per_split))
+        part_out = torch.empty(programs * splits * block_m * dims["BLOCK_DV"], dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(programs * splits * block_m, dtype=torch.float32, device=q.device)
+        _block_sparse_decode_split_kernel[(splits, programs)](
+            q, k, v, part_out, part_lse, ids[:, :, 0], counts[:, :, 0], *maps.tensors,
+            *q.stride(), *k.stride(), *v.stride(), ids.stride(0), ids.stride(1), ids.stride(3),
+            counts.stride(0), counts.stride(1), *maps.strides,
+            n_prog_heads, g_pack, G, Hq // Hr, per_split, Nq, Nk, Nk - Nq, scale * LOG2E,
+            KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=min(cfg["BLOCK_N"], sub_max),
+            CAUSAL=causal, **maps.flags, **dims, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _decode_combine_kernel[(programs, g_pack * Nq)](
+            part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
+            BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            num_warps=4)
+
+    key = (D, Dv, str(q.dtype), kv_block_size, causal, maps.has_pos or maps.has_seg, g_pack, block_m,
+           (B * n_prog_heads).bit_length(), max(1, width).bit_length())
+    launch(_autotuned("decode", key, _decode_candidates(sub_max), launch, q.device))
+
+
+# Decode launch configs (split programs per SM, BLOCK_N, num_warps, num_stages); the first is the
+# default where no tuning happens. More, shorter splits keep more K/V loads in flight.
+DECODE_CANDIDATES = [(2, 128, 4, 3), (4, 128, 4, 3), (8, 64, 4, 3), (4, 64, 4, 2), (8, 128, 4, 2), (16, 64, 2, 3)]
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_candidates(sub_max: int) -> tuple:
+    out: list[dict] = []
+    for pps, n, w, st in DECODE_CANDIDATES:
+        cfg = dict(programs_per_sm=pps, BLOCK_N=min(n, sub_max), num_warps=w, num_stages=st)
+        if cfg not in out:
+            out.append(cfg)
+    return tuple(out)
 
 
 def _tma_why_not(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
