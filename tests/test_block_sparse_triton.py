@@ -287,6 +287,27 @@ def test_transposed_route():
                 assert bool((t_ids[b, h, j, n:] == -1).all())
 
 
+@pytest.mark.parametrize("shape,nkb", [((2, 3, 7, 4), 5), ((1, 1, 1, 1), 1), ((2, 1, 300, 6), 40), ((1, 2, 5, 0), 3),
+                                       ((3, 1, 49, 16), 49)])
+def test_transpose_kernel_equals_sorting_transpose(shape, nkb):
+    """The one-launch Triton transpose (small routes rebuilt every call) equals the sort-based one,
+    padding (-1) and empty rows included."""
+    from routed.ops.block_sparse.triton_ops import transpose_block_ids_triton
+    from routed.route import transpose_block_ids
+
+    br, hr, nqb, width = shape
+    g = torch.Generator().manual_seed(nqb + nkb)
+    ids = torch.stack([torch.randperm(nkb, generator=g)[:width] for _ in range(br * hr * nqb)]).view(shape)
+    ids = torch.where(torch.rand(shape, generator=g) < 0.25, -1, ids)  # some padding slots
+    ids = torch.where(ids < 0, nkb + 1, ids).sort(-1).values  # a route row: sorted, -1 at the end
+    ids = torch.where(ids > nkb, -1, ids).to(torch.int32).to(DEVICE)
+    got_ids, got_counts = transpose_block_ids_triton(ids, nkb)
+    want_ids, want_counts = transpose_block_ids(ids, nkb)
+    assert torch.equal(got_counts, want_counts)
+    width_t = want_ids.shape[-1]
+    assert torch.equal(got_ids[..., :width_t], want_ids) and bool((got_ids[..., width_t:] == -1).all())
+
+
 def test_compiles_without_graph_breaks():
     q, k, v = _inputs(1, 4, 2, 64, 64, 16, torch.float32, seed=13)
     route = _mask_route(1, 2, 64, 64, 16, 16, True, 0.5, seed=13)

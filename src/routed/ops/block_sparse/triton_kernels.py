@@ -595,3 +595,32 @@ def _decode_combine_kernel(
     tl.store(Out + b * stride_ob + hq * stride_oh + t * stride_on + offs_dv * stride_od,
              acc.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
     tl.store(Lse + b * stride_lb + hq * stride_lh + t * stride_ln, lse)
+
+
+@triton.jit
+def _transpose_route_kernel(Ids, TIds, TCounts, n_q_blocks, n_kv_blocks, width,
+                            BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The transposed route in one launch: program (key block j, route row r) scans the route rows
+    ``Ids [R, n_q_blocks, width]`` (contiguous, -1 padded) in query-block order and writes the query
+    blocks that route to ``j``, sorted, into ``TIds [R, n_kv_blocks, n_q_blocks]`` (-1 padded) and
+    their number into ``TCounts [R, n_kv_blocks]``. ``O(n_q_blocks * width)`` reads per program:
+    for the small routes that are rebuilt every call (BiFormer regions), where a sort and its
+    dozens of small launches would cost more host time than the kernels they feed."""
+    j = tl.program_id(0)
+    r = tl.program_id(1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    ids_base = Ids + r * n_q_blocks * width
+    out_base = TIds + (r * n_kv_blocks + j) * n_q_blocks
+    count = 0
+    for q0 in range(0, n_q_blocks, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        tile = tl.load(ids_base + offs_q[:, None] * width + offs_k[None, :],
+                       mask=(offs_q < n_q_blocks)[:, None] & (offs_k < width)[None, :], other=-1)
+        hit = tl.max((tile == j).to(tl.int32), axis=1)  # [BLOCK_Q]: ids are unique within a row
+        slot = count + tl.cumsum(hit, axis=0) - 1
+        tl.store(out_base + slot, offs_q.to(tl.int32), mask=hit > 0)
+        count += tl.sum(hit, axis=0)
+    for q0 in range(0, n_q_blocks, BLOCK_Q):  # -1 past the count
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        tl.store(out_base + offs_q, tl.full([BLOCK_Q], -1, tl.int32), mask=(offs_q >= count) & (offs_q < n_q_blocks))
+    tl.store(TCounts + r * n_kv_blocks + j, count.to(tl.int32))

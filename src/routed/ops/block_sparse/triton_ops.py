@@ -22,7 +22,7 @@ from ...route import transpose_block_ids
 from ...testing import new_output
 from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
                              _block_sparse_decode_split_kernel, _block_sparse_fwd_kernel, _bwd_preprocess_kernel,
-                             _decode_combine_kernel)
+                             _decode_combine_kernel, _transpose_route_kernel)
 
 logger = logging.getLogger("routed")
 
@@ -460,7 +460,7 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
     all_masked = maps.has_pos or maps.has_seg
     if t_ids is None:
-        t_ids, t_counts = transpose_block_ids(ids, -(-Nk // kv_block_size))
+        t_ids, t_counts = _transposed(ids, -(-Nk // kv_block_size))
     if clean_counts is None:
         clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal, all_masked)
     if t_masked_counts is None:
@@ -606,6 +606,37 @@ class _BlockSparseAttention(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * 11
 
 
+# Routes up to this many (route row x key block x query block x width) checks are transposed by one
+# Triton launch instead of a sort: BiFormer's per-call region routes, not 128k-token LLM routes.
+TRANSPOSE_KERNEL_MAX_CHECKS = 1 << 26
+
+
+def transpose_block_ids_triton(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+    """:func:`routed.route.transpose_block_ids` (same outputs, full width ``nqb``) in one launch."""
+    br, hr, nqb, width = ids.shape
+    rows = br * hr
+    t_ids = torch.empty(br, hr, num_kv_blocks, nqb, dtype=torch.int32, device=ids.device)
+    t_counts = torch.empty(br, hr, num_kv_blocks, dtype=torch.int32, device=ids.device)
+    if rows and num_kv_blocks and nqb:
+        _transpose_route_kernel[(num_kv_blocks, rows)](
+            ids.contiguous(), t_ids, t_counts, nqb, num_kv_blocks, width,
+            BLOCK_Q=min(128, max(16, triton.next_power_of_2(nqb))),
+            BLOCK_K=max(2, triton.next_power_of_2(max(width, 1))), num_warps=4)
+    return t_ids, t_counts
+
+
+def _transposes_in_one_launch(ids: Tensor, num_kv_blocks: int) -> bool:
+    br, hr, nqb, width = ids.shape
+    on_triton = ids.device.type == "cuda" or (ids.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return on_triton and br * hr * num_kv_blocks * nqb * max(width, 1) <= TRANSPOSE_KERNEL_MAX_CHECKS
+
+
+def _transposed(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+    if _transposes_in_one_launch(ids, num_kv_blocks):
+        return transpose_block_ids_triton(ids, num_kv_blocks)
+    return transpose_block_ids(ids, num_kv_blocks)
+
+
 def route_plan(route, backward: bool) -> dict:
     """What the kernels derive from a route (mask splits; for backward the transposed route),
     computed once per route and cached on it: routes are shared by layers and steps."""
@@ -616,6 +647,8 @@ def route_plan(route, backward: bool) -> dict:
                                             route.q_block_size, route.kv_block_size, route.causal, all_masked)
     plan = {"clean": cache["clean"], "t_ids": None, "t_counts": None, "t_masked": None}
     if backward:
+        if "transposed" not in cache:  # what route.transposed() caches, in one launch when small
+            cache["transposed"] = _transposed(route.kv_block_ids, route.num_kv_blocks)
         t_ids, t_counts = route.transposed()
         if "t_masked" not in cache:
             cache["t_masked"] = masked_query_counts(t_ids, t_counts, route.q_len, route.kv_len, route.q_block_size,
