@@ -465,9 +465,9 @@ def _block_sparse_bwd_dkdv_kernel(
                              GATHER_Q, ATOMIC_DQ)
         dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc,
                              qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, n_masked, count, q_len,
-                             kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM,
-                             BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA,
-                             GATHER_Q, ATOMIC_DQ)
+                             kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M,
+                             HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION,
+                             USE_TMA, GATHER_Q, ATOMIC_DQ)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
