@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["add_train_arguments", "run_train", "add_eval_lm_arguments", "run_eval_lm", "ByteTokenizer",
-           "load_tokens", "model_config_from_args", "evaluate_perplexity", "passkey_accuracy", "lr_at"]
+           "load_tokens", "model_config_from_args", "evaluate_perplexity", "passkey_accuracy", "lr_at",
+           "build_optimizer", "sample_batch"]
 
 GCIDE_PATH = "/usr/share/dictd/gcide.dict.dz"
 CORPORA = ("sotu", "gcide", "file")
@@ -344,6 +345,23 @@ def plot_losses(history: list[dict], evals: list[dict], path: Path, title: str) 
     plt.close(fig)
 
 
+def build_optimizer(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with weight decay on the matrices and expert tensors but not on the
+    embeddings, norms and biases."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda")
+
+
+def sample_batch(ids: Tensor, seq_len: int, batch_size: int, gen: torch.Generator, hi: int) -> Tensor:
+    """``[batch_size, seq_len + 1]`` random training windows starting in ``[0, hi]``, drawn from
+    ``gen`` (one seed: one data order, whatever model consumes it)."""
+    starts = torch.randint(0, hi + 1, (batch_size,), generator=gen)
+    return torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
+
+
 @dataclass
 class TrainResult:
     model: object
@@ -371,11 +389,7 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         if ids.numel() < args.seq_len + 2:
             raise ValueError(f"the {what} text has {ids.numel()} tokens; a window of --seq-len {args.seq_len} needs "
                              f"{args.seq_len + 2}. Lower --seq-len or use a longer text.")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    opt = build_optimizer(model, args.lr, args.weight_decay, device)
     step_fn = torch.compile(model) if args.compile else model
     gen = torch.Generator().manual_seed(args.seed)
     hi = train_ids.numel() - args.seq_len - 1
@@ -387,8 +401,7 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         lr = lr_at(step, steps, args.lr, args.warmup, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        starts = torch.randint(0, hi + 1, (args.batch_size,), generator=gen)
-        x = torch.stack([train_ids[s:s + args.seq_len + 1] for s in starts.tolist()]).to(device, non_blocking=True)
+        x = sample_batch(train_ids, args.seq_len, args.batch_size, gen, hi).to(device, non_blocking=True)
         t0 = time.perf_counter()
         with _autocast(device):
             out = step_fn(x[:, :-1])

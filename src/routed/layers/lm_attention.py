@@ -95,6 +95,9 @@ class LMAttention(nn.Module):
     cache and the new tokens, ``hidden [B, Nq, hidden]``) -> ``[B, Hq, Nq, D]``."""
 
     routed = True  # False for layers that are dense by definition
+    # Set by a following attention-aware expert router: forward then leaves its ``(q, k)`` in
+    # ``last_qk`` for the router to read (and clear), so the router needs no attention matrix.
+    keep_qk = False
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -118,6 +121,7 @@ class LMAttention(nn.Module):
         self.backend = getattr(config, "attention_backend", None)
         self.router_backend = getattr(config, "router_backend", None)
         self.max_len = getattr(config, "max_position_embeddings", None)
+        self.last_qk: Optional[tuple[Tensor, Tensor]] = None
 
     def project(self, hidden_states: Tensor, position_embeddings, past_key_values=None,
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -137,6 +141,8 @@ class LMAttention(nn.Module):
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """``hidden_states [B, N, hidden]`` -> ``(out [B, N, hidden], aux_loss or None)``."""
         q, k, v = self.project(hidden_states, position_embeddings, past_key_values, cache_position)
+        if self.keep_qk:
+            self.last_qk = (q, k)
         if self.dense_mode or not self.routed:
             o = causal_sdpa(q, k, v, self.scale)
         else:

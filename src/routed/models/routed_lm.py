@@ -5,6 +5,15 @@
 ship here, and any layer registered later (k-means routing, MoSA, ...) plugs in by its name.
 The rest is a Llama-style block: RMSNorm, rotary embeddings, SwiGLU MLP, tied embeddings.
 
+``mlp_types=["dense", "moe", ...]`` turns a layer's MLP into a :class:`~routed.layers.moe.RoutedMoE`
+(``num_experts`` SwiGLU experts, ``num_experts_per_tok`` per token) routed by ``expert_router``:
+token choice, expert choice, or the similarity- and attention-aware routers; the attention-aware
+one reads the same block's attention (its ``q``/``k``, so no ``N x N`` matrix is built). The MoE
+layers' balancing losses join ``aux_loss``::
+
+    config = RoutedLMConfig(hidden_size=256, num_hidden_layers=4, mlp_types="moe", num_experts=8,
+                            num_experts_per_tok=2, expert_router="attention")
+
 It follows transformers' conventions (``PreTrainedConfig`` / ``PreTrainedModel`` /
 ``GenerationMixin``, a ``DynamicCache``), so ``save_pretrained``, ``from_pretrained`` and
 ``generate()`` work (and ``AutoModelForCausalLM``, once this module is imported)::
@@ -34,9 +43,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # Importing a layer module registers its names: dense, sliding_window, moba (lm_attention), nsa,
 # mosa, routing.
 from ..layers import lm_attention, mosa, nsa, routing_attention  # noqa: F401
+from ..layers.lm_attention import LMAttention
+from ..layers.moe import RoutedMoE
 from ..layers.registry import attention_class
+from ..routers.experts import ROUTER_METHODS, SCORE_ORDERS, ExpertRouter
 
-__all__ = ["RoutedLMConfig", "RoutedLMModel", "RoutedLMForCausalLM"]
+__all__ = ["RoutedLMConfig", "RoutedLMModel", "RoutedLMForCausalLM", "MLP_TYPES"]
+
+MLP_TYPES = ("dense", "moe")
 
 # Newer transformers name the output's cache field "cache", older ones "past_key_values";
 # generate() reads the one its version defines (the GPU machine may run another version).
@@ -46,7 +60,7 @@ _CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclas
 @dataclass
 class RoutedLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus ``aux_loss``: the sum of the layers' auxiliary losses
-    (k-means commitment, MoSA's rate loss, ...), or None. Training code that computes its own
+    (k-means commitment, MoSA's rate loss, the MoE layers' Switch and z losses, ...), or None. Training code that computes its own
     cross-entropy from ``logits`` must add it (``loss`` already includes it)."""
 
     aux_loss: Optional[Tensor] = None
@@ -75,6 +89,30 @@ class RoutedLMConfig(PretrainedConfig):
         attention_dense: run every routed layer in its dense mode (ablations).
         attention_backend, router_backend: backends of the attention op and of the routers'
             scoring (None: automatic).
+        mlp_types: ``"dense"`` (SwiGLU of ``intermediate_size``) or ``"moe"`` per layer (default
+            all dense); one string (or a comma list) for all layers.
+        num_experts, num_experts_per_tok: the MoE layers' experts ``E`` and experts per token ``k``.
+        moe_intermediate_size: each expert's SwiGLU width (default ``intermediate_size // k``: the
+            same active parameters as the dense MLP).
+        expert_router: ``"token_choice"``, ``"expert_choice"``, ``"similarity"`` or ``"attention"``
+            (see :class:`~routed.routers.experts.ExpertRouter`). The attention-aware router mixes
+            with the same block's attention averaged over heads, recomputed from its ``q``/``k``
+            (detached: the router does not train the attention); that layer must be one of
+            :mod:`routed.layers.lm_attention`'s (dense, sliding_window, moba, nsa), and the
+            mixing uses its dense causal softmax, not a routed layer's sparse one.
+        expert_score_order, expert_normalize, expert_capacity_factor, expert_similarity_dim,
+        expert_temperature, expert_mix, expert_balance_bias_rate: the router's ``score_order``,
+            ``normalize``, ``capacity_factor``, ``similarity_dim``, ``temperature``, ``mix`` and
+            ``balance_bias_rate`` (auxiliary-loss-free balancing when > 0).
+        router_aux_loss_coef, router_z_loss_coef: weights of the Switch and z losses in ``aux_loss``.
+        expert_causal: False admits routers that look at later tokens (expert choice, non-causal
+            mixing); the next-token loss then sees the future through the routing (ablations only).
+        expert_backend: the expert dispatch backend (None: automatic).
+
+    KV-cache decoding runs the MoE layers token by token only where that gives the full pass's
+    result: token choice without a capacity. The other routers depend on the other tokens of the
+    call (the mixing on earlier ones, a capacity or expert choice on all), so a decoding step past
+    a prefill raises; ``generate(..., use_cache=False)`` works with them.
     """
 
     model_type = "routed_lm"
@@ -89,7 +127,14 @@ class RoutedLMConfig(PretrainedConfig):
                  nsa_compress_block: int = 32, nsa_compress_stride: int = 16, nsa_top_n: int = 8,
                  nsa_sink_blocks: int = 1, nsa_local_blocks: int = 2, nsa_window_blocks: Optional[int] = None,
                  attention_dense: bool = False, attention_backend: Optional[str] = None,
-                 router_backend: Optional[str] = None, tie_word_embeddings: bool = True, **kwargs) -> None:
+                 router_backend: Optional[str] = None, mlp_types=None, num_experts: int = 8,
+                 num_experts_per_tok: int = 2, moe_intermediate_size: Optional[int] = None,
+                 expert_router: str = "token_choice", expert_score_order: str = "softmax_topk",
+                 expert_normalize: Optional[bool] = None, expert_capacity_factor: Optional[float] = None,
+                 expert_similarity_dim: int = 64, expert_temperature: float = 0.1, expert_mix: float = 0.5,
+                 expert_balance_bias_rate: float = 0.0, router_aux_loss_coef: float = 0.01,
+                 router_z_loss_coef: float = 0.0, expert_causal: bool = True, expert_backend: Optional[str] = None,
+                 tie_word_embeddings: bool = True, **kwargs) -> None:
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
@@ -120,7 +165,57 @@ class RoutedLMConfig(PretrainedConfig):
         self.nsa_window_blocks = nsa_window_blocks
         self.attention_dense, self.attention_backend, self.router_backend = (attention_dense, attention_backend,
                                                                              router_backend)
+        self.mlp_types = _per_layer(mlp_types, "dense", num_hidden_layers, "mlp_types", MLP_TYPES)
+        self.num_experts, self.num_experts_per_tok = num_experts, num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size or max(1, self.intermediate_size // num_experts_per_tok)
+        self.expert_router, self.expert_score_order, self.expert_normalize = (expert_router, expert_score_order,
+                                                                              expert_normalize)
+        self.expert_capacity_factor, self.expert_similarity_dim = expert_capacity_factor, expert_similarity_dim
+        self.expert_temperature, self.expert_mix = expert_temperature, expert_mix
+        self.expert_balance_bias_rate = expert_balance_bias_rate
+        self.router_aux_loss_coef, self.router_z_loss_coef = router_aux_loss_coef, router_z_loss_coef
+        self.expert_causal, self.expert_backend = expert_causal, expert_backend
+        if "moe" in self.mlp_types:
+            _check_moe_options(self)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+def _per_layer(value, default: str, layers: int, name: str, allowed: tuple[str, ...]) -> list[str]:
+    """One name per layer from None (``default``), one name or a comma list (repeated when single)."""
+    if value is None:
+        value = default
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    value = list(value)
+    if len(value) == 1:
+        value = value * layers
+    if len(value) != layers:
+        raise ValueError(f"{name} has {len(value)} entries but num_hidden_layers={layers}; give one per layer "
+                         "(or one for all).")
+    bad = sorted({v for v in value if v not in allowed})
+    if bad:
+        raise ValueError(f"unknown {name} {bad}; choose from {list(allowed)}.")
+    return value
+
+
+def _check_moe_options(c: "RoutedLMConfig") -> None:
+    """Config-level errors for the MoE fields (named as the config names them)."""
+    if c.expert_router not in ROUTER_METHODS:
+        raise ValueError(f"expert_router must be one of {list(ROUTER_METHODS)}, got {c.expert_router!r}.")
+    if c.expert_score_order not in SCORE_ORDERS:
+        raise ValueError(f"expert_score_order must be one of {list(SCORE_ORDERS)}, got {c.expert_score_order!r}.")
+    if not (isinstance(c.num_experts, int) and c.num_experts >= 1):
+        raise ValueError(f"num_experts must be an int >= 1, got {c.num_experts!r}.")
+    if not (isinstance(c.num_experts_per_tok, int) and 1 <= c.num_experts_per_tok <= c.num_experts):
+        raise ValueError(f"num_experts_per_tok must be an int in [1, num_experts={c.num_experts}], got "
+                         f"{c.num_experts_per_tok!r}.")
+    if c.expert_router == "expert_choice" and c.expert_causal:
+        raise ValueError("expert_router='expert_choice' is not causal (each expert ranks every token of the batch, "
+                         "later ones included), so a causal LM trained with it sees the future; set "
+                         "expert_causal=False to accept that (ablations), or use token_choice, similarity or attention.")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "expert_balance_bias_rate"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}.")
 
 
 class RotaryEmbedding(nn.Module):
@@ -157,19 +252,65 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _moe(config: RoutedLMConfig) -> RoutedMoE:
+    return RoutedMoE(config.hidden_size, config.moe_intermediate_size, config.num_experts, config.num_experts_per_tok,
+                     router=config.expert_router, aux_loss_coef=config.router_aux_loss_coef,
+                     z_loss_coef=config.router_z_loss_coef, backend=config.expert_backend,
+                     score_order=config.expert_score_order, normalize=config.expert_normalize,
+                     capacity_factor=config.expert_capacity_factor, causal=config.expert_causal,
+                     similarity_dim=config.expert_similarity_dim, temperature=config.expert_temperature,
+                     mix=config.expert_mix, balance_bias_rate=config.expert_balance_bias_rate)
+
+
 class RoutedDecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(x))`` with a dense SwiGLU or a
+    :class:`~routed.layers.moe.RoutedMoE` (``config.mlp_types[layer_idx]``). ``forward`` returns
+    ``(x [B, N, hidden], aux_loss or None)``."""
+
     def __init__(self, config: RoutedLMConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = attention_class(config.attention_types[layer_idx])(config, layer_idx)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        moe = getattr(config, "mlp_types", ["dense"] * config.num_hidden_layers)[layer_idx] == "moe"
+        self.mlp = _moe(config) if moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        self.routes_by_attention = moe and config.expert_router == "attention"
+        if self.routes_by_attention:
+            if not isinstance(self.self_attn, LMAttention):
+                raise ValueError(f"expert_router='attention' reads the attention's q and k, which layer {layer_idx}'s "
+                                 f"{config.attention_types[layer_idx]!r} attention ({type(self.self_attn).__name__}) "
+                                 "does not expose; use dense, sliding_window, moba or nsa attention there, or another "
+                                 "expert_router.")
+            self.self_attn.keep_qk = True
+        # Only token choice without a capacity routes a token from that token alone.
+        self.decodes_incrementally = not moe or (config.expert_router == "token_choice"
+                                                 and config.expert_capacity_factor is None)
 
     def forward(self, x: Tensor, position_embeddings, past_key_values=None, cache_position=None):
+        if past_key_values is not None and not self.decodes_incrementally \
+                and past_key_values.get_seq_length(self.layer_idx) > 0:
+            r = self.mlp.router
+            raise ValueError(f"layer {self.layer_idx}'s MoE router ({r.method}, capacity_factor={r.capacity_factor}) "
+                             "routes a token using the other tokens of the call, so it cannot decode from a KV cache "
+                             "(the logits would differ from a full forward); call generate(..., use_cache=False) or "
+                             "run the full sequence without a cache.")
         a, aux = self.self_attn(self.input_layernorm(x), position_embeddings, past_key_values=past_key_values,
                                 cache_position=cache_position)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), aux
+        h = self.post_attention_layernorm(x)
+        if not isinstance(self.mlp, RoutedMoE):
+            return x + self.mlp(h), aux
+        if self.routes_by_attention:
+            q, k = self.self_attn.last_qk
+            self.self_attn.last_qk = None  # the router's copy is all that is needed
+            m = self.mlp(h, q=q.detach(), k=k.detach())
+        else:
+            m = self.mlp(h)
+        bal = self.mlp.balance_loss
+        if bal is not None:
+            aux = bal if aux is None else aux + bal
+        return x + m, aux
 
 
 class RoutedLMPreTrainedModel(PreTrainedModel):
@@ -195,6 +336,12 @@ class RoutedLMPreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
         elif isinstance(module, RotaryEmbedding):
             module.reset_inv_freq()
+        elif isinstance(module, RoutedMoE):  # the experts' std as the dense MLP's Linear layers
+            module.gate_up_proj.normal_(0.0, std)
+            module.down_proj.normal_(0.0, std)
+        elif isinstance(module, ExpertRouter):
+            module.weight.normal_(0.0, std)
+            module.selection_bias.zero_()
 
 
 class RoutedLMModel(RoutedLMPreTrainedModel):

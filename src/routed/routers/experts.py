@@ -340,8 +340,8 @@ class ExpertRouter(nn.Module):
         causal: the mixing routers look only at earlier tokens. Expert choice cannot be causal and
             raises unless ``causal=False``.
         similarity_dim, temperature, mix: the similarity router's feature size (a learned
-            projection of ``x``), its softmax temperature and the mixing weight; ``mix`` also
-            serves the attention router.
+            projection of ``x``; 0: the router input ``x`` itself, which adds no parameters), its
+            softmax temperature and the mixing weight; ``mix`` also serves the attention router.
         balance_bias_rate: > 0 turns on auxiliary-loss-free balancing: in training mode, after
             each call the selection bias moves by this rate (DeepSeek-V3 uses 1e-3).
     """
@@ -368,7 +368,10 @@ class ExpertRouter(nn.Module):
         self.temperature, self.mix, self.balance_bias_rate = temperature, mix, balance_bias_rate
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=hidden_size ** -0.5)
-        self.sim_proj = nn.Linear(hidden_size, similarity_dim, bias=False) if method == "similarity" else None
+        _check(isinstance(similarity_dim, int) and similarity_dim >= 0,
+               f"similarity_dim must be an int >= 0 (0: use x itself as the features), got {similarity_dim!r}.")
+        self.sim_proj = (nn.Linear(hidden_size, similarity_dim, bias=False)
+                         if method == "similarity" and similarity_dim > 0 else None)
         self.register_buffer("selection_bias", torch.zeros(num_experts), persistent=True)
 
     def extra_repr(self) -> str:
@@ -407,7 +410,8 @@ class ExpertRouter(nn.Module):
             if self.method == "similarity":
                 _check(q is None and k is None and attn_weights is None,
                        "the similarity router takes no attention inputs; use method='attention' for those.")
-                probs = similarity_mixed_probs(p, self.sim_proj(x3), causal=self.causal,
+                feats = x3 if self.sim_proj is None else self.sim_proj(x3)
+                probs = similarity_mixed_probs(p, feats, causal=self.causal,
                                                temperature=self.temperature, mix=self.mix)
             else:
                 if q is not None:
