@@ -223,10 +223,11 @@ def test_generate_equals_greedy_decoding_without_cache(attention):
     assert torch.equal(out, ids)
 
 
-def test_cache_that_does_not_append_raises():
-    """A static cache returns its fixed-length buffer, not the cached keys plus the new ones: NSA cannot
-    follow it and says so instead of attending to the buffer's empty slots."""
-    model = _model(["nsa"])
+@pytest.mark.parametrize("attention", ["nsa", "dense", "moba", "sliding_window"])
+def test_cache_that_does_not_append_raises(attention):
+    """A static cache returns its fixed-length buffer, not the cached keys plus the new ones: no LM
+    attention layer can follow it, and each says so instead of attending to the buffer's empty slots."""
+    model = _model([attention])
     cache = StaticCache(config=model.config, max_cache_len=64)
     ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), pytest.raises(RouteError, match="needs a KV cache that returns its 0 cached keys"):

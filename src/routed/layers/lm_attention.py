@@ -134,7 +134,14 @@ class LMAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_key_values is not None:
+            cached = past_key_values.get_seq_length(self.layer_idx)
             k, v = past_key_values.update(k, v, self.layer_idx)
+            if k.shape[2] != cached + N:  # the layers attend causally over the whole returned prefix
+                raise RouteError(
+                    f"{type(self).__name__} (layer {self.layer_idx}) needs a KV cache that returns its {cached} "
+                    f"cached keys followed by the {N} new ones, but {type(past_key_values).__name__} returned "
+                    f"{k.shape[2]} keys (a static cache's fixed-length buffer, or a sliding-window cache that drops "
+                    "old keys). Use transformers' DynamicCache (generate()'s default).")
         return q, k, v
 
     def forward(self, hidden_states: Tensor, position_embeddings, past_key_values=None,

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import routed_attention
-from ..route import BlockRoute, RouteError
+from ..route import BlockRoute
 from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions
 from .lm_attention import LMAttention, _opt, block_window_route
 from .registry import register_attention
@@ -168,13 +168,7 @@ class NSAAttention(LMAttention):
         # Check the record against the cache before the update replaces its key tensor (and hold no
         # reference to the old one past this point, so the cache's concatenation can free it).
         record = self._followable_record(past_key_values, before)
-        q, k, v = super().project(hidden_states, position_embeddings, past_key_values, cache_position)
-        if k.shape[2] != before + q.shape[2]:
-            raise RouteError(
-                f"NSAAttention (layer {self.layer_idx}) needs a KV cache that returns its {before} cached keys "
-                f"followed by the {q.shape[2]} new ones, but {type(past_key_values).__name__} returned {k.shape[2]} "
-                "keys (a static cache's fixed-length buffer, or a sliding-window cache that drops old keys). Use "
-                "transformers' DynamicCache (generate()'s default).")
+        q, k, v = super().project(hidden_states, position_embeddings, past_key_values, cache_position)  # checks it
         self._call_compressed = self._extend_record(past_key_values, record, k, v)
         return q, k, v
 
