@@ -97,6 +97,27 @@ def test_block_route_permuted_positions(n):
     _check_block(q, k, v, route)
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 4000])
+@pytest.mark.parametrize("layout", ["causal", "permuted", "segments", "shared_heads"])
+def test_block_route_in_query_block_chunks(chunk_elements, layout, monkeypatch):
+    """With a small memory budget the reference runs query blocks in chunks (down to one block),
+    each gathering only up to its widest row: same output, lse and gradients as float64."""
+    import routed.ops.block_sparse.reference as reference
+
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk_elements)
+    q, k, v = _qkv(2, 4, 2, 150, 170, 16, seed=len(layout))
+    route = _random_block_route(2, 1 if layout == "shared_heads" else 2, 150, 170, 16, 32, causal=True,
+                                density=0.5, seed=3, positions="permuted" if layout == "permuted" else None)
+    if layout == "segments":
+        seg = torch.sort(torch.randint(0, 3, (2, 170), generator=torch.Generator().manual_seed(1)), -1).values
+        route = route.with_segments(seg[:, 20:], seg)
+    calls = []
+    attend = reference._attend_query_blocks
+    monkeypatch.setattr(reference, "_attend_query_blocks", lambda *a: calls.append(a[3].shape[-1]) or attend(*a))
+    _check_block(q, k, v, route)
+    assert len(calls) > 1 and max(calls) <= route.max_blocks  # chunked, each no wider than the route
+
+
 @pytest.mark.parametrize("kind", ["block", "token"])
 def test_empty_route_gives_zeros_not_nan(kind):
     q, k, v = _qkv(1, 2, 1, 50, 50, 8)

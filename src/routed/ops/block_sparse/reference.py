@@ -2,7 +2,8 @@
 
 Gathers, for every query block, the key/value blocks its route lists, and runs exact softmax
 attention over them. Memory grows with the routed blocks
-(``batch * heads * num_q_blocks * max_blocks * kv_block_size``), never with ``q_len * kv_len``.
+(``batch * heads * num_q_blocks * max_blocks * kv_block_size``), never with ``q_len * kv_len``;
+long routes run in chunks of query blocks, each gathering only up to its own widest row.
 Differentiable through autograd; accumulates in float32 (float64 inputs stay float64).
 """
 
@@ -42,6 +43,11 @@ def masked_softmax_attend(s: Tensor, visible: Tensor, v: Tensor) -> tuple[Tensor
     return p @ v, torch.where(seen, lse, torch.full_like(lse, float("-inf")))
 
 
+# Gathered key/value elements per chunk of query blocks (per tensor): bounds the reference's peak
+# memory on long, wide routes (coverage budgets can keep most blocks of some rows).
+CHUNK_ELEMENTS = 1 << 25
+
+
 def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: BlockRoute,
                                      scale: float) -> tuple[Tensor, Tensor]:
     """Exact attention of each query over the key blocks its query block routes to.
@@ -54,6 +60,10 @@ def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: Blo
         ``out [B, Hq, Nq, Dv]`` in q's dtype and ``lse [B, Hq, Nq]`` (float32, or float64 for
         float64 inputs; natural log; ``-inf`` for queries with nothing to attend to, whose
         output is zero).
+
+    Query blocks run in chunks of at most :data:`CHUNK_ELEMENTS` gathered key elements, each chunk
+    gathering only as many blocks as its widest row holds: without gradients the peak memory is
+    one chunk's (under autograd every chunk's gathered blocks are saved for the backward).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -67,39 +77,67 @@ def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: Blo
     ids = ids.expand(B, Hkv, g_r, nqb, K).long()
     if K == 0:  # a route of width 0 routes nothing: one padding slot keeps the shapes non-empty
         K, ids = 1, torch.full((B, Hkv, g_r, nqb, 1), -1, dtype=torch.long, device=q.device)
-    live = ids >= 0  # [B, Hkv, g_r, nqb, K]
-    safe_ids = ids.clamp_min(0)
 
     # Key/value blocks, padded to whole blocks: [B, Hkv, nkb, bk, D].
     kb = F.pad(k.to(acc), (0, 0, 0, nkb * bk - Nk)).view(B, Hkv, nkb, bk, D)
     vb = F.pad(v.to(acc), (0, 0, 0, nkb * bk - Nk)).view(B, Hkv, nkb, bk, Dv)
-    bi = torch.arange(B, device=q.device).view(B, 1, 1, 1, 1)
-    hi = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1, 1)
-    kg = kb[bi, hi, safe_ids].reshape(B, Hkv, g_r, nqb, K * bk, D)
-    vg = vb[bi, hi, safe_ids].reshape(B, Hkv, g_r, nqb, K * bk, Dv)
-
     qb = F.pad(q.to(acc) * scale, (0, 0, 0, nqb * bq - Nq)).view(B, Hkv, G, nqb, bq, D)
-    s = qb @ kg.transpose(-1, -2)  # [B, Hkv, G, nqb, bq, K*bk]
-
-    # Visibility of each gathered key: live slot, inside kv_len, and (causal) not in the future.
     key_in_range = (torch.arange(nkb * bk, device=q.device) < Nk).view(nkb, bk)
-    visible = key_in_range[safe_ids] & live.unsqueeze(-1)  # [B, Hkv, g_r, nqb, K, bk]
-    visible = visible.reshape(B, Hkv, g_r, nqb, 1, K * bk)
-    def per_key(values: Tensor) -> Tensor:
-        """``[batch_p, Nk]`` per-token data of the keys -> ``[B, Hkv, g_r, nqb, 1, K*bk]`` gathered."""
-        blocks = F.pad(values.long().reshape(-1, Nk), (0, nkb * bk - Nk)).view(-1, nkb, bk)
-        b_idx = bi if blocks.shape[0] > 1 else torch.zeros_like(bi)
-        return blocks[b_idx, safe_ids].reshape(B, Hkv, g_r, nqb, 1, K * bk)
-
-    def per_query(values: Tensor) -> Tensor:
-        """``[batch_p, Nq]`` per-token data of the queries -> ``[batch_p, 1, 1, nqb, bq, 1]``."""
-        return F.pad(values.long().reshape(-1, Nq), (0, nqb * bq - Nq)).view(-1, 1, 1, nqb, bq, 1)
-
+    kv_pos = q_pos = None
     if route.causal:
-        visible = visible & (per_key(route.resolved_kv_positions()) <= per_query(route.resolved_q_positions()))
-    if route.has_segments:  # packed sequences / padding: only keys of the query's own segment
-        visible = visible & (per_key(route.kv_segments) == per_query(route.q_segments))
-    o, lse = masked_softmax_attend(s, visible, vg)
+        kv_pos, q_pos = route.resolved_kv_positions(), route.resolved_q_positions()
+
+    per_block = B * Hkv * g_r * K * bk * max(D, Dv)
+    chunk = nqb if per_block * nqb <= CHUNK_ELEMENTS else max(1, CHUNK_ELEMENTS // per_block)
+    outs, lses = [], []
+    for c0 in range(0, nqb, chunk):
+        c1 = min(nqb, c0 + chunk)
+        ids_c = ids[:, :, :, c0:c1]
+        if chunk < nqb:  # live ids lead every row: keep the chunk's widest row only
+            ids_c = ids_c[..., :max(1, int((ids_c >= 0).sum(-1).max()))]
+        o, lse = _attend_query_blocks(qb[:, :, :, c0:c1], kb, vb, ids_c, key_in_range, route, kv_pos, q_pos, c0)
+        outs.append(o)
+        lses.append(lse)
+    o, lse = torch.cat(outs, dim=3), torch.cat(lses, dim=3)  # [B, Hkv, G, nqb, bq, *]
     out = o.reshape(B, Hq, nqb * bq, Dv)[:, :, :Nq].to(q.dtype)
     lse = lse.reshape(B, Hq, nqb * bq)[:, :, :Nq]
     return out, lse
+
+
+def _attend_query_blocks(qb: Tensor, kb: Tensor, vb: Tensor, ids: Tensor, key_in_range: Tensor, route: BlockRoute,
+                         kv_pos, q_pos, first_block: int) -> tuple[Tensor, Tensor]:
+    """Query blocks ``first_block ..`` (``qb [B, Hkv, G, c, bq, D]``, scaled) over their routed
+    blocks (``ids [B, Hkv, g_r, c, K]``, -1 padded): ``(o [B, Hkv, G, c, bq, Dv], lse [.., 1])``."""
+    B, Hkv, g_r, c, K = ids.shape
+    nkb, bk = key_in_range.shape
+    bq = qb.shape[4]
+    Nq, Nk = route.q_len, route.kv_len
+    live = ids >= 0
+    safe_ids = ids.clamp_min(0)
+    bi = torch.arange(B, device=qb.device).view(B, 1, 1, 1, 1)
+    hi = torch.arange(Hkv, device=qb.device).view(1, Hkv, 1, 1, 1)
+    kg = kb[bi, hi, safe_ids].reshape(B, Hkv, g_r, c, K * bk, kb.shape[-1])
+    vg = vb[bi, hi, safe_ids].reshape(B, Hkv, g_r, c, K * bk, vb.shape[-1])
+    s = qb @ kg.transpose(-1, -2)  # [B, Hkv, G, c, bq, K*bk]
+
+    # Visibility of each gathered key: live slot, inside kv_len, and (causal) not in the future.
+    visible = key_in_range[safe_ids] & live.unsqueeze(-1)  # [B, Hkv, g_r, c, K, bk]
+    visible = visible.reshape(B, Hkv, g_r, c, 1, K * bk)
+    rows = slice(first_block * bq, (first_block + c) * bq)
+
+    def per_key(values: Tensor) -> Tensor:
+        """``[batch_p, Nk]`` per-token data of the keys -> ``[B, Hkv, g_r, c, 1, K*bk]`` gathered."""
+        blocks = F.pad(values.long().reshape(-1, Nk), (0, nkb * bk - Nk)).view(-1, nkb, bk)
+        b_idx = bi if blocks.shape[0] > 1 else torch.zeros_like(bi)
+        return blocks[b_idx, safe_ids].reshape(B, Hkv, g_r, c, 1, K * bk)
+
+    def per_query(values: Tensor) -> Tensor:
+        """``[batch_p, Nq]`` per-token data of the queries -> ``[batch_p, 1, 1, c, bq, 1]``."""
+        padded = F.pad(values.long().reshape(-1, Nq), (0, route.num_q_blocks * bq - Nq))
+        return padded[:, rows].reshape(-1, 1, 1, c, bq, 1)
+
+    if route.causal:
+        visible = visible & (per_key(kv_pos) <= per_query(q_pos))
+    if route.has_segments:  # packed sequences / padding: only keys of the query's own segment
+        visible = visible & (per_key(route.kv_segments) == per_query(route.q_segments))
+    return masked_softmax_attend(s, visible, vg)
