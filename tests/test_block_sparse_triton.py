@@ -224,6 +224,33 @@ def test_backward_with_atomic_dq_and_segments(monkeypatch):
     check_against_f64(q, k, v, _mask_route(2, 1, 64, 64, 4, 4, False, 0.5, seed=77).with_segments(seg.to(DEVICE)))
 
 
+@pytest.mark.parametrize("faster", ["split", "atomic"])
+def test_backward_auto_mode_times_both_and_keeps_the_faster(faster, monkeypatch):
+    """ROUTED_BWD=auto where configs are tuned (faked here: a timer that runs each variant once and
+    reports a fixed time) runs both variants, keeps the faster for the shape, and its gradients are right."""
+    import triton.testing
+
+    from routed.ops.block_sparse import triton_ops
+
+    timed = []
+
+    def fake_bench(fn, **_):
+        fn()
+        timed.append(fn)
+        is_atomic = getattr(fn, "__name__", "") == "run_atomic"
+        return 1.0 if is_atomic == (faster == "atomic") else 2.0
+
+    monkeypatch.setattr(triton_ops, "_tuning", lambda device: True)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(triton_ops, "_TUNED", {})
+    monkeypatch.delenv("ROUTED_BWD", raising=False)
+    q, k, v = _inputs(1, 4, 2, 70, 70, 16, torch.float32, seed=41)
+    check_against_f64(q, k, v, _mask_route(1, 2, 70, 70, 16, 16, True, 0.5, seed=41))
+    chosen = [m for key, m in triton_ops._TUNED.items() if key[0] == "bwd_mode"]
+    assert chosen == [faster]
+    assert {getattr(f, "__name__", "") for f in timed} >= {"run_split", "run_atomic"}
+
+
 def test_backward_mode_requests_are_checked(monkeypatch):
     q, k, v = _inputs(1, 2, 1, 32, 32, 16, torch.float32, seed=0)
     route = _mask_route(1, 1, 32, 32, 16, 16, True, 1.0, seed=0)

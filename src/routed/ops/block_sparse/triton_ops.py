@@ -473,10 +473,10 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
     common = dict(Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims)
-    grads = {}  # "dq" (split) or "dq_f32" (atomic): allocated by the variant that runs
+    grads = {}  # dQ buffers, allocated by the variant(s) that run
 
     def launch_dq(cfg):
-        dq = grads["dq"]
+        dq = grads["dq_split"]
         k_desc, v_desc = _row_descriptors(k, v, cfg["BLOCK_N"]) if cfg["USE_TMA"] else (None, None)
         _block_sparse_bwd_dq_kernel[_query_grid(Nq, q_block_size, cfg, B, Hq, Hq // Hkv)](
             q, k, v, do, lse, delta, dq, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
@@ -505,8 +505,8 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                                      kv_block_size, own="kv")
 
     def run_split():
-        if "dq" not in grads:
-            grads["dq"] = new_output(q.shape, dtype=q.dtype, device=q.device)
+        if "dq_split" not in grads:
+            grads["dq_split"] = new_output(q.shape, dtype=q.dtype, device=q.device)
         launch_dq(_autotuned("bwd_dq", key + dq_tma, dq_cands, launch_dq, q.device))
         launch_dkdv(_autotuned("bwd_dkdv", key + dkdv_tma, dkdv_cands, launch_dkdv, q.device))
 
@@ -515,16 +515,14 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             grads["dq_f32"] = torch.empty(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
         launch = functools.partial(launch_dkdv, atomic_dq=True)
         launch(_autotuned("bwd_dkdv_atomic_dq", key + dkdv_tma, dkdv_cands, launch, q.device))
+        grads["dq_atomic"] = grads["dq_f32"].to(q.dtype)  # part of the variant's time
 
     mode = _requested_bwd_mode()
     if mode == "auto":
         mode = (_fastest("bwd_mode", key + dq_tma + dkdv_tma, {"split": run_split, "atomic": run_atomic}, q.device)
                 if _tuning(q.device) else "split")
-    if mode == "split":
-        run_split()
-        return grads["dq"], dk, dv
-    run_atomic()
-    return grads["dq_f32"].to(q.dtype), dk, dv
+    (run_split if mode == "split" else run_atomic)()
+    return grads[f"dq_{mode}"], dk, dv
 
 
 # ------------------------------------------------------------------------------------ custom ops
