@@ -1,7 +1,9 @@
 """The routed LM with mixture-of-experts MLPs: every router builds and trains, token choice equals a
 float64 forward written out by hand, the similarity- and attention-aware routers are causal and the
 attention-aware one mixes with the block's own attention, the balancing losses reach ``aux_loss``,
-KV-cache decoding is exact where it runs and refused where it cannot be, bad configs raise."""
+KV-cache decoding (incremental, chunked, generate()) is exact for token choice and the causal mixing
+routers (whose gate records follow the cache and refuse a foreign one) and refused where it cannot
+be, the mixing functions continue from past state exactly, bad configs raise."""
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from routed.layers.lm_attention import apply_rotary
 from routed.layers.moe import RoutedMoE, moe_balance_loss
 from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM
 from routed.ops.expert_dispatch import swiglu_expert
+from routed.route import RouteError
+from routed.routers.experts import ExpertRouter, attention_mixed_probs, similarity_mixed_probs
 from routed.testing import assert_close_rel
 
 V = 61
@@ -238,9 +242,96 @@ def test_token_choice_decodes_from_the_kv_cache():
     assert torch.equal(out, _greedy(model, ids[:1, :10], 5))
 
 
-@pytest.mark.parametrize("router,kw", [("similarity", {}), ("attention", {}),
-                                       ("token_choice", {"expert_capacity_factor": 1.0})],
-                         ids=["similarity", "attention", "capacity"])
+# Logit tolerance of cached vs full decoding in float64: the similarity router mixes the gates in
+# float32 (the router's softmax runs in float32), so its logits agree to ~1e-7, not to float64.
+DECODE_TOL = {"similarity": 1e-6, "attention": 1e-10}
+
+
+def _decode(model, ids, chunks):
+    """Logits of ``ids`` fed through one DynamicCache in ``chunks`` (``[(start, stop), ...]``), concatenated."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        return torch.cat([model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in chunks], 1), cache
+
+
+def _mixing_model(router, N):
+    """A float64 LM whose earlier tokens' gates move the routing a lot (large weights, mix=0.8), ids
+    ``[2, N]`` and its full-forward logits."""
+    model = _model(router, expert_mix=0.8, initializer_range=0.3).double().eval()
+    ids = _ids(2, N)
+    with torch.no_grad():
+        return model, ids, model(ids).logits
+
+
+@pytest.mark.parametrize("router", ["similarity", "attention"])
+def test_mixing_routers_decode_from_the_kv_cache_exactly(router):
+    model, ids, full = _mixing_model(router, 27)
+    tol = DECODE_TOL[router]
+    incremental = [(0, 11)] + [(t, t + 1) for t in range(11, 27)]  # prefill, then one token at a time
+    chunked = [(0, 5), (5, 12), (12, 13), (13, 20), (20, 27)]  # chunked prefill, mid-chunk decode steps
+    for chunks in (incremental, chunked, [(0, 1)] + [(t, t + 1) for t in range(1, 27)]):
+        got, _ = _decode(model, ids, chunks)
+        torch.testing.assert_close(got, full, rtol=tol, atol=tol)
+    # The check can fail: decoding with wrong earlier gates (uniform ones) gives other logits.
+    layer = model.model.layers[0]
+    real = layer._past_gates
+
+    def uniform(cache, cached_len):
+        rec = real(cache, cached_len)
+        return rec if rec is None else rec._replace(probs=torch.full_like(rec.probs, 1 / rec.probs.shape[-1]))
+
+    layer._past_gates = uniform
+    got, _ = _decode(model, ids, chunked)
+    assert (got - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("router", ["similarity", "attention"])
+def test_mixing_routers_generate_with_the_cache_as_without(router):
+    # mix=1 and large weights: decoding without the earlier gates changes the greedy tokens here.
+    model = _model(router, expert_mix=1.0, initializer_range=0.5).eval()
+    prompt = _ids(2, 9)
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 17)
+    assert torch.equal(out, model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                           use_cache=False))
+    assert torch.equal(out, _greedy(model, prompt, 8))
+
+
+@pytest.mark.parametrize("router", ["similarity", "attention"])
+def test_mixing_routers_follow_a_cropped_cache_and_refuse_a_foreign_one(router):
+    model, ids, full = _mixing_model(router, 24)
+    with torch.no_grad():
+        # Crop (assisted decoding): the record keeps its prefix, decoding goes on exactly.
+        _, cache = _decode(model, ids, [(0, 18)])
+        cache.crop(-6)  # keep the first 12 tokens
+        got = torch.cat([model(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(12, 24)], 1)
+        tol = DECODE_TOL[router]
+        torch.testing.assert_close(got, full[:, 12:], rtol=tol, atol=tol)
+        # A cache filled by another copy of the model: the earlier gates are unknown.
+        _, cache = _decode(model, ids, [(0, 10)])
+        other = _model(router, expert_mix=0.8, initializer_range=0.3).double().eval()
+        with pytest.raises(ValueError, match="no record for this cache"):
+            other(ids[:, 10:11], cache=cache, use_cache=True)
+        # Reordered (beam search): the keys were replaced.
+        cache.reorder_cache(torch.tensor([1, 0]))
+        with pytest.raises(ValueError, match="keys were replaced"):
+            model(ids[:, 10:11], cache=cache, use_cache=True)
+        # A record that covers another length than the cache (here: forced out of step).
+        _, cache = _decode(model, ids, [(0, 10)])
+        layer = model.model.layers[0]
+        rec = layer._gate_records[cache]
+        layer._gate_records[cache] = rec._replace(probs=rec.probs[:, :9], kv_len=9)
+        with pytest.raises(ValueError, match="record covers 9 tokens, the cache 10"):
+            model(ids[:, 10:11], cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("router,kw", [("token_choice", {"expert_capacity_factor": 1.0}),
+                                       ("expert_choice", {"expert_causal": False}),
+                                       ("similarity", {"expert_causal": False}),
+                                       ("attention", {"expert_capacity_factor": 2.0})],
+                         ids=["capacity", "expert_choice", "non_causal_mixing", "mixing_with_capacity"])
 def test_routers_that_cannot_decode_incrementally_refuse(router, kw):
     model = _model(router, **kw).eval()
     prompt = _ids(1, 9)
@@ -248,6 +339,71 @@ def test_routers_that_cannot_decode_incrementally_refuse(router, kw):
         model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
     out = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False)
     assert torch.equal(out, _greedy(model, prompt, 3))
+
+
+# ------------------------------------------------------------------ mixing functions with past state
+SPLITS = [(0, 19), (18, 1), (12, 7), (1, 18)]  # (earlier tokens T, new tokens N): full, decode, chunks
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T,N", SPLITS)
+def test_similarity_mixing_with_past_state_is_the_full_result_sliced(T, N, causal):
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(2, T + N, 5, generator=g, dtype=torch.float64).softmax(-1)
+    f = torch.randn(2, T + N, 7, generator=g, dtype=torch.float64)
+    full = similarity_mixed_probs(p, f, causal=causal, temperature=0.3, mix=0.9)
+    past = dict(past_probs=p[:, :T], past_features=f[:, :T]) if T else {}
+    got = similarity_mixed_probs(p[:, T:], f[:, T:], causal=causal, temperature=0.3, mix=0.9, **past)
+    torch.testing.assert_close(got, full[:, T:], rtol=1e-12, atol=1e-12)
+    if T and N > 1 and causal:  # the earlier tokens matter, and the mask is aligned to the last N positions
+        alone = similarity_mixed_probs(p[:, T:], f[:, T:], causal=True, temperature=0.3, mix=0.9)
+        assert (alone - full[:, T:]).abs().max() > 1e-3
+        top_left = similarity_mixed_probs(p, f, causal=True, temperature=0.3, mix=0.9)[:, :N]
+        assert (got - top_left).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T,N", SPLITS)
+def test_attention_mixing_with_past_state_is_the_full_result_sliced(T, N, causal):
+    g = torch.Generator().manual_seed(4)
+    L = T + N
+    p = torch.randn(2, L, 5, generator=g, dtype=torch.float64).softmax(-1)
+    q = torch.randn(2, 6, L, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, L, 16, generator=g, dtype=torch.float64)
+    past = dict(past_probs=p[:, :T]) if T else {}
+    full = attention_mixed_probs(p, q=q, k=k, causal=causal, mix=0.8)
+    got = attention_mixed_probs(p[:, T:], q=q[:, :, T:], k=k, causal=causal, mix=0.8, **past)
+    torch.testing.assert_close(got, full[:, T:], rtol=1e-12, atol=1e-12)
+    # From an explicit attention matrix (rows of the new tokens over all keys; future entries
+    # included, which the causal router masks; it renormalises the head mean, so only the
+    # non-causal result equals the q/k one).
+    w = (q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 16 ** -0.5).softmax(-1)
+    full_w = attention_mixed_probs(p, attn_weights=w, causal=causal, mix=0.8)
+    if not causal:
+        torch.testing.assert_close(full_w, full, rtol=1e-12, atol=1e-12)
+    got_w = attention_mixed_probs(p[:, T:], attn_weights=w[:, :, T:], causal=causal, mix=0.8, **past)
+    torch.testing.assert_close(got_w, full_w[:, T:], rtol=1e-12, atol=1e-12)
+
+
+def test_mixing_past_state_errors_are_clear():
+    p = torch.randn(1, 3, 4).softmax(-1)
+    f = torch.randn(1, 3, 8)
+    with pytest.raises(RouteError, match="both past_probs and past_features"):
+        similarity_mixed_probs(p, f, causal=True, past_probs=p)
+    with pytest.raises(RouteError, match=r"past_probs must be .*\[batch=1, cached, experts=4\]"):
+        similarity_mixed_probs(p, f, causal=True, past_probs=torch.rand(1, 5, 3), past_features=torch.rand(1, 5, 8))
+    with pytest.raises(RouteError, match=r"past_features must be \[batch=1, cached=5, dim=8\]"):
+        similarity_mixed_probs(p, f, causal=True, past_probs=torch.rand(1, 5, 4), past_features=torch.rand(1, 4, 8))
+    with pytest.raises(RouteError, match=r"k \[batch, kv_heads, cached \+ seq=8, dim\]"):
+        attention_mixed_probs(p, q=torch.randn(1, 2, 3, 4), k=torch.randn(1, 2, 3, 4), causal=True,
+                              past_probs=torch.rand(1, 5, 4))
+    with pytest.raises(RouteError, match=r"attn_weights must be \[batch=1, heads, 3, 8\]"):
+        attention_mixed_probs(p, attn_weights=torch.rand(1, 2, 3, 3), causal=True, past_probs=torch.rand(1, 5, 4))
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(RouteError, match="the token_choice router takes no earlier state"):
+        ExpertRouter(8, 4, method="token_choice")(x, past_probs=p)
+    with pytest.raises(RouteError, match="a capacity .* cannot continue from earlier tokens"):
+        ExpertRouter(8, 4, method="similarity", capacity_factor=1.0)(x, past_probs=p, past_features=f)
 
 
 def test_checkpoint_round_trip_keeps_routers_and_selection_bias(tmp_path):

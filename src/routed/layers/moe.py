@@ -60,13 +60,20 @@ class RoutedMoE(nn.Module):
                 f"num_experts={self.num_experts}, top_k={self.top_k}, backend={self.backend!r}")
 
     def forward(self, x: Tensor, *, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
-                attn_weights: Optional[Tensor] = None) -> Tensor:
+                attn_weights: Optional[Tensor] = None, past_probs: Optional[Tensor] = None,
+                past_features: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, H]`` or ``[T, H]`` -> the same shape. The attention router needs the preceding
-        attention layer's ``q``/``k`` (``[B, heads, N, D]``) or ``attn_weights`` (``[B, heads, N, N]``)."""
+        attention layer's ``q``/``k`` (``[B, heads, N, D]``) or ``attn_weights`` (``[B, heads, N, N]``).
+
+        ``past_probs [B, T, E]`` and (similarity router) ``past_features [B, T, d]`` continue sequences
+        whose first ``T`` tokens earlier calls routed (KV-cache decoding): the concatenated
+        :attr:`last` ``.gate_probs`` / ``.features`` of those calls; the attention router's ``k`` (or
+        ``attn_weights``) then covers all ``T + N`` tokens. See
+        :meth:`~routed.routers.experts.ExpertRouter.forward`."""
         if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
             raise RouteError(f"x must be [batch, seq, {self.hidden_size}] or [tokens, {self.hidden_size}], "
                              f"got {list(x.shape)}.")
-        out = self.router(x, q=q, k=k, attn_weights=attn_weights)
+        out = self.router(x, q=q, k=k, attn_weights=attn_weights, past_probs=past_probs, past_features=past_features)
         self.last = out
         loss = None
         if self.aux_loss_coef:

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from ..attention import routed_attention
 from ..route import BlockRoute
 from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions
+from .kv_cache import cache_keys, is_prefix_view
 from .lm_attention import LMAttention, _opt, block_window_route
 from .registry import register_attention
 
@@ -85,26 +86,6 @@ class _CompressedKV(NamedTuple):
     v_cmp: Tensor  # [B, Hkv, Nc, D]
     kv_len: int  # cached tokens the record covers (Nc = compressed_positions(kv_len, ...).numel())
     keys: Optional[weakref.ref]  # the cache layer's key tensor then (None: the layout is unknown)
-
-
-def _cache_keys(cache, layer_idx: int) -> Optional[Tensor]:
-    """The ``[B, Hkv, T, D]`` key tensor a transformers cache holds for ``layer_idx`` (``cache.layers[i].keys``
-    in transformers >= 4.54, ``cache.key_cache[i]`` before), or None (empty, or a layout not known here)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        keys = getattr(layers[layer_idx], "keys", None) if layer_idx < len(layers) else None
-    else:
-        key_cache = getattr(cache, "key_cache", None)
-        keys = key_cache[layer_idx] if key_cache is not None and layer_idx < len(key_cache) else None
-    return keys if isinstance(keys, Tensor) and keys.dim() == 4 else None
-
-
-def _is_prefix_view(keys: Tensor, held: Tensor) -> bool:
-    """True when ``keys`` is ``held[:, :, :L]`` (what ``crop`` leaves): a view of the same storage with the
-    same batch, heads, head_dim, strides and start, no longer than ``held``. Cheap, no device sync."""
-    return (keys._base is (held if held._base is None else held._base) and keys.data_ptr() == held.data_ptr()
-            and keys.stride() == held.stride() and keys.shape[:2] == held.shape[:2]
-            and keys.shape[3] == held.shape[3] and keys.shape[2] <= held.shape[2])
 
 
 @register_attention("nsa")
@@ -176,14 +157,14 @@ class NSAAttention(LMAttention):
         """The layer's record for ``cache`` if it still describes the ``cached_len`` cached keys (cut back
         to the kept prefix after a crop), else None: the cache gets compressed from its keys."""
         record = self._compressed_caches.get(cache)
-        keys = _cache_keys(cache, self.layer_idx)
+        keys = cache_keys(cache, self.layer_idx)
         if record is None or record.keys is None or keys is None:
             return None
         held = record.keys()
         if held is None:  # the tensor the record was checked against is gone: the cache replaced it
             return None
         if keys is not held:
-            if not _is_prefix_view(keys, held):  # reordered, batch-selected, moved, refilled by another model
+            if not is_prefix_view(keys, held):  # reordered, batch-selected, moved, refilled by another model
                 return None
             nc = self.num_compressed(keys.shape[2])  # cropped: blocks ending in the kept prefix are unchanged
             record = _CompressedKV(record.k_cmp[:, :, :nc], record.v_cmp[:, :, :nc], keys.shape[2], weakref.ref(keys))
@@ -204,7 +185,7 @@ class NSAAttention(LMAttention):
             v_cmp = torch.cat([record.v_cmp, self.compress_v(self.compress(v[:, :, start:]))], 2)
         else:  # no block completed in this call
             k_cmp, v_cmp = record.k_cmp, record.v_cmp
-        keys = _cache_keys(cache, self.layer_idx)
+        keys = cache_keys(cache, self.layer_idx)
         self._compressed_caches[cache] = _CompressedKV(k_cmp, v_cmp, k.shape[2],
                                                        None if keys is None else weakref.ref(keys))
         return k_cmp, v_cmp

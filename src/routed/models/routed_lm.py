@@ -30,8 +30,9 @@ with zeros raises.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..layers import lm_attention, mosa, nsa, routing_attention  # noqa: F401
 from ..layers.lm_attention import LMAttention
 from ..layers.moe import RoutedMoE
+from ..layers.kv_cache import cache_keys, is_prefix_view
 from ..layers.registry import attention_class
 from ..routers.experts import ROUTER_METHODS, SCORE_ORDERS, ExpertRouter
 
@@ -109,10 +111,19 @@ class RoutedLMConfig(PretrainedConfig):
             mixing); the next-token loss then sees the future through the routing (ablations only).
         expert_backend: the expert dispatch backend (None: automatic).
 
-    KV-cache decoding runs the MoE layers token by token only where that gives the full pass's
-    result: token choice without a capacity. The other routers depend on the other tokens of the
-    call (the mixing on earlier ones, a capacity or expert choice on all), so a decoding step past
-    a prefill raises; ``generate(..., use_cache=False)`` works with them.
+    KV-cache decoding (``generate()``, chunked prefill) gives the full pass's logits with token
+    choice and, when causal (``expert_causal``), with the similarity- and attention-aware routers:
+    each of their layers keeps, beside the KV cache (weakly keyed on the cache object), the cached
+    tokens' unmixed gate distributions (and, for the similarity router, their features), so a call
+    of ``N`` new tokens mixes them with all earlier tokens as the full pass does (the attention
+    router reads the cached keys from the cache itself); a decode step costs ``O(cached tokens)``
+    per layer. The record is checked against the cache layer's key tensor by identity: a crop
+    (``cache.crop``) keeps the record's kept prefix, while a cache the layer did not fill (a
+    prefill by another model or with ``use_cache`` off in between), reordered (beam search) or
+    otherwise replaced raises, since the earlier tokens' gates cannot be rebuilt from the cache.
+    A capacity (``expert_capacity_factor``), expert choice and non-causal mixing depend on every
+    token of the batch or sequence, so a decoding step past a prefill raises with them;
+    ``generate(..., use_cache=False)`` works with every router.
     """
 
     model_type = "routed_lm"
@@ -262,6 +273,15 @@ def _moe(config: RoutedLMConfig) -> RoutedMoE:
                      mix=config.expert_mix, balance_bias_rate=config.expert_balance_bias_rate)
 
 
+class _GateRecord(NamedTuple):
+    """What a mixing MoE layer keeps beside one KV cache: the cached tokens' routing state."""
+
+    probs: Tensor  # [B, T, E]: unmixed gate distributions of the T cached tokens
+    features: Optional[Tensor]  # [B, T, d]: their features (similarity router), else None
+    kv_len: int  # T, the cached tokens the record covers
+    keys: weakref.ref  # the cache layer's key tensor after the call that wrote the record
+
+
 class RoutedDecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(x))`` with a dense SwiGLU or a
     :class:`~routed.layers.moe.RoutedMoE` (``config.mlp_types[layer_idx]``). ``forward`` returns
@@ -283,30 +303,91 @@ class RoutedDecoderLayer(nn.Module):
                                  "does not expose; use dense, sliding_window, moba or nsa attention there, or another "
                                  "expert_router.")
             self.self_attn.keep_qk = True
-        # Only token choice without a capacity routes a token from that token alone.
-        self.decodes_incrementally = not moe or (config.expert_router == "token_choice"
-                                                 and config.expert_capacity_factor is None)
+        # Token choice without a capacity routes a token from that token alone; causal mixing (without a
+        # capacity) from it and the earlier tokens, whose gates the layer keeps beside the KV cache.
+        no_cap = config.expert_capacity_factor is None
+        self.mixes_earlier = moe and no_cap and config.expert_causal and config.expert_router in ("similarity",
+                                                                                                  "attention")
+        self.decodes_incrementally = not moe or self.mixes_earlier or (config.expert_router == "token_choice"
+                                                                       and no_cap)
+        # The gate record of every live KV cache this layer decodes with (weak keys, as NSA's compressed keys).
+        self._gate_records: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def _past_gates(self, cache, cached_len: int) -> Optional[_GateRecord]:
+        """The record of the ``cached_len`` tokens ``cache`` holds for this layer (cut to the kept prefix
+        after a crop), None when the cache is empty; raises when it does not describe them. Call before
+        the attention updates the cache (no reference to the old key tensor is kept)."""
+        if cached_len == 0:
+            return None
+        record = self._gate_records.get(cache)
+        keys = cache_keys(cache, self.layer_idx)
+        held = None if record is None else record.keys()
+        why = None
+        if keys is None:
+            why = (f"{type(cache).__name__} does not expose its key tensor (cache.layers[i].keys or "
+                   "cache.key_cache[i]), so the layer cannot tell whether its record still matches it")
+        elif record is None:
+            why = "the layer has no record for this cache (it was filled by another model, or by a call without it)"
+        elif held is None or (keys is not held and not is_prefix_view(keys, held)):
+            why = "the cache's keys were replaced since the layer's last call (reorder_cache, batch_select, ...)"
+        else:
+            if keys is not held:  # cropped: the record's kept prefix is exact
+                n = keys.shape[2]
+                feats = None if record.features is None else record.features[:, :n]
+                record = _GateRecord(record.probs[:, :n], feats, n, weakref.ref(keys))
+            if record.kv_len != cached_len or keys.shape[2] != cached_len:
+                why = f"the record covers {record.kv_len} tokens, the cache {cached_len}"
+        if why is not None:
+            raise ValueError(
+                f"layer {self.layer_idx}'s MoE router ({self.mlp.router.method}) mixes each token's gate with those "
+                f"of the earlier tokens and keeps them beside the KV cache, but its record does not match this "
+                f"cache: {why}. The earlier tokens' gates cannot be rebuilt from the cache: fill the cache with "
+                "this model from the first token on (beam search is not supported), or call "
+                "generate(..., use_cache=False).")
+        return record
+
+    def _remember_gates(self, cache, past: Optional[_GateRecord]) -> None:
+        """Store the record of the whole updated cache: ``past`` plus this call's gates and features."""
+        out = self.mlp.last
+        probs, feats = out.gate_probs, out.features
+        if past is not None:
+            probs = torch.cat([past.probs, probs], 1)
+            feats = None if feats is None else torch.cat([past.features, feats], 1)
+        keys = cache_keys(cache, self.layer_idx)
+        if keys is None:  # nothing to check a later call against; _past_gates will raise then
+            self._gate_records.pop(cache, None)
+            return
+        self._gate_records[cache] = _GateRecord(probs, feats, probs.shape[1], weakref.ref(keys))
 
     def forward(self, x: Tensor, position_embeddings, past_key_values=None, cache_position=None):
-        if past_key_values is not None and not self.decodes_incrementally \
-                and past_key_values.get_seq_length(self.layer_idx) > 0:
+        cached = 0 if past_key_values is None else past_key_values.get_seq_length(self.layer_idx)
+        if cached > 0 and not self.decodes_incrementally:
             r = self.mlp.router
-            raise ValueError(f"layer {self.layer_idx}'s MoE router ({r.method}, capacity_factor={r.capacity_factor}) "
-                             "routes a token using the other tokens of the call, so it cannot decode from a KV cache "
-                             "(the logits would differ from a full forward); call generate(..., use_cache=False) or "
-                             "run the full sequence without a cache.")
+            raise ValueError(f"layer {self.layer_idx}'s MoE router ({r.method}, capacity_factor={r.capacity_factor}, "
+                             f"causal={r.causal}) routes a token using the other tokens of the call, so it cannot "
+                             "decode from a KV cache (the logits would differ from a full forward); call "
+                             "generate(..., use_cache=False) or run the full sequence without a cache.")
+        track = past_key_values is not None and self.mixes_earlier
+        past = self._past_gates(past_key_values, cached) if track else None
         a, aux = self.self_attn(self.input_layernorm(x), position_embeddings, past_key_values=past_key_values,
                                 cache_position=cache_position)
         x = x + a
         h = self.post_attention_layernorm(x)
         if not isinstance(self.mlp, RoutedMoE):
             return x + self.mlp(h), aux
+        state = {}
+        if past is not None:
+            state["past_probs"] = past.probs
+            if past.features is not None:
+                state["past_features"] = past.features
         if self.routes_by_attention:
-            q, k = self.self_attn.last_qk
+            q, k = self.self_attn.last_qk  # k: the cached keys followed by the new ones
             self.self_attn.last_qk = None  # the router's copy is all that is needed
-            m = self.mlp(h, q=q.detach(), k=k.detach())
+            m = self.mlp(h, q=q.detach(), k=k.detach(), **state)
         else:
-            m = self.mlp(h)
+            m = self.mlp(h, **state)
+        if track:
+            self._remember_gates(past_key_values, past)
         bal = self.mlp.balance_loss
         if bal is not None:
             aux = bal if aux is None else aux + bal

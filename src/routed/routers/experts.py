@@ -25,6 +25,16 @@ causal), ``d`` the feature or head dim, ``E`` the experts, and ``O(N max(d, E))`
 head. Given an explicit ``[B, H, N, N]`` attention matrix (HF eager attention builds one anyway),
 it is averaged over heads and, when causal, masked to earlier tokens and renormalised.
 
+Incremental (KV-cache) decoding: the mixing functions also take the state of ``T`` earlier tokens
+(``past_probs``, their unmixed gate distributions ``[B, T, E]``; for the similarity router
+``past_features [B, T, d]``; for the attention router ``k`` then covers all ``T + N`` tokens, as an
+attention layer under a cache returns it). The ``N`` new tokens are the last ``N`` positions (the
+causal mask is bottom-right aligned) and the result is theirs only, ``[B, N, E]``: exactly the
+full sequence's result sliced to them. A call costs ``~4 N (T + N) max(d, E)`` FLOPs per head; a
+chunk of several new tokens builds a boolean ``[N, T + N]`` mask (a full pass or a single new token
+builds none). :attr:`RouterOutput.gate_probs` and :attr:`RouterOutput.features` are what a caller
+keeps for the next call.
+
 Load balancing, each optional and reported by :class:`ExpertRouter`:
 
 * :func:`switch_aux_loss`: ``E * sum_e f_e P_e`` (fraction of slots routed to ``e`` times mean
@@ -187,70 +197,124 @@ def _attend_values(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: floa
     """``softmax(q k^T * scale) v`` through ``scaled_dot_product_attention`` with one head dim for
     q/k and v: the fused kernels (flash on CPU and GPU, memory-efficient) want equal dims, and the
     math fallback they would otherwise leave would build the ``N x N`` scores. Zero columns change
-    neither ``q k^T`` nor the kept columns of the output."""
+    neither ``q k^T`` nor the kept columns of the output.
+
+    The ``Nq`` queries are the last ``Nq`` of the ``Nk`` key positions: with ``causal`` the mask is
+    bottom-right aligned (SDPA's ``is_causal`` is top-left aligned, right only when ``Nq == Nk``; one
+    query sees every key; otherwise a boolean ``[Nq, Nk]`` mask)."""
     d, e = q.shape[-1], v.shape[-1]
     if e < d:
         v = F.pad(v, (0, d - e))
     elif d < e:
         q, k = F.pad(q, (0, e - d)), F.pad(k, (0, e - d))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)[..., :e]
+    nq, nk = q.shape[-2], k.shape[-2]
+    mask = None
+    if causal and nq != nk and nq > 1:
+        mask = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nk - nq, nk, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and nq == nk,
+                                          scale=scale)[..., :e]
+
+
+def _past_probs(probs: Tensor, past_probs: Optional[Tensor]) -> Tensor:
+    """``[B, T + N, E]``: the earlier tokens' gate distributions followed by the new ones (``T = 0``
+    without ``past_probs``)."""
+    if past_probs is None:
+        return probs
+    B, _, E = probs.shape
+    _check(isinstance(past_probs, Tensor) and past_probs.dim() == 3 and past_probs.shape[0] == B
+           and past_probs.shape[2] == E,
+           f"past_probs must be the earlier tokens' gate distributions [batch={B}, cached, experts={E}], got "
+           f"{list(getattr(past_probs, 'shape', []))}.")
+    return torch.cat([past_probs.to(probs.dtype), probs], 1)
 
 
 def similarity_mixed_probs(probs: Tensor, features: Tensor, *, causal: bool, temperature: float = 0.1,
-                           mix: float = 0.5) -> Tensor:
+                           mix: float = 0.5, past_probs: Optional[Tensor] = None,
+                           past_features: Optional[Tensor] = None) -> Tensor:
     """Similarity-aware gate distributions ``(1 - mix) p + mix S p``, ``S = softmax_j(<f_i, f_j> / temperature)``.
 
     Args:
-        probs: ``[B, N, E]`` gate distributions (rows sum to 1).
-        features: ``[B, N, d]`` token features; they are L2-normalised here (cosine similarity).
+        probs: ``[B, N, E]`` gate distributions (rows sum to 1) of the ``N`` (new) tokens.
+        features: ``[B, N, d]`` their features; they are L2-normalised here (cosine similarity).
         causal: token ``i`` mixes only tokens ``j <= i``.
+        temperature, mix: the softmax temperature and the mixing weight.
+        past_probs, past_features: the state of ``T`` earlier tokens (KV-cache decoding, chunked
+            prefill), both or neither: their unmixed gate distributions ``[B, T, E]`` and their
+            features ``[B, T, d]`` (as given to this function, not normalised). The new tokens are
+            positions ``T .. T + N - 1`` and mix with all ``T + N`` tokens (causally: with those up
+            to themselves); the result equals the full ``T + N`` sequence's, sliced to them.
     Returns ``[B, N, E]`` (rows still sum to 1). No ``N x N`` tensor: ``S p`` is an attention with
-    ``q = k = f`` and ``v = p``.
+    ``q = f`` (the new tokens), ``k = f`` (all tokens) and ``v = p`` (a chunk of ``N > 1`` new tokens
+    after ``T > 0`` earlier ones builds a boolean ``[N, T + N]`` mask).
     """
     _check_probs3(probs)
     _check(features.dim() == 3 and features.shape[:2] == probs.shape[:2],
            f"features must be [batch, seq, dim] matching probs {list(probs.shape[:2])}, got {list(features.shape)}.")
     _check(temperature > 0, f"temperature must be > 0, got {temperature}.")
-    f = F.normalize(features.to(probs.dtype), dim=-1).unsqueeze(1)  # [B, 1, N, d]
-    mixed = _attend_values(f, f, probs.unsqueeze(1), causal=causal, scale=1.0 / temperature)
+    _check((past_probs is None) == (past_features is None),
+           "give both past_probs and past_features (the earlier tokens' gate distributions and features), or neither.")
+    v = _past_probs(probs, past_probs).unsqueeze(1)  # [B, 1, T + N, E]
+    f_new = F.normalize(features.to(probs.dtype), dim=-1).unsqueeze(1)  # [B, 1, N, d]
+    f_all = f_new
+    if past_features is not None:
+        (B, N, d), T = features.shape, past_probs.shape[1]
+        _check(isinstance(past_features, Tensor) and past_features.shape == (B, T, d),
+               f"past_features must be [batch={B}, cached={T}, dim={d}] (as past_probs, with the features' dim), "
+               f"got {list(getattr(past_features, 'shape', []))}.")
+        f_all = torch.cat([F.normalize(past_features.to(probs.dtype), dim=-1).unsqueeze(1), f_new], 2)
+    mixed = _attend_values(f_new, f_all, v, causal=causal, scale=1.0 / temperature)
     return _mix(probs, mixed.squeeze(1), mix)
 
 
 def attention_mixed_probs(probs: Tensor, *, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
                           attn_weights: Optional[Tensor] = None, causal: bool, scale: Optional[float] = None,
-                          mix: float = 0.5) -> Tensor:
+                          mix: float = 0.5, past_probs: Optional[Tensor] = None) -> Tensor:
     """Attention-aware gate distributions ``(1 - mix) p + mix A p``, ``A`` the preceding attention
     layer's attention averaged over heads.
 
-    Give either ``q [B, Hq, N, D]`` and ``k [B, Hkv, N, D]`` (``Hkv`` divides ``Hq``; ``A`` is
-    recomputed inside an attention pass with ``v = p``, never stored: ``mean_h A_h p = mean_h
-    softmax(q_h k_h^T scale) p``), or ``attn_weights [B, H, N, N]`` (an attention matrix that was
-    materialised anyway; with ``causal`` its future entries are masked out and rows renormalised).
-    ``scale`` defaults to ``D ** -0.5``. Detach ``q``/``k`` to keep the router's gradient out of
-    the attention layer.
+    Args:
+        probs: ``[B, N, E]`` gate distributions (rows sum to 1) of the ``N`` (new) tokens.
+        q, k: ``q [B, Hq, N, D]`` of the new tokens and ``k [B, Hkv, T + N, D]`` of all tokens
+            (``Hkv`` divides ``Hq``); ``A`` is recomputed inside an attention pass with ``v = p``,
+            never stored: ``mean_h A_h p = mean_h softmax(q_h k_h^T scale) p``. Detach them to keep
+            the router's gradient out of the attention layer.
+        attn_weights: instead of ``q``/``k``, an attention matrix that was materialised anyway,
+            ``[B, H, N, T + N]``; with ``causal`` its future entries are masked out and rows
+            renormalised.
+        causal: token ``i`` mixes only tokens ``j <= i``.
+        scale: of ``q k^T``; default ``D ** -0.5``.
+        mix: the mixing weight.
+        past_probs: the unmixed gate distributions ``[B, T, E]`` of ``T`` earlier tokens (KV-cache
+            decoding, chunked prefill; None: ``T = 0``). The new tokens are positions
+            ``T .. T + N - 1`` (the causal mask is bottom-right aligned); the result equals the full
+            ``T + N`` sequence's, sliced to them.
+    Returns ``[B, N, E]``.
     """
     _check_probs3(probs)
     B, N, E = probs.shape
+    values = _past_probs(probs, past_probs)  # [B, T + N, E]
+    L = values.shape[1]
     if attn_weights is not None:
         _check(q is None and k is None, "give either q and k or attn_weights, not both.")
-        _check(attn_weights.dim() == 4 and attn_weights.shape[0] == B and attn_weights.shape[2:] == (N, N),
-               f"attn_weights must be [batch={B}, heads, {N}, {N}], got {list(attn_weights.shape)}.")
-        a = attn_weights.to(probs.dtype).mean(1)  # [B, N, N]
+        _check(attn_weights.dim() == 4 and attn_weights.shape[0] == B and attn_weights.shape[2:] == (N, L),
+               f"attn_weights must be [batch={B}, heads, {N}, {L}] (new tokens x earlier + new tokens), got "
+               f"{list(attn_weights.shape)}.")
+        a = attn_weights.to(probs.dtype).mean(1)  # [B, N, T + N]
         if causal:
-            a = a.tril()
+            a = a.tril(L - N)
             a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-        return _mix(probs, a @ probs, mix)
+        return _mix(probs, a @ values, mix)
     _check(q is not None and k is not None, "attention-aware routing needs the preceding attention's q and k "
            "(or its attn_weights).")
-    _check(q.dim() == 4 and k.dim() == 4 and q.shape[0] == B and q.shape[2] == N and k.shape[2] == N
+    _check(q.dim() == 4 and k.dim() == 4 and q.shape[0] == B and q.shape[2] == N and k.shape[2] == L
            and k.shape[0] == B and q.shape[3] == k.shape[3],
-           f"q must be [batch={B}, heads, seq={N}, dim] and k [batch, kv_heads, seq, dim]; got {list(q.shape)} and "
-           f"{list(k.shape)}.")
+           f"q must be [batch={B}, heads, seq={N}, dim] and k [batch, kv_heads, {'' if L == N else 'cached + '}"
+           f"seq={L}, dim]; got {list(q.shape)} and {list(k.shape)}.")
     hq, hkv = q.shape[1], k.shape[1]
     _check(hq % hkv == 0, f"k's heads ({hkv}) must divide q's heads ({hq}).")
     if hkv != hq:
         k = k.repeat_interleave(hq // hkv, dim=1)
-    v = probs.to(q.dtype).unsqueeze(1).expand(B, hq, N, E)
+    v = values.to(q.dtype).unsqueeze(1).expand(B, hq, L, E)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mixed = _attend_values(q, k, v, causal=causal, scale=scale).mean(1)
     return _mix(probs, mixed.to(probs.dtype), mix)
@@ -295,6 +359,11 @@ class RouterOutput:
         logits: ``[T, E]`` raw router logits.
         probs: ``[T, E]`` the distribution experts were chosen from (after similarity/attention
             mixing for those routers).
+        gate_probs: the mixing routers only (else None): the unmixed gate distributions
+            ``softmax(logits)`` as ``[B, N, E]``, what a later call of the same sequences takes as
+            ``past_probs`` (concatenated after the earlier ones) to continue them exactly.
+        features: the similarity router only (else None): the tokens' features ``[B, N, d]``
+            (before normalisation), a later call's ``past_features``.
 
     The load-balancing terms and metrics are computed when first read (so a layer that does not
     use them launches no kernels for them): :attr:`aux_loss` (Switch), :attr:`z_loss`,
@@ -305,6 +374,8 @@ class RouterOutput:
     route: ExpertRoute
     logits: Tensor
     probs: Tensor
+    gate_probs: Optional[Tensor] = None
+    features: Optional[Tensor] = None
 
     @functools.cached_property
     def aux_loss(self) -> Tensor:
@@ -382,17 +453,34 @@ class ExpertRouter(nn.Module):
         return self.selection_bias if self.balance_bias_rate > 0 else None
 
     def forward(self, x: Tensor, *, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
-                attn_weights: Optional[Tensor] = None) -> RouterOutput:
+                attn_weights: Optional[Tensor] = None, past_probs: Optional[Tensor] = None,
+                past_features: Optional[Tensor] = None) -> RouterOutput:
         """Route ``x [B, N, H]`` (or ``[T, H]``, one sequence). The attention router needs the preceding
-        attention's ``q [B, Hq, N, D]`` and ``k [B, Hkv, N, D]`` or its ``attn_weights``."""
+        attention's ``q [B, Hq, N, D]`` and ``k [B, Hkv, N, D]`` or its ``attn_weights``.
+
+        To continue sequences whose first ``T`` tokens an earlier call routed (KV-cache decoding,
+        chunked prefill), the mixing routers take those tokens' state: ``past_probs [B, T, E]`` (the
+        earlier calls' :attr:`RouterOutput.gate_probs`, concatenated) and, for the similarity router,
+        ``past_features [B, T, d]`` (their :attr:`RouterOutput.features`); the attention router's
+        ``k`` (or ``attn_weights``) then covers all ``T + N`` tokens. The new tokens are then routed as
+        the full sequence would route them. Token choice needs no state; expert choice and a capacity
+        depend on every token of the call, so they refuse it."""
         _check(x.dim() in (2, 3) and x.shape[-1] == self.hidden_size,
                f"x must be [batch, seq, {self.hidden_size}] or [tokens, {self.hidden_size}], got {list(x.shape)}.")
+        if past_probs is not None or past_features is not None:
+            _check(self.method in ("similarity", "attention"),
+                   f"past_probs/past_features continue the similarity and attention routers; the {self.method} "
+                   "router takes no earlier state.")
+            _check(self.capacity_factor is None,
+                   f"a capacity (capacity_factor={self.capacity_factor}) depends on every token of the call, so the "
+                   "router cannot continue from earlier tokens' state; use capacity_factor=None.")
         x3 = x if x.dim() == 3 else x.unsqueeze(0)
         B, N, _ = x3.shape
         T = B * N
         logits = F.linear(x3, self.weight.to(x.dtype)).reshape(T, self.num_experts)
         E, kk = self.num_experts, self.top_k
         cap = None if self.capacity_factor is None else expert_capacity(T, kk, E, self.capacity_factor)
+        gate_probs = feats = None
         if self.method == "token_choice":
             probs = logits.float().softmax(-1)
             if self.score_order == "softmax_topk":  # the same as token_choice_route, sharing the softmax
@@ -406,22 +494,23 @@ class ExpertRouter(nn.Module):
             route = expert_choice_route(logits, cap, selection_bias=self._bias())
             probs = logits.float().softmax(-1)
         else:
-            p = logits.float().softmax(-1).view(B, N, E)
+            gate_probs = p = logits.float().softmax(-1).view(B, N, E)
             if self.method == "similarity":
                 _check(q is None and k is None and attn_weights is None,
                        "the similarity router takes no attention inputs; use method='attention' for those.")
                 feats = x3 if self.sim_proj is None else self.sim_proj(x3)
-                probs = similarity_mixed_probs(p, feats, causal=self.causal,
-                                               temperature=self.temperature, mix=self.mix)
+                probs = similarity_mixed_probs(p, feats, causal=self.causal, temperature=self.temperature,
+                                               mix=self.mix, past_probs=past_probs, past_features=past_features)
             else:
+                _check(past_features is None, "the attention router takes no past_features (only past_probs).")
                 if q is not None:
                     q = q if q.dim() == 4 else q.unsqueeze(0)
                     k = k if k is None or k.dim() == 4 else k.unsqueeze(0)
                 probs = attention_mixed_probs(p, q=q, k=k, attn_weights=attn_weights, causal=self.causal,
-                                              mix=self.mix)
+                                              mix=self.mix, past_probs=past_probs)
             probs = probs.reshape(T, E)
             route = topk_route_from_probs(probs, kk, normalize=self.normalize, selection_bias=self._bias(),
                                           capacity=cap)
         if self.training and self.balance_bias_rate > 0:
             update_selection_bias(self.selection_bias, route.counts, self.balance_bias_rate)
-        return RouterOutput(route, logits, probs)
+        return RouterOutput(route, logits, probs, gate_probs, feats)
