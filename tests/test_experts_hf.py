@@ -141,6 +141,30 @@ def test_attention_router_errors():
         model.generate(ids, max_new_tokens=2, do_sample=False)
 
 
+@pytest.mark.parametrize("method,kw", [("similarity", {}), ("expert_choice", dict(causal=False)),
+                                       ("token_choice", dict(capacity_factor=1.0))])
+def test_routers_that_need_the_whole_sequence_refuse_to_decode(method, kw):
+    """A decode step after cached tokens would route without the earlier tokens' gates (or within one
+    token's capacity): the swapped router says so instead of silently routing differently."""
+    model, ids = _mixtral(), _ids()
+    swap_moe_routers(model, method, **kw)
+    with torch.no_grad():
+        model(ids)  # a whole sequence without a cache routes as before
+        with pytest.raises(RouteError, match="cached tokens"):
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)
+    assert out.shape == (2, 15)
+
+
+def test_token_choice_decodes_like_the_full_forward():
+    model, ids = _mixtral(), _ids()
+    swap_moe_routers(model)
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=4, do_sample=False)
+        full = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, full)
+
+
 def test_mixing_router_needs_the_sequence_layout():
     model = _mixtral()
     gates = swap_moe_routers(model, "similarity")

@@ -120,6 +120,13 @@ class _RoutedRouterMixin:
             route = topk_route_from_probs(probs, k, normalize=self._routed_normalize, selection_bias=bias,
                                           capacity=cap)
             out_logits = probs.clamp_min(1e-20).log().to(logits.dtype)
+        cached = self.__dict__.pop("_routed_cached_len", 0)
+        if cached and (method in ("similarity", "expert_choice") or cap is not None):
+            raise RouteError(f"the {method} router (capacity_factor={opts['capacity_factor']}) routes a token using the "
+                             f"other tokens of the sequence, but this call comes after {cached} cached tokens whose gate "
+                             "distributions it does not have: the routing would differ from a full forward. Run the "
+                             "whole sequence at once (generate(..., use_cache=False)), or use token_choice without a "
+                             "capacity, which decodes exactly.")
         if bias is not None and self.training:
             update_selection_bias(self.routed_selection_bias, route.counts, opts["balance_bias_rate"])
         self.last_route = route
@@ -153,6 +160,13 @@ def _block_pre_hook(block: nn.Module, args, kwargs):
     x = args[0] if args else kwargs["hidden_states"]
     if x.dim() == 3:
         block.gate._routed_bn = (x.shape[0], x.shape[1])
+
+
+def _decoder_pre_hook(layer: nn.Module, args, kwargs):
+    """Tell the layer's router how many tokens the KV cache held before this call (host-side; no sync)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    idx = getattr(getattr(layer, "self_attn", None), "layer_idx", 0)
+    layer.mlp.gate._routed_cached_len = cache.get_seq_length(idx) if cache is not None else 0
 
 
 def _attn_hook(gate: nn.Module):
@@ -215,6 +229,11 @@ def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_or
             block.register_forward_pre_hook(_block_pre_hook, with_kwargs=True)
             block._routed_hooked = True
         swapped.append(gate)
+    for layer in model.modules():  # decoder layers: their kwargs say whether a KV cache holds earlier tokens
+        gate = getattr(getattr(layer, "mlp", None), "gate", None)
+        if isinstance(gate, _RoutedRouterMixin) and not getattr(layer, "_routed_cache_hooked", False):
+            layer.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
+            layer._routed_cache_hooked = True
     if not swapped:
         raise RouteError(f"{type(model).__name__} has no transformers top-k router (a module '.gate' of a class "
                          "named '*TopKRouter'); nothing to swap.")
