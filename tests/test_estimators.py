@@ -151,6 +151,31 @@ def test_selection_rules(nq, nk):
     assert not (m & ~visible).any()
 
 
+@pytest.mark.parametrize("budget", [dict(top_k=2), dict(coverage=0.5)])
+@pytest.mark.parametrize("nq,nk", [(100, 100), (37, 90)])
+def test_dense_last_blocks(budget, nq, nk):
+    """The last query blocks keep every visible block; the other rows are the budget's alone."""
+    bs = 16
+    probs = torch.rand(2, 3, math.ceil(nq / bs), math.ceil(nk / bs), generator=torch.Generator().manual_seed(2))
+    visible, _ = _visible(nq, nk, bs)
+    plain = select_blocks(probs, BlockBudget(**budget), q_len=nq, kv_len=nk, block_size=bs).to_block_mask()
+    last = select_blocks(probs, BlockBudget(**budget, dense_last_blocks=2), q_len=nq, kv_len=nk,
+                         block_size=bs).to_block_mask()
+    assert torch.equal(last[..., -2:, :], visible[-2:].expand(2, 3, -1, -1))
+    assert torch.equal(last[..., :-2, :], plain[..., :-2, :])
+    assert not torch.equal(last, plain)
+
+
+def test_policy_decode_steps_route_without_the_dense_last_blocks():
+    import routed.integrations.transformers as rt
+
+    policy = rt.RoutedPrefillPolicy(estimator="pooled", top_k=2, block_size=16, dense_last_blocks=1)
+    q, k = _qk(1, 4, 2, 1, 160, 16, seed=5)  # one decode query after 159 cached tokens
+    assert int(policy.router(q, k).kv_block_counts.max()) == 10  # its only block is the "last" one
+    assert int(policy.decode_router(q, k).kv_block_counts.max()) == 2
+    assert rt.RoutedPrefillPolicy(estimator="pooled", top_k=2).decode_router is not None
+
+
 @pytest.mark.parametrize("name", ["pooled", "strided", "last"])
 def test_full_budget_route_is_exact(name):
     b, hq, hkv, n, bs, d = 1, 6, 2, 75, 16, 16
@@ -193,6 +218,7 @@ def test_the_estimator_of_a_strong_block_finds_it():
     (dict(), "exactly one budget"), (dict(top_k=2, coverage=0.5), "exactly one budget"),
     (dict(top_k=0), "top_k must be"), (dict(coverage=1.5), "coverage must be"), (dict(coverage=0.0), "coverage"),
     (dict(top_k=2, sink_blocks=-1), "sink_blocks"), (dict(top_k=2, local_blocks=0), "local_blocks"),
+    (dict(top_k=2, dense_last_blocks=-1), "dense_last_blocks"),
 ])
 def test_bad_budgets_raise(kwargs, match):
     with pytest.raises(RouteError, match=match):

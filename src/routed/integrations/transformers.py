@@ -24,6 +24,7 @@ blocks are a row's real first tokens. Pad *query* rows get zeros (their outputs 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ class RoutedPrefillPolicy:
             query block, or the fraction of the estimated attention mass to keep (adaptive per
             KV head and query block). ``coverage=1.0`` keeps every block (exact dense, as a route).
         sink_blocks: first key blocks always kept. local_blocks: key blocks ending at the
-            diagonal always kept (>= 1).
+            diagonal always kept (>= 1). dense_last_blocks: final query blocks that attend to every
+            block (the prompt's end, whose logits give the first generated token).
         dense_layers: layer indices that always run dense (early layers are often diffuse).
         min_seq_len: calls with fewer queries run dense (short prompts gain nothing).
         samples: sampled queries per block (``"strided"``) or in total (``"last"``); a power of two.
@@ -84,6 +86,7 @@ class RoutedPrefillPolicy:
     coverage: Optional[float] = None
     sink_blocks: int = 1
     local_blocks: int = 1
+    dense_last_blocks: int = 0
     dense_layers: tuple = ()
     min_seq_len: int = 1024
     samples: int = 8
@@ -92,6 +95,7 @@ class RoutedPrefillPolicy:
     estimator_backend: Optional[str] = None
     decode: str = "dense"
     _estimator: Any = field(default=None, init=False, repr=False, compare=False)
+    _decode_estimator: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.top_k is None and self.coverage is None:
@@ -116,15 +120,25 @@ class RoutedPrefillPolicy:
             raise RouteError(f"estimator_backend must be 'triton', 'reference' or None, got {self.estimator_backend!r}.")
         # Builds (and so validates) the budget and the estimator once.
         budget = BlockBudget(top_k=self.top_k, coverage=self.coverage, sink_blocks=self.sink_blocks,
-                             local_blocks=self.local_blocks)
+                             local_blocks=self.local_blocks, dense_last_blocks=self.dense_last_blocks)
         est = make_estimator(self.estimator, self.block_size, budget, samples=self.samples,
                              head_reduce=self.head_reduce, backend=self.estimator_backend)
         object.__setattr__(self, "_estimator", est)
+        # Decode steps are no prompt end: their route keeps the budget without the dense last blocks.
+        decode_est = est if not self.dense_last_blocks else make_estimator(
+            self.estimator, self.block_size, dataclasses.replace(budget, dense_last_blocks=0), samples=self.samples,
+            head_reduce=self.head_reduce, backend=self.estimator_backend)
+        object.__setattr__(self, "_decode_estimator", decode_est)
 
     @property
     def router(self):
         """The estimator (a router: ``router(q, k, scale=...)`` -> KV-head BlockRoute)."""
         return self._estimator
+
+    @property
+    def decode_router(self):
+        """The estimator of decode steps (``decode="routed"``): the same, less ``dense_last_blocks``."""
+        return self._decode_estimator
 
 
 @dataclass
@@ -357,7 +371,9 @@ def routed_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
             o = _causal_sdpa(q, k, v, scale)
             d = 1.0
         else:
-            route = policy.router(q, k, scale=scale)
+            decode = q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] > q.shape[2]
+            router = policy.decode_router if decode else policy.router
+            route = router(q, k, scale=scale)
             o = routed_attention(q, k, v, route, scale=scale, backend=policy.backend)
             d = route.density() if rec is not None else None
         if whole:

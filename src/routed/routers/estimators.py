@@ -49,12 +49,16 @@ class BlockBudget:
     And:
         sink_blocks: the first key blocks, always kept (attention sinks).
         local_blocks: key blocks ending at the diagonal block, always kept (>= 1: the diagonal).
+        dense_last_blocks: the last query blocks keep every visible key block: the prompt's final
+            positions (the question, the position whose logits give the first generated token)
+            attend exactly, for at most ``dense_last_blocks / num_query_blocks`` more density.
     """
 
     top_k: Optional[int] = None
     coverage: Optional[float] = None
     sink_blocks: int = 1
     local_blocks: int = 1
+    dense_last_blocks: int = 0
 
     def __post_init__(self) -> None:
         if (self.top_k is None) == (self.coverage is None):
@@ -73,6 +77,10 @@ class BlockBudget:
         if not isinstance(self.local_blocks, int) or self.local_blocks < 1:
             raise RouteError(f"local_blocks must be an int >= 1 (the diagonal block is always kept), got "
                              f"{self.local_blocks!r}.")
+        if not isinstance(self.dense_last_blocks, int) or isinstance(self.dense_last_blocks, bool) \
+                or self.dense_last_blocks < 0:
+            raise RouteError(f"dense_last_blocks must be an int >= 0 (final query blocks that attend to every "
+                             f"block), got {self.dense_last_blocks!r}.")
 
     @property
     def keeps_everything(self) -> bool:
@@ -112,16 +120,19 @@ def select_blocks(probs: Tensor, budget: BlockBudget, *, q_len: int, kv_len: int
         mask = visible[None, None]
     else:
         kb = torch.arange(nkb, device=probs.device)[None, :]
-        forced = visible & ((kb < budget.sink_blocks) | (kb > diag[:, None] - budget.local_blocks))
+        last = torch.arange(nqb, device=probs.device)[:, None] >= nqb - budget.dense_last_blocks
+        forced = visible & ((kb < budget.sink_blocks) | (kb > diag[:, None] - budget.local_blocks) | last)
         p = probs.float().expand(B, H, nqb, nkb).masked_fill(~visible, 0.0)
         # Forced blocks rank first (probabilities are <= 1), invisible ones last.
         key = torch.where(forced, p + 2.0, p).masked_fill(~visible, -1.0)
         if budget.top_k is not None:
             # Forced blocks hold the largest keys, so a top-k of at least their number keeps them
             # all; the ids come straight from the top-k (sorted), no pass over whole rows.
-            width = min(max(budget.top_k, budget.sink_blocks + budget.local_blocks), nkb)
+            keep = min(max(budget.top_k, budget.sink_blocks + budget.local_blocks), nkb)
+            width = nkb if budget.dense_last_blocks else keep  # the dense last rows keep every visible block
             top = key.topk(width, dim=-1)
-            ids = torch.where(top.values >= 0, top.indices, nkb).sort(dim=-1).values
+            kept = (top.values >= 0) & ((torch.arange(width, device=probs.device) < keep) | last)
+            ids = torch.where(kept, top.indices, nkb).sort(dim=-1).values
             counts = (ids < nkb).sum(-1, dtype=torch.int32)
             ids = torch.where(ids < nkb, ids, -1).to(torch.int32)
             return BlockRoute(ids.contiguous(), counts, q_len, kv_len, block_size, block_size, causal=True,
