@@ -18,6 +18,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -61,11 +62,12 @@ def report(fn, const: dict, num_warps: int, num_stages: int, arch: int, head_dim
     sig, cexpr = signature(fn, const, head_dim)
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cexpr), target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages))
-    cubin = Path("/tmp") / f"routed_kernel_report_{fn.__name__}.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
-    sass = subprocess.run([_cuobjdump(), "--dump-sass", str(cubin)], capture_output=True, text=True).stdout
-    cubin.unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / f"{fn.__name__}.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        dump = lambda flag: subprocess.run([_cuobjdump(), flag, str(cubin)], capture_output=True,  # noqa: E731
+                                           text=True, check=True).stdout
+        usage, sass = dump("--dump-resource-usage"), dump("--dump-sass")
 
     def field(name):
         m = re.search(rf"{name}:(\d+)", usage)
