@@ -5,11 +5,12 @@ without a device sync."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 from torch import Tensor
 
-__all__ = ["cache_keys", "is_prefix_view"]
+__all__ = ["cache_keys", "is_prefix_view", "key_change"]
 
 
 def cache_keys(cache, layer_idx: int) -> Optional[Tensor]:
@@ -30,3 +31,16 @@ def is_prefix_view(keys: Tensor, held: Tensor) -> bool:
     return (keys._base is (held if held._base is None else held._base) and keys.data_ptr() == held.data_ptr()
             and keys.stride() == held.stride() and keys.shape[:2] == held.shape[:2]
             and keys.shape[3] == held.shape[3] and keys.shape[2] <= held.shape[2])
+
+
+def key_change(keys: Tensor, held_ref: Optional[weakref.ref]) -> str:
+    """How the cache layer's key tensor ``keys`` relates to the one a layer's record was built against
+    (``held_ref``, a weak reference, or None): ``"same"``, ``"cropped"`` (``keys`` is a prefix view of it:
+    the record's kept prefix is still exact) or ``"replaced"`` (it is gone, or ``keys`` is another tensor:
+    reordered, batch-selected, moved, refilled by another model)."""
+    held = None if held_ref is None else held_ref()
+    if held is None:
+        return "replaced"
+    if keys is held:
+        return "same"
+    return "cropped" if is_prefix_view(keys, held) else "replaced"

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from ..attention import routed_attention
 from ..route import BlockRoute
 from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions
-from .kv_cache import cache_keys, is_prefix_view
+from .kv_cache import cache_keys, key_change
 from .lm_attention import LMAttention, _opt, block_window_route
 from .registry import register_attention
 
@@ -158,15 +158,13 @@ class NSAAttention(LMAttention):
         to the kept prefix after a crop), else None: the cache gets compressed from its keys."""
         record = self._compressed_caches.get(cache)
         keys = cache_keys(cache, self.layer_idx)
-        if record is None or record.keys is None or keys is None:
+        if record is None or keys is None:
             return None
-        held = record.keys()
-        if held is None:  # the tensor the record was checked against is gone: the cache replaced it
+        change = key_change(keys, record.keys)
+        if change == "replaced":
             return None
-        if keys is not held:
-            if not is_prefix_view(keys, held):  # reordered, batch-selected, moved, refilled by another model
-                return None
-            nc = self.num_compressed(keys.shape[2])  # cropped: blocks ending in the kept prefix are unchanged
+        if change == "cropped":  # blocks ending in the kept prefix are unchanged
+            nc = self.num_compressed(keys.shape[2])
             record = _CompressedKV(record.k_cmp[:, :, :nc], record.v_cmp[:, :, :nc], keys.shape[2], weakref.ref(keys))
         if record.kv_len != cached_len or keys.shape[2] != cached_len:
             return None

@@ -46,7 +46,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..layers import lm_attention, mosa, nsa, routing_attention  # noqa: F401
 from ..layers.lm_attention import LMAttention
 from ..layers.moe import RoutedMoE
-from ..layers.kv_cache import cache_keys, is_prefix_view
+from ..layers.kv_cache import cache_keys, key_change
 from ..layers.registry import attention_class
 from ..routers.experts import ROUTER_METHODS, SCORE_ORDERS, ExpertRouter
 
@@ -321,17 +321,16 @@ class RoutedDecoderLayer(nn.Module):
             return None
         record = self._gate_records.get(cache)
         keys = cache_keys(cache, self.layer_idx)
-        held = None if record is None else record.keys()
         why = None
         if keys is None:
             why = (f"{type(cache).__name__} does not expose its key tensor (cache.layers[i].keys or "
                    "cache.key_cache[i]), so the layer cannot tell whether its record still matches it")
         elif record is None:
             why = "the layer has no record for this cache (it was filled by another model, or by a call without it)"
-        elif held is None or (keys is not held and not is_prefix_view(keys, held)):
+        elif (change := key_change(keys, record.keys)) == "replaced":
             why = "the cache's keys were replaced since the layer's last call (reorder_cache, batch_select, ...)"
         else:
-            if keys is not held:  # cropped: the record's kept prefix is exact
+            if change == "cropped":  # the record's kept prefix is exact
                 n = keys.shape[2]
                 feats = None if record.features is None else record.features[:, :n]
                 record = _GateRecord(record.probs[:, :n], feats, n, weakref.ref(keys))
