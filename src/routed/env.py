@@ -39,6 +39,12 @@ def machine_header() -> dict[str, Any]:
     return header
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``: a CUDA GPU, or the CPU in Triton's
+    interpreter (``TRITON_INTERPRET=1``, set before importing routed; exact and slow, for tests)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def best_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

@@ -15,13 +15,13 @@ sums to 1 before the reduction over a GQA group's query heads), ready for
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ...backends import BackendUnavailable
+from ...env import triton_runs_on
 from ...route import RouteError
 from .reference import block_means, pooled_block_probs_reference, sampled_block_mass_reference
 
@@ -61,7 +61,7 @@ def estimator_backend_why_not(q: Tensor, block_size: int, sampled: bool) -> Opti
         import triton  # noqa: F401
     except ImportError as e:
         return f"triton is not importable ({e}); install it with `pip install routed[triton]`"
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_runs_on(q.device):
         return (f"tensors are on {q.device.type}; Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1, set "
                 "before importing routed, to run them on the CPU for testing)")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -18,6 +18,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ...env import triton_runs_on
 from ...route import transpose_block_ids
 from ...testing import new_output
 from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
@@ -122,21 +123,8 @@ def _autotuned(name: str, key: tuple, candidates: list[dict], launch, device: to
     rewrite their outputs completely, so timing them is harmless)."""
     if not _tuning(device) or len(candidates) == 1:
         return candidates[0]
-    full_key = (name, *key)
-    if full_key not in _TUNED:
-        from triton.testing import do_bench
-
-        timings = []
-        for cfg in candidates:
-            try:
-                timings.append((do_bench(lambda: launch(cfg), warmup=5, rep=25, return_mode="median"), cfg))
-            except Exception as e:  # noqa: BLE001 - a config that cannot compile (shared memory) is skipped
-                logger.debug("routed: %s config %s rejected: %s", name, cfg, e)
-        if not timings:
-            raise RuntimeError(f"no launch config of {name} could run for {key}")
-        _TUNED[full_key] = min(timings, key=lambda t: t[0])[1]
-        logger.info("routed: tuned %s %s -> %s", name, key, _TUNED[full_key])
-    return _TUNED[full_key]
+    runners = {tuple(cfg.items()): functools.partial(launch, cfg) for cfg in candidates}
+    return dict(_fastest(name, key, runners, device))
 
 
 def _tune_key(q: Tensor, v: Tensor, q_block: int, kv_block: int, causal: bool, all_masked: bool,
@@ -165,9 +153,10 @@ def _requested_bwd_mode() -> str:
     return mode
 
 
-def _fastest(name: str, key: tuple, runners: dict, device: torch.device) -> str:
-    """The name of the fastest of ``runners`` (callables that each run one whole variant), timed
-    once per ``key``; each runs once first, so its own config tuning stays out of the timing."""
+def _fastest(name: str, key: tuple, runners: dict, device: torch.device):
+    """The label of the fastest of ``runners`` (label -> a callable that runs one whole variant or
+    launch config), timed once per ``key``; each runs once first, so a variant's own config tuning
+    stays out of its timing. A runner that fails (a config that cannot compile here) is skipped."""
     full_key = (name, *key)
     if full_key not in _TUNED:
         from triton.testing import do_bench
@@ -177,7 +166,7 @@ def _fastest(name: str, key: tuple, runners: dict, device: torch.device) -> str:
             try:
                 run()
                 times[mode] = do_bench(run, warmup=5, rep=25, return_mode="median")
-            except Exception as e:  # noqa: BLE001 - a variant with no config that compiles here is skipped
+            except Exception as e:  # noqa: BLE001 - e.g. a config whose shared memory does not fit
                 errors[mode] = e
                 logger.debug("routed: %s variant %s rejected: %s", name, mode, e)
         if not times:
@@ -190,7 +179,7 @@ def _fastest(name: str, key: tuple, runners: dict, device: torch.device) -> str:
 
 def tuned_configs() -> dict[str, dict]:
     """The launch configs autotuning chose so far (for benchmark records)."""
-    return {" ".join(map(str, k)): v for k, v in _TUNED.items()}
+    return {" ".join(map(str, k)): dict(v) if isinstance(v, tuple) else v for k, v in _TUNED.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -625,8 +614,7 @@ def transpose_block_ids_triton(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor,
 
 def _transposes_in_one_launch(ids: Tensor, num_kv_blocks: int) -> bool:
     br, hr, nqb, width = ids.shape
-    on_triton = ids.device.type == "cuda" or (ids.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    return on_triton and br * hr * num_kv_blocks * nqb * max(width, 1) <= TRANSPOSE_KERNEL_MAX_CHECKS
+    return triton_runs_on(ids.device) and br * hr * num_kv_blocks * nqb * max(width, 1) <= TRANSPOSE_KERNEL_MAX_CHECKS
 
 
 def _transposed(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
@@ -675,7 +663,7 @@ def block_sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, route, scale:
 
 def why_not_triton(q: Tensor, k: Tensor, v: Tensor, route) -> Optional[str]:
     """None if the Triton kernels can run this call, else the reason."""
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_runs_on(q.device):
         return (f"tensors are on {q.device.type}; Triton kernels need a CUDA GPU "
                 "(or TRITON_INTERPRET=1, set before importing routed, to run them on the CPU for testing)")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
