@@ -14,14 +14,19 @@ from routed import random_block_route, routed_attention
 from routed.ops.block_sparse import triton_ops
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def host_us(fn, n=50):
     fn()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
     t1 = time.perf_counter()
-    torch.cuda.synchronize()
+    sync()
     return (t1 - t0) / n * 1e6
 
 
@@ -31,8 +36,11 @@ def main():
     p.add_argument("--hkv", type=int, default=16)
     p.add_argument("--blocks", type=int, default=8)
     p.add_argument("--nq", type=int, default=None, help="queries (default n); 1 for decode")
+    p.add_argument("--cprofile", action="store_true", help="also print the Python functions forward+backward "
+                   "spends its host time in")
     a = p.parse_args()
-    dev, d, hq = "cuda", 128, 16
+    p_dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only under TRITON_INTERPRET=1, to test this
+    dev, d, hq = p_dev, 128, 16
     nq = a.nq or a.n
     g = torch.Generator().manual_seed(0)
     route = random_block_route(nq, a.n, block_size=128, blocks=a.blocks, heads=a.hkv, generator=g, device=dev)
@@ -45,9 +53,10 @@ def main():
     layers = {
         "routed_attention": lambda: routed_attention(q, k, v, route, backend="triton"),
         "custom op": lambda: triton_ops.block_sparse_attn_fwd(q, k, v, route.kv_block_ids, route.kv_block_counts,
-                                                              t_ids, t_counts, None, None, 128, 128, True, scale),
+                                                              t_ids, t_counts, None, None, None, None, 128, 128,
+                                                              True, scale),
         "host launcher": lambda: triton_ops.block_sparse_fwd(q, k, v, route.kv_block_ids, route.kv_block_counts,
-                                                             None, None, 128, 128, True, scale),
+                                                             None, None, None, None, 128, 128, True, scale),
         "no_grad routed_attention": lambda: _nograd(lambda: routed_attention(q, k, v, route, backend="triton")),
     }
     for name, fn in layers.items():
@@ -58,13 +67,27 @@ def main():
         torch.autograd.grad(out, (q, k, v), do)
 
     print(f"host time per call, {'fwd+bwd':<26}: {host_us(fwd_bwd, 20):8.1f} us")
+    if a.cprofile:
+        import cProfile
+        import pstats
+
+        prof_host = cProfile.Profile()
+        prof_host.enable()
+        for _ in range(20):
+            fwd_bwd()
+        prof_host.disable()
+        sync()
+        print("--- forward+backward, 20 calls: host functions by own time")
+        pstats.Stats(prof_host).sort_stats("tottime").print_stats(25)
     for name, fn in (("forward", layers["routed_attention"]), ("forward+backward", fwd_bwd)):
+        if dev != "cuda":
+            break
         fn()
-        torch.cuda.synchronize()
+        sync()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 fn()
-            torch.cuda.synchronize()
+            sync()
         print(f"--- {name}: GPU time per call by kernel (10 calls)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
