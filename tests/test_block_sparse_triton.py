@@ -3,7 +3,8 @@
 On a CPU these run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on
 small awkward shapes. Outputs are poisoned (NaN) before every run, so an unwritten element fails.
 The interpreter's bf16 tl.dot is broken (it returns garbage even for a bare 16x16 product), so
-bf16 is covered on the GPU only (``gpu`` marker and benchmarks/check_block_sparse.py).
+bf16 is covered on the GPU only (``gpu`` marker, benchmarks/block_sparse.py and
+benchmarks/check_small_blocks.py).
 """
 
 import math
@@ -85,6 +86,48 @@ def test_blocks_smaller_than_a_tile(bq, bk, nq, causal):
     partial own tiles and key/query rows gathered from several routed blocks into one tile."""
     q, k, v = _inputs(2, 4, 2, nq, 75, 16, torch.float32, seed=bq * 7 + bk + causal)
     check_against_f64(q, k, v, _mask_route(2, 2, nq, 75, bq, bk, causal, 0.4, seed=bq + bk))
+
+
+def test_small_tile_position_rule():
+    """Which calls get explicit default positions on the GPU (the small-tile causal-mask fault)."""
+    from routed.ops.block_sparse.triton_ops import needs_explicit_positions
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert needs_explicit_positions(True, False, 16, 16, cuda)
+    assert needs_explicit_positions(True, False, 128, 32, cuda)  # the key side's own tiles in dk/dv
+    assert needs_explicit_positions(True, False, 48, 48, cuda)  # 48 = 16 x 3: 16-row tiles
+    assert not needs_explicit_positions(True, False, 64, 64, cuda)
+    assert not needs_explicit_positions(True, False, 128, 128, cuda)
+    assert not needs_explicit_positions(False, False, 16, 16, cuda)  # no causal mask
+    assert not needs_explicit_positions(True, True, 16, 16, cuda)  # positions given: read from memory
+    assert not needs_explicit_positions(True, False, 16, 16, cpu)  # the interpreter is exact
+
+
+@pytest.mark.parametrize("bq,bk,nq,nk,segments", [(16, 16, 70, 70, False), (4, 16, 70, 75, False),
+                                                  (64, 8, 70, 75, False), (32, 32, 40, 100, False),
+                                                  (16, 16, 70, 70, True)])
+def test_explicit_default_positions_match(bq, bk, nq, nk, segments, monkeypatch):
+    """The GPU workaround's path, forced here: default positions (and one segment) passed as
+    tensors give the same forward and backward as the default-position kernels."""
+    from routed.ops.block_sparse import triton_ops
+
+    calls = []
+    real = triton_ops._default_maps.__wrapped__
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(triton_ops, "_default_maps", spy)
+    monkeypatch.setattr(triton_ops, "needs_explicit_positions",
+                        lambda causal, has_pos, bq_, bk_, device: causal and not has_pos)
+    q, k, v = _inputs(2, 4, 2, nq, nk, 16, torch.float32, seed=bq + bk + nq)
+    route = _mask_route(2, 2, nq, nk, bq, bk, True, 0.5, seed=bq * bk)
+    if segments:
+        seg = (torch.arange(nk) >= nk // 3).to(torch.int32).to(DEVICE)
+        route = route.with_segments(seg)
+    check_against_f64(q, k, v, route, lse_grad=True)
+    assert calls and all(c[:2] == (nq, nk) for c in calls), "the explicit-position path did not run"
 
 
 def test_small_blocks_with_segments_and_shared_route():
@@ -372,6 +415,16 @@ def test_bfloat16_on_gpu():
     q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, torch.bfloat16, seed=21)
     check_against_f64(q, k, v, _mask_route(1, 2, 1000, 1000, 64, 64, True, 0.3, seed=21))
     check_against_f64(q, k, v, _mask_route(2, 8, 1000, 1000, 128, 128, False, 0.3, seed=22))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_blocks_causal_on_gpu(dtype):
+    """Blocks of 16 and 32, causal, default positions, GQA: wrong on the H200 before the
+    explicit-position workaround (benchmarks/results/h200/small_blocks_before_fix.json)."""
+    for b in (16, 32):
+        q, k, v = _inputs(1, 4, 2, 257, 257, 64, dtype, seed=b)
+        check_against_f64(q, k, v, random_block_route(257, block_size=b, blocks=3, heads=2, device=DEVICE))
 
 
 @pytest.mark.gpu

@@ -187,12 +187,48 @@ def _num_sms_cached(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Blocks whose largest power-of-two divisor is below this run the forward/dq (query side) or dk/dv
+# (key side) passes on tiles of 16 or 32 rows, which are computed wrongly on Hopper (Triton 3.6,
+# H200, benchmarks/results/h200/small_blocks_before_fix.json) when the causal mask is built from
+# default positions: half of each tile's query rows lose keys (every odd row in float32, rows 8-15
+# in bf16; the interpreter is exact). The same tiles with positions and segments read from memory
+# were exact in the same run, so such calls are given explicit positions and segments (all blocks
+# then take the masked path). Remove once a GPU run of benchmarks/check_small_blocks.py passes
+# without it (ROUTED_SMALL_TILE_POSITIONS=0 turns it off for that run).
+SMALL_TILE_ROWS = 64
+
+
+def needs_explicit_positions(causal: bool, has_positions: bool, q_block_size: int, kv_block_size: int,
+                             device: torch.device) -> bool:
+    """Whether a causal call with default positions gets explicit ones (see SMALL_TILE_ROWS)."""
+    if not causal or has_positions or device.type != "cuda":
+        return False
+    if os.environ.get("ROUTED_SMALL_TILE_POSITIONS", "1") == "0":
+        return False
+    return min(_pow2_divisor(q_block_size, 128), _pow2_divisor(kv_block_size, 128)) < SMALL_TILE_ROWS
+
+
+@functools.lru_cache(maxsize=16)
+def _default_maps(q_len: int, kv_len: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Default positions (queries last) and one segment, as ``[1, len]`` int32 tensors."""
+    q_pos = torch.arange(q_len, device=device, dtype=torch.int32)[None] + (kv_len - q_len)
+    kv_pos = torch.arange(kv_len, device=device, dtype=torch.int32)[None]
+    return (q_pos, kv_pos, torch.zeros(1, q_len, dtype=torch.int32, device=device),
+            torch.zeros(1, kv_len, dtype=torch.int32, device=device))
+
+
 class _TokenMaps:
     """Per-token data of a route, as ``[batch, len]`` views for the kernels: positions (both, or
     neither for the default order) and segment ids (both or neither). Absent maps pass a dummy
-    pointer and stride 0; ``HAS_POS``/``HAS_SEG`` keep the kernels from reading them."""
+    pointer and stride 0; ``HAS_POS``/``HAS_SEG`` keep the kernels from reading them.
+    ``explicit``: pass default positions (and one segment where there are none) as tensors."""
 
-    def __init__(self, q_positions, kv_positions, q_segments, kv_segments, batch, q_len, kv_len, device, dummy):
+    def __init__(self, q_positions, kv_positions, q_segments, kv_segments, batch, q_len, kv_len, device, dummy,
+                 explicit: bool = False):
+        if explicit and q_positions is None and kv_positions is None:
+            q_positions, kv_positions, q_seg0, kv_seg0 = _default_maps(q_len, kv_len, device)
+            if q_segments is None:
+                q_segments, kv_segments = q_seg0, kv_seg0
         self.has_pos = q_positions is not None or kv_positions is not None
         self.has_seg = q_segments is not None
         if self.has_pos:
@@ -392,12 +428,17 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = new_output((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
     lse = new_output((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
-    if clean_counts is None and not _takes_decode_path(Nq, q_block_size, kv_block_size):
+    decode = _takes_decode_path(Nq, q_block_size, kv_block_size)
+    explicit = not decode and needs_explicit_positions(causal, q_positions is not None or kv_positions is not None,
+                                                       q_block_size, kv_block_size, q.device)
+    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts, explicit)
+    if explicit:
+        clean_counts = None  # the route's clean counts assumed default positions
+    if clean_counts is None and not decode:
         clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal,
                                           maps.has_pos or maps.has_seg)
     ids, counts = _route_views(ids, counts, B)
-    if _takes_decode_path(Nq, q_block_size, kv_block_size):
+    if decode:
         block_sparse_decode_fwd(q, k, v, ids, counts, maps, kv_block_size, causal, scale, out, lse)
         return out, lse
     clean_counts = clean_counts.expand(counts.shape)
@@ -446,7 +487,11 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     if dlse is not None:
         # d lse / d s = P, so lse's gradient folds into delta: dS = P * (dP - (delta - dlse)).
         delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
-    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
+    explicit = needs_explicit_positions(causal, q_positions is not None or kv_positions is not None, q_block_size,
+                                        kv_block_size, q.device)
+    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts, explicit)
+    if explicit:  # the route's mask splits assumed default positions
+        clean_counts = t_masked_counts = None
     all_masked = maps.has_pos or maps.has_seg
     if t_ids is None:
         t_ids, t_counts = _transposed(ids, -(-Nk // kv_block_size))
