@@ -57,6 +57,7 @@ from routed.env import machine_header  # noqa: E402
 from routed.layers.lm_attention import DenseAttention  # noqa: E402
 from routed.layers.mosa import MoSAAttention  # noqa: E402
 from routed.layers.routing_attention import RoutingAttention  # noqa: E402
+from routed.ops.permute_rows import permute_rows  # noqa: E402
 from routed.ops.token_group.triton_ops import token_group_attention_triton  # noqa: E402
 from routed.routers.kmeans import KMeansRouter, cluster_window_route  # noqa: E402
 from routed.testing import rel_err  # noqa: E402
@@ -210,14 +211,13 @@ def core_case(n: int, dev, dtype, rep_ms: int, heads=8, d=64, window=256) -> dic
         route, slot_tokens, token_slots = cluster_window_route(cl, C, window)
         groups = km.balanced_groups(k, window, causal=True)
     L = slot_tokens.shape[1]
-    src = slot_tokens.clamp_min(0)
 
-    def band_step():
+    def band_step():  # as the layer runs it: rows permuted into cluster order and back (no atomics)
         def perm(t):
-            return t.reshape(heads, 1, n, d).gather(2, src.view(heads, 1, L, 1).expand(heads, 1, L, d))
+            return permute_rows(t.reshape(heads, 1, n, d), slot_tokens, token_slots)
 
         o = routed_attention(perm(q), perm(k), perm(v), route, backend=backend)
-        o = o.gather(2, token_slots.view(heads, 1, n, 1).expand(heads, 1, n, d))
+        o = permute_rows(o, token_slots, slot_tokens)
         o.float().square().mean().backward()
 
     token_route = TokenRoute(groups.token_ids, n, causal=True, validate=False)

@@ -68,9 +68,14 @@ def test_matches_token_route_definition(selection, hybrid, heads, n):
     layer = _layer(mosa_selection=selection, mosa_hybrid=hybrid, mosa_heads=heads)
     x = torch.randn(2, n, 64, dtype=torch.float64)
     cos, sin = rope(n, 16, 2)
+    x.requires_grad_()
     out, aux = layer(x, (cos, sin))
     assert aux is None
-    torch.testing.assert_close(out, _definition(layer, x, cos, sin), rtol=1e-10, atol=1e-10)
+    want = _definition(layer, x, cos, sin)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    do = torch.randn_like(out)  # the input gradient too: the picked rows' backward adds per token
+    torch.testing.assert_close(torch.autograd.grad(out, x, do)[0], torch.autograd.grad(want, x, do)[0],
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_dense_mode_sees_every_token_and_decodes():

@@ -155,7 +155,10 @@ class MoSAAttention(nn.Module):
         if self.training and self.selection == "threshold" and hs:
             aux = self.rate_weight * (scores.mean() - 1.0 / self.sparsity) ** 2
         k_sel = ids.shape[-1]
-        xs = x.unsqueeze(1).expand(B, hs, N, hidden).gather(2, ids.unsqueeze(-1).expand(B, hs, k_sel, hidden))
+        # Picked rows of x by flat index: the backward adds into [B * N, hidden], where a gather from
+        # x expanded over the heads would allocate [B, heads, N, hidden] (tens of GB at 64k tokens).
+        flat = ids + (torch.arange(B, device=ids.device) * N).view(B, 1, 1)
+        xs = F.embedding(flat.reshape(-1), x.reshape(B * N, hidden)).view(B, hs, k_sel, hidden)
         qs, ks, vs = torch.einsum("bhkc,hcd->bhkd", xs, self.qkv_sparse.to(x.dtype)).split(d, dim=-1)
         cs = cos.unsqueeze(1).expand(B, hs, N, d).gather(2, ids.unsqueeze(-1).expand(B, hs, k_sel, d))
         sn = sin.unsqueeze(1).expand(B, hs, N, d).gather(2, ids.unsqueeze(-1).expand(B, hs, k_sel, d))

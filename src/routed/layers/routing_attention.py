@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import routed_attention
+from ..ops.permute_rows import permute_rows
 from ..route import BlockRoute
 from ..routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
 from ..routers.static import sliding_window_route
@@ -194,15 +195,13 @@ class RoutingAttention(nn.Module):
         G, R = self.group, B * Hk
         with torch.no_grad():
             route, slot_tokens, token_slots = cluster_window_route(cl.reshape(R, N), self.clusters, self.window)
-        L = slot_tokens.shape[1]
-        src = slot_tokens.clamp_min(0)
 
         def permute(x: Tensor, heads: int) -> Tensor:  # [R, heads, N, d] -> cluster order [R, heads, L, d]
-            return x.reshape(R, heads, N, d).gather(2, src.view(R, 1, L, 1).expand(R, heads, L, d))
+            return permute_rows(x.reshape(R, heads, N, d), slot_tokens, token_slots)
 
         o = routed_attention(permute(q_r, G), permute(k_r, 1), permute(v_r, 1), route, scale=scale,
                              backend=self.backend)  # [R, G, L, d]
-        o = o.gather(2, token_slots.view(R, 1, N, 1).expand(R, G, N, d))
+        o = permute_rows(o, token_slots, slot_tokens)
         return o.reshape(B, Hk * G, N, d)
 
     def _remember_clusters(self, cache, cl: Tensor, k_r: Tensor) -> tuple[Tensor, Tensor]:
