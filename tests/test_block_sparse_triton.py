@@ -7,6 +7,7 @@ bf16 is covered on the GPU only (``gpu`` marker, benchmarks/block_sparse.py and
 benchmarks/check_small_blocks.py).
 """
 
+import json
 import math
 
 import pytest
@@ -204,6 +205,21 @@ def test_lse_gradient():
     check_against_f64(q, k, v, _mask_route(1, 1, 80, 80, 16, 16, True, 0.5, seed=9), lse_grad=True)
 
 
+def test_gradient_through_lse_alone():
+    """Only lse used (out's gradient arrives as None, not zeros), against float64."""
+    q, k, v = _inputs(1, 2, 1, 50, 50, 16, torch.float32, seed=10)
+    route = _mask_route(1, 1, 50, 50, 16, 16, True, 0.6, seed=10)
+    _, lse = routed_attention(q, k, v, route, backend="triton", return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    _, ref = dense_attention_f64(q64, k64, v64, block_route_token_mask(route), 16 ** -0.5)
+    w = torch.randn(lse.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = torch.autograd.grad((torch.where(torch.isfinite(lse), lse, 0).double() * w).sum(), (q, k, v))
+    want = torch.autograd.grad((torch.where(torch.isfinite(ref), ref, 0) * w).sum(), (q64, k64))
+    for g_, r_ in zip(got, want):
+        torch.testing.assert_close(g_.double(), r_, rtol=1e-4, atol=1e-5)
+    assert float(got[0].abs().max()) > 0 and bool((got[2] == 0).all())  # lse does not depend on v
+
+
 def test_empty_and_partially_empty_routes():
     q, k, v = _inputs(1, 2, 2, 64, 64, 16, torch.float32, seed=5)
     empty = BlockRoute(torch.full((1, 2, 4, 3), -1, dtype=torch.int32), torch.zeros(1, 2, 4, dtype=torch.int32),
@@ -286,12 +302,64 @@ def test_backward_auto_mode_times_both_and_keeps_the_faster(faster, monkeypatch)
     monkeypatch.setattr(triton_ops, "_tuning", lambda device: True)
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     monkeypatch.setattr(triton_ops, "_TUNED", {})
+    monkeypatch.setattr(triton_ops, "_disk_cache_path", lambda device: None)
+    monkeypatch.setenv("ROUTED_AUTOTUNE", "full")
     monkeypatch.delenv("ROUTED_BWD", raising=False)
     q, k, v = _inputs(1, 4, 2, 70, 70, 16, torch.float32, seed=41)
     check_against_f64(q, k, v, _mask_route(1, 2, 70, 70, 16, 16, True, 0.5, seed=41))
     chosen = [m for key, m in triton_ops._TUNED.items() if key[0] == "bwd_mode"]
     assert chosen == [faster]
     assert {getattr(f, "__name__", "") for f in timed} >= {"run_split", "run_atomic"}
+
+
+def test_quick_autotuning_times_the_short_lists_and_remembers_on_disk(tmp_path, monkeypatch):
+    """ROUTED_AUTOTUNE=quick (the default): only the QUICK configs are timed, the backward keeps
+    the dq kernel, and the choices persist: a new process (here: an emptied in-memory table) reads
+    them from the cache file and times nothing."""
+    import triton.testing
+
+    from routed.ops.block_sparse import triton_ops
+
+    timed = []
+
+    def fake_bench(fn, **_):
+        fn()
+        timed.append(fn)
+        return 1.0 + len(timed) % 3  # some order; the first of the fastest wins
+
+    path = tmp_path / "autotune.json"
+    monkeypatch.setattr(triton_ops, "_tuning", lambda device: True)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(triton_ops, "_TUNED", {})
+    monkeypatch.setattr(triton_ops, "_DISK", {})
+    monkeypatch.setattr(triton_ops, "_disk_cache_path", lambda device: path)
+    monkeypatch.delenv("ROUTED_AUTOTUNE", raising=False)
+    monkeypatch.delenv("ROUTED_BWD", raising=False)
+    q, k, v = _inputs(1, 4, 2, 130, 130, 16, torch.float32, seed=43)
+    route = _mask_route(1, 2, 130, 130, 64, 64, True, 0.5, seed=43)
+    check_against_f64(q, k, v, route)
+    names = {key[0] for key in triton_ops._TUNED}
+    assert names == {"fwd", "bwd_dq", "bwd_dkdv"}  # no atomic variant, no bwd_mode timing
+    n_timed = len(timed)
+    assert 0 < n_timed <= 2 * sum(len(triton_ops.QUICK[x]) for x in ("fwd", "dq", "dkdv"))
+    first = dict(triton_ops._TUNED)
+    assert path.exists() and len(json.loads(path.read_text())) == len(first)
+
+    monkeypatch.setattr(triton_ops, "_TUNED", {})
+    monkeypatch.setattr(triton_ops, "_DISK", {})
+    check_against_f64(q, k, v, route)
+    assert len(timed) == n_timed, "the cached choices were timed again"
+    assert triton_ops._TUNED == first
+
+
+def test_autotune_mode_is_checked(monkeypatch):
+    from routed.ops.block_sparse import triton_ops
+
+    monkeypatch.setenv("ROUTED_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="ROUTED_AUTOTUNE must be one of"):
+        triton_ops.autotune_mode()
+    monkeypatch.setenv("ROUTED_AUTOTUNE", "1")
+    assert triton_ops.autotune_mode() == "quick"
 
 
 def test_backward_mode_requests_are_checked(monkeypatch):
