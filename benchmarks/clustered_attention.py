@@ -239,10 +239,10 @@ def core_case(n: int, dev, dtype, rep_ms: int, heads=8, d=64, window=256) -> dic
 
 
 def attention_flops(n: int, hidden: int, d: int, dense_heads: int, sparse_heads: int, k: int) -> float:
-    """Forward FLOPs of a layer's q/k/v projections and causal attention (the output projection is
-    the same for both layers and left out): dense heads over ``n`` tokens, sparse heads over ``k``."""
+    """Forward FLOPs of a layer per head: q/k/v and output projections and causal attention, dense
+    heads over ``n`` tokens, sparse heads over their ``k`` (MoSA projects only the picked tokens)."""
     def head(t):
-        return 2 * 3 * t * hidden * d + 2 * 2 * d * t * t / 2  # qkv + causal QK^T and PV
+        return 2 * 4 * t * hidden * d + 2 * 2 * d * t * t / 2  # qkv + o + causal QK^T and PV
     return dense_heads * head(n) + sparse_heads * (head(k) + 2 * n * hidden)  # + the router
 
 

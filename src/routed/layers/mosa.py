@@ -172,9 +172,7 @@ class MoSAAttention(nn.Module):
             qd, kd = apply_rotary(qd, cos, sin), apply_rotary(kd, cos, sin)
 
         if past == 0:  # the whole sequence: dense causal attention among each head's picked tokens
-            outs = []
-            if hd:
-                outs.append(self._dense(qd, kd, vd, scale))
+            out = None
             if hs:
                 if self.selection != "threshold":  # all slots picked: plain causal attention among the k tokens
                     o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
@@ -183,18 +181,32 @@ class MoSAAttention(nn.Module):
                     eye = torch.eye(k_sel, dtype=torch.bool, device=x.device)
                     o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=(tri & picked[:, :, None, :]) | eye,
                                                        scale=scale)
-                o = o * w.unsqueeze(-1)
-                out_s = torch.zeros(B, hs, N, d, dtype=o.dtype, device=x.device)
-                outs.append(out_s.scatter_add(2, ids.unsqueeze(-1).expand(B, hs, k_sel, d), o))
-            o = torch.cat(outs, 1)
+                out = self._project_picked(o * w.unsqueeze(-1), flat, B * N)
+            if hd:
+                o = self._dense(qd, kd, vd, scale).transpose(1, 2).reshape(B * N, hd * d)
+                dense_out = F.linear(o, self.o_proj.weight[:, :hd * d])
+                out = dense_out if out is None else out + dense_out
+            if self.o_proj.bias is not None:
+                out = out + self.o_proj.bias
             if past_key_values is not None:  # prefill: fill the cache (topk too; it raises on decode)
                 self._cache_update(ids, picked, scores, ks, vs, kd if hd else None, vd if hd else None,
                                    past_key_values, N)
-        else:
-            k_all, v_all, flags = self._cache_update(ids, picked, scores, ks, vs, kd if hd else None,
-                                                     vd if hd else None, past_key_values, N)
-            o = self._after_cache(ids, qs, w, qd if hd else None, k_all, v_all, flags, N, scale)
+            return out.view(B, N, hidden), aux
+        k_all, v_all, flags = self._cache_update(ids, picked, scores, ks, vs, kd if hd else None,
+                                                 vd if hd else None, past_key_values, N)
+        o = self._after_cache(ids, qs, w, qd if hd else None, k_all, v_all, flags, N, scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, N, self.heads * d)), aux
+
+    def _project_picked(self, o: Tensor, flat: Tensor, rows: int) -> Tensor:
+        """The sparse heads' share of the output projection, computed on their picked tokens only and
+        added into ``[rows, hidden]`` (flat token index ``flat [B, heads, k]``). Projecting the
+        scattered ``[B, N, heads * d]`` instead would cost ``N / k`` times the FLOPs, nearly all of
+        them on zeros. ``o [B, heads, k, d]`` is already weighted by the router scores."""
+        hd, hs, d = self.dense_heads, self.sparse_heads, self.head_dim
+        w_s = self.o_proj.weight[:, hd * d:].view(-1, hs, d)  # [hidden, heads, d]
+        y = torch.einsum("bhkd,chd->bhkc", o, w_s.to(o.dtype))  # [B, heads, k, hidden]
+        out = torch.zeros(rows, y.shape[-1], dtype=y.dtype, device=y.device)
+        return out.index_add(0, flat.reshape(-1), y.reshape(-1, y.shape[-1]))
 
     def _dense(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         if self.hybrid == "dense":
