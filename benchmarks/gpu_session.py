@@ -1,0 +1,111 @@
+"""Run several GPU_PLAN.md items in one device call: each as its own process with its own time
+limit, inside one overall budget, every output kept under ``--out`` (logs and JSON), a summary last.
+
+    python benchmarks/gpu_session.py --out $OUT --budget 560 --items small_blocks clustered block_sparse_rest
+
+A device machine is released ~30 s after a call, so separate calls each pay the machine's start;
+one call running several items does not. An item cut short by its limit keeps whatever its script
+saved so far (the benchmarks save after every row). ``--list`` prints the items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (GPU_PLAN row, seconds it may take, environment, commands; "{out}" is the output folder)
+ITEMS = {
+    "small_blocks": (1, 200, {"ROUTED_AUTOTUNE": "0"}, [
+        "python benchmarks/check_small_blocks.py --out {out}/small_blocks.json",
+        "python benchmarks/triage_small_blocks.py",
+        "python -m pytest -q -p no:cacheprovider -m gpu tests",
+    ]),
+    "clustered": (2, 240, {}, [
+        "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site .whl/routing_transformer-1.6.1-py3-none-any.whl "
+        ".whl/local_attention-1.4.4-py3-none-any.whl .whl/mixture_of_experts-0.2.1-py3-none-any.whl "
+        ".whl/einops-0.8.2-py3-none-any.whl",
+        "PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py --lengths 8192 32768 65536 "
+        "--rep-ms 100 --out {out}/clustered_attention.json",
+    ]),
+    "block_sparse_rest": (3, 330, {}, [
+        "python benchmarks/block_sparse.py --skip-check --skip-decode --lengths 32768 131072 "
+        "--out {out}/block_sparse_32k_128k.json",
+    ]),
+    "profile": (4, 90, {"ROUTED_AUTOTUNE": "0"}, [
+        "python benchmarks/profile_block_sparse.py --cprofile",
+    ]),
+    "bra": (5, 240, {}, [
+        "python benchmarks/bra.py --sides 224 512 1024 --out {out}/bra.json",
+    ]),
+    "prefill_llama": (6, 400, {}, [
+        "python benchmarks/prefill_llama.py --out {out}/prefill_llama.json",
+    ]),
+    "moe": (8, 300, {}, [
+        "python benchmarks/moe.py --out {out}/moe.json",
+    ]),
+}
+
+
+def run_item(name: str, out: Path, deadline: float) -> dict:
+    row, limit, env_extra, commands = ITEMS[name]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env_extra)
+    item_out = out / name
+    item_out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    status = "ok"
+    with open(item_out / "log.txt", "w") as log:
+        for cmd in commands:
+            left = min(limit - (time.monotonic() - t0), deadline - time.monotonic())
+            if left < 10:
+                status = "skipped: out of time"
+                break
+            # "python" is this interpreter (the device machine's may not be first on PATH)
+            cmd = cmd.format(out=item_out).replace("python ", f"{sys.executable} ", 1)
+            log.write(f"$ {cmd}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, shell=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=left)
+            except subprocess.TimeoutExpired:  # the whole process group: the shell and what it started
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                status = f"cut at its limit ({left:.0f} s)"
+                break
+            if rc:
+                status = f"exit {rc}"
+    return {"item": name, "plan_row": row, "status": status, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--items", nargs="+", default=[], choices=sorted(ITEMS), metavar="ITEM")
+    p.add_argument("--budget", type=float, default=560, help="seconds for all items together")
+    p.add_argument("--list", action="store_true")
+    a = p.parse_args()
+    if a.list or not a.items:
+        for name, (row, limit, env, cmds) in ITEMS.items():
+            print(f"{name:<18} GPU_PLAN #{row}, up to {limit} s: {' && '.join(cmds)}")
+        return
+    if a.out is None:
+        p.error("--out is required to run items")
+    deadline = time.monotonic() + a.budget
+    rows = [run_item(name, a.out, deadline) for name in a.items]
+    for r in rows:
+        print(f"{r['item']:<18} #{r['plan_row']}: {r['status']:<28} {r['seconds']:>6.1f} s")
+    for r in rows:  # the last lines of each log: the tables the scripts print last
+        log = (a.out / r["item"] / "log.txt").read_text().splitlines()
+        print(f"--- {r['item']}\n" + "\n".join(log[-15:]))
+    sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
