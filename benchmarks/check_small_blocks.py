@@ -79,6 +79,14 @@ def main():
                              **case(route, 4, 2, 64, dtype, dev, g))
                     rows.append(r)
                     print(r, flush=True)
+                    # queries offset by 7 from the keys: the query positions are then not 16-aligned,
+                    # which alone kept Triton 3.6's divisibility analysis from the fault
+                    route = random_block_route(n - 7, n, block_size=w, blocks=3, heads=2, causal=True,
+                                               generator=g, device=dev)
+                    r = dict(kind="random_causal_offset7", tma=tma, dtype=str(dtype)[6:], n=n, window=w,
+                             **case(route, 4, 2, 64, dtype, dev, g))
+                    rows.append(r)
+                    print(r, flush=True)
                     Path(a.out).write_text(json.dumps({"machine": machine_header(), "small_tile_positions": os.environ.get(
                         "ROUTED_SMALL_TILE_POSITIONS", "1") != "0", "rows": rows}, indent=1))
     print("all ok:", all(r["ok"] for r in rows))

@@ -129,7 +129,10 @@ def _walked_rows(it, ids_base, stride_i, j_lo, j_hi, BLOCK: tl.constexpr, TILE: 
         flat = j_lo * BLOCK + it * TILE + tl.arange(0, TILE)
         live = flat < j_hi * BLOCK
         blk = tl.load(ids_base + (flat // BLOCK) * stride_i, mask=live, other=0)
-        return 0, blk.to(tl.int64) * BLOCK + flat % BLOCK, live
+        # multiple_of(.., 1): Triton 3.6 infers these rows divisible by BLOCK (false: they step by 1
+        # inside a block), so the causal test against a 16-aligned query position looked equal down
+        # whole row groups and was computed once per thread: rows lost keys on the GPU (NOTES.md).
+        return 0, tl.multiple_of(blk.to(tl.int64) * BLOCK + flat % BLOCK, 1), live
     SUBS: tl.constexpr = BLOCK // TILE
     blk = tl.load(ids_base + (it // SUBS) * stride_i)
     row0 = blk * BLOCK + (it % SUBS) * TILE

@@ -263,13 +263,15 @@ def _num_sms_cached(index: int) -> int:
 
 
 # Blocks whose largest power-of-two divisor is below this run the forward/dq (query side) or dk/dv
-# (key side) passes on tiles of 16 or 32 rows, which are computed wrongly on Hopper (Triton 3.6,
-# H200, benchmarks/results/h200/small_blocks_before_fix.json) when the causal mask is built from
-# default positions: half of each tile's query rows lose keys (every odd row in float32, rows 8-15
-# in bf16; the interpreter is exact). The same tiles with positions and segments read from memory
-# were exact in the same run, so such calls are given explicit positions and segments (all blocks
-# then take the masked path). Remove once a GPU run of benchmarks/check_small_blocks.py passes
-# without it (ROUTED_SMALL_TILE_POSITIONS=0 turns it off for that run).
+# (key side) passes with gathered rows on tiles of 16 or 32 rows, which were computed wrongly on the
+# H200 with Triton 3.6 (benchmarks/results/h200/small_blocks_before_fix.json) when the causal mask
+# was built from default positions: half of each tile's query rows lost keys (the interpreter is
+# exact). Cause, read from the sm_90 compile (not yet run on a GPU): Triton 3.6's divisibility
+# analysis took the gathered key rows for multiples of the block size, so the causal test looked
+# equal down whole row groups and was computed once per thread; `_walked_rows` now erases that claim
+# (tl.multiple_of(.., 1)). Until a GPU run confirms it, such calls still get explicit positions and
+# one segment (the configuration that was exact in the same run; all blocks take the masked path):
+# remove this once benchmarks/check_small_blocks.py passes with ROUTED_SMALL_TILE_POSITIONS=0.
 SMALL_TILE_ROWS = 64
 
 
