@@ -48,6 +48,9 @@ ITEMS = {
     "prefill_llama": (6, 400, {}, [
         "python benchmarks/prefill_llama.py --out {out}/prefill_llama.json",
     ]),
+    "lm_speed": (9, 300, {}, [  # issue 4 without training: module f+b, prefill, router cost vs saved attention
+        "python benchmarks/lm_compare.py --variants --speed --out {out}/lm_compare_speed.json",
+    ]),
     "moe": (8, 300, {}, [
         "python benchmarks/moe.py --out {out}/moe.json",
     ]),
