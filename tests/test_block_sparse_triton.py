@@ -446,6 +446,57 @@ def test_transpose_kernel_equals_sorting_transpose(shape, nkb):
     assert torch.equal(got_ids[..., :width_t], want_ids) and bool((got_ids[..., width_t:] == -1).all())
 
 
+@pytest.mark.parametrize("shape,nkb", [((2, 3, 7, 4), 5), ((1, 1, 1, 1), 1), ((2, 1, 300, 6), 40), ((1, 2, 5, 0), 3),
+                                       ((3, 1, 49, 16), 49)])
+def test_compact_transpose_equals_padded(shape, nkb):
+    """The compact transposed route (one list per row, key-block starts) holds the padded one's
+    rows, in order, and nothing else."""
+    from routed.route import transpose_block_ids, transpose_block_ids_compact
+
+    br, hr, nqb, width = shape
+    g = torch.Generator().manual_seed(nqb * 3 + nkb)
+    ids = torch.stack([torch.randperm(nkb, generator=g)[:width] for _ in range(br * hr * nqb)]).view(shape)
+    ids = torch.where(torch.rand(shape, generator=g) < 0.25, -1, ids)
+    ids = torch.where(ids < 0, nkb + 1, ids).sort(-1).values
+    ids = torch.where(ids > nkb, -1, ids).to(torch.int32)
+    want_ids, want_counts = transpose_block_ids(ids, nkb)
+    got_ids, got_offsets, got_counts = transpose_block_ids_compact(ids, nkb)
+    assert got_ids.shape == (br, hr, nqb * width)  # O(routed blocks), whatever the counts
+    assert torch.equal(got_counts, want_counts)
+    for b in range(br):
+        for h in range(hr):
+            for j in range(nkb):
+                n, o = int(got_counts[b, h, j]), int(got_offsets[b, h, j])
+                assert torch.equal(got_ids[b, h, o:o + n], want_ids[b, h, j, :n])
+            assert bool((got_ids[b, h, int(got_counts[b, h].sum()):] == -1).all())
+
+
+COMPACT_CASES = {
+    "causal_gqa_ragged": lambda: (_inputs(2, 4, 2, 150, 170, 16, torch.float32, seed=51),
+                                  _mask_route(2, 2, 150, 170, 32, 32, True, 0.5, seed=51), {}),
+    "small_blocks_gathered": lambda: (_inputs(1, 4, 2, 70, 75, 16, torch.float32, seed=52),
+                                      _mask_route(1, 2, 70, 75, 4, 16, True, 0.4, seed=52), {}),
+    "shared_route_lse_grad": lambda: (_inputs(2, 3, 3, 100, 100, 16, torch.float32, seed=53),
+                                      _mask_route(1, 1, 100, 100, 16, 16, False, 0.6, seed=53), {"lse_grad": True}),
+    "permuted_positions": lambda: (_inputs(1, 2, 1, 96, 96, 16, torch.float32, seed=54),
+                                   _mask_route(1, 1, 96, 96, 16, 16, True, 0.5, seed=54, positions="permuted"), {}),
+}
+
+
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+@pytest.mark.parametrize("case", sorted(COMPACT_CASES))
+def test_backward_over_the_compact_transposed_route(case, mode, monkeypatch):
+    """Routes too large for the one-launch transpose take the compact form (forced here for every
+    route): dK and dV walk it and equal float64."""
+    from routed.ops.block_sparse import triton_ops
+
+    monkeypatch.setattr(triton_ops, "TRANSPOSE_KERNEL_MAX_CHECKS", -1)
+    monkeypatch.setenv("ROUTED_BWD", mode)
+    (q, k, v), route, kw = COMPACT_CASES[case]()
+    check_against_f64(q, k, v, route, **kw)
+    assert route._cache["kernel_transposed"][2] is not None, "the compact form was not used"
+
+
 def test_compiles_without_graph_breaks():
     q, k, v = _inputs(1, 4, 2, 64, 64, 16, torch.float32, seed=13)
     route = _mask_route(1, 2, 64, 64, 16, 16, True, 0.5, seed=13)

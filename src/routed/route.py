@@ -193,7 +193,9 @@ class BlockRoute:
 
         Returns ``q_block_ids [batch_r, heads_r, num_kv_blocks, max_q_blocks]`` (int32, -1 padded)
         and ``q_block_counts [batch_r, heads_r, num_kv_blocks]``: what a key-side backward pass walks.
-        Computed once per route (O(routed blocks) memory) and cached.
+        Computed once per route and cached. The padding makes it ``O((seq / block)^2)`` when one key
+        block is routed to by every query block (sinks, causal early blocks): the kernels take
+        :func:`transpose_block_ids_compact` (``O(routed blocks)``) for all but small routes.
         """
         if "transposed" not in self._cache:
             self._cache["transposed"] = transpose_block_ids(self.kv_block_ids, self.num_kv_blocks)
@@ -377,6 +379,36 @@ def transpose_block_ids(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor
     t_ids[kv_row, rank] = q_of.to(torch.int32)
     return (t_ids[:rows].view(br, hr, num_kv_blocks, width),
             t_counts[:rows].to(torch.int32).view(br, hr, num_kv_blocks))
+
+
+def transpose_block_ids_compact(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`transpose_block_ids` in compressed-row form, ``O(routed blocks)`` memory at any length.
+
+    The padded form is ``[.., num_kv_blocks, width]`` with ``width`` up to every query block, so
+    ``O((seq / block)^2)`` when some key block (a sink, an early block under causality) is routed
+    to by every query block. Here every (batch_r, head_r) row holds its routed pairs in one list,
+    grouped by key block, query blocks sorted inside a group.
+
+    Returns ``t_ids [Br, Hr, nqb * K]`` int32 (query block ids, ``-1`` past the row's pairs),
+    ``t_offsets [Br, Hr, num_kv_blocks]`` int32 (where each key block's group starts in its row) and
+    ``t_counts [Br, Hr, num_kv_blocks]`` int32. No device-to-host sync.
+    """
+    br, hr, nqb, k = ids.shape
+    rows, slots = br * hr, nqb * k
+    live = ids >= 0
+    bh = torch.arange(rows, device=ids.device).view(br, hr, 1, 1)
+    kv_of = torch.where(live, ids.long(), num_kv_blocks)  # padding sorts after every key block
+    q_of = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(br, hr, nqb, k)
+    key = (bh * (num_kv_blocks + 1) + kv_of) * nqb + q_of  # (row, key block, query block)
+    order = torch.argsort(key.flatten())  # rows stay contiguous: slot r*slots + j is row r's j-th pair
+    q_sorted = q_of.flatten()[order].view(rows, slots)
+    live_sorted = live.flatten()[order].view(rows, slots)
+    t_ids = torch.where(live_sorted, q_sorted, -1).to(torch.int32)
+    counts = torch.zeros(rows, num_kv_blocks + 1, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(1, kv_of.view(rows, slots), torch.ones(rows, slots, dtype=torch.int32, device=ids.device))
+    counts = counts[:, :num_kv_blocks].contiguous()  # the kernels index counts and offsets alike
+    offsets = torch.cumsum(counts, 1, dtype=torch.int32) - counts
+    return (t_ids.view(br, hr, slots), offsets.view(br, hr, num_kv_blocks), counts.view(br, hr, num_kv_blocks))
 
 
 def _block_reduce(pos: Tensor, block: int, op: str) -> Tensor:

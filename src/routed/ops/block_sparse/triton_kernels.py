@@ -406,7 +406,8 @@ def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, L
 
 @triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, TIds, TCounts, TMaskedCounts, QPos, KPos, QSeg, KSeg, QDesc, DODesc,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, TIds, TCounts, TMaskedCounts, TOffsets, QPos, KPos, QSeg, KSeg, QDesc,
+    DODesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -423,9 +424,12 @@ def _block_sparse_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, KV_TILE_ALIGNED: tl.constexpr, GATHER_Q: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    T_COMPACT: tl.constexpr,
 ):
     """One key tile of one kv head, over every query head of its GQA group. Of each transposed
     row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal).
+    ``T_COMPACT``: the transposed route is one list per (batch, route head), each key block's query
+    blocks starting at ``TOffsets`` (same strides as ``TCounts``); else ``[.., key block, width]``.
     ``DQAcc`` (``ATOMIC_DQ`` only): contiguous float32 ``[B, Hq, q_len, HEAD_DIM]``, zeroed."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -453,8 +457,11 @@ def _block_sparse_bwd_dkdv_kernel(
     for g in range(group_size):
         hq = hkv * group_size + g
         hr = hq // route_head_div
-        t_base = TIds + b * stride_tb + hr * stride_th + kblk * stride_tk
         count_off = b * stride_tcb + hr * stride_tch + kblk
+        if T_COMPACT:
+            t_base = TIds + b * stride_tb + hr * stride_th + tl.load(TOffsets + count_off)
+        else:
+            t_base = TIds + b * stride_tb + hr * stride_th + kblk * stride_tk
         count = tl.load(TCounts + count_off)
         n_masked = tl.load(TMaskedCounts + count_off)
         q_base = Q + b * stride_qb + hq * stride_qh

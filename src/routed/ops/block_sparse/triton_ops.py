@@ -20,7 +20,7 @@ import triton
 from torch import Tensor
 
 from ...env import triton_runs_on
-from ...route import transpose_block_ids
+from ...route import transpose_block_ids_compact
 from ...testing import new_output
 from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
                              _block_sparse_decode_split_kernel, _block_sparse_fwd_kernel, _bwd_preprocess_kernel,
@@ -340,13 +340,29 @@ def clean_block_counts(ids: Tensor, counts: Tensor, q_len: int, kv_len: int, q_b
 
 
 def masked_query_counts(t_ids: Tensor, t_counts: Tensor, q_len: int, kv_len: int, q_block_size: int,
-                        kv_block_size: int, causal: bool, all_masked: bool) -> Tensor:
+                        kv_block_size: int, causal: bool, all_masked: bool,
+                        t_offsets: Optional[Tensor] = None) -> Tensor:
     """``[Br, Hr, nkb]`` int32: how many of each key block's query blocks (transposed route,
-    sorted) need a mask; they lead, since later query blocks see the whole key block."""
+    sorted) need a mask; they lead, since later query blocks see the whole key block. With
+    ``t_offsets`` the route is in compact form (:func:`routed.route.transpose_block_ids_compact`)."""
     if all_masked:
         return t_counts
     if not causal and kv_len % kv_block_size == 0:
         return torch.zeros_like(t_counts)
+    if t_offsets is not None:
+        br, hr, nkb = t_counts.shape
+        slots = t_ids.shape[-1]
+        ends = (t_offsets + t_counts).reshape(br * hr, nkb).long()
+        slot = torch.arange(slots, device=t_ids.device).expand(br * hr, slots).contiguous()
+        kb = torch.searchsorted(ends, slot, right=True)  # each slot's key block (nkb past the row's pairs)
+        flat = t_ids.reshape(br * hr, slots)
+        k_end = (kb + 1) * kv_block_size
+        masked = k_end > kv_len
+        if causal:
+            masked = masked | (k_end - 1 > flat.long() * q_block_size + (kv_len - q_len))
+        out = torch.zeros(br * hr, nkb + 1, dtype=torch.int32, device=t_ids.device)
+        out.scatter_add_(1, kb, ((flat >= 0) & masked).to(torch.int32))
+        return out[:, :nkb].contiguous().view(br, hr, nkb)  # strides as t_counts' (the kernel indexes both alike)
     live = torch.arange(t_ids.shape[-1], device=t_ids.device) < t_counts[..., None]
     k_end = (torch.arange(t_ids.shape[2], device=t_ids.device) + 1) * kv_block_size
     masked = (k_end > kv_len)[:, None].expand(t_ids.shape[2], t_ids.shape[3])
@@ -547,9 +563,11 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                      q_segments: Optional[Tensor], kv_segments: Optional[Tensor],
                      q_block_size: int, kv_block_size: int, causal: bool,
                      scale: float, clean_counts: Optional[Tensor] = None,
-                     t_masked_counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                     t_masked_counts: Optional[Tensor] = None,
+                     t_offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward kernels; returns (dq, dk, dv). ``dlse`` is the gradient reaching lse;
-    ``t_ids``/``t_counts`` the transposed route (:meth:`routed.BlockRoute.transposed`). What is not
+    ``t_ids``/``t_counts`` the transposed route (:meth:`routed.BlockRoute.transposed`; with
+    ``t_offsets``, the compact form of :func:`routed.route.transpose_block_ids_compact`). What is not
     given of the route's derived data is computed here. dQ comes from a dq kernel or from atomics
     in the dk/dv kernel (``ROUTED_BWD``, see :data:`BWD_MODES`)."""
     do, q, k, v = _last_dim_contiguous(do, q, k, v)
@@ -572,16 +590,24 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         clean_counts = t_masked_counts = None
     all_masked = maps.has_pos or maps.has_seg
     if t_ids is None:
-        t_ids, t_counts = _transposed(ids, -(-Nk // kv_block_size))
+        t_ids, t_counts, t_offsets = _transposed(ids, -(-Nk // kv_block_size))
     if clean_counts is None:
         clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal, all_masked)
     if t_masked_counts is None:
         t_masked_counts = masked_query_counts(t_ids, t_counts, Nq, Nk, q_block_size, kv_block_size, causal,
-                                              all_masked)
+                                              all_masked, t_offsets)
     ids, counts = _route_views(ids, counts, B)
     clean_counts = clean_counts.expand(counts.shape)
+    compact = t_offsets is not None
     t_ids, t_counts = _route_views(t_ids, t_counts, B)
     t_masked_counts = t_masked_counts.expand(t_counts.shape)
+    # compact: [B, Hr, pairs] with per-key-block starts; padded: [B, Hr, nkb, width]
+    t_offsets = t_offsets.expand(t_counts.shape) if compact else t_counts  # (a placeholder, never read)
+    if not t_offsets.stride() == t_masked_counts.stride() == t_counts.stride():
+        raise RuntimeError("the transposed route's counts, masked counts and offsets must share strides (the kernel "
+                           f"indexes them alike), got {t_counts.stride()}, {t_masked_counts.stride()} and "
+                           f"{t_offsets.stride()}.")
+    t_strides = (*t_ids.stride()[:2], 0, t_ids.stride(2)) if compact else t_ids.stride()
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
     common = dict(Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims)
@@ -601,12 +627,12 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         q_desc, do_desc = _row_descriptors(q, do, cfg["BLOCK_M"]) if cfg["USE_TMA"] else (None, None)
         dq_f32 = grads["dq_f32"].zero_() if atomic_dq else delta  # delta: a placeholder, never read
         _block_sparse_bwd_dkdv_kernel[(_own_grid(Nk, kv_block_size, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, dq_f32, t_ids, t_counts, t_masked_counts, *maps.tensors, q_desc,
+            q, k, v, do, lse, delta, dk, dv, dq_f32, t_ids, t_counts, t_masked_counts, t_offsets, *maps.tensors, q_desc,
             do_desc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-            *dv.stride()[:3], *t_ids.stride(), *t_counts.stride()[:2], *maps.strides,
+            *dv.stride()[:3], *t_strides, *t_counts.stride()[:2], *maps.strides,
             Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg,
             KV_TILE_ALIGNED=kv_block_size % cfg["BLOCK_N"] == 0, GATHER_Q=q_block_size % cfg["BLOCK_M"] != 0,
-            ATOMIC_DQ=atomic_dq)
+            ATOMIC_DQ=atomic_dq, T_COMPACT=compact)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
     dq_cands, dq_tma = _with_tma("the dq pass", q, (k, v), _candidates(DQ_CANDIDATES, "dq"),
@@ -718,7 +744,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
         dq, dk, dv = block_sparse_bwd(dout, q, k, v, out, lse, dlse, ids, counts, plan["t_ids"], plan["t_counts"],
-                                      qp, kp, qs, ks, *ctx.meta, plan["clean"], plan["t_masked"])
+                                      qp, kp, qs, ks, *ctx.meta, plan["clean"], plan["t_masked"], plan["t_offsets"])
         return (dq, dk, dv) + (None,) * 11
 
 
@@ -746,10 +772,14 @@ def _transposes_in_one_launch(ids: Tensor, num_kv_blocks: int) -> bool:
     return triton_runs_on(ids.device) and br * hr * num_kv_blocks * nqb * max(width, 1) <= TRANSPOSE_KERNEL_MAX_CHECKS
 
 
-def _transposed(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
+def _transposed(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The transposed route for the dk/dv pass: ``(t_ids, t_counts, t_offsets)``. Small routes are
+    padded to every query block in one launch (``t_offsets`` None); larger ones take the compact
+    form, whose memory stays O(routed blocks) where the padded form grows as (seq / block)^2."""
     if _transposes_in_one_launch(ids, num_kv_blocks):
-        return transpose_block_ids_triton(ids, num_kv_blocks)
-    return transpose_block_ids(ids, num_kv_blocks)
+        return (*transpose_block_ids_triton(ids, num_kv_blocks), None)
+    t_ids, t_offsets, t_counts = transpose_block_ids_compact(ids, num_kv_blocks)
+    return t_ids, t_counts, t_offsets
 
 
 def route_plan(route, backward: bool) -> dict:
@@ -760,15 +790,20 @@ def route_plan(route, backward: bool) -> dict:
     if "clean" not in cache:
         cache["clean"] = clean_block_counts(route.kv_block_ids, route.kv_block_counts, route.q_len, route.kv_len,
                                             route.q_block_size, route.kv_block_size, route.causal, all_masked)
-    plan = {"clean": cache["clean"], "t_ids": None, "t_counts": None, "t_masked": None}
+    plan = {"clean": cache["clean"], "t_ids": None, "t_counts": None, "t_offsets": None, "t_masked": None}
     if backward:
-        if "transposed" not in cache:  # what route.transposed() caches, in one launch when small
-            cache["transposed"] = _transposed(route.kv_block_ids, route.num_kv_blocks)
-        t_ids, t_counts = route.transposed()
+        if "kernel_transposed" not in cache:
+            if "transposed" in cache:  # route.transposed() ran already: reuse its padded form
+                cache["kernel_transposed"] = (*cache["transposed"], None)
+            else:
+                t = cache["kernel_transposed"] = _transposed(route.kv_block_ids, route.num_kv_blocks)
+                if t[2] is None:  # the padded form is what route.transposed() returns: share it
+                    cache["transposed"] = t[:2]
+        t_ids, t_counts, t_offsets = cache["kernel_transposed"]
         if "t_masked" not in cache:
             cache["t_masked"] = masked_query_counts(t_ids, t_counts, route.q_len, route.kv_len, route.q_block_size,
-                                                    route.kv_block_size, route.causal, all_masked)
-        plan.update(t_ids=t_ids, t_counts=t_counts, t_masked=cache["t_masked"])
+                                                    route.kv_block_size, route.causal, all_masked, t_offsets)
+        plan.update(t_ids=t_ids, t_counts=t_counts, t_offsets=t_offsets, t_masked=cache["t_masked"])
     return plan
 
 
