@@ -299,7 +299,8 @@ def main():
     p.add_argument("--skip-decode", action="store_true")
     args = p.parse_args()
     dev = torch.device("cuda")
-    result = {"machine": machine_header(), "config": vars(args)}
+    # the output's file name only: the folder is the machine's own business
+    result = {"machine": machine_header(), "config": dict(vars(args), out=Path(args.out).name)}
     out = Path(args.out)
     if not args.skip_check:
         result["check"] = check(args, dev)

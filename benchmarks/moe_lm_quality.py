@@ -349,6 +349,12 @@ def plot(runs: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _recorded_args(args) -> dict:
+    """The arguments as the results record them: paths by file name only (no machine folders)."""
+    paths = ("out", "ckpt_dir", "text_file")
+    return {k: (Path(v).name if k in paths and v else v) for k, v in vars(args).items()}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -380,7 +386,7 @@ def main(argv=None) -> dict:
                   f"+- {r['final']['val_loss_se']:.4f}), late fluctuation {r['fluctuation_late_mean']}, "
                   f"{r['train_seconds']:.0f} s", flush=True)
     summary = summarize(runs)
-    result = {"machine": machine_header(), "args": {k: v for k, v in vars(args).items()}, "data": data,
+    result = {"machine": machine_header(), "args": _recorded_args(args), "data": data,
               "summary": summary, "runs": runs, "wall_seconds": time.perf_counter() - t_start}
     result["wall_seconds_all_calls"] = earlier_s + result["wall_seconds"]
     out.parent.mkdir(parents=True, exist_ok=True)
