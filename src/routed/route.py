@@ -352,33 +352,45 @@ def segment_ids_from_cu_seqlens(cu_seqlens: Tensor, total: Optional[int] = None)
 _SYNC_FREE_TRANSPOSE_ELEMENTS = 1 << 24
 
 
+def _sorted_pairs(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The routed (key block, query block) pairs of every (batch_r, head_r) row of ``ids [Br, Hr, nqb, K]``,
+    sorted by key block then query block: ``q_sorted`` and ``kv_sorted`` ``[Br * Hr, nqb * K]`` (int64;
+    padding slots last, with key block ``num_kv_blocks``) and the pairs per key block ``counts
+    [Br * Hr, num_kv_blocks]`` (int32, contiguous)."""
+    br, hr, nqb, k = ids.shape
+    rows, slots = br * hr, nqb * k
+    bh = torch.arange(rows, device=ids.device).view(br, hr, 1, 1)
+    kv_of = torch.where(ids >= 0, ids.long(), num_kv_blocks)  # padding sorts after every key block
+    q_of = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(br, hr, nqb, k)
+    order = torch.argsort(((bh * (num_kv_blocks + 1) + kv_of) * nqb + q_of).flatten())  # rows stay contiguous
+    q_sorted = q_of.flatten()[order].view(rows, slots)
+    kv_sorted = kv_of.flatten()[order].view(rows, slots)
+    counts = torch.zeros(rows, num_kv_blocks + 1, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(1, kv_sorted, torch.ones(rows, slots, dtype=torch.int32, device=ids.device))
+    return q_sorted, kv_sorted, counts[:, :num_kv_blocks].contiguous()  # the kernels index counts and offsets alike
+
+
 def transpose_block_ids(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
     """``[Br, Hr, nqb, K]`` key-block ids (-1 padded) -> the query blocks of every key block:
     ``t_ids [Br, Hr, num_kv_blocks, max_q]`` (int32, -1 padded, sorted) and ``t_counts``.
     ``max_q`` is the largest count, or ``nqb`` when that tensor is small: then nothing here waits
     for the GPU (no boolean indexing, no data-dependent size)."""
-    br, hr, nqb, k = ids.shape
-    rows = br * hr * num_kv_blocks
-    spare = rows  # padding slots (-1) go to one extra row, dropped at the end
-    live = ids >= 0
-    bh = torch.arange(br * hr, device=ids.device).view(br, hr, 1, 1)
-    kv_row = torch.where(live, bh * num_kv_blocks + ids.long(), spare).flatten()  # (bh, key block) per pair
-    q_of = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(br, hr, nqb, k).flatten()
-    order = torch.argsort(kv_row * nqb + q_of)
-    kv_row, q_of = kv_row[order], q_of[order]
-    t_counts = torch.zeros(rows + 1, dtype=torch.int64, device=ids.device)
-    t_counts.scatter_add_(0, kv_row, torch.ones_like(kv_row))
-    if rows * nqb <= _SYNC_FREE_TRANSPOSE_ELEMENTS:
+    br, hr, nqb, _ = ids.shape
+    rows = br * hr
+    q_sorted, kv_sorted, counts = _sorted_pairs(ids, num_kv_blocks)
+    if rows * num_kv_blocks * nqb <= _SYNC_FREE_TRANSPOSE_ELEMENTS:
         width = max(nqb, 1)  # the widest a row can be: no device-to-host sync for the exact width
     else:
-        width = max(int(t_counts[:rows].max()) if rows else 0, 1)
-    starts = torch.cumsum(t_counts, 0) - t_counts
-    rank = torch.arange(kv_row.numel(), device=ids.device) - starts[kv_row]
-    rank = torch.where(kv_row == spare, 0, rank)
-    t_ids = torch.full((rows + 1, width), -1, dtype=torch.int32, device=ids.device)
-    t_ids[kv_row, rank] = q_of.to(torch.int32)
-    return (t_ids[:rows].view(br, hr, num_kv_blocks, width),
-            t_counts[:rows].to(torch.int32).view(br, hr, num_kv_blocks))
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+    starts = torch.cumsum(counts, 1) - counts  # [rows, nkb]
+    live = kv_sorted < num_kv_blocks
+    slot = torch.arange(kv_sorted.shape[1], device=ids.device)
+    rank = torch.where(live, slot - starts.gather(1, kv_sorted.clamp_max(num_kv_blocks - 1)), 0)
+    # padding slots land in one spare key block per row, dropped at the end
+    t_ids = torch.full((rows, num_kv_blocks + 1, width), -1, dtype=torch.int32, device=ids.device)
+    row = torch.arange(rows, device=ids.device)[:, None].expand_as(kv_sorted)
+    t_ids[row, kv_sorted, rank] = q_sorted.to(torch.int32)
+    return t_ids[:, :num_kv_blocks].reshape(br, hr, num_kv_blocks, width), counts.view(br, hr, num_kv_blocks)
 
 
 def transpose_block_ids_compact(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -394,21 +406,10 @@ def transpose_block_ids_compact(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor
     ``t_counts [Br, Hr, num_kv_blocks]`` int32. No device-to-host sync.
     """
     br, hr, nqb, k = ids.shape
-    rows, slots = br * hr, nqb * k
-    live = ids >= 0
-    bh = torch.arange(rows, device=ids.device).view(br, hr, 1, 1)
-    kv_of = torch.where(live, ids.long(), num_kv_blocks)  # padding sorts after every key block
-    q_of = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(br, hr, nqb, k)
-    key = (bh * (num_kv_blocks + 1) + kv_of) * nqb + q_of  # (row, key block, query block)
-    order = torch.argsort(key.flatten())  # rows stay contiguous: slot r*slots + j is row r's j-th pair
-    q_sorted = q_of.flatten()[order].view(rows, slots)
-    live_sorted = live.flatten()[order].view(rows, slots)
-    t_ids = torch.where(live_sorted, q_sorted, -1).to(torch.int32)
-    counts = torch.zeros(rows, num_kv_blocks + 1, dtype=torch.int32, device=ids.device)
-    counts.scatter_add_(1, kv_of.view(rows, slots), torch.ones(rows, slots, dtype=torch.int32, device=ids.device))
-    counts = counts[:, :num_kv_blocks].contiguous()  # the kernels index counts and offsets alike
+    q_sorted, kv_sorted, counts = _sorted_pairs(ids, num_kv_blocks)
+    t_ids = torch.where(kv_sorted < num_kv_blocks, q_sorted, -1).to(torch.int32)
     offsets = torch.cumsum(counts, 1, dtype=torch.int32) - counts
-    return (t_ids.view(br, hr, slots), offsets.view(br, hr, num_kv_blocks), counts.view(br, hr, num_kv_blocks))
+    return (t_ids.view(br, hr, nqb * k), offsets.view(br, hr, num_kv_blocks), counts.view(br, hr, num_kv_blocks))
 
 
 def _block_reduce(pos: Tensor, block: int, op: str) -> Tensor:
