@@ -67,26 +67,23 @@ def main():
             for n in n_list:
                 for w in (16, 32, 64):
                     clusters = max(1, n // w)
-                    cl = torch.randint(0, clusters, (4, n), generator=g).to(dev)
-                    route, _, _ = cluster_window_route(cl, clusters, w)
-                    r = dict(kind="cluster_window", tma=tma, dtype=str(dtype)[6:], n=n, window=w,
-                             **case(route, 2, 1, 64, dtype, dev, g))
-                    rows.append(r)
-                    print(r, flush=True)
-                    route = random_block_route(n, block_size=w, blocks=3, heads=2, causal=True, generator=g,
-                                               device=dev)
-                    r = dict(kind="random_causal", tma=tma, dtype=str(dtype)[6:], n=n, window=w,
-                             **case(route, 4, 2, 64, dtype, dev, g))
-                    rows.append(r)
-                    print(r, flush=True)
-                    # queries offset by 7 from the keys: the query positions are then not 16-aligned,
-                    # which alone kept Triton 3.6's divisibility analysis from the fault
-                    route = random_block_route(n - 7, n, block_size=w, blocks=3, heads=2, causal=True,
-                                               generator=g, device=dev)
-                    r = dict(kind="random_causal_offset7", tma=tma, dtype=str(dtype)[6:], n=n, window=w,
-                             **case(route, 4, 2, 64, dtype, dev, g))
-                    rows.append(r)
-                    print(r, flush=True)
+                    # (kind, route builder, query heads, kv heads), built in this order (one generator)
+                    kinds = [
+                        ("cluster_window", lambda: cluster_window_route(
+                            torch.randint(0, clusters, (4, n), generator=g).to(dev), clusters, w)[0], 2, 1),
+                        ("random_causal", lambda: random_block_route(n, block_size=w, blocks=3, heads=2, causal=True,
+                                                                     generator=g, device=dev), 4, 2),
+                        # queries offset by 7 from the keys: the query positions are then not 16-aligned,
+                        # which alone kept Triton 3.6's divisibility analysis from the fault
+                        ("random_causal_offset7", lambda: random_block_route(n - 7, n, block_size=w, blocks=3, heads=2,
+                                                                             causal=True, generator=g, device=dev),
+                         4, 2),
+                    ]
+                    for kind, build, hq, hkv in kinds:
+                        r = dict(kind=kind, tma=tma, dtype=str(dtype)[6:], n=n, window=w,
+                                 **case(build(), hq, hkv, 64, dtype, dev, g))
+                        rows.append(r)
+                        print(r, flush=True)
                     Path(a.out).write_text(json.dumps({"machine": machine_header(), "small_tile_positions": os.environ.get(
                         "ROUTED_SMALL_TILE_POSITIONS", "1") != "0", "rows": rows}, indent=1))
     print("all ok:", all(r["ok"] for r in rows))

@@ -39,8 +39,8 @@ def main():
     p.add_argument("--cprofile", action="store_true", help="also print the Python functions forward+backward "
                    "spends its host time in")
     a = p.parse_args()
-    p_dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only under TRITON_INTERPRET=1, to test this
-    dev, d, hq = p_dev, 128, 16
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only under TRITON_INTERPRET=1, to test this
+    d, hq = 128, 16
     nq = a.nq or a.n
     g = torch.Generator().manual_seed(0)
     route = random_block_route(nq, a.n, block_size=128, blocks=a.blocks, heads=a.hkv, generator=g, device=dev)
