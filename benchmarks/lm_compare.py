@@ -165,10 +165,14 @@ def _rope(cfg, n, device, dtype):
     return rot(torch.empty(0, device=device, dtype=dtype), torch.arange(n, device=device)[None])
 
 
-def speed(args, device) -> dict:
+def speed(args, device, save=lambda res: None) -> dict:
+    """The speed part; ``save(res)`` is called after each piece, so a run cut short keeps what it measured.
+    The routers' cost runs first: it is the cheapest piece and decides the 10-15% budget."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     res: dict = {"dtype": str(dtype).replace("torch.", ""), "module_fwd_bwd": [], "prefill": [], "nsa_long": None,
                  "router_cost": []}
+    res["router_cost"] = router_cost(args, device, dtype)
+    save(res)
     # One attention module, forward+backward, against the dense module.
     for n in args.speed_lens:
         row = {"seq_len": n}
@@ -187,6 +191,7 @@ def speed(args, device) -> dict:
             row[f"{attention}_speedup"] = row["dense_ms"] / row[f"{attention}_ms"]
         res["module_fwd_bwd"].append(row)
         print("fwd+bwd", row, flush=True)
+        save(res)
     # The whole model's prefill (forward, no logits but the last).
     n = args.prefill_len
     ids = torch.randint(0, 50257, (1, n), device=device)
@@ -198,8 +203,9 @@ def speed(args, device) -> dict:
         res["prefill"].append({"attention": attention, "seq_len": n, "ms": ms})
         print("prefill", res["prefill"][-1], flush=True)
         del model
-    for r in res["prefill"]:
-        r["speedup_vs_dense"] = res["prefill"][0]["ms"] / r["ms"]
+        for r in res["prefill"]:
+            r["speedup_vs_dense"] = res["prefill"][0]["ms"] / r["ms"]
+        save(res)
     # NSA module against the same module in dense mode (forward).
     n = args.long_len
     nsa, cfg = _layer(args, "nsa", n, device, dtype)
@@ -213,7 +219,7 @@ def speed(args, device) -> dict:
                        "speedup": dense_ms / routed_ms}
     print("nsa long", res["nsa_long"], flush=True)
     del nsa, x
-    res["router_cost"] = router_cost(args, device, dtype)
+    save(res)
     return res
 
 
@@ -289,9 +295,14 @@ def main(argv=None) -> int:
     result["args"] = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
     if args.variants:
         result["train"].update(train_variants(args, device))
-    if args.speed:
-        result["speed"] = speed(args, device)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+
+        def save(res):
+            result["speed"] = res
+            out.write_text(json.dumps(result, indent=2))
+
+        speed(args, device, save)
     out.write_text(json.dumps(result, indent=2))
     if result["train"]:
         plot = Path(args.plot) if args.plot else out.with_suffix(".png")

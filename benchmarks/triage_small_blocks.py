@@ -4,16 +4,15 @@ one failing case run under forced configs (warps, stages), with and without the 
 
     PYTHONPATH=src ROUTED_AUTOTUNE=0 ROUTED_TMA=0 python benchmarks/triage_small_blocks.py
 
-It turns the explicit-position workaround off (it looks for the fault the workaround hides).
+It found the Triton 3.6 fault that ``_walked_rows`` (triton_kernels.py) now avoids; kept to re-check
+a new Triton or GPU (after the fix every config is exact: H200, 2026-12-01).
 """
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-os.environ["ROUTED_SMALL_TILE_POSITIONS"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from routed import BlockRoute, random_block_route, routed_attention  # noqa: E402

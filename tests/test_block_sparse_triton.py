@@ -89,48 +89,6 @@ def test_blocks_smaller_than_a_tile(bq, bk, nq, causal):
     check_against_f64(q, k, v, _mask_route(2, 2, nq, 75, bq, bk, causal, 0.4, seed=bq + bk))
 
 
-def test_small_tile_position_rule():
-    """Which calls get explicit default positions on the GPU (the small-tile causal-mask fault)."""
-    from routed.ops.block_sparse.triton_ops import needs_explicit_positions
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert needs_explicit_positions(True, False, 16, 16, cuda)
-    assert needs_explicit_positions(True, False, 128, 32, cuda)  # the key side's own tiles in dk/dv
-    assert needs_explicit_positions(True, False, 48, 48, cuda)  # 48 = 16 x 3: 16-row tiles
-    assert not needs_explicit_positions(True, False, 64, 64, cuda)
-    assert not needs_explicit_positions(True, False, 128, 128, cuda)
-    assert not needs_explicit_positions(False, False, 16, 16, cuda)  # no causal mask
-    assert not needs_explicit_positions(True, True, 16, 16, cuda)  # positions given: read from memory
-    assert not needs_explicit_positions(True, False, 16, 16, cpu)  # the interpreter is exact
-
-
-@pytest.mark.parametrize("bq,bk,nq,nk,segments", [(16, 16, 70, 70, False), (4, 16, 70, 75, False),
-                                                  (64, 8, 70, 75, False), (32, 32, 40, 100, False),
-                                                  (16, 16, 70, 70, True)])
-def test_explicit_default_positions_match(bq, bk, nq, nk, segments, monkeypatch):
-    """The GPU workaround's path, forced here: default positions (and one segment) passed as
-    tensors give the same forward and backward as the default-position kernels."""
-    from routed.ops.block_sparse import triton_ops
-
-    calls = []
-    real = triton_ops._default_maps.__wrapped__
-
-    def spy(*args):
-        calls.append(args)
-        return real(*args)
-
-    monkeypatch.setattr(triton_ops, "_default_maps", spy)
-    monkeypatch.setattr(triton_ops, "needs_explicit_positions",
-                        lambda causal, has_pos, bq_, bk_, device: causal and not has_pos)
-    q, k, v = _inputs(2, 4, 2, nq, nk, 16, torch.float32, seed=bq + bk + nq)
-    route = _mask_route(2, 2, nq, nk, bq, bk, True, 0.5, seed=bq * bk)
-    if segments:
-        seg = (torch.arange(nk) >= nk // 3).to(torch.int32).to(DEVICE)
-        route = route.with_segments(seg)
-    check_against_f64(q, k, v, route, lse_grad=True)
-    assert calls and all(c[:2] == (nq, nk) for c in calls), "the explicit-position path did not run"
-
-
 def test_small_blocks_with_segments_and_shared_route():
     """Region-major images: one route shared by every head, padding tokens in a segment of their own."""
     q, k, v = _inputs(2, 3, 3, 64, 64, 16, torch.float32, seed=77)

@@ -31,6 +31,8 @@ def machine_header() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        # the knobs that change which kernels and configs ran (ROUTED_AUTOTUNE, ROUTED_TMA, ...)
+        "routed_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ROUTED_")},
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)

@@ -262,50 +262,12 @@ def _num_sms_cached(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# Blocks whose largest power-of-two divisor is below this run the forward/dq (query side) or dk/dv
-# (key side) passes with gathered rows on tiles of 16 or 32 rows, which were computed wrongly on the
-# H200 with Triton 3.6 (benchmarks/results/h200/small_blocks_before_fix.json) when the causal mask
-# was built from default positions: half of each tile's query rows lost keys (the interpreter is
-# exact). Cause, read from the sm_90 compile (not yet run on a GPU): Triton 3.6's divisibility
-# analysis took the gathered key rows for multiples of the block size, so the causal test looked
-# equal down whole row groups and was computed once per thread; `_walked_rows` now erases that claim
-# (tl.multiple_of(.., 1)). Until a GPU run confirms it, such calls still get explicit positions and
-# one segment (the configuration that was exact in the same run; all blocks take the masked path):
-# remove this once benchmarks/check_small_blocks.py passes with ROUTED_SMALL_TILE_POSITIONS=0.
-SMALL_TILE_ROWS = 64
-
-
-def needs_explicit_positions(causal: bool, has_positions: bool, q_block_size: int, kv_block_size: int,
-                             device: torch.device) -> bool:
-    """Whether a causal call with default positions gets explicit ones (see SMALL_TILE_ROWS)."""
-    if not causal or has_positions or device.type != "cuda":
-        return False
-    if os.environ.get("ROUTED_SMALL_TILE_POSITIONS", "1") == "0":
-        return False
-    return min(_pow2_divisor(q_block_size, 128), _pow2_divisor(kv_block_size, 128)) < SMALL_TILE_ROWS
-
-
-@functools.lru_cache(maxsize=16)
-def _default_maps(q_len: int, kv_len: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Default positions (queries last) and one segment, as ``[1, len]`` int32 tensors."""
-    q_pos = torch.arange(q_len, device=device, dtype=torch.int32)[None] + (kv_len - q_len)
-    kv_pos = torch.arange(kv_len, device=device, dtype=torch.int32)[None]
-    return (q_pos, kv_pos, torch.zeros(1, q_len, dtype=torch.int32, device=device),
-            torch.zeros(1, kv_len, dtype=torch.int32, device=device))
-
-
 class _TokenMaps:
     """Per-token data of a route, as ``[batch, len]`` views for the kernels: positions (both, or
     neither for the default order) and segment ids (both or neither). Absent maps pass a dummy
-    pointer and stride 0; ``HAS_POS``/``HAS_SEG`` keep the kernels from reading them.
-    ``explicit``: pass default positions (and one segment where there are none) as tensors."""
+    pointer and stride 0; ``HAS_POS``/``HAS_SEG`` keep the kernels from reading them."""
 
-    def __init__(self, q_positions, kv_positions, q_segments, kv_segments, batch, q_len, kv_len, device, dummy,
-                 explicit: bool = False):
-        if explicit and q_positions is None and kv_positions is None:
-            q_positions, kv_positions, q_seg0, kv_seg0 = _default_maps(q_len, kv_len, device)
-            if q_segments is None:
-                q_segments, kv_segments = q_seg0, kv_seg0
+    def __init__(self, q_positions, kv_positions, q_segments, kv_segments, batch, q_len, kv_len, device, dummy):
         self.has_pos = q_positions is not None or kv_positions is not None
         self.has_seg = q_segments is not None
         if self.has_pos:
@@ -522,11 +484,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     out = new_output((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
     lse = new_output((B, Hq, Nq), dtype=torch.float32, device=q.device)
     decode = _takes_decode_path(Nq, q_block_size, kv_block_size)
-    explicit = not decode and needs_explicit_positions(causal, q_positions is not None or kv_positions is not None,
-                                                       q_block_size, kv_block_size, q.device)
-    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts, explicit)
-    if explicit:
-        clean_counts = None  # the route's clean counts assumed default positions
+    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
     if clean_counts is None and not decode:
         clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal,
                                           maps.has_pos or maps.has_seg)
@@ -583,11 +541,7 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     if dlse is not None:
         # d lse / d s = P, so lse's gradient folds into delta: dS = P * (dP - (delta - dlse)).
         delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
-    explicit = needs_explicit_positions(causal, q_positions is not None or kv_positions is not None, q_block_size,
-                                        kv_block_size, q.device)
-    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts, explicit)
-    if explicit:  # the route's mask splits assumed default positions
-        clean_counts = t_masked_counts = None
+    maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
     all_masked = maps.has_pos or maps.has_seg
     if t_ids is None:
         t_ids, t_counts, t_offsets = _transposed(ids, -(-Nk // kv_block_size))
