@@ -30,10 +30,11 @@ def poisoned_outputs() -> Iterator[None]:
 
 
 def new_output(shape, *, dtype, device) -> Tensor:
-    """Allocate an op's output: uninitialised normally, NaN-filled under :func:`poisoned_outputs`."""
+    """Allocate an op's output: uninitialised normally, NaN-filled under :func:`poisoned_outputs`
+    (integer outputs: the dtype's most negative value, which no id or count takes)."""
     t = torch.empty(shape, dtype=dtype, device=device)
     if _POISON:
-        t.fill_(float("nan"))
+        t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(dtype).min)
     return t
 
 

@@ -22,6 +22,7 @@ query block ``i`` holds queries ``i * q_block_size ..`` of ``q`` (blocks start a
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -60,9 +61,11 @@ def check_block_options(*, block_size: int, top_k: int, sink_blocks: int, local_
                              f"of the longest sequence ({max_len} tokens).")
 
 
+@functools.lru_cache(maxsize=64)
 def _query_block_extent(q_len: int, kv_len: int, q_block_size: int, kv_block_size: int, device) -> tuple[Tensor, Tensor]:
     """For every query block: the first key block it overlaps and the key block of its last query
-    (``[nqb]`` each; queries are the last ``q_len`` positions)."""
+    (``[nqb]`` each; queries are the last ``q_len`` positions). Cached: a router calls this every
+    layer and step with the same geometry, and each call costs several small launches."""
     nqb = math.ceil(q_len / q_block_size)
     qi = torch.arange(nqb, device=device)
     off = kv_len - q_len
@@ -72,7 +75,8 @@ def _query_block_extent(q_len: int, kv_len: int, q_block_size: int, kv_block_siz
 
 
 def block_topk_route(scores: Tensor, *, top_k: int, q_len: int, kv_len: int, q_block_size: int,
-                     kv_block_size: int, sink_blocks: int = 0, local_blocks: int = 1) -> BlockRoute:
+                     kv_block_size: int, sink_blocks: int = 0, local_blocks: int = 1,
+                     backend: Optional[str] = None) -> BlockRoute:
     """The ``top_k`` best-scoring visible key blocks of every query block, as a causal route.
 
     Args:
@@ -83,23 +87,51 @@ def block_topk_route(scores: Tensor, *, top_k: int, q_len: int, kv_len: int, q_b
         sink_blocks: first key blocks, always kept.
         local_blocks: key blocks ending at the diagonal, always kept (>= 1). Every key block the
             query block overlaps counts as its own block and is kept too.
+        backend: ``"triton"`` (one fused launch, :func:`~routed.ops.block_topk.triton_kernels.block_topk_triton`),
+            ``"reference"`` (plain PyTorch: two sorts), or None (Triton on CUDA where it applies).
     Returns:
         A causal :class:`BlockRoute` with ``H`` heads. Ties go to the lower block id (a stable
         sort), so a prefill and a step-by-step decode choose alike.
     """
+    return _topk_route(scores, top_k, q_len, kv_len, q_block_size, kv_block_size, sink_blocks, local_blocks,
+                       backend)
+
+
+def _topk_route(scores: Tensor, top_k: int, q_len: int, kv_len: int, q_block_size: int, kv_block_size: int,
+                sink_blocks: int, local_blocks: int, backend: Optional[str], group: int = 1,
+                reduce: str = "none", renormalize: bool = False) -> BlockRoute:
+    """:func:`block_topk_route` of ``scores [B, H * group, nqb, nkb]`` reduced over each head's
+    ``group`` rows (``reduce``), each row first renormalised over the blocks before its query block
+    when ``renormalize`` (MoBA); the Triton kernel does all of it in one launch."""
     nqb, nkb = math.ceil(q_len / q_block_size), math.ceil(kv_len / kv_block_size)
-    if scores.dim() != 4 or scores.shape[2:] != (nqb, nkb):
+    if scores.dim() != 4 or scores.shape[2:] != (nqb, nkb) or scores.shape[1] % group:
         raise RouteError(f"scores must be [batch, heads, {nqb}, {nkb}] for q_len={q_len}, kv_len={kv_len}, "
                          f"q_block_size={q_block_size}, kv_block_size={kv_block_size}; got {list(scores.shape)}.")
     _pos_int("top_k", top_k)
-    first, diag = _query_block_extent(q_len, kv_len, q_block_size, kv_block_size, scores.device)
-    kb = torch.arange(nkb, device=scores.device)[None, :]
-    visible = kb <= diag[:, None]
-    forced = visible & ((kb < sink_blocks) | (kb >= torch.minimum(first, diag - local_blocks + 1)[:, None]))
-    key = torch.where(forced, float("inf"), scores.float()).masked_fill(~visible, float("-inf"))
+    if backend not in (None, "triton", "reference"):
+        raise ValueError(f"backend must be 'triton', 'reference' or None (automatic), got {backend!r}.")
     # Most key blocks one query block overlaps, from the geometry alone (no GPU sync).
     own = (q_block_size + kv_block_size - 2) // kv_block_size + 1
     width = min(max(top_k, sink_blocks + max(local_blocks, own)), nkb)
+    if _topk_use_triton(scores, nkb, backend):
+        from ..ops.block_topk.triton_kernels import block_topk_triton
+
+        ids, counts = block_topk_triton(scores, width=width, q_len=q_len, kv_len=kv_len, q_block_size=q_block_size,
+                                        kv_block_size=kv_block_size, sink_blocks=sink_blocks,
+                                        local_blocks=local_blocks, group=group, reduce=reduce,
+                                        renormalize=renormalize)
+        return BlockRoute(ids, counts, q_len, kv_len, q_block_size, kv_block_size, causal=True, validate=False)
+    first, diag = _query_block_extent(q_len, kv_len, q_block_size, kv_block_size, scores.device)
+    kb = torch.arange(nkb, device=scores.device)[None, :]
+    if renormalize:
+        p = scores.float() * (kb < first[:, None])
+        scores = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    if group > 1:
+        scores = scores.view(scores.shape[0], -1, group, nqb, nkb)
+        scores = scores.amax(2) if reduce == "max" else scores.mean(2)
+    visible = kb <= diag[:, None]
+    forced = visible & ((kb < sink_blocks) | (kb >= torch.minimum(first, diag - local_blocks + 1)[:, None]))
+    key = torch.where(forced, float("inf"), scores.float()).masked_fill(~visible, float("-inf"))
     order = key.sort(dim=-1, descending=True, stable=True)
     ids, vals = order.indices[..., :width], order.values[..., :width]
     ids = torch.where(vals > float("-inf"), ids, nkb).sort(dim=-1).values
@@ -107,6 +139,25 @@ def block_topk_route(scores: Tensor, *, top_k: int, q_len: int, kv_len: int, q_b
     ids = torch.where(ids < nkb, ids, -1).to(torch.int32)
     return BlockRoute(ids.contiguous(), counts.contiguous(), q_len, kv_len, q_block_size, kv_block_size,
                       causal=True, validate=False)
+
+
+def _topk_max_blocks() -> int:
+    from ..ops.block_topk.triton_kernels import TOPK_MAX_BLOCKS
+
+    return TOPK_MAX_BLOCKS
+
+
+def _topk_use_triton(scores: Tensor, nkb: int, backend: Optional[str]) -> bool:
+    if backend == "reference":
+        return False
+    why = estimator_backend_why_not(scores, 16, False)  # triton importable, a device it runs on, a float dtype
+    if why is None and nkb > _topk_max_blocks():
+        why = f"{nkb} key blocks exceed the {_topk_max_blocks()} the kernel holds per row"
+    if backend == "triton":
+        if why is not None:
+            raise BackendUnavailable(f"the Triton top-k route kernel cannot run this call: {why}.")
+        return True
+    return why is None and scores.device.type == "cuda"
 
 
 class MoBARouter:
@@ -123,11 +174,13 @@ class MoBARouter:
             the kernel then loads each K/V tile once per group) or ``"query"`` (one route per query
             head, as in the paper).
         head_reduce: ``"max"`` or ``"mean"`` (``heads="kv"`` only).
-        backend: scoring: ``"triton"`` (the pooled-score kernel of :mod:`routed.ops.block_scores`,
-            per query head with the GQA group packed per tile, then the group reduction; needs
-            ``q_block_size == block_size``), ``"reference"`` (plain PyTorch, any options), or None (Triton where
-            it applies on CUDA, else PyTorch). The scoring is small next to the attention: block
-            means (one read of q and k) and a ``num_blocks x num_blocks`` product per head.
+        backend: scoring and top-k: ``"triton"`` (two launches: the pooled-score kernel of
+            :mod:`routed.ops.block_scores`, per query head with the GQA group packed per tile, then
+            :mod:`routed.ops.block_topk`'s top-k kernel, which also renormalises and reduces the group;
+            needs ``q_block_size == block_size``), ``"reference"`` (plain PyTorch, any options), or None
+            (Triton where it applies on CUDA, else PyTorch). The scoring is small next to the attention:
+            block means (one read of q and k) and a ``num_blocks x num_blocks`` product per head; as
+            separate PyTorch ops its ~80 launches, not its arithmetic, bounded its time on the GPU.
     Call ``router(q, k, scale=None)``: ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` (``Nk >= Nq``)
     -> a causal :class:`BlockRoute`. Routing is not differentiable (MoBA's gate is a top-k).
     """
@@ -195,12 +248,20 @@ class MoBARouter:
                 and estimator_backend_why_not(q, self.block_size, False) is None)
 
     def __call__(self, q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> BlockRoute:
+        geometry = dict(top_k=self.top_k, q_len=q.shape[2], kv_len=k.shape[2], q_block_size=self.q_block_size,
+                        kv_block_size=self.block_size, sink_blocks=self.sink_blocks, local_blocks=self.local_blocks)
         with torch.no_grad():
-            s = self.scores(q.detach(), k.detach(), scale=scale)
-            return block_topk_route(s, top_k=self.top_k, q_len=q.shape[2], kv_len=k.shape[2],
-                                    q_block_size=self.q_block_size,
-                                    kv_block_size=self.block_size, sink_blocks=self.sink_blocks,
-                                    local_blocks=self.local_blocks)
+            q, k = q.detach(), k.detach()
+            check_qk_heads(q, k)
+            if k.shape[2] >= q.shape[2] and self._use_triton(q, q.shape[2]):
+                # Two launches: the per-query-head pooled probabilities, then one kernel that
+                # renormalises them over the candidates, reduces the GQA group and picks the top-k.
+                scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+                p = pooled_block_probs(q, k, self.block_size, scale=scale, head_reduce="none", backend="triton")
+                group = q.shape[1] // k.shape[1] if self.heads == "kv" else 1
+                return _topk_route(p, backend="triton", group=group, reduce=self.head_reduce if group > 1 else "none",
+                                   renormalize=True, **geometry)
+            return block_topk_route(self.scores(q, k, scale=scale), **geometry, backend=self.backend)
 
     def __repr__(self) -> str:
         return (f"MoBARouter(block_size={self.block_size}, top_k={self.top_k}, q_block_size={self.q_block_size}, "
@@ -334,9 +395,9 @@ class NSASelectionRouter:
         sink_blocks, local_blocks: always-kept blocks (the paper keeps 1 initial and 2 local).
         chunk: queries scored at once by the PyTorch path (bounds its ``chunk x num_compressed``
             temporary).
-        backend: scoring: ``"triton"`` (one fused kernel, :mod:`routed.ops.block_topk`; nothing of
-            size ``q_len x num_compressed`` is written), ``"reference"`` (plain PyTorch, chunked), or
-            None (Triton on CUDA, PyTorch elsewhere).
+        backend: scoring and top-k: ``"triton"`` (the fused kernels of :mod:`routed.ops.block_topk`;
+            nothing of size ``q_len x num_compressed`` is written), ``"reference"`` (plain PyTorch,
+            chunked), or None (Triton on CUDA, PyTorch elsewhere).
     Call ``router(q, k_cmp, lse_cmp, kv_len, scale=None)``: ``q [B, Hq, Nq, D]``, the compressed
     keys ``k_cmp [B, Hkv, Nc, D]`` and the compressed branch's log-sum-exp ``lse_cmp [B, Hq, Nq]``
     (``-inf`` where a query sees no compressed block; recomputed when None) -> a causal KV-head
@@ -413,7 +474,8 @@ class NSASelectionRouter:
                             scale=scale)
             return block_topk_route(s, top_k=self.top_n, q_len=q.shape[2], kv_len=kv_len,
                                     q_block_size=self.q_block_size, kv_block_size=self.block_size,
-                                    sink_blocks=self.sink_blocks, local_blocks=self.local_blocks)
+                                    sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
+                                    backend=self.backend)
 
     def __repr__(self) -> str:
         return (f"NSASelectionRouter(block_size={self.block_size}, top_n={self.top_n}, compress_block="

@@ -1,12 +1,17 @@
-"""Triton kernel for NSA's selection scores, and its host launcher.
+"""Triton kernels of the block routers: NSA's selection scores, and the fused top-k route.
 
-One program per (query block, batch x KV head): the query heads of the GQA group and a tile of the
+NSA scores: one program per (query block, batch x KV head): the query heads of the GQA group and a tile of the
 block's queries are packed into the rows of one tile (head-major, the head count padded to a
 power of two with masked rows), so each compressed-key tile is loaded once for the whole group.
 For every compressed key the program sums, over its rows, the compressed-attention probability
 ``exp(scale * q . k_cmp - lse)`` (``lse``: the compressed branch's log-sum-exp, already known), with
 the causal test on the compressed blocks' end positions. Compressed-key tiles wholly after the
 block's last query are skipped (zeros written).
+
+Top-k route (:func:`block_topk_triton`): one program per (query block, batch x route head) holds the
+whole score row, applies the causal window and the forced blocks, picks the top blocks by repeated
+argmax and writes them sorted: one launch instead of the ~35 small ops (two sorts) of the PyTorch
+route builder, whose launches dominated a router's time on the GPU.
 """
 
 from __future__ import annotations
@@ -97,3 +102,97 @@ def nsa_compressed_mass_triton(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: in
         BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP_P=gp, TILE_Q=tile_q, BLOCK_N=64,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     return out
+
+
+# The widest score row one program holds in registers (1M keys at blocks of 64); wider rows take
+# the PyTorch path of routed.routers.blocks.block_topk_route.
+TOPK_MAX_BLOCKS = 16384
+
+
+@triton.jit
+def _block_topk_kernel(S, Ids, Counts, stride_sb, stride_sh, stride_sq, stride_ib, stride_ih, stride_iq,
+                       stride_cb, stride_ch, n_heads, group, nkb, q_len, kv_len, q_block, kv_block, width,
+                       sink_blocks, local_blocks, REDUCE: tl.constexpr, RENORM: tl.constexpr,
+                       NKB_P2: tl.constexpr, WIDTH_P2: tl.constexpr):
+    # REDUCE: 1 = max over the group's rows (group 1: the head's own row), 2 = mean over them.
+    qb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    off = kv_len - q_len
+    first = (qb * q_block + off) // kv_block  # first key block the query block overlaps
+    diag = (tl.minimum((qb + 1) * q_block, q_len) - 1 + off) // kv_block  # key block of its last query
+    kb = tl.arange(0, NKB_P2)
+    visible = kb <= diag  # (diag < nkb, so this also keeps kb in range)
+    row = S + b * stride_sb + qb * stride_sq
+    # The head's score row, or the max / mean of its group's rows (a max over one row is the row).
+    if REDUCE == 2:
+        s = tl.zeros([NKB_P2], tl.float32)
+    else:
+        s = tl.full([NKB_P2], float("-inf"), tl.float32)
+    for g in range(group):
+        p = tl.load(row + (h * group + g) * stride_sh + kb, mask=visible, other=0.0).to(tl.float32)
+        if RENORM:  # MoBA: each head's probabilities renormalised over the blocks before the query block
+            p = tl.where(kb < first, p, 0.0)
+            p = p / tl.maximum(tl.sum(p, 0), 1.1754943508222875e-38)
+        if REDUCE == 2:
+            s = s + p
+        else:
+            s = tl.maximum(s, p)
+    if REDUCE == 2:
+        s = s / group
+    forced = visible & ((kb < sink_blocks) | (kb >= tl.minimum(first, diag - local_blocks + 1)))
+    key = tl.where(forced, float("inf"), s)
+    key = tl.where(visible, key, float("-inf"))
+    # `width` rounds of argmax (ties to the lower block id, as a stable descending sort); a block
+    # scoring -inf is never kept.
+    keep = kb < 0
+    for _i in range(width):
+        m = tl.max(key, 0)
+        pick = tl.min(tl.where(key == m, kb, NKB_P2), 0)
+        pick = tl.where(m > float("-inf"), pick, NKB_P2)  # nothing left to keep: match no block
+        hit = kb == pick
+        keep = keep | hit
+        key = tl.where(hit, float("-inf"), key)
+    # Compact the kept ids in increasing order, pad with -1.
+    n_keep = tl.sum(keep.to(tl.int32), 0)
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    out = Ids + b * stride_ib + h * stride_ih + qb * stride_iq
+    tl.store(out + slot, kb.to(tl.int32), mask=keep)
+    pad = tl.arange(0, WIDTH_P2)
+    tl.store(out + pad, tl.full([WIDTH_P2], -1, tl.int32), mask=(pad >= n_keep) & (pad < width))
+    tl.store(Counts + b * stride_cb + h * stride_ch + qb, n_keep)
+
+
+def block_topk_triton(scores: Tensor, *, width: int, q_len: int, kv_len: int, q_block_size: int,
+                      kv_block_size: int, sink_blocks: int, local_blocks: int, group: int = 1,
+                      reduce: str = "none", renormalize: bool = False) -> tuple[Tensor, Tensor]:
+    """The ``width`` best visible key blocks of every query block, sinks and the local window forced
+    in, in one launch: ids ``[B, H, nqb, width]`` int32 (sorted, -1 padded) and counts ``[B, H, nqb]``.
+
+    Args:
+        scores: ``[B, H * group, nqb, nkb]`` float (higher is better; only visible entries are read).
+        width: slots per row (the top-k, widened for forced blocks); see ``block_topk_route``.
+        group, reduce: ``"none"`` (group 1) or ``"max"``/``"mean"`` over each head's ``group`` rows
+            (MoBA's GQA group reduction) before the selection.
+        renormalize: divide each row by its sum over the key blocks wholly before the query block
+            (MoBA's candidates) before the reduction.
+    Semantics equal ``routed.routers.blocks.block_topk_route`` (the PyTorch reference) on the reduced
+    scores: ties go to the lower block id, blocks scoring -inf are never kept.
+    """
+    B, hg, nqb, nkb = scores.shape
+    if reduce not in ("none", "max", "mean") or (reduce == "none" and group != 1) or hg % group:
+        raise ValueError(f"reduce={reduce!r} with group={group} does not fit scores with {hg} heads.")
+    if nkb > TOPK_MAX_BLOCKS:
+        raise ValueError(f"{nkb} key blocks exceed the {TOPK_MAX_BLOCKS} one program of the top-k kernel holds.")
+    h = hg // group
+    scores = scores if scores.stride(-1) == 1 else scores.contiguous()
+    ids = new_output((B, h, nqb, width), dtype=torch.int32, device=scores.device)
+    counts = new_output((B, h, nqb), dtype=torch.int32, device=scores.device)
+    nkb_p2 = triton.next_power_of_2(nkb)
+    _block_topk_kernel[(nqb, B * h)](
+        scores, ids, counts, *scores.stride()[:3], *ids.stride()[:3], *counts.stride()[:2], h, group, nkb, q_len,
+        kv_len, q_block_size, kv_block_size, width, sink_blocks, local_blocks,
+        REDUCE=2 if reduce == "mean" else 1, RENORM=renormalize, NKB_P2=nkb_p2,
+        WIDTH_P2=triton.next_power_of_2(width), num_warps=max(1, min(16, nkb_p2 // 256)))
+    return ids, counts
