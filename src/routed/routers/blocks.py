@@ -336,6 +336,13 @@ def _nsa_mass_torch(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: int, q_block_
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _queries_per_block(q_len: int, q_block_size: int, device) -> Tensor:
+    """``[nqb]`` float32 number of queries in each query block (the last may be partial)."""
+    return torch.clamp(q_len - torch.arange(math.ceil(q_len / q_block_size), device=device) * q_block_size,
+                       max=q_block_size).float()
+
+
 def compressed_positions(kv_len: int, compress_block: int, compress_stride: int, device=None) -> Tensor:
     """``[num_compressed]`` int64 position of the last token of every compressed block (block ``i``
     covers tokens ``i * stride .. i * stride + compress_block - 1``; only whole blocks exist)."""
@@ -434,7 +441,7 @@ class NSASelectionRouter:
         hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
         if kv_len < nq:
             raise RouteError(f"kv_len={kv_len} is smaller than the {nq} queries; queries are the last positions.")
-        expect = compressed_positions(kv_len, self.compress_block, self.compress_stride).numel()
+        expect = max(0, (kv_len - self.compress_block) // self.compress_stride + 1)  # compressed_positions' count
         if nc != expect:
             raise RouteError(f"k_cmp has {nc} compressed keys but kv_len={kv_len} with compress_block="
                              f"{self.compress_block}, compress_stride={self.compress_stride} gives {expect}.")
@@ -456,8 +463,7 @@ class NSASelectionRouter:
         # Spread each compressed block's mass over the selection blocks it overlaps (linear in Nc, no
         # Nc x num_sel_blocks matrix); mean per query.
         sel = spread_to_selection_blocks(mass, self.compress_block, self.compress_stride, self.block_size, nsb)
-        cnt = torch.clamp(nq - torch.arange(nqb, device=q.device) * qbs, max=qbs).float()
-        return sel / cnt[:, None]
+        return sel / _queries_per_block(nq, qbs, q.device)[:, None]
 
     def _use_triton(self, q: Tensor) -> bool:
         why = estimator_backend_why_not(q, 16, False)  # the same conditions as the estimator kernels
