@@ -404,6 +404,33 @@ def test_transpose_kernel_equals_sorting_transpose(shape, nkb):
     assert torch.equal(got_ids[..., :width_t], want_ids) and bool((got_ids[..., width_t:] == -1).all())
 
 
+@pytest.mark.parametrize("q_len,kv_len,qbs,kbs,causal", [(100, 100, 16, 16, True), (37, 100, 16, 32, True),
+                                                     (70, 75, 32, 16, False), (64, 64, 16, 16, False),
+                                                     (1, 90, 16, 16, True), (50, 300, 4, 8, True)])
+@pytest.mark.parametrize("all_masked", [False, True])
+def test_mask_split_counts_kernels_equal_pytorch(q_len, kv_len, qbs, kbs, causal, all_masked):
+    """The clean-block counts (one launch) and the masked query-block counts (from the transpose
+    launch) equal their PyTorch forms, outputs poisoned."""
+    from routed.ops.block_sparse import triton_ops
+    from routed.route import transpose_block_ids
+
+    route = _mask_route(2, 3, q_len, kv_len, qbs, kbs, causal, 0.4, seed=q_len + kbs)
+    ids, counts = route.kv_block_ids, route.kv_block_counts
+    with poisoned_outputs():
+        clean = triton_ops.clean_block_counts(ids, counts, q_len, kv_len, qbs, kbs, causal, all_masked)
+        t_ids, t_counts, _, t_masked = triton_ops._transposed(ids, route.num_kv_blocks,
+                                                              (q_len, kv_len, qbs, kbs, causal, all_masked))
+    want_clean = (torch.zeros_like(counts) if all_masked else
+                  triton_ops._clean_block_counts_torch(ids, counts, q_len, kv_len, qbs, kbs, causal))
+    assert torch.equal(clean, want_clean)
+    w_ids, w_counts = transpose_block_ids(ids, route.num_kv_blocks)
+    want_masked = (w_counts if all_masked else
+                   triton_ops.masked_query_counts(w_ids, w_counts, q_len, kv_len, qbs, kbs, causal, False))
+    assert torch.equal(t_counts, w_counts) and torch.equal(t_masked, want_masked)
+    if not all_masked and causal:
+        assert 0 < int(clean.sum()) < int(counts.sum())  # both branches of the split occur
+
+
 @pytest.mark.parametrize("shape,nkb", [((2, 3, 7, 4), 5), ((1, 1, 1, 1), 1), ((2, 1, 300, 6), 40), ((1, 2, 5, 0), 3),
                                        ((3, 1, 49, 16), 49)])
 def test_compact_transpose_equals_padded(shape, nkb):

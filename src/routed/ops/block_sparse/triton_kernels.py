@@ -608,20 +608,25 @@ def _decode_combine_kernel(
 
 
 @triton.jit
-def _transpose_route_kernel(Ids, TIds, TCounts, n_q_blocks, n_kv_blocks, width,
+def _transpose_route_kernel(Ids, TIds, TCounts, TMasked, n_q_blocks, n_kv_blocks, width, q_block, kv_block,
+                            kv_len, pos_offset, CAUSAL: tl.constexpr, ALL_MASKED: tl.constexpr,
                             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     """The transposed route in one launch: program (key block j, route row r) scans the route rows
     ``Ids [R, n_q_blocks, width]`` (contiguous, -1 padded) in query-block order and writes the query
     blocks that route to ``j``, sorted, into ``TIds [R, n_kv_blocks, n_q_blocks]`` (-1 padded) and
-    their number into ``TCounts [R, n_kv_blocks]``. ``O(n_q_blocks * width)`` reads per program:
-    for the small routes that are rebuilt every call (BiFormer regions), where a sort and its
-    dozens of small launches would cost more host time than the kernels they feed."""
+    their number into ``TCounts [R, n_kv_blocks]``, and into ``TMasked [R, n_kv_blocks]`` how many of
+    them need a mask (``masked_query_counts``; default positions, or every one when ``ALL_MASKED``).
+    ``O(n_q_blocks * width)`` reads per program: for the small routes that are rebuilt every call
+    (BiFormer regions, MoBA), where a sort and its dozens of small launches would cost more host time
+    than the kernels they feed."""
     j = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     ids_base = Ids + r * n_q_blocks * width
     out_base = TIds + (r * n_kv_blocks + j) * n_q_blocks
+    k_last = (j + 1) * kv_block - 1  # the key block's last position
     count = 0
+    masked = 0
     for q0 in range(0, n_q_blocks, BLOCK_Q):
         offs_q = q0 + tl.arange(0, BLOCK_Q)
         tile = tl.load(ids_base + offs_q[:, None] * width + offs_k[None, :],
@@ -630,7 +635,35 @@ def _transpose_route_kernel(Ids, TIds, TCounts, n_q_blocks, n_kv_blocks, width,
         slot = count + tl.cumsum(hit, axis=0) - 1
         tl.store(out_base + slot, offs_q.to(tl.int32), mask=hit > 0)
         count += tl.sum(hit, axis=0)
+        if ALL_MASKED:
+            masked += tl.sum(hit, axis=0)
+        else:
+            need = k_last >= kv_len  # a partial last key block
+            if CAUSAL:
+                need = need | (k_last > offs_q * q_block + pos_offset)  # keys after the block's first query
+            masked += tl.sum(tl.where(need, hit, 0), axis=0)
     for q0 in range(0, n_q_blocks, BLOCK_Q):  # -1 past the count
         offs_q = q0 + tl.arange(0, BLOCK_Q)
         tl.store(out_base + offs_q, tl.full([BLOCK_Q], -1, tl.int32), mask=(offs_q >= count) & (offs_q < n_q_blocks))
     tl.store(TCounts + r * n_kv_blocks + j, count.to(tl.int32))
+    tl.store(TMasked + r * n_kv_blocks + j, masked.to(tl.int32))
+
+
+@triton.jit
+def _clean_counts_kernel(Ids, Counts, Clean, n_flat, n_q_blocks, width, q_block, kv_block, kv_len, pos_offset,
+                         CAUSAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``clean_block_counts`` in one launch: for the ``n_flat`` rows of ``Ids [R * n_q_blocks, width]``
+    (contiguous; row i is query block ``i % n_q_blocks``), how many live key blocks are whole and,
+    when causal, wholly at or before the query block's first query."""
+    flat = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = flat < n_flat
+    qb = flat % n_q_blocks
+    offs_k = tl.arange(0, BLOCK_K)
+    cnt = tl.load(Counts + flat, mask=row_ok, other=0)
+    live = row_ok[:, None] & (offs_k[None, :] < cnt[:, None]) & (offs_k[None, :] < width)
+    ids = tl.load(Ids + flat[:, None] * width + offs_k[None, :], mask=live, other=0)
+    k_last = (ids.to(tl.int64) + 1) * kv_block - 1
+    clean = live & (k_last < kv_len)
+    if CAUSAL:
+        clean = clean & (k_last <= (qb * q_block + pos_offset)[:, None])
+    tl.store(Clean + flat, tl.sum(clean.to(tl.int32), axis=1), mask=row_ok)

@@ -24,7 +24,7 @@ from ...route import transpose_block_ids_compact
 from ...testing import new_output
 from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
                              _block_sparse_decode_split_kernel, _block_sparse_fwd_kernel, _bwd_preprocess_kernel,
-                             _decode_combine_kernel, _transpose_route_kernel)
+                             _clean_counts_kernel, _decode_combine_kernel, _transpose_route_kernel)
 
 logger = logging.getLogger("routed")
 
@@ -292,6 +292,13 @@ def clean_block_counts(ids: Tensor, counts: Tensor, q_len: int, kv_len: int, q_b
         return torch.zeros_like(counts)
     if not causal and kv_len % kv_block_size == 0:  # every block whole and visible
         return counts
+    if triton_runs_on(ids.device) and counts.numel():  # one launch, not ~15 small ops
+        return _clean_block_counts_triton(ids, counts, q_len, kv_len, q_block_size, kv_block_size, causal)
+    return _clean_block_counts_torch(ids, counts, q_len, kv_len, q_block_size, kv_block_size, causal)
+
+
+def _clean_block_counts_torch(ids: Tensor, counts: Tensor, q_len: int, kv_len: int, q_block_size: int,
+                              kv_block_size: int, causal: bool) -> Tensor:
     live = torch.arange(ids.shape[-1], device=ids.device) < counts[..., None]
     k_end = (ids.long() + 1) * kv_block_size
     clean = live & (k_end <= kv_len)
@@ -299,6 +306,18 @@ def clean_block_counts(ids: Tensor, counts: Tensor, q_len: int, kv_len: int, q_b
         q_first = torch.arange(ids.shape[2], device=ids.device) * q_block_size + (kv_len - q_len)
         clean = clean & (k_end - 1 <= q_first[:, None])
     return clean.sum(-1, dtype=torch.int32)
+
+
+def _clean_block_counts_triton(ids: Tensor, counts: Tensor, q_len: int, kv_len: int, q_block_size: int,
+                               kv_block_size: int, causal: bool) -> Tensor:
+    br, hr, nqb, width = ids.shape
+    ids, counts = ids.contiguous(), counts.contiguous()
+    clean = new_output(counts.shape, dtype=torch.int32, device=counts.device)
+    block_r = 64
+    _clean_counts_kernel[(triton.cdiv(counts.numel(), block_r),)](
+        ids, counts, clean, counts.numel(), nqb, width, q_block_size, kv_block_size, kv_len, kv_len - q_len,
+        CAUSAL=causal, BLOCK_R=block_r, BLOCK_K=max(2, triton.next_power_of_2(max(width, 1))), num_warps=4)
+    return clean
 
 
 def masked_query_counts(t_ids: Tensor, t_counts: Tensor, q_len: int, kv_len: int, q_block_size: int,
@@ -544,7 +563,9 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
     all_masked = maps.has_pos or maps.has_seg
     if t_ids is None:
-        t_ids, t_counts, t_offsets = _transposed(ids, -(-Nk // kv_block_size))
+        t_ids, t_counts, t_offsets, t_masked = _transposed(
+            ids, -(-Nk // kv_block_size), (Nq, Nk, q_block_size, kv_block_size, causal, all_masked))
+        t_masked_counts = t_masked if t_masked_counts is None else t_masked_counts
     if clean_counts is None:
         clean_counts = clean_block_counts(ids, counts, Nq, Nk, q_block_size, kv_block_size, causal, all_masked)
     if t_masked_counts is None:
@@ -709,16 +730,26 @@ TRANSPOSE_KERNEL_MAX_CHECKS = 1 << 26
 
 def transpose_block_ids_triton(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor]:
     """:func:`routed.route.transpose_block_ids` (same outputs, full width ``nqb``) in one launch."""
+    return _transpose_in_one_launch(ids, num_kv_blocks)[:2]
+
+
+def _transpose_in_one_launch(ids: Tensor, num_kv_blocks: int, q_len: int = 1, kv_len: int = 1,
+                             q_block_size: int = 1, kv_block_size: int = 1, causal: bool = False,
+                             all_masked: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``(t_ids, t_counts, t_masked)``: the padded transposed route and, from the same launch,
+    :func:`masked_query_counts` for the given geometry."""
     br, hr, nqb, width = ids.shape
     rows = br * hr
-    t_ids = torch.empty(br, hr, num_kv_blocks, nqb, dtype=torch.int32, device=ids.device)
-    t_counts = torch.empty(br, hr, num_kv_blocks, dtype=torch.int32, device=ids.device)
+    t_ids = new_output((br, hr, num_kv_blocks, nqb), dtype=torch.int32, device=ids.device)
+    t_counts = new_output((br, hr, num_kv_blocks), dtype=torch.int32, device=ids.device)
+    t_masked = new_output((br, hr, num_kv_blocks), dtype=torch.int32, device=ids.device)
     if rows and num_kv_blocks and nqb:
         _transpose_route_kernel[(num_kv_blocks, rows)](
-            ids.contiguous(), t_ids, t_counts, nqb, num_kv_blocks, width,
+            ids.contiguous(), t_ids, t_counts, t_masked, nqb, num_kv_blocks, width, q_block_size, kv_block_size,
+            kv_len, kv_len - q_len, CAUSAL=causal, ALL_MASKED=all_masked,
             BLOCK_Q=min(128, max(16, triton.next_power_of_2(nqb))),
             BLOCK_K=max(2, triton.next_power_of_2(max(width, 1))), num_warps=4)
-    return t_ids, t_counts
+    return t_ids, t_counts, t_masked
 
 
 def _transposes_in_one_launch(ids: Tensor, num_kv_blocks: int) -> bool:
@@ -726,14 +757,17 @@ def _transposes_in_one_launch(ids: Tensor, num_kv_blocks: int) -> bool:
     return triton_runs_on(ids.device) and br * hr * num_kv_blocks * nqb * max(width, 1) <= TRANSPOSE_KERNEL_MAX_CHECKS
 
 
-def _transposed(ids: Tensor, num_kv_blocks: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The transposed route for the dk/dv pass: ``(t_ids, t_counts, t_offsets)``. Small routes are
-    padded to every query block in one launch (``t_offsets`` None); larger ones take the compact
-    form, whose memory stays O(routed blocks) where the padded form grows as (seq / block)^2."""
+def _transposed(ids: Tensor, num_kv_blocks: int, geometry: Optional[tuple] = None) -> tuple:
+    """The transposed route for the dk/dv pass: ``(t_ids, t_counts, t_offsets, t_masked)``. Small
+    routes are padded to every query block in one launch (``t_offsets`` None), which also counts the
+    masked query blocks for ``geometry`` ``(q_len, kv_len, q_block_size, kv_block_size, causal,
+    all_masked)`` when given (else ``t_masked`` is None); larger ones take the compact form, whose
+    memory stays O(routed blocks) where the padded form grows as (seq / block)^2."""
     if _transposes_in_one_launch(ids, num_kv_blocks):
-        return (*transpose_block_ids_triton(ids, num_kv_blocks), None)
+        t_ids, t_counts, t_masked = _transpose_in_one_launch(ids, num_kv_blocks, *(geometry or ()))
+        return t_ids, t_counts, None, t_masked if geometry is not None else None
     t_ids, t_offsets, t_counts = transpose_block_ids_compact(ids, num_kv_blocks)
-    return t_ids, t_counts, t_offsets
+    return t_ids, t_counts, t_offsets, None
 
 
 def route_plan(route, backward: bool) -> dict:
@@ -750,9 +784,14 @@ def route_plan(route, backward: bool) -> dict:
             if "transposed" in cache:  # route.transposed() ran already: reuse its padded form
                 cache["kernel_transposed"] = (*cache["transposed"], None)
             else:
-                t = cache["kernel_transposed"] = _transposed(route.kv_block_ids, route.num_kv_blocks)
+                geometry = (route.q_len, route.kv_len, route.q_block_size, route.kv_block_size, route.causal,
+                            all_masked)
+                *t, t_masked = _transposed(route.kv_block_ids, route.num_kv_blocks, geometry)
+                cache["kernel_transposed"] = tuple(t)
+                if t_masked is not None:
+                    cache["t_masked"] = t_masked
                 if t[2] is None:  # the padded form is what route.transposed() returns: share it
-                    cache["transposed"] = t[:2]
+                    cache["transposed"] = tuple(t[:2])
         t_ids, t_counts, t_offsets = cache["kernel_transposed"]
         if "t_masked" not in cache:
             cache["t_masked"] = masked_query_counts(t_ids, t_counts, route.q_len, route.kv_len, route.q_block_size,
