@@ -23,6 +23,8 @@ Config options read here (with defaults, so any config with the usual HF fields 
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
@@ -65,8 +67,13 @@ def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+@functools.lru_cache(maxsize=64)
 def block_window_route(q_len: int, kv_len: int, block_size: int, window_blocks: int, device=None) -> BlockRoute:
     """Causal sliding window of ``window_blocks`` key blocks ending at each query's own block.
+
+    Cached per geometry: every window layer of a model, at every step, gets the same route object,
+    so the kernels' derived data (transposed route, mask splits) is computed once, and building it
+    (one host sync, in ``BlockRoute.from_block_mask``) happens once.
 
     When the queries start on a block boundary (a prefill, a block-aligned chunk) or there is one
     query (a decode step), this is :func:`~routed.routers.static.sliding_window_route`; otherwise
