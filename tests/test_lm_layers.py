@@ -130,7 +130,8 @@ def _nsa_f64(layer, x, pe):
     return F.linear(o.transpose(1, 2).reshape(B, N, -1), layer.o_proj.weight.double())
 
 
-@pytest.mark.parametrize("backend,n", [("reference", 70), ("triton", 70), ("reference", 5)])
+@pytest.mark.parametrize("backend,n", [("reference", 70), ("triton", 70), ("reference", 5), ("triton", 150),
+                                       ("reference", 150)])
 def test_nsa_equals_its_branches_written_out(backend, n):
     torch.manual_seed(3)
     layer = NSAAttention(_config(attention_backend=backend, router_backend=backend), 0)

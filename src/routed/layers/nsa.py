@@ -48,6 +48,8 @@ Like the KV cache itself, the record holds what the weights computed when each b
 
 from __future__ import annotations
 
+import functools
+
 import weakref
 from typing import NamedTuple, Optional
 
@@ -86,6 +88,26 @@ class _CompressedKV(NamedTuple):
     v_cmp: Tensor  # [B, Hkv, Nc, D]
     kv_len: int  # cached tokens the record covers (Nc = compressed_positions(kv_len, ...).numel())
     keys: Optional[weakref.ref]  # the cache layer's key tensor then (None: the layout is unknown)
+
+
+@functools.lru_cache(maxsize=64)
+def _compressed_route(nq: int, nc: int, kv_len: int, block_size: int, compress_block: int, compress_stride: int,
+                      device) -> BlockRoute:
+    """The compressed branch's route: each query block of ``block_size`` queries (the last ``nq`` of
+    ``kv_len`` positions) sees the blocks of ``block_size`` compressed keys whose first key has ended
+    by its last query; the causal test is on the compressed keys' end positions. Leaving out the
+    blocks wholly in the future halves the branch's work in a prefill. Cached per geometry (no
+    content in it), so its derived data is computed once for every layer and step."""
+    qpos = torch.arange(nq, device=device) + (kv_len - nq)
+    kpos = compressed_positions(kv_len, compress_block, compress_stride, device)
+    nqb, nkb = -(-nq // block_size), -(-nc // block_size)
+    q_last = torch.clamp((torch.arange(nqb, device=device) + 1) * block_size, max=nq) - 1 + (kv_len - nq)
+    seen = torch.clamp((q_last - (compress_block - 1)).div(compress_stride, rounding_mode="floor") + 1, 0, nc)
+    counts = (seen + block_size - 1).div(block_size, rounding_mode="floor").to(torch.int32)  # blocks with a key seen
+    j = torch.arange(nkb, device=device, dtype=torch.int32)
+    ids = torch.where(j[None, :] < counts[:, None], j[None, :], -1)
+    return BlockRoute(ids[None, None].contiguous(), counts[None, None].contiguous(), nq, nc, block_size, block_size,
+                      causal=True, q_positions=qpos, kv_positions=kpos, validate=False)
 
 
 @register_attention("nsa")
@@ -194,15 +216,8 @@ class NSAAttention(LMAttention):
         nq, nc = q.shape[2], k_cmp.shape[2]
         if nc == 0:
             return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        qpos = torch.arange(nq, device=q.device) + (kv_len - nq)
-        kpos = compressed_positions(kv_len, self.compress_block, self.compress_stride, q.device)
-        qbs, kbs = self.block_size, self.block_size
-        nqb, nkb = -(-nq // qbs), -(-nc // kbs)
-        # Every compressed block for every query block; causality by the blocks' end positions.
-        ids = torch.arange(nkb, device=q.device, dtype=torch.int32).expand(1, 1, nqb, nkb).contiguous()
-        counts = torch.full((1, 1, nqb), nkb, dtype=torch.int32, device=q.device)
-        route = BlockRoute(ids, counts, nq, nc, qbs, kbs, causal=True, q_positions=qpos, kv_positions=kpos,
-                           validate=False)
+        route = _compressed_route(nq, nc, kv_len, self.block_size, self.compress_block, self.compress_stride,
+                                  q.device)
         return routed_attention(q, k_cmp, v_cmp, route, scale=self.scale, backend=self.backend, return_lse=True)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, hidden: Tensor) -> Tensor:
