@@ -41,7 +41,7 @@ ITEMS = {
         "--out {out}/block_sparse_32k_128k.json",
     ]),
     "profile": (4, 90, {"ROUTED_AUTOTUNE": "0"}, [
-        "python benchmarks/profile_block_sparse.py --cprofile",
+        "python benchmarks/profile_block_sparse.py --cprofile --launch-overhead",
     ]),
     "bra": (5, 240, {}, [
         "python benchmarks/bra.py --sides 224 512 1024 --out {out}/bra.json",

@@ -38,6 +38,8 @@ def main():
     p.add_argument("--nq", type=int, default=None, help="queries (default n); 1 for decode")
     p.add_argument("--cprofile", action="store_true", help="also print the Python functions forward+backward "
                    "spends its host time in")
+    p.add_argument("--launch-overhead", action="store_true", help="also time the host cost of bare Triton "
+                   "launches (2 and 48 arguments, no work) and of our forward with and without tensor descriptors")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only under TRITON_INTERPRET=1, to test this
     d, hq = 128, 16
@@ -67,6 +69,8 @@ def main():
         torch.autograd.grad(out, (q, k, v), do)
 
     print(f"host time per call, {'fwd+bwd':<26}: {host_us(fwd_bwd, 20):8.1f} us")
+    if a.launch_overhead:
+        launch_overhead(q, k, v, route, scale)
     if a.cprofile:
         import cProfile
         import pstats
@@ -90,6 +94,38 @@ def main():
             sync()
         print(f"--- {name}: GPU time per call by kernel (10 calls)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def launch_overhead(q, k, v, route, scale):
+    """Host microseconds per launch of an empty Triton kernel with few and with many arguments (our
+    kernels take ~40-60), and of the forward with and without tensor descriptors (TMA): where the
+    eager call's host time goes, when it is not our Python."""
+    import os
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty2(X, n):
+        pass
+
+    @triton.jit
+    def _empty48(X, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19, a20,
+                 a21, a22, a23, a24, a25, a26, a27, a28, a29, a30, a31, a32, a33, a34, a35, a36, a37, a38, a39, a40,
+                 a41, a42, a43, a44, a45, a46, B: tl.constexpr):
+        pass
+
+    x = q.detach()
+    ints = [int(s) for s in (list(q.stride()) * 12)[:47]]
+    print(f"host time per launch, empty kernel, 2 args      : {host_us(lambda: _empty2[(1,)](x, 7), 200):8.1f} us")
+    print(f"host time per launch, empty kernel, 48 args     : "
+          f"{host_us(lambda: _empty48[(1,)](x, *ints, B=16), 200):8.1f} us")
+    with torch.no_grad():
+        for tma in ("1", "0"):
+            os.environ["ROUTED_TMA"] = tma
+            t = host_us(lambda: routed_attention(q, k, v, route, backend="triton"), 50)
+            print(f"host time per call, no_grad forward, ROUTED_TMA={tma}: {t:8.1f} us")
+    os.environ["ROUTED_TMA"] = "1"
 
 
 def _nograd(fn):

@@ -2,6 +2,7 @@
 selection (no leakage, KV-cache decoding equal to the full forward), errors, gradients."""
 
 import types
+import weakref
 
 import pytest
 import torch
@@ -76,6 +77,56 @@ def test_matches_token_route_definition(selection, hybrid, heads, n):
     do = torch.randn_like(out)  # the input gradient too: the picked rows' backward adds per token
     torch.testing.assert_close(torch.autograd.grad(out, x, do)[0], torch.autograd.grad(want, x, do)[0],
                                rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+@pytest.mark.parametrize("per_chunk", [1, 2])
+def test_head_chunks_match_the_definition_in_every_gradient(selection, per_chunk):
+    """The sparse heads run a few at a time (3 heads in chunks of 1 or 2, the last one short); output
+    and the gradients of x, every parameter and the rotary cos/sin equal the definition's."""
+    layer = _layer(mosa_selection=selection, mosa_heads=3)
+    n = 29
+    layer.chunk_elements = per_chunk * 2 * _width(n, selection) * 64  # B * k * hidden per head
+    x = torch.randn(2, n, 64, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.clone().requires_grad_() for t in rope(n, 16, 2))
+    out = layer(x, (cos, sin))[0]
+    want = _definition(layer, x, cos, sin)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    inputs = (x, cos, sin, *layer.parameters())
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, do), torch.autograd.grad(want, inputs, do)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_saved_for_backward_is_attention_sized_not_gathered_rows(selection):
+    """What the forward keeps for backward (parameters and x aside) is what attention over the picked
+    tokens needs, q, k, v, out ([B, heads, k, d] each) plus per-token bookkeeping: never the picked rows
+    of x per head ([B, heads, k, hidden], hidden / d = 16 times q here), which the backward gathers again."""
+    torch.manual_seed(0)
+    layer = MoSAAttention(_config(hidden_size=256, num_attention_heads=17, mosa_heads=16,
+                                  mosa_selection=selection), 0).double().train()
+    B, n = 2, 64
+    x = torch.randn(B, n, 256, dtype=torch.float64, requires_grad=True)
+    refs = []
+
+    def pack(t):  # weakly: a tensor counts while a node of the graph still holds it
+        refs.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x, rope(n, 16, B))[0]
+    skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    live = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in refs) if t is not None}
+    saved = sum(b for ptr, b in live.items() if ptr not in skip)
+    q_bytes = B * 16 * _width(n, selection) * 16 * 8
+    assert saved <= 6 * q_bytes + x.nbytes, (saved, q_bytes, x.nbytes)
+    out.sum().backward()  # and the graph still runs
+
+
+def _width(n, selection, sparsity=4, capacity=1.25):
+    """Slots per sparse head (``ids.shape[-1]``) of :func:`mosa_select`."""
+    return -(-n // sparsity) if selection == "topk" else min(n, int(capacity * n / sparsity) + 1)
 
 
 def test_dense_mode_sees_every_token_and_decodes():

@@ -5,7 +5,10 @@ tokens (expert choice: the head chooses its tokens); only those are projected to
 to each other causally (in position order, so the attention among them is plain dense causal
 attention over ``k`` tokens: SDPA's fused kernels run it), are scaled by their router score (the
 router's gradient) and scatter back. Cost per sparse head ``O(k^2 + k hidden)`` instead of
-``O(N^2 + N hidden)``. The other heads are dense (or local) causal heads.
+``O(N^2 + N hidden)``. The other heads are dense (or local) causal heads. Memory: the picked rows
+of ``x`` per head (``hidden / d`` times the size of a head's ``q``) and their output-projection products
+exist only a few heads at a time and are never saved for backward, which keeps what attention over the
+picked tokens needs (``q, k, v, out``) and per-token bookkeeping.
 
 Selection (``mosa_selection``):
 
@@ -38,9 +41,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..attention import routed_attention
-from .lm_attention import apply_rotary
+from .lm_attention import _rotate_half, apply_rotary
 from .registry import register_attention
 from .routing_attention import local_window_route
 
@@ -82,6 +86,124 @@ def mosa_select(scores: Tensor, sparsity: float, selection: str = "topk", capaci
     key = torch.where(picked, pos, pos + 2 * (start + N))
     ids = key.topk(k, dim=-1, largest=False).indices.sort(dim=-1).values
     return ids, picked.gather(-1, ids)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulators of sums over heads: float32 at least (bf16 adds of ~N/k * heads terms round badly)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunks(heads: int, chunk: int):
+    return ((h0, min(heads, h0 + chunk)) for h0 in range(0, heads, chunk))
+
+
+class _PickedQKV(torch.autograd.Function):
+    """Rotated ``q, k`` and ``v`` of every sparse head at its picked tokens, ``chunk`` heads at a time.
+
+    The picked rows of ``x`` (``[heads, B * k, hidden]``: ``hidden / d`` times the size of ``q``, 3.6 GB
+    at 32k tokens with 425 heads) exist for one chunk at a time and are gathered again in backward
+    instead of being saved; the rotary ``cos, sin`` at the picked positions likewise. Saved: ``x``,
+    ``weight``, ``cos``, ``sin`` (saved anyway by the rest of the layer) and ``rows``.
+
+    ``x [R, hidden]`` (``R = B * N`` flat tokens), ``weight [heads, hidden, 3 d]``, ``cos, sin [R, d]``,
+    ``rows [heads, B * k]`` int64 (head-major flat token ids), ``batch = B``. Returns
+    ``q, k, v [B, heads, k, d]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, cos, sin, rows, batch, chunk):
+        H, M = rows.shape
+        d = weight.shape[-1] // 3
+        out = [x.new_empty(batch, H, M // batch, d) for _ in range(3)]
+        for h0, h1 in _chunks(H, chunk):
+            idx = rows[h0:h1].reshape(-1)
+            qkv = torch.bmm(x.index_select(0, idx).view(h1 - h0, M, -1), weight[h0:h1])
+            c, s = (t.index_select(0, idx).view(h1 - h0, M, d).to(x.dtype) for t in (cos, sin))
+            for i, t in enumerate(qkv.split(d, dim=-1)):
+                t = t * c + _rotate_half(t) * s if i < 2 else t  # as apply_rotary
+                out[i][:, h0:h1] = t.view(h1 - h0, batch, M // batch, d).transpose(0, 1)
+        ctx.save_for_backward(x, weight, cos, sin, rows)
+        ctx.batch, ctx.chunk = batch, chunk
+        return tuple(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gq, gk, gv):
+        x, weight, cos, sin, rows = ctx.saved_tensors
+        H, M = rows.shape
+        d = weight.shape[-1] // 3
+        need_x, need_w, need_c, need_s = ctx.needs_input_grad[:4]
+        gx = torch.zeros(x.shape, dtype=_acc_dtype(x.dtype), device=x.device) if need_x else None
+        gw = torch.empty_like(weight) if need_w else None
+        gcs = [torch.zeros(t.shape, dtype=_acc_dtype(t.dtype), device=t.device) if n else None
+               for t, n in ((cos, need_c), (sin, need_s))]
+        for h0, h1 in _chunks(H, ctx.chunk):
+            n, idx = h1 - h0, rows[h0:h1].reshape(-1)
+            c, s = (t.index_select(0, idx).view(n, M, d).to(x.dtype) for t in (cos, sin))
+            g = [t[:, h0:h1].transpose(0, 1).reshape(n, M, d) for t in (gq, gk, gv)]
+            # The rotary's transpose: rotate_half^T = -rotate_half.
+            g_in = torch.cat([g[0] * c - _rotate_half(g[0] * s), g[1] * c - _rotate_half(g[1] * s), g[2]], -1)
+            xs = x.index_select(0, idx).view(n, M, -1)
+            if need_w:
+                gw[h0:h1] = torch.bmm(xs.transpose(1, 2), g_in)
+            if need_x:
+                gx.index_add_(0, idx, torch.bmm(g_in, weight[h0:h1].transpose(1, 2)).view(-1, x.shape[1]).to(gx.dtype))
+            if need_c or need_s:  # rare (learned positions): needs the unrotated q, k, so project again
+                q, k = torch.bmm(xs, weight[h0:h1, :, :2 * d]).split(d, dim=-1)
+                for acc, f in zip(gcs, (lambda t: t, _rotate_half)):
+                    if acc is not None:
+                        acc.index_add_(0, idx, (g[0] * f(q) + g[1] * f(k)).reshape(-1, d).to(acc.dtype))
+        gc, gs = (None if a is None else a.to(t.dtype) for a, t in zip(gcs, (cos, sin)))
+        return None if gx is None else gx.to(x.dtype), gw, gc, gs, None, None, None
+
+
+class _PickedOut(torch.autograd.Function):
+    """The sparse heads' share of the output projection, on their picked tokens only, added into
+    ``[R, hidden]``, ``chunk`` heads at a time: the per-head ``[B * k, hidden]`` products exist for one
+    chunk at a time, in forward and (as the gathered output gradient) in backward; the sums over
+    heads run in float32. Projecting the scattered ``[B, N, heads * d]`` instead would cost ``N / k``
+    times the FLOPs, nearly all of them on zeros.
+
+    ``o [B, heads, k, d]`` (attention output, saved by SDPA anyway), ``w [B, heads, k]`` router
+    weights (applied here, so ``o * w`` is never saved), ``weight [hidden, heads, d]`` (the sparse
+    heads' columns of ``o_proj``), ``rows [heads, B * k]`` int64 flat token ids, ``n_rows = R``.
+    Returns ``[R, hidden]`` in ``o``'s dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, o, w, weight, rows, n_rows, chunk):
+        B, H, K, d = o.shape
+        acc = torch.zeros(n_rows, weight.shape[0], dtype=_acc_dtype(o.dtype), device=o.device)
+        for h0, h1 in _chunks(H, chunk):
+            ow = (o[:, h0:h1] * w[:, h0:h1, :, None]).transpose(0, 1).reshape(h1 - h0, B * K, d)
+            y = torch.bmm(ow, weight[:, h0:h1].permute(1, 2, 0))
+            acc.index_add_(0, rows[h0:h1].reshape(-1), y.view(-1, y.shape[-1]).to(acc.dtype))
+        ctx.save_for_backward(o, w, weight, rows)
+        ctx.chunk = chunk
+        return acc.to(o.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        o, w, weight, rows = ctx.saved_tensors
+        B, H, K, d = o.shape
+        need_o, need_w, need_weight = ctx.needs_input_grad[:3]
+        go = torch.empty_like(o) if need_o else None
+        gw = torch.empty_like(w) if need_w else None
+        gweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
+        for h0, h1 in _chunks(H, ctx.chunk):
+            n = h1 - h0
+            gy = g.index_select(0, rows[h0:h1].reshape(-1)).view(n, B * K, -1)
+            oc = o[:, h0:h1].transpose(0, 1).reshape(n, B * K, d)
+            wc = w[:, h0:h1].transpose(0, 1).reshape(n, B * K, 1)
+            if need_weight:
+                gweight[:, h0:h1] = torch.bmm((oc * wc).transpose(1, 2), gy).permute(2, 0, 1)
+            g_ow = torch.bmm(gy, weight[:, h0:h1].permute(1, 0, 2))  # [n, B * K, d]
+            if need_o:
+                go[:, h0:h1] = (g_ow * wc).view(n, B, K, d).transpose(0, 1)
+            if need_w:
+                gw[:, h0:h1] = (g_ow * oc).sum(-1).view(n, B, K).transpose(0, 1)
+        return go, gw, gweight, None, None, None
 
 
 @register_attention("mosa")
@@ -126,6 +248,10 @@ class MoSAAttention(nn.Module):
         self.router = nn.Linear(hidden, hs, bias=True)
         self.o_proj = nn.Linear(h * d, hidden, bias=bias)
         self._picked: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        # Elements of the per-chunk [heads, B * k, hidden] temporaries (None: max(2 x's, 2^27)); bounds the
+        # sparse heads' peak memory independently of their number. Not smaller: every chunk costs ~25
+        # launches, and with 8 heads per chunk (425 heads at 32k) the GPU would wait on the host.
+        self.chunk_elements: Optional[int] = None
 
     def extra_repr(self) -> str:
         return (f"sparse_heads={self.sparse_heads}, dense_heads={self.dense_heads} ({self.hybrid}), "
@@ -154,16 +280,21 @@ class MoSAAttention(nn.Module):
         ids, picked = mosa_select(scores, self.sparsity, self.selection, self.capacity, cand_before, past)
         if self.training and self.selection == "threshold" and hs:
             aux = self.rate_weight * (scores.mean() - 1.0 / self.sparsity) ** 2
+        if self.selection == "threshold":
+            # Picked slots first, in position order: plain causal attention among the slots is then
+            # exact for every picked query (no [k, k] mask, which is 7 GB at 32k tokens and 425 heads;
+            # SDPA's fused causal kernels run); unpicked slots are weighted 0 and only see slots before.
+            order = picked.logical_not().to(torch.uint8).argsort(dim=-1, stable=True)
+            ids, picked = ids.gather(-1, order), picked.gather(-1, order)
         k_sel = ids.shape[-1]
-        # Picked rows of x by flat index: the backward adds into [B * N, hidden], where a gather from
-        # x expanded over the heads would allocate [B, heads, N, hidden] (tens of GB at 64k tokens).
+        # Picked rows of x by flat token index, head-major: backward adds into [B * N, hidden], where a
+        # gather from x expanded over the heads would allocate [B, heads, N, hidden].
         flat = ids + (torch.arange(B, device=ids.device) * N).view(B, 1, 1)
-        xs = F.embedding(flat.reshape(-1), x.reshape(B * N, hidden)).view(B, hs, k_sel, hidden)
-        qs, ks, vs = torch.einsum("bhkc,hcd->bhkd", xs, self.qkv_sparse.to(x.dtype)).split(d, dim=-1)
-        cs = cos.unsqueeze(1).expand(B, hs, N, d).gather(2, ids.unsqueeze(-1).expand(B, hs, k_sel, d))
-        sn = sin.unsqueeze(1).expand(B, hs, N, d).gather(2, ids.unsqueeze(-1).expand(B, hs, k_sel, d))
-        qs, ks = (apply_rotary(t.reshape(B * hs, 1, k_sel, d), cs.reshape(B * hs, k_sel, d),
-                               sn.reshape(B * hs, k_sel, d)).view(B, hs, k_sel, d) for t in (qs, ks))
+        rows = flat.transpose(0, 1).reshape(hs, B * k_sel)
+        chunk = self._chunk_heads(B * k_sel * hidden, B * N * hidden)
+        qs, ks, vs = _PickedQKV.apply(x.reshape(B * N, hidden), self.qkv_sparse.to(x.dtype),
+                                      cos.expand(B, N, d).reshape(B * N, d), sin.expand(B, N, d).reshape(B * N, d),
+                                      rows, B, chunk)
         w = (scores.gather(-1, ids) * picked).to(x.dtype)  # [B, hs, k]
 
         # Dense heads.
@@ -174,14 +305,9 @@ class MoSAAttention(nn.Module):
         if past == 0:  # the whole sequence: dense causal attention among each head's picked tokens
             out = None
             if hs:
-                if self.selection != "threshold":  # all slots picked: plain causal attention among the k tokens
-                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-                else:  # unpicked padding slots are hidden as keys (their own rows are weighted 0)
-                    tri = torch.ones(k_sel, k_sel, dtype=torch.bool, device=x.device).tril()
-                    eye = torch.eye(k_sel, dtype=torch.bool, device=x.device)
-                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=(tri & picked[:, :, None, :]) | eye,
-                                                       scale=scale)
-                out = self._project_picked(o * w.unsqueeze(-1), flat, B * N)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+                w_s = self.o_proj.weight[:, hd * d:].view(-1, hs, d).to(x.dtype)  # [hidden, heads, d]
+                out = _PickedOut.apply(o, w, w_s, rows, B * N, chunk)
             if hd:
                 o = self._dense(qd, kd, vd, scale).transpose(1, 2).reshape(B * N, hd * d)
                 dense_out = F.linear(o, self.o_proj.weight[:, :hd * d])
@@ -197,16 +323,10 @@ class MoSAAttention(nn.Module):
         o = self._after_cache(ids, qs, w, qd if hd else None, k_all, v_all, flags, N, scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, N, self.heads * d)), aux
 
-    def _project_picked(self, o: Tensor, flat: Tensor, rows: int) -> Tensor:
-        """The sparse heads' share of the output projection, computed on their picked tokens only and
-        added into ``[rows, hidden]`` (flat token index ``flat [B, heads, k]``). Projecting the
-        scattered ``[B, N, heads * d]`` instead would cost ``N / k`` times the FLOPs, nearly all of
-        them on zeros. ``o [B, heads, k, d]`` is already weighted by the router scores."""
-        hd, hs, d = self.dense_heads, self.sparse_heads, self.head_dim
-        w_s = self.o_proj.weight[:, hd * d:].view(-1, hs, d)  # [hidden, heads, d]
-        y = torch.einsum("bhkd,chd->bhkc", o, w_s.to(o.dtype))  # [B, heads, k, hidden]
-        out = torch.zeros(rows, y.shape[-1], dtype=y.dtype, device=y.device)
-        return out.index_add(0, flat.reshape(-1), y.reshape(-1, y.shape[-1]))
+    def _chunk_heads(self, per_head: int, x_elements: int) -> int:
+        """Sparse heads per chunk: their ``[B * k, hidden]`` temporaries stay within ``chunk_elements``."""
+        budget = self.chunk_elements or max(2 * x_elements, 1 << 27)
+        return max(1, budget // max(1, per_head))
 
     def _dense(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         if self.hybrid == "dense":
