@@ -249,7 +249,36 @@ def router_cost(args, device, dtype) -> list[dict]:
                               _time(lambda: routed_attention(q, k, v, route), device), dense_ms, route.density()))
     for r in rows:
         print("router cost", r, flush=True)
+    rows.append(_kernel_checks(q, k, moba, device))
+    print("router kernel checks", rows[-1], flush=True)
     return rows
+
+
+def _kernel_checks(q, k, moba, device) -> dict:
+    """On this GPU, at this size: the fused top-k route kernel against the PyTorch route builder on the
+    same scores, and the one-launch mask-split counts against their PyTorch forms (both exact)."""
+    from routed.ops.block_sparse import triton_ops
+    from routed.route import transpose_block_ids
+    from routed.routers.blocks import block_topk_route
+
+    geo = dict(top_k=moba.router.top_k, q_len=q.shape[2], kv_len=k.shape[2], q_block_size=moba.router.q_block_size,
+               kv_block_size=moba.router.block_size, sink_blocks=1, local_blocks=2)
+    with torch.no_grad():
+        s = moba.router.scores(q, k)
+        a, b = (block_topk_route(s, **geo, backend=be) for be in ("triton", "reference"))
+        route_equal = bool(torch.equal(a.kv_block_ids, b.kv_block_ids) and torch.equal(a.kv_block_counts,
+                                                                                         b.kv_block_counts))
+        ids, counts = a.kv_block_ids, a.kv_block_counts
+        args = (a.q_len, a.kv_len, a.q_block_size, a.kv_block_size, True)
+        clean_equal = bool(torch.equal(triton_ops.clean_block_counts(ids, counts, *args, False),
+                                       triton_ops._clean_block_counts_torch(ids, counts, *args)))
+        t_ids, t_counts, _, t_masked = triton_ops._transposed(ids, a.num_kv_blocks, (*args, False))
+        w_ids, w_counts = transpose_block_ids(ids, a.num_kv_blocks)
+        masked_equal = t_masked is None or bool(torch.equal(
+            t_masked, triton_ops.masked_query_counts(w_ids, w_counts, *args, False)))
+    return {"router": "kernel_checks", "topk_route_equal": route_equal, "clean_counts_equal": clean_equal,
+            "masked_counts_equal": masked_equal, "transpose_in_one_launch": t_masked is not None,
+            "ok": route_equal and clean_equal and masked_equal}
 
 
 def _cost_row(name, router_ms, routed_ms, dense_ms, density) -> dict:
