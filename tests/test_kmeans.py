@@ -72,6 +72,53 @@ def test_ema_update_and_commitment_loss():
     assert not torch.equal(km2.centroids[0, 0], c[0, 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_commitment_loss_and_gradient_as_written_out(dtype):
+    """The loss and its gradient against autograd through ``F.normalize`` in float64, a zero vector
+    and one shorter than normalize's eps included."""
+    km = KMeansRouter(2, 8, 3, commitment=0.5)
+    x = torch.randn(2, 2, 20, 8)
+    km.assign(x)  # initialise
+    x[0, 0, 3] = 0
+    x[1, 1, 7] = 1e-14
+    x = x.to(dtype).requires_grad_()
+    a = km.assign(x)
+    loss = km.commitment_loss(x, a)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    c = km.centroids.double()[torch.arange(2).view(1, 2, 1), a]
+    want = 0.5 * (F.normalize(x64, dim=-1) - c).pow(2).sum(-1).mean()
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+    assert x.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient is rounded to x's dtype
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol * float(x64.grad.abs().max()))
+
+
+def test_train_step_is_assign_commitment_and_update():
+    """``train_step`` = ``assign`` + the keys' and the queries' (mean over the group) commitment
+    losses + ``update``, as separate calls compute them."""
+    torch.manual_seed(0)
+    k = torch.randn(2, 3, 30, 8, requires_grad=True)
+    q = torch.randn(2, 3, 2, 30, 8, requires_grad=True)
+    a_km, b_km = KMeansRouter(3, 8, 4, decay=0.9), KMeansRouter(3, 8, 4, decay=0.9)
+    a_km.assign(k)
+    b_km.load_state_dict(a_km.state_dict())
+    before = a_km.centroids.clone()
+    a, loss = a_km.train_step(k, q)
+    gk, gq = torch.autograd.grad(loss, [k, q])
+    want_a = b_km.assign(k)
+    want = b_km.commitment_loss(k, want_a) + sum(b_km.commitment_loss(q[:, :, g], want_a) for g in range(2)) / 2
+    b_km.update(k.detach(), want_a)
+    assert torch.equal(a, want_a)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    wk, wq = torch.autograd.grad(want, [k, q])
+    torch.testing.assert_close(gk, wk, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(gq, wq, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(a_km.centroids, b_km.centroids, rtol=0, atol=1e-7)
+    assert not torch.equal(a_km.centroids, before)
+
+
 def test_state_round_trips_through_save_and_load():
     km = KMeansRouter(3, 8, 5)
     x = torch.randn(2, 3, 40, 8)

@@ -1,5 +1,6 @@
 """RoutingAttention (Routing Transformer layer): the definition in float64, any length, evaluation
-before training, no causal leakage, KV-cache decoding equal to the full forward, checkpoints."""
+before training, no causal leakage, KV-cache decoding equal to the full forward, checkpoints, a
+training step that never waits for the device."""
 
 import io
 import types
@@ -7,12 +8,16 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import DynamicCache
 
+from routed.env import triton_runs_on
 from routed.layers.registry import attention_class
 from routed.layers.lm_attention import apply_rotary
 from routed.layers.routing_attention import RoutingAttention
 from routed.testing import poisoned_outputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _config(**kw):
@@ -270,3 +275,79 @@ def test_mqar_generator():
         assert all(kv[int(x[i, t])] == int(y[i, t]) for t in asked)
     with pytest.raises(ValueError, match="lower --kv-pairs"):
         mqar(1, 20, 100, 16, generator=torch.Generator())
+
+
+class _HostWaits(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: reading a value (``.item()``,
+    ``int()``, ``bool()``, ``.tolist()``), an output sized by values (``nonzero``, boolean-mask
+    indexing) and copying a host tensor over (``torch.tensor(..., device=...)``)."""
+
+    WAITS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.masked_select,
+             torch.ops.aten.lift_fresh}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.WAITS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("routing_heads", [2, 4])
+def test_training_step_never_waits_for_the_device(routing_heads):
+    """A training forward+backward queues its kernels without waiting for the GPU (a wait there
+    idles the GPU while the host catches up). The first call may read the ``initialized`` flag once
+    (initialisation from data, once per process); the calls after it read nothing."""
+    device = torch.device(DEVICE)
+    if not triton_runs_on(device):
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1 (the reference backend reads the route)")
+    torch.manual_seed(10)
+    layer = RoutingAttention(_config(routing_heads=routing_heads, attention_backend="triton"), 0).to(device).train()
+    x = torch.randn(2, 40, 64, device=device, requires_grad=True)
+    cos, sin = (t.to(device) for t in rope(40, 16, 2, dtype=torch.float32))
+    out, aux = layer(x, (cos, sin))  # initialises the centroids from x
+    (out.square().mean() + aux).backward()
+    with _HostWaits() as waits:
+        out, aux = layer(x, (cos, sin))
+        (out.square().mean() + aux).backward()
+    assert waits.seen == []
+
+
+def test_training_forward_backward_match_the_definition():
+    """Training mode in float64: the output and its gradients as the definition; the commitment loss
+    (computed in float32) and its gradients as ``mean ||x/|x| - c||^2`` over the routed keys and
+    queries written out, with the centroids from before the call's EMA step."""
+    layer = _layer(seed=9)
+    x = torch.randn(2, 37, 64, dtype=torch.float64)
+    cos, sin = rope(37, 16, 2)
+    layer(x, (cos, sin))  # initialise (evaluation), then train from these centroids
+    layer.train()
+    c0 = layer.kmeans.centroids.clone()
+    params = [x.requires_grad_()] + list(layer.parameters())
+    out, aux = layer(x, (cos, sin))
+    assert not torch.equal(layer.kmeans.centroids, c0)  # the EMA stepped
+    g_out = torch.autograd.grad(out.square().sum(), params, retain_graph=True)
+    g_aux = torch.autograd.grad(aux, params, allow_unused=True)
+
+    layer.kmeans.centroids.copy_(c0)
+    want = _definition(layer, x, cos, sin)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(g_out, torch.autograd.grad(want.square().sum(), params)):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+    B, N, kl, G, d = 2, 37, layer.kv_local, layer.group, layer.head_dim
+    k = layer.k_proj(x).view(B, N, layer.hkv, d).transpose(1, 2)[:, kl:]
+    q = layer.q_proj(x).view(B, N, layer.hq, d).transpose(1, 2)[:, kl * G:].unflatten(1, (-1, G))
+    cent = c0.double()
+    kn, qn = F.normalize(k, dim=-1), F.normalize(q, dim=-1)
+    cl = torch.einsum("bhnd,hcd->bhnc", kn, cent).argmax(-1)
+    cc = cent[torch.arange(cent.shape[0]).view(1, -1, 1), cl]  # [B, Hk, N, d]
+    want_aux = layer.kmeans.commitment * ((kn - cc).pow(2).sum(-1).mean() + (qn - cc[:, :, None]).pow(2).sum(-1).mean())
+    torch.testing.assert_close(aux.double(), want_aux, rtol=1e-5, atol=1e-9)
+    for g, w in zip(g_aux, torch.autograd.grad(want_aux, params, allow_unused=True)):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))

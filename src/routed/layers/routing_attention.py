@@ -50,7 +50,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import routed_attention
-from ..ops.permute_rows import permute_rows
 from ..route import BlockRoute
 from ..routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
 from ..routers.static import sliding_window_route
@@ -83,6 +82,31 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     """SDPA of ``q [B, Hq, Nq, D]`` over ``k, v [B, Hkv, Nk, D]`` with a bool ``mask`` broadcast to
     ``[B, Hq, Nq, Nk]`` (the decode path: ``Nq`` is small, so the mask is ``O(Nk)`` per query)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class _ToSlots(torch.autograd.Function):
+    """Rows of ``xs [B, Hk, h, N_in, d]`` (any strides) gathered along the sequence, ``y[..., s, :] =
+    x[..., index[s], :]`` with ``index [B, Hk, 1, N_out, 1]`` (broadcast over heads and head dim): one
+    gather per tensor. The backward gathers the gradients back with ``inverse [B, Hk, 1, N_in, 1]``, no
+    atomics: exact for every row ``t`` that one slot reads (``index[inverse[t]] = t``), while a row that
+    no slot reads gets a copy of some slot's gradient instead of zero.
+
+    Only the pad slots of the cluster order break those rules (they read token 0, clamped), and what
+    they hold never reaches a token: each pad slot is a segment of its own, so no real query attends
+    to a pad key and a pad query sees only itself, and the way back reads token slots only. So the
+    finite copies there, where zeros would cost one more pass over each tensor (a mask and a fill),
+    leave every result as it was.
+    """
+
+    @staticmethod
+    def forward(ctx, index: Tensor, inverse: Tensor, *xs: Tensor):
+        ctx.save_for_backward(inverse)
+        return tuple(x.gather(3, index.expand(*x.shape[:3], index.shape[3], x.shape[4])) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return (None, None, *(g.gather(3, inverse.expand(*g.shape[:3], inverse.shape[3], g.shape[4])) for g in grads))
 
 
 @register_attention("routing")
@@ -135,74 +159,73 @@ class RoutingAttention(nn.Module):
                 cache_position: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
         B, N, _ = hidden_states.shape
         d, G, kl = self.head_dim, self.group, self.kv_local
-        q = self.q_proj(hidden_states).view(B, N, self.hq, d).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(B, N, self.hkv, d).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(B, N, self.hkv, d).transpose(1, 2)
+        q = self.q_proj(hidden_states).view(B, N, self.hq, d)
+        k = self.k_proj(hidden_states).view(B, N, self.hkv, d)
+        v = self.v_proj(hidden_states).view(B, N, self.hkv, d)
         cos, sin = position_embeddings
         scale = d ** -0.5
         if self.dense_mode:  # ablation: full causal attention, rotary on every head, no k-means
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k, v = (apply_rotary(q.transpose(1, 2), cos, sin), apply_rotary(k.transpose(1, 2), cos, sin),
+                       v.transpose(1, 2))
             if past_key_values is not None:
                 k, v = past_key_values.update(k, v, self.layer_idx)
             o = causal_sdpa(q, k, v, scale)
             return self.o_proj(o.transpose(1, 2).reshape(B, N, self.hq * d)), None
+        # The local and routed heads stay apart from here to the output projection: one split of each
+        # projection (its backward is one cat), none of the cats and slices whose backward zero-fills
+        # and adds full-size gradients. Views [B, heads, N, d] of the projections' [B, N, heads, d].
+        q_l, q_r = (t.transpose(1, 2) for t in q.split([kl * G, self.hq - kl * G], 2))
+        k_l, k_r = (t.transpose(1, 2) for t in k.split([kl, self.kv_routed], 2))
+        v_l, v_r = (t.transpose(1, 2) for t in v.split([kl, self.kv_routed], 2))
         # Rotary on the local heads only (routed keys stay pure content, see the module docstring).
-        q = torch.cat([apply_rotary(q[:, : kl * G], cos, sin), q[:, kl * G:]], 1)
-        k = torch.cat([apply_rotary(k[:, :kl], cos, sin), k[:, kl:]], 1)
+        if kl:
+            q_l, k_l = apply_rotary(q_l, cos, sin), apply_rotary(k_l, cos, sin)
 
         aux = cl = None
         if self.kmeans is not None:
-            with torch.no_grad():
-                cl = self.kmeans.assign(k[:, kl:])  # [B, routed kv heads, N]; initialises on first use
-            if self.training:
-                aux = self._kmeans_step(q[:, kl * G:], k[:, kl:], cl)
+            if self.training:  # assignment, commitment loss and EMA step in one pass over the vectors
+                cl, aux = self.kmeans.train_step(k_r, q_r.unflatten(1, (self.kv_routed, G)))
+            else:
+                with torch.no_grad():
+                    cl = self.kmeans.assign(k_r)  # [B, routed kv heads, N]; initialises on first use
 
-        clusters = None
         if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+            k_all, v_all = past_key_values.update(torch.cat([k_l, k_r], 1), v.transpose(1, 2), self.layer_idx)
+            clusters = None
             if cl is not None:
                 with torch.no_grad():
-                    clusters = self._remember_clusters(past_key_values, cl, k[:, kl:])
-        if k.shape[2] == N:  # no earlier tokens: the kernels over the whole sequence
-            outs = []
-            if kl:
-                route = local_window_route(N, self.local_window, q.device)
-                outs.append(routed_attention(q[:, : kl * G], k[:, :kl], v[:, :kl], route, scale=scale,
-                                             backend=self.backend))
-            if self.kv_routed:
-                outs.append(self._routed_full(q[:, kl * G:], k[:, kl:], v[:, kl:], cl, scale))
-        else:  # decoding (or a chunk) after cached tokens: masks over the cache, O(cache) per query
-            outs = self._after_cache(q, k, v, clusters, scale)
-        o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-        return self.o_proj(o.transpose(1, 2).reshape(B, N, self.hq * d)), aux
-
-    def _kmeans_step(self, q_r: Tensor, k_r: Tensor, cl: Tensor) -> Tensor:
-        """Commitment loss of the routed keys and queries to their token's centroid ``cl``, then one
-        EMA step (this call's routing keeps the assignment made before the step)."""
-        B, _, N, d = k_r.shape
-        qg = q_r.reshape(B, self.kv_routed, self.group, N, d)
-        loss = self.kmeans.commitment_loss(k_r, cl)
-        for g in range(self.group):
-            loss = loss + self.kmeans.commitment_loss(qg[:, :, g], cl) / self.group
-        with torch.no_grad():
-            self.kmeans.update(k_r.detach(), cl)
-        return loss
+                    clusters = self._remember_clusters(past_key_values, cl, k_all[:, kl:])
+            if k_all.shape[2] != N:  # decoding (or a chunk) after cached tokens: masks over the cache
+                o = torch.cat(self._after_cache(torch.cat([q_l, q_r], 1), k_all, v_all, clusters, scale), 1)
+                return self.o_proj(o.transpose(1, 2).reshape(B, N, self.hq * d)), aux
+            k_l, k_r, v_l, v_r = k_all[:, :kl], k_all[:, kl:], v_all[:, :kl], v_all[:, kl:]
+        # No earlier tokens: the kernels over the whole sequence. Outputs as [B, N, heads, d] views,
+        # so that one cat gives o_proj its input (no copy after it).
+        outs = []
+        if kl:
+            route = local_window_route(N, self.local_window, q_l.device)
+            outs.append(routed_attention(q_l, k_l, v_l, route, scale=scale, backend=self.backend).transpose(1, 2))
+        if self.kv_routed:
+            outs.append(self._routed_full(q_r, k_r, v_r, cl, scale).transpose(1, 2))
+        o = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+        return self.o_proj(o.reshape(B, N, self.hq * d)), aux
 
     def _routed_full(self, q_r: Tensor, k_r: Tensor, v_r: Tensor, cl: Tensor, scale: float) -> Tensor:
-        """Clustered attention of the routed heads over a whole sequence (the kernel path); ``cl
-        [B, Hk, N]`` are the keys' clusters."""
+        """Clustered attention of the routed heads over a whole sequence (the kernel path): ``q_r
+        [B, Hk * G, N, d]``, ``k_r, v_r [B, Hk, N, d]`` (any strides), ``cl [B, Hk, N]`` the keys'
+        clusters; returns ``[B, Hk * G, N, d]``."""
         B, Hk, N, d = k_r.shape
-        G, R = self.group, B * Hk
+        G = self.group
         with torch.no_grad():
-            route, slot_tokens, token_slots = cluster_window_route(cl.reshape(R, N), self.clusters, self.window)
-
-        def permute(x: Tensor, heads: int) -> Tensor:  # [R, heads, N, d] -> cluster order [R, heads, L, d]
-            return permute_rows(x.reshape(R, heads, N, d), slot_tokens, token_slots)
-
-        o = routed_attention(permute(q_r, G), permute(k_r, 1), permute(v_r, 1), route, scale=scale,
-                             backend=self.backend)  # [R, G, L, d]
-        o = permute_rows(o, token_slots, slot_tokens)
-        return o.reshape(B, Hk * G, N, d)
+            route, slot_tokens, token_slots = cluster_window_route(cl.reshape(B * Hk, N), self.clusters, self.window)
+            L = slot_tokens.shape[1]
+            to_slot = slot_tokens.clamp_min(0).view(B, Hk, 1, L, 1)  # pad slots read token 0 (see _ToSlots)
+            to_token = token_slots.view(B, Hk, 1, N, 1)
+        qs, ks, vs = _ToSlots.apply(to_slot, to_token, q_r.unflatten(1, (Hk, G)), k_r.unsqueeze(2), v_r.unsqueeze(2))
+        o = routed_attention(qs.view(B * Hk, G, L, d), ks.view(B * Hk, 1, L, d), vs.view(B * Hk, 1, L, d), route,
+                             scale=scale, backend=self.backend)  # [B * Hk, G, L, d]
+        (o,) = _ToSlots.apply(to_token, to_slot, o.reshape(B, Hk, G, L, d))
+        return o.view(B, Hk * G, N, d)
 
     def _remember_clusters(self, cache, cl: Tensor, k_r: Tensor) -> tuple[Tensor, Tensor]:
         """Clusters and in-cluster ranks ``[B * routed kv heads, T]`` of every cached token.

@@ -29,6 +29,7 @@ equals the single-process step over all processes' batches together (see :class:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -39,6 +40,58 @@ from torch import Tensor, nn
 from ..route import BlockRoute, RouteError, TokenRoute
 
 __all__ = ["KMeansRouter", "cluster_window_route", "cluster_window_mask", "cluster_ranks"]
+
+_EPS = 1e-12  # F.normalize's
+
+
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(F.normalize(x.float(), dim=-1), norms [..., 1])`` in float32, the norms kept for the callers
+    that need them. A half-precision ``x`` is read as it is (the norm accumulates in float32 and the
+    division promotes), not copied to float32 first."""
+    if x.dtype == torch.float64:
+        x = x.float()
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return x / norm.clamp_min(_EPS), norm
+
+
+class _CommitmentSum(torch.autograd.Function):
+    """``sum over tokens of ||x_hat||^2 - 2 <x_hat, c>`` with ``x_hat = F.normalize(x.float())``, i.e.
+    ``sum ||x_hat - c||^2 - sum ||c||^2``: ``c`` gets no gradient, so its norms are a constant the caller
+    adds. Written out because autograd through ``F.normalize`` and the difference costs about a dozen
+    full-size float32 kernels per tensor; this backward costs two (the normalisation's Jacobian folds
+    into one per-token coefficient) and never materialises ``x_hat``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, c: Tensor, norm: Optional[Tensor], cos: Optional[Tensor]) -> Tensor:
+        ctx.dtype = x.dtype
+        if x.dtype == torch.float64:
+            x = x.float()  # float32 throughout, as F.normalize(x.float()) computes it
+        if norm is None:
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        denom = norm.clamp_min(_EPS)
+        if cos is None:
+            cos = (x * c).sum(-1, keepdim=True) / denom  # x * c promotes to float32 inside the kernel
+        ctx.save_for_backward(x, c, norm, denom, cos)
+        return torch.sub((norm / denom).square(), cos, alpha=2).sum()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, c, norm, denom, cos = ctx.saved_tensors
+        # d/dx of |x_hat|^2 - 2 <x_hat, c> with x_hat = x / max(|x|, eps):
+        #   |x| > eps:  (2 / |x|) (x_hat <x_hat, c> - c)   (|x_hat| = 1: that term is constant)
+        #   |x| <= eps: (2 / eps) (x / eps - c)
+        # both (2 / denom) (x * w / denom - c), with w = <x_hat, c> or 1.
+        coef = cos.masked_fill(norm <= _EPS, 1.0) / denom
+        t = torch.addcmul(c, x, coef, value=-1)  # c - x * coef, float32
+        grad = torch.empty(x.shape, dtype=ctx.dtype, device=x.device)
+        return torch.mul(t, g * -2 / denom, out=grad), None, None, None  # rounded once, to x's dtype
+
+
+def _commitment_sum(x: Tensor, c: Tensor, norm: Optional[Tensor] = None, cos: Optional[Tensor] = None) -> Tensor:
+    """``sum ||x_hat - c||^2 - sum ||c||^2`` over the tokens of ``x [..., N, D]`` (any float dtype),
+    ``c`` float32 and broadcast to ``x`` (no gradient). ``norm`` (``|x|`` in float32) and ``cos``
+    (``<x_hat, c>``), both ``[..., N, 1]``, may come precomputed."""
+    return _CommitmentSum.apply(x, c.detach(), norm, cos)
 
 
 class KMeansRouter(nn.Module):
@@ -115,8 +168,7 @@ class KMeansRouter(nn.Module):
     def similarities(self, x: Tensor) -> Tensor:
         """``[B, H, N, C]`` cosine similarity of every vector ``x [B, H, N, D]`` to every centroid."""
         self._check(x)
-        xn = F.normalize(x.detach().float(), dim=-1)
-        return torch.einsum("bhnd,hcd->bhnc", xn, self.centroids.float())
+        return torch.einsum("bhnd,hcd->bhnc", _unit(x.detach())[0], self.centroids.float())
 
     def assign(self, x: Tensor) -> Tensor:
         """``[B, H, N]`` int64: the nearest centroid of every vector (initialising first if needed)."""
@@ -215,25 +267,68 @@ class KMeansRouter(nn.Module):
         members keep their centroid. Call in training only. Under distributed training the sums
         are all-reduced first: the step of all ranks' batches together (see the class docstring).
         """
-        xn = F.normalize(x.float(), dim=-1)
+        self._ema_step(_unit(x)[0], assignment, x)
+
+    @torch.no_grad()
+    def _ema_step(self, xn: Tensor, assignment: Tensor, x: Tensor) -> None:
+        """:meth:`update` from the unit vectors ``xn [B, H, N, D]`` (float32) of ``x``."""
         H, C, D = self.centroids.shape
-        sums = torch.zeros(H, C, D, device=x.device, dtype=torch.float32)
-        h = torch.arange(H, device=x.device).view(1, H, 1).expand_as(assignment)
+        sums = torch.zeros(H, C, D, device=xn.device, dtype=torch.float32)
+        h = _arange(H, xn.device).view(1, H, 1).expand_as(assignment)
         sums.index_put_((h, assignment), xn, accumulate=True)
         group = self._sync_group()
         if group is not None:
             self.maybe_init(x)  # the ranks agree on the centroids before they step together
             dist.all_reduce(sums, group=group)  # sums are additive: the statistics of the concatenation
-        means = F.normalize(sums, dim=-1)
-        has = sums.norm(dim=-1, keepdim=True) > 0
-        new = self.decay * self.centroids + (1 - self.decay) * means
-        self.centroids.copy_(torch.where(has, F.normalize(new, dim=-1), self.centroids))
+        means, norms = _unit(sums)
+        new = _unit(self.decay * self.centroids + (1 - self.decay) * means)[0]
+        torch.where(norms > 0, new, self.centroids, out=self.centroids)  # clusters without members stay
 
     def commitment_loss(self, x: Tensor, assignment: Tensor) -> Tensor:
-        """``commitment * mean ||x/|x| - centroid||^2`` (a scalar; gradients reach ``x`` only)."""
-        xn = F.normalize(x.float(), dim=-1)
-        c = self.centroids.float()[torch.arange(self.heads, device=x.device).view(1, -1, 1), assignment]
-        return self.commitment * (xn - c.detach()).pow(2).sum(-1).mean()
+        """``commitment * mean ||x/|x| - centroid||^2`` (a scalar; gradients reach ``x`` only).
+
+        ``x [B, H, N, D]``, ``assignment [B, H, N]``."""
+        c, c_sq = self._assigned(assignment)
+        return self.commitment * (_commitment_sum(x, c) / assignment.numel() + c_sq)
+
+    def _assigned(self, assignment: Tensor) -> tuple[Tensor, Tensor]:
+        """Every token's centroid ``[B, H, N, D]`` (float32, no gradient) and the mean of their
+        squared norms (a scalar: the ``||c||^2`` term of the commitment loss)."""
+        B, H, N = assignment.shape
+        c = self.centroids.detach().float()
+        # gathers from the centroids broadcast over the batch: no [B, H, N] head index to build
+        cent = c.unsqueeze(0).expand(B, H, -1, -1).gather(2, assignment.unsqueeze(-1).expand(B, H, N, self.dim))
+        sq = c.square().sum(-1).unsqueeze(0).expand(B, H, -1).gather(2, assignment)
+        return cent, sq.mean()
+
+    def train_step(self, keys: Tensor, queries: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """What a training call of a routing layer does, sharing the unit vectors between the steps:
+        :meth:`assign` the keys, their :meth:`commitment_loss` plus that of ``queries`` to the same
+        clusters, then one :meth:`update` with the keys (the loss and assignment see the centroids
+        from before the step).
+
+        Args:
+            keys: ``[B, H, N, D]``.
+            queries: ``[B, H, G, N, D]`` or None: ``G`` query vectors per key, each committed to its
+                key's centroid (a GQA group's query heads); their mean loss counts like the keys'.
+        Returns:
+            ``(assignment [B, H, N] int64, loss)``: ``loss`` is ``commitment_loss(keys, a)`` plus
+            the mean over ``g`` of ``commitment_loss(queries[:, :, g], a)``.
+        """
+        self._check(keys)
+        self.maybe_init(keys)
+        with torch.no_grad():
+            kn, k_norm = _unit(keys.detach())
+            a = torch.einsum("bhnd,hcd->bhnc", kn, self.centroids.float()).argmax(-1)  # as assign()
+        c, c_sq = self._assigned(a)
+        # <k_hat, c> from the unit keys at hand (not from the similarities: a float32 matmul may run
+        # in TF32, too coarse for the loss's gradient near convergence)
+        k_cos = (kn * c).sum(-1, keepdim=True)
+        loss = _commitment_sum(keys, c, k_norm, k_cos) / a.numel() + c_sq
+        if queries is not None:
+            loss = loss + _commitment_sum(queries, c.unsqueeze(2)) / queries[..., 0].numel() + c_sq
+        self._ema_step(kn, a, keys)
+        return a, self.commitment * loss
 
     def balanced_groups(self, x: Tensor, group_size: int, *, causal: bool = False) -> TokenRoute:
         """The paper's balanced clusters: each centroid takes its ``group_size`` nearest tokens.
@@ -253,6 +348,49 @@ class KMeansRouter(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
+# Small index constants, built once per shape and device instead of a kernel per call. Read only
+# (shared by every call); built outside inference mode so that autograd may save what uses them.
+@functools.lru_cache(maxsize=16)
+def _arange(n: int, device: torch.device) -> Tensor:
+    """``[n]`` int64 ``0 .. n-1``."""
+    with torch.inference_mode(False):
+        return torch.arange(n, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _boundaries(rows: int, num_clusters: int, device: torch.device) -> Tensor:
+    """``[rows, C + 1]`` int64 ``0 .. C`` in every row, contiguous (as searchsorted wants it)."""
+    with torch.inference_mode(False):
+        return torch.arange(num_clusters + 1, device=device).expand(rows, -1).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _pad_segments(length: int, device: torch.device) -> Tensor:
+    """``[length]`` int32 ``-1 - slot``: the segment of a pad slot."""
+    with torch.inference_mode(False):
+        return -1 - torch.arange(length, device=device, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _band(nb: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The block ids ``[1, 1, nb, 2]`` and counts ``[1, 1, nb]`` (int32) of the band: query block ``j``
+    sees key blocks ``j - 1`` and ``j``, block 0 only itself. (Built per call, this cost kernels, and
+    writing row 0 from a host tensor made every call wait for the GPU.)"""
+    with torch.inference_mode(False):
+        j = torch.arange(nb, device=device, dtype=torch.int32)
+        ids = torch.stack([(j - 1).clamp_min(0), torch.where(j > 0, j, -1)], -1)
+        return ids.view(1, 1, nb, 2), (1 + (j > 0).to(torch.int32)).view(1, 1, nb)
+
+
+def _sort_by_cluster(cid: Tensor, num_clusters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``cid [R, N]`` int64 sorted stably (by cluster, then position): ``(sorted ids, order, start,
+    counts)``, with ``start [R, C]`` the first sorted index of every cluster and ``counts [R, C]`` its
+    size. Both come from one binary search over the sorted ids (no scatter of ones, no cumsum)."""
+    sorted_cid, order = torch.sort(cid, dim=-1, stable=True)
+    bounds = torch.searchsorted(sorted_cid, _boundaries(cid.shape[0], num_clusters, cid.device))  # [R, C + 1]
+    return sorted_cid, order, bounds[:, :-1], bounds.diff(dim=-1)
+
+
 def cluster_ranks(cluster_ids: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
     """Rank of every token inside its cluster (in position order) and the cluster sizes.
 
@@ -263,13 +401,9 @@ def cluster_ranks(cluster_ids: Tensor, num_clusters: int) -> tuple[Tensor, Tenso
         A stable sort, O(N log N): no ``N x C`` one-hot.
     """
     R, N = cluster_ids.shape
-    cid = cluster_ids.long()
-    order = torch.sort(cid, dim=-1, stable=True).indices  # by cluster, then position
-    counts = torch.zeros(R, num_clusters, dtype=torch.long, device=cid.device)
-    counts.scatter_add_(1, cid, torch.ones_like(cid))
-    start = counts.cumsum(-1) - counts  # first sorted index of every cluster
-    sorted_pos = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=cid.device).expand(R, N))
-    return sorted_pos - start.gather(1, cid), counts
+    sorted_cid, order, start, counts = _sort_by_cluster(cluster_ids.long(), num_clusters)
+    sorted_rank = _arange(N, cluster_ids.device) - start.gather(1, sorted_cid)
+    return torch.empty_like(order).scatter_(1, order, sorted_rank), counts
 
 
 def cluster_window_mask(q_clusters: Tensor, q_ranks: Tensor, q_pos: Tensor, kv_clusters: Tensor, kv_ranks: Tensor,
@@ -310,27 +444,20 @@ def cluster_window_route(cluster_ids: Tensor, num_clusters: int, window: int) ->
         raise RouteError(f"window must be >= 1, got {window}.")
     R, N = cluster_ids.shape
     dev = cluster_ids.device
-    cid = cluster_ids.long()
-    rank, counts = cluster_ranks(cid, num_clusters)
-    blocks = torch.div(counts + window - 1, window, rounding_mode="floor")  # [R, C]
-    block_start = blocks.cumsum(-1) - blocks
-    slot = block_start.gather(1, cid) * window + rank  # [R, N]
     nb = max(1, min(N, (N + num_clusters * (window - 1)) // window))
     L = nb * window
-    slot_tokens = torch.full((R, L), -1, dtype=torch.long, device=dev)
-    slot_tokens.scatter_(1, slot, torch.arange(N, device=dev).expand(R, N))
-    live = slot_tokens >= 0
+    sorted_cid, order, start, counts = _sort_by_cluster(cluster_ids.long(), num_clusters)
+    blocks = torch.div(counts + window - 1, window, rounding_mode="floor")  # [R, C]
+    # slot of the i-th sorted token: i + (its cluster's first slot - its cluster's first sorted index)
+    shift = (blocks.cumsum(-1) - blocks) * window - start
+    sorted_slot = shift.gather(1, sorted_cid) + _arange(N, dev)  # [R, N]
+    token_slots = torch.empty_like(order).scatter_(1, order, sorted_slot)
+    slot_tokens = torch.full((R, L), -1, dtype=torch.long, device=dev).scatter_(1, sorted_slot, order)
     positions = slot_tokens.clamp_min(0).to(torch.int32)
-    seg_of_pad = -1 - torch.arange(L, device=dev)
-    segments = torch.full((R, L), 0, dtype=torch.long, device=dev)
-    segments.scatter_(1, slot, cid)
-    segments = torch.where(live, segments, seg_of_pad).to(torch.int32)
-    j = torch.arange(nb, device=dev, dtype=torch.int32)
-    ids = torch.stack([j - 1, j], -1)
-    ids[0] = torch.tensor([0, -1], dtype=torch.int32, device=dev)
-    counts_r = torch.full((nb,), 2, dtype=torch.int32, device=dev)
-    counts_r[0] = 1
-    route = BlockRoute(ids.view(1, 1, nb, 2), counts_r.view(1, 1, nb), L, L, window, window, causal=True,
-                       q_positions=positions, kv_positions=positions, q_segments=segments, kv_segments=segments,
-                       validate=False)
-    return route, slot_tokens, slot
+    # pad slots keep a segment of their own (-1 - slot), token slots take their cluster
+    segments = _pad_segments(L, dev).expand(R, L).clone().scatter_(1, sorted_slot, sorted_cid.to(torch.int32))
+    ids, counts_r = _band(nb, dev)
+    route = BlockRoute(ids, counts_r, L, L, window, window, causal=True, q_positions=positions,
+                       kv_positions=positions, q_segments=segments, kv_segments=segments, validate=False)
+    return route, slot_tokens, token_slots
+
