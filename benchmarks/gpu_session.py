@@ -20,42 +20,42 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (GPU_PLAN row, seconds it may take, environment, commands; "{out}" is the output folder)
+# name -> (GPU_PLAN row (0: done, kept to re-check), seconds it may take, environment, commands; "{out}": output folder)
 ITEMS = {
     # ~120 s on the H200 (the triage table after it takes longer than that)
-    "small_blocks": (1, 300, {"ROUTED_AUTOTUNE": "0"}, [
+    "small_blocks": (0, 300, {"ROUTED_AUTOTUNE": "0"}, [
         "python benchmarks/check_small_blocks.py --out {out}/small_blocks.json",
         "python benchmarks/triage_small_blocks.py",
         "python -m pytest -q -p no:cacheprovider -m gpu tests",
     ]),
     # first-call tuning of every shape the layer launches took the whole limit twice (H200): untuned
-    "clustered": (2, 230, {"ROUTED_AUTOTUNE": "0"}, [
+    "clustered": (1, 230, {"ROUTED_AUTOTUNE": "0"}, [
         "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site .whl/routing_transformer-1.6.1-py3-none-any.whl "
         ".whl/local_attention-1.4.4-py3-none-any.whl .whl/mixture_of_experts-0.2.1-py3-none-any.whl "
         ".whl/einops-0.8.2-py3-none-any.whl",
         "PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py --lengths 8192 32768 65536 "
         "--rep-ms 100 --out {out}/clustered_attention.json",
     ]),
-    "block_sparse_rest": (3, 330, {}, [
+    "block_sparse_rest": (0, 330, {}, [
         "python benchmarks/block_sparse.py --skip-check --skip-decode --lengths 32768 131072 "
         "--out {out}/block_sparse_32k_128k.json",
     ]),
-    "profile": (4, 90, {"ROUTED_AUTOTUNE": "0"}, [
+    "profile": (1, 90, {"ROUTED_AUTOTUNE": "0"}, [
         "python benchmarks/profile_block_sparse.py --cprofile --launch-overhead",
     ]),
-    "bra": (5, 240, {}, [
+    "bra": (2, 330, {}, [  # 240 s reached 512 px stage 2 on the H200
         "python benchmarks/bra.py --sides 224 512 1024 --out {out}/bra.json",
     ]),
-    "prefill_llama": (6, 400, {}, [
+    "prefill_llama": (3, 400, {}, [
         "python benchmarks/prefill_llama.py --out {out}/prefill_llama.json",
     ]),
-    "lm_speed": (9, 250, {"ROUTED_AUTOTUNE": "0"}, [  # issue 4 without training: module f+b, prefill, router cost vs saved attention
+    "lm_speed": (1, 250, {"ROUTED_AUTOTUNE": "0"}, [  # issue 4 without training: module f+b, prefill, router cost vs saved attention
         "python benchmarks/lm_compare.py --variants --speed --out {out}/lm_compare_speed.json",
     ]),
     "gpu_tests": (1, 80, {"ROUTED_AUTOTUNE": "0"}, [
         "python -m pytest -q -p no:cacheprovider -m gpu tests",
     ]),
-    "moe": (8, 300, {}, [
+    "moe": (5, 300, {}, [
         "python benchmarks/moe.py --out {out}/moe.json",
     ]),
 }
@@ -101,7 +101,7 @@ def main() -> None:
     a = p.parse_args()
     if a.list or not a.items:
         for name, (row, limit, env, cmds) in ITEMS.items():
-            print(f"{name:<18} GPU_PLAN #{row}, up to {limit} s: {' && '.join(cmds)}")
+            print(f"{name:<18} {f'GPU_PLAN #{row}' if row else 'done (re-check)'}, up to {limit} s: {' && '.join(cmds)}")
         return
     if a.out is None:
         p.error("--out is required to run items")
