@@ -23,7 +23,6 @@ Config options read here (with defaults, so any config with the usual HF fields 
 
 from __future__ import annotations
 
-import functools
 
 from typing import Optional
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..constants import cached_constants
 from ..attention import routed_attention
 from ..route import BlockRoute, RouteError
 from ..routers.blocks import MoBARouter, check_block_options
@@ -67,7 +67,7 @@ def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_constants()
 def block_window_route(q_len: int, kv_len: int, block_size: int, window_blocks: int, device=None) -> BlockRoute:
     """Causal sliding window of ``window_blocks`` key blocks ending at each query's own block.
 

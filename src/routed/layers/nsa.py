@@ -48,7 +48,6 @@ Like the KV cache itself, the record holds what the weights computed when each b
 
 from __future__ import annotations
 
-import functools
 
 import weakref
 from typing import NamedTuple, Optional
@@ -56,6 +55,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from ..constants import cached_constants
 from ..attention import routed_attention
 from ..route import BlockRoute
 from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions
@@ -90,7 +90,7 @@ class _CompressedKV(NamedTuple):
     keys: Optional[weakref.ref]  # the cache layer's key tensor then (None: the layout is unknown)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_constants()
 def _compressed_route(nq: int, nc: int, kv_len: int, block_size: int, compress_block: int, compress_stride: int,
                       device) -> BlockRoute:
     """The compressed branch's route: each query block of ``block_size`` queries (the last ``nq`` of

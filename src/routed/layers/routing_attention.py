@@ -41,7 +41,6 @@ Config fields (defaults in brackets), beside ``hidden_size``, ``num_attention_he
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Optional
 
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..constants import cached_constants
 from ..attention import routed_attention
 from ..route import BlockRoute
 from ..routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
@@ -70,7 +70,7 @@ def lm_head_dims(config) -> tuple[int, int, int, int]:
     return hidden, hq, hkv, d
 
 
-@functools.lru_cache(maxsize=32)
+@cached_constants(32)
 def local_window_route(n: int, block: int, device: torch.device) -> BlockRoute:
     """The local heads' route for ``n`` tokens: each query block sees its own key block and the one
     before, causal. Built once per (length, block, device): a route caches the kernels' derived data,

@@ -22,13 +22,13 @@ query block ``i`` holds queries ``i * q_block_size ..`` of ``q`` (blocks start a
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..constants import cached_constants
 from ..backends import BackendUnavailable
 from ..ops.block_scores import block_means, check_qk_heads, estimator_backend_why_not, pooled_block_probs
 from ..route import BlockRoute, RouteError
@@ -61,7 +61,7 @@ def check_block_options(*, block_size: int, top_k: int, sink_blocks: int, local_
                              f"of the longest sequence ({max_len} tokens).")
 
 
-@functools.lru_cache(maxsize=64)
+@cached_constants()
 def _query_block_extent(q_len: int, kv_len: int, q_block_size: int, kv_block_size: int, device) -> tuple[Tensor, Tensor]:
     """For every query block: the first key block it overlaps and the key block of its last query
     (``[nqb]`` each; queries are the last ``q_len`` positions). Cached: a router calls this every
@@ -336,7 +336,7 @@ def _nsa_mass_torch(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: int, q_block_
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@cached_constants()
 def _queries_per_block(q_len: int, q_block_size: int, device) -> Tensor:
     """``[nqb]`` float32 number of queries in each query block (the last may be partial)."""
     return torch.clamp(q_len - torch.arange(math.ceil(q_len / q_block_size), device=device) * q_block_size,

@@ -10,7 +10,6 @@ pad tokens get a segment of their own, so no real query ever attends to them.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..constants import cached_constants
 from ..route import BlockRoute, RouteError
 
 __all__ = ["RegionGrid", "RegionRouting", "region_topk_route"]
@@ -108,7 +108,7 @@ class RegionGrid:
         return self.valid_tokens(device).view(self.num_regions, self.tokens_per_region).any(1)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_constants()
 def _valid_tokens(grid: RegionGrid, device: torch.device) -> Tensor:
     # A map of ones laid out region-major: to_region_major pads with zeros.
     ones = torch.ones(1, grid.height, grid.width, 1, dtype=torch.uint8, device=device)
