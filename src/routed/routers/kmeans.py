@@ -29,7 +29,6 @@ equals the single-process step over all processes' batches together (see :class:
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -37,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..constants import cached_constants
 from ..route import BlockRoute, RouteError, TokenRoute
 
 __all__ = ["KMeansRouter", "cluster_window_route", "cluster_window_mask", "cluster_ranks"]
@@ -348,38 +348,34 @@ class KMeansRouter(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# Small index constants, built once per shape and device instead of a kernel per call. Read only
-# (shared by every call); built outside inference mode so that autograd may save what uses them.
-@functools.lru_cache(maxsize=16)
+# Small index constants, built once per shape and device instead of a kernel per call (read only:
+# shared by every call; see cached_constants).
+@cached_constants(16)
 def _arange(n: int, device: torch.device) -> Tensor:
     """``[n]`` int64 ``0 .. n-1``."""
-    with torch.inference_mode(False):
-        return torch.arange(n, device=device)
+    return torch.arange(n, device=device)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_constants(16)
 def _boundaries(rows: int, num_clusters: int, device: torch.device) -> Tensor:
     """``[rows, C + 1]`` int64 ``0 .. C`` in every row, contiguous (as searchsorted wants it)."""
-    with torch.inference_mode(False):
-        return torch.arange(num_clusters + 1, device=device).expand(rows, -1).contiguous()
+    return torch.arange(num_clusters + 1, device=device).expand(rows, -1).contiguous()
 
 
-@functools.lru_cache(maxsize=16)
+@cached_constants(16)
 def _pad_segments(length: int, device: torch.device) -> Tensor:
     """``[length]`` int32 ``-1 - slot``: the segment of a pad slot."""
-    with torch.inference_mode(False):
-        return -1 - torch.arange(length, device=device, dtype=torch.int32)
+    return -1 - torch.arange(length, device=device, dtype=torch.int32)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_constants(16)
 def _band(nb: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """The block ids ``[1, 1, nb, 2]`` and counts ``[1, 1, nb]`` (int32) of the band: query block ``j``
     sees key blocks ``j - 1`` and ``j``, block 0 only itself. (Built per call, this cost kernels, and
     writing row 0 from a host tensor made every call wait for the GPU.)"""
-    with torch.inference_mode(False):
-        j = torch.arange(nb, device=device, dtype=torch.int32)
-        ids = torch.stack([(j - 1).clamp_min(0), torch.where(j > 0, j, -1)], -1)
-        return ids.view(1, 1, nb, 2), (1 + (j > 0).to(torch.int32)).view(1, 1, nb)
+    j = torch.arange(nb, device=device, dtype=torch.int32)
+    ids = torch.stack([(j - 1).clamp_min(0), torch.where(j > 0, j, -1)], -1)
+    return ids.view(1, 1, nb, 2), (1 + (j > 0).to(torch.int32)).view(1, 1, nb)
 
 
 def _sort_by_cluster(cid: Tensor, num_clusters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
