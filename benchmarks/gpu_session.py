@@ -52,6 +52,9 @@ ITEMS = {
     "lm_speed": (1, 250, {"ROUTED_AUTOTUNE": "0"}, [  # issue 4 without training: module f+b, prefill, router cost vs saved attention
         "python benchmarks/lm_compare.py --variants --speed --out {out}/lm_compare_speed.json",
     ]),
+    "profile_layers": (1, 150, {"ROUTED_AUTOTUNE": "0"}, [  # where each LM layer's step goes: host vs GPU, kernels
+        "python benchmarks/profile_layers.py --n 8192 32768 --out {out}/profile_layers.json",
+    ]),
     "gpu_tests": (1, 80, {"ROUTED_AUTOTUNE": "0"}, [
         "python -m pytest -q -p no:cacheprovider -m gpu tests",
     ]),

@@ -1,0 +1,100 @@
+"""Where one attention layer's forward+backward spends its time: GPU time per kernel (torch.profiler),
+host time per step against GPU time per step, and the number of kernels launched, for the LM
+layers of benchmarks/lm_compare.py (same configuration) at one length.
+
+    PYTHONPATH=src python benchmarks/profile_layers.py --n 8192 --layers dense sliding_window moba nsa routing mosa
+
+A layer whose host time per step exceeds its GPU time is launch-bound: fewer, larger launches (or a
+CUDA graph) are what speed it up, not faster kernels. The table printed last is one row per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import lm_compare  # noqa: E402
+
+from routed.env import machine_header  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_layer(args, name: str, n: int, device, dtype, top: int) -> dict:
+    layer, cfg = lm_compare._layer(args, name, n, device, dtype)
+    layer.train()
+    x = torch.randn(1, n, args.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    pe = lm_compare._rope(cfg, n, device, dtype)
+
+    def step():
+        out, aux = layer(x, pe)
+        loss = out.float().square().mean() + (aux if aux is not None else 0)
+        loss.backward()
+
+    for _ in range(2):  # first calls: compiles, k-means initialisation, cached routes
+        step()
+    _sync(device)
+    reps = 10
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    host_ms = (time.perf_counter() - t0) / reps * 1e3  # until the last launch was queued
+    _sync(device)
+    wall_ms = (time.perf_counter() - t0) / reps * 1e3
+    row = {"layer": name, "seq_len": n, "host_ms_per_step": host_ms, "wall_ms_per_step": wall_ms}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                step()
+            _sync(device)
+        gpu_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+        kernels = sorted(((e.key, gpu_us(e) / reps / 1e3, e.count // reps) for e in prof.key_averages()
+                          if gpu_us(e) > 0), key=lambda r: -r[1])
+        row["gpu_ms_per_step"] = sum(k[1] for k in kernels)
+        row["kernels_per_step"] = sum(k[2] for k in kernels)
+        row["top_kernels"] = [{"name": k[0][:90], "ms": k[1], "calls": k[2]} for k in kernels[:top]]
+    del layer, x
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--layers", nargs="+", default=["dense", "sliding_window", "moba", "nsa", "routing", "mosa"])
+    p.add_argument("--top", type=int, default=12, help="kernels listed per layer")
+    p.add_argument("--out", default=None, help="JSON with a machine header")
+    a, rest = p.parse_known_args(argv)
+    args = lm_compare.parse_args(["--variants", *rest])  # the LM comparison's layer configuration
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result = {"machine": machine_header(), "command": " ".join(sys.argv), "rows": []}
+    for n in a.n:
+        for name in a.layers:
+            row = profile_layer(args, name, n, device, dtype, a.top)
+            result["rows"].append(row)
+            for k in row.get("top_kernels", []):
+                print(f"  {name:<15} {n:>6} {k['ms']:8.3f} ms  x{k['calls']:<4} {k['name']}")
+            if a.out:
+                Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"{'layer':<15} {'N':>6} | {'host ms':>8} {'wall ms':>8} {'GPU ms':>8} {'kernels':>8}")
+    for r in result["rows"]:
+        print(f"{r['layer']:<15} {r['seq_len']:>6} | {r['host_ms_per_step']:8.2f} {r['wall_ms_per_step']:8.2f} "
+              f"{r.get('gpu_ms_per_step', float('nan')):8.2f} {r.get('kernels_per_step', 0):8d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
