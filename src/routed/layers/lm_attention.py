@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..constants import cached_constants
 from ..attention import routed_attention
+from ..constants import cached_constants
 from ..route import BlockRoute, RouteError
 from ..routers.blocks import MoBARouter, check_block_options
 from ..routers.static import sliding_window_route

@@ -55,8 +55,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..constants import cached_constants
 from ..attention import routed_attention
+from ..constants import cached_constants
 from ..route import BlockRoute
 from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions
 from .kv_cache import cache_keys, key_change

@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..constants import cached_constants
 from ..attention import routed_attention
+from ..constants import cached_constants
 from ..route import BlockRoute
 from ..routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
 from ..routers.static import sliding_window_route

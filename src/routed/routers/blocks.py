@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..constants import cached_constants
 from ..backends import BackendUnavailable
+from ..constants import cached_constants
 from ..ops.block_scores import block_means, check_qk_heads, estimator_backend_why_not, pooled_block_probs
 from ..route import BlockRoute, RouteError
 
