@@ -243,3 +243,21 @@ def test_bad_estimator_arguments_raise():
         pooled_block_probs(q, k, 8, backend="cuda")
     with pytest.raises(RouteError, match="head_reduce"):
         pooled_block_probs(q, k, 8, head_reduce="min")
+
+
+@pytest.mark.parametrize("n,block,d", [(100, 16, 24), (64, 64, 16), (1, 32, 8), (257, 100, 40), (50, 1, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_means_kernel_equals_pytorch(n, block, d, dtype):
+    """One-launch block means (partial last block, head dims that are not a power of two, a strided
+    input) against the PyTorch form, outputs poisoned; low-precision results are rounded once."""
+    from routed.ops.block_scores import block_means
+    from routed.ops.block_scores.triton_kernels import block_means_triton
+
+    g = torch.Generator().manual_seed(n + block)
+    x = torch.randn(2, n, 3, d, generator=g).to(DEVICE, dtype).transpose(1, 2)  # [B, H, N, D], not contiguous
+    with poisoned_outputs():
+        got = block_means_triton(x, block, dtype)
+    want = block_means(x, block)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=1e-6 if dtype == torch.float32 else 1e-2,
+                               atol=1e-6 if dtype == torch.float32 else 1e-2)

@@ -24,7 +24,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ...testing import new_output
-from .reference import block_means
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -182,6 +181,43 @@ def _sampled_block_mass_kernel(Q, K, Rows, Out, stride_qb, stride_qh, stride_qn,
 # Host launchers
 
 
+@triton.jit
+def _block_means_kernel(X, Out, stride_xb, stride_xh, stride_xn, stride_ob, stride_oh, stride_on, n_heads, seq_len,
+                        block_size, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program (block j, batch x head): the float32 mean of the block's rows (the last block: of the
+    rows it has), written in ``Out``'s dtype."""
+    j = tl.program_id(0)
+    b = tl.program_id(1) // n_heads
+    h = tl.program_id(1) % n_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    start = j * block_size
+    end = tl.minimum(start + block_size, seq_len)
+    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        x = tl.load(base + rows.to(tl.int64)[:, None] * stride_xn + offs_d[None, :],
+                    mask=(rows < end)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    mean = acc / (end - start).to(tl.float32)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + j * stride_on + offs_d,
+             mean.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def block_means_triton(x: Tensor, block_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """:func:`~routed.ops.block_scores.reference.block_means` in one launch (instead of the ~5 small
+    ops of the PyTorch form), the result in ``dtype``: ``[B, H, N, D]`` -> ``[B, H, ceil(N / block_size), D]``."""
+    B, H, n, d = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    nb = -(-n // block_size)
+    out = new_output((B, H, nb, d), dtype=dtype, device=x.device)
+    if out.numel():
+        _block_means_kernel[(nb, B * H)](x, out, *x.stride()[:3], *out.stride()[:3], H, n, block_size, HEAD_DIM=d,
+                                         BLOCK_D=triton.next_power_of_2(d),
+                                         BLOCK_R=min(64, triton.next_power_of_2(block_size)), num_warps=4)
+    return out
+
+
 _REDUCE = {"mean": 0, "max": 1, "none": 2}  # over the query heads of a GQA group ("none": kept per head)
 
 
@@ -196,9 +232,9 @@ def pooled_block_probs_triton(q: Tensor, k: Tensor, block_size: int, scale: floa
     (a float32 sum over a view); the scores, the softmax and the group reduction are one kernel."""
     B, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    pq, pk = block_means(q, block_size), block_means(k, block_size)
-    if q.dtype != torch.float32:  # low-precision inputs: tensor-core dots on means rounded to that precision
-        pq, pk = pq.to(q.dtype), pk.to(q.dtype)
+    # low-precision inputs: tensor-core dots on means rounded to that precision
+    mean_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    pq, pk = block_means_triton(q, block_size, mean_dtype), block_means_triton(k, block_size, mean_dtype)
     nqb, nkb = pq.shape[2], pk.shape[2]
     gp = _group_pow2(hq // hkv)
     tile_q = max(16 // gp, min(64 // gp, 64), 1)  # 64 rows: the query tile stays in registers
