@@ -149,7 +149,7 @@ class NSAAttention(LMAttention):
     def compress(self, x: Tensor) -> Tensor:
         """``[B, Hkv, N, D]`` keys or values -> ``[B, Hkv, Nc, D]`` compressed blocks (Nc may be 0)."""
         B, h, n, d = x.shape
-        nc = compressed_positions(n, self.compress_block, self.compress_stride).numel()
+        nc = self.num_compressed(n)
         if nc == 0:
             return x.new_zeros(B, h, 0, self.compress_block * d)
         # unfold: [B, h, Nc, D, lb] (a view) -> token-major blocks [B, h, Nc, lb * D]
@@ -158,7 +158,7 @@ class NSAAttention(LMAttention):
 
     def num_compressed(self, kv_len: int) -> int:
         """Compressed blocks that have ended among ``kv_len`` tokens."""
-        return compressed_positions(kv_len, self.compress_block, self.compress_stride).numel()
+        return max(0, (kv_len - self.compress_block) // self.compress_stride + 1)  # compressed_positions' count
 
     def project(self, hidden_states: Tensor, position_embeddings, past_key_values=None,
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
