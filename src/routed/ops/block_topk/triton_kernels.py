@@ -124,14 +124,14 @@ def _block_topk_kernel(S, Ids, Counts, stride_sb, stride_sh, stride_sq, stride_i
     diag = (tl.minimum((qb + 1) * q_block, q_len) - 1 + off) // kv_block  # key block of its last query
     kb = tl.arange(0, NKB_P2)
     visible = kb <= diag  # (diag < nkb, so this also keeps kb in range)
-    row = S + b * stride_sb + qb * stride_sq
+    row = S + b.to(tl.int64) * stride_sb + qb.to(tl.int64) * stride_sq  # int64: score tensors may pass 2^31
     # The head's score row, or the max / mean of its group's rows (a max over one row is the row).
     if REDUCE == 2:
         s = tl.zeros([NKB_P2], tl.float32)
     else:
         s = tl.full([NKB_P2], float("-inf"), tl.float32)
     for g in range(group):
-        p = tl.load(row + (h * group + g) * stride_sh + kb, mask=visible, other=0.0).to(tl.float32)
+        p = tl.load(row + (h * group + g).to(tl.int64) * stride_sh + kb, mask=visible, other=0.0).to(tl.float32)
         if RENORM:  # MoBA: each head's probabilities renormalised over the blocks before the query block
             p = tl.where(kb < first, p, 0.0)
             p = p / tl.maximum(tl.sum(p, 0), 1.1754943508222875e-38)
@@ -157,11 +157,11 @@ def _block_topk_kernel(S, Ids, Counts, stride_sb, stride_sh, stride_sq, stride_i
     # Compact the kept ids in increasing order, pad with -1.
     n_keep = tl.sum(keep.to(tl.int32), 0)
     slot = tl.cumsum(keep.to(tl.int32), 0) - 1
-    out = Ids + b * stride_ib + h * stride_ih + qb * stride_iq
+    out = Ids + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + qb.to(tl.int64) * stride_iq
     tl.store(out + slot, kb.to(tl.int32), mask=keep)
     pad = tl.arange(0, WIDTH_P2)
     tl.store(out + pad, tl.full([WIDTH_P2], -1, tl.int32), mask=(pad >= n_keep) & (pad < width))
-    tl.store(Counts + b * stride_cb + h * stride_ch + qb, n_keep)
+    tl.store(Counts + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + qb, n_keep)
 
 
 def block_topk_triton(scores: Tensor, *, width: int, q_len: int, kv_len: int, q_block_size: int,
@@ -178,7 +178,8 @@ def block_topk_triton(scores: Tensor, *, width: int, q_len: int, kv_len: int, q_
         renormalize: divide each row by its sum over the key blocks wholly before the query block
             (MoBA's candidates) before the reduction.
     Semantics equal ``routed.routers.blocks.block_topk_route`` (the PyTorch reference) on the reduced
-    scores: ties go to the lower block id, blocks scoring -inf are never kept.
+    scores: ties go to the lower block id, blocks scoring -inf are never kept (scores must not be NaN:
+    the reference sorts NaN first, this kernel would skip the row's remaining picks).
     """
     B, hg, nqb, nkb = scores.shape
     if reduce not in ("none", "max", "mean") or (reduce == "none" and group != 1) or hg % group:
