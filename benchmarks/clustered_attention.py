@@ -214,10 +214,10 @@ def core_case(n: int, dev, dtype, rep_ms: int, heads=8, d=64, window=256) -> dic
 
     def band_step():  # as the layer runs it: rows permuted into cluster order and back (no atomics)
         def perm(t):
-            return permute_rows(t.reshape(heads, 1, n, d), slot_tokens, token_slots)
+            return permute_rows(t.reshape(heads, 1, n, d), slot_tokens, token_slots, zero_padding=False)
 
         o = routed_attention(perm(q), perm(k), perm(v), route, backend=backend)
-        o = permute_rows(o, token_slots, slot_tokens)
+        o = permute_rows(o, token_slots, slot_tokens, zero_padding=False)
         o.float().square().mean().backward()
 
     token_route = TokenRoute(groups.token_ids, n, causal=True, validate=False)

@@ -42,3 +42,28 @@ def test_bad_shapes_raise():
     x = torch.zeros(2, 1, 6, 3)
     with pytest.raises(ValueError, match=r"needs index \[R, L\] and inverse \[R, N\]"):
         permute_rows(x, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_leading_axes_and_copies_of_row_zero_in_padding():
+    """The [..., N, d] form with an index broadcast over a head axis (the Routing Transformer's
+    [B, Hk, G, N, d] from a strided view), and zero_padding=False: pad slots hold row 0, and every
+    token row's gradient is still exactly the plain gather's."""
+    g = torch.Generator().manual_seed(3)
+    B, Hk, G, n, d, C, w = 2, 3, 2, 29, 4, 3, 8
+    cl = torch.randint(0, C, (B * Hk, n), generator=g)
+    _, slot_tokens, token_slots = cluster_window_route(cl, C, w)
+    L = slot_tokens.shape[1]
+    base = torch.randn(B, n, Hk * G, d, generator=g, dtype=torch.float64, requires_grad=True)
+    x = base.transpose(1, 2).unflatten(1, (Hk, G))  # [B, Hk, G, n, d], not contiguous
+    to_slot, to_token = slot_tokens.view(B, Hk, 1, L), token_slots.view(B, Hk, 1, n)
+    y = permute_rows(x, to_slot, to_token, zero_padding=False)
+    want = x.gather(-2, to_slot.clamp_min(0).unsqueeze(-1).expand(B, Hk, G, L, d))
+    assert torch.equal(y, want)
+    assert bool((slot_tokens < 0).any())  # the case has pad slots, and they hold row 0
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (got,) = torch.autograd.grad(y, base, gy)
+    live = (to_slot >= 0).unsqueeze(-1).to(gy.dtype)  # the gradient of pad slots reaches no token
+    (ref,) = torch.autograd.grad(want, base, gy * live)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    back = permute_rows(y, to_token, to_slot, zero_padding=False)  # slots -> tokens: the identity on x
+    assert torch.equal(back, x)

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from ..attention import routed_attention
 from ..constants import cached_constants
+from ..ops.permute_rows import permute_rows
 from ..route import BlockRoute
 from ..routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
 from ..routers.static import sliding_window_route
@@ -82,31 +83,6 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     """SDPA of ``q [B, Hq, Nq, D]`` over ``k, v [B, Hkv, Nk, D]`` with a bool ``mask`` broadcast to
     ``[B, Hq, Nq, Nk]`` (the decode path: ``Nq`` is small, so the mask is ``O(Nk)`` per query)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-
-
-class _ToSlots(torch.autograd.Function):
-    """Rows of ``xs [B, Hk, h, N_in, d]`` (any strides) gathered along the sequence, ``y[..., s, :] =
-    x[..., index[s], :]`` with ``index [B, Hk, 1, N_out, 1]`` (broadcast over heads and head dim): one
-    gather per tensor. The backward gathers the gradients back with ``inverse [B, Hk, 1, N_in, 1]``, no
-    atomics: exact for every row ``t`` that one slot reads (``index[inverse[t]] = t``), while a row that
-    no slot reads gets a copy of some slot's gradient instead of zero.
-
-    Only the pad slots of the cluster order break those rules (they read token 0, clamped), and what
-    they hold never reaches a token: each pad slot is a segment of its own, so no real query attends
-    to a pad key and a pad query sees only itself, and the way back reads token slots only. So the
-    finite copies there, where zeros would cost one more pass over each tensor (a mask and a fill),
-    leave every result as it was.
-    """
-
-    @staticmethod
-    def forward(ctx, index: Tensor, inverse: Tensor, *xs: Tensor):
-        ctx.save_for_backward(inverse)
-        return tuple(x.gather(3, index.expand(*x.shape[:3], index.shape[3], x.shape[4])) for x in xs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return (None, None, *(g.gather(3, inverse.expand(*g.shape[:3], inverse.shape[3], g.shape[4])) for g in grads))
 
 
 @register_attention("routing")
@@ -219,12 +195,17 @@ class RoutingAttention(nn.Module):
         with torch.no_grad():
             route, slot_tokens, token_slots = cluster_window_route(cl.reshape(B * Hk, N), self.clusters, self.window)
             L = slot_tokens.shape[1]
-            to_slot = slot_tokens.clamp_min(0).view(B, Hk, 1, L, 1)  # pad slots read token 0 (see _ToSlots)
-            to_token = token_slots.view(B, Hk, 1, N, 1)
-        qs, ks, vs = _ToSlots.apply(to_slot, to_token, q_r.unflatten(1, (Hk, G)), k_r.unsqueeze(2), v_r.unsqueeze(2))
-        o = routed_attention(qs.view(B * Hk, G, L, d), ks.view(B * Hk, 1, L, d), vs.view(B * Hk, 1, L, d), route,
-                             scale=scale, backend=self.backend)  # [B * Hk, G, L, d]
-        (o,) = _ToSlots.apply(to_token, to_slot, o.reshape(B, Hk, G, L, d))
+            to_slot, to_token = slot_tokens.view(B, Hk, 1, L), token_slots.view(B, Hk, 1, N)
+
+        # Pad slots hold a copy of token 0, not zeros (one pass less over each tensor): each is a
+        # segment of its own, so no real query attends to a pad key, a pad query sees only itself,
+        # and the way back reads token slots only; every result is as with zeros.
+        def to_slots(t: Tensor) -> Tensor:  # [B, Hk, h, N, d] (any strides) -> [B * Hk, h, L, d]
+            return permute_rows(t, to_slot, to_token, zero_padding=False).flatten(0, 1)
+
+        o = routed_attention(to_slots(q_r.unflatten(1, (Hk, G))), to_slots(k_r.unsqueeze(2)),
+                             to_slots(v_r.unsqueeze(2)), route, scale=scale, backend=self.backend)  # [B * Hk, G, L, d]
+        o = permute_rows(o.view(B, Hk, G, L, d), to_token, to_slot, zero_padding=False)
         return o.view(B, Hk * G, N, d)
 
     def _remember_clusters(self, cache, cl: Tensor, k_r: Tensor) -> tuple[Tensor, Tensor]:
