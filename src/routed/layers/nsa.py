@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from ..attention import routed_attention
 from ..constants import cached_constants
 from ..route import BlockRoute
-from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions
+from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions, num_compressed_blocks
 from .kv_cache import cache_keys, key_change
 from .lm_attention import LMAttention, _opt, block_window_route
 from .registry import register_attention
@@ -158,7 +158,7 @@ class NSAAttention(LMAttention):
 
     def num_compressed(self, kv_len: int) -> int:
         """Compressed blocks that have ended among ``kv_len`` tokens."""
-        return max(0, (kv_len - self.compress_block) // self.compress_stride + 1)  # compressed_positions' count
+        return num_compressed_blocks(kv_len, self.compress_block, self.compress_stride)
 
     def project(self, hidden_states: Tensor, position_embeddings, past_key_values=None,
                 cache_position: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -33,8 +33,8 @@ from ..constants import cached_constants
 from ..ops.block_scores import block_means, check_qk_heads, estimator_backend_why_not, pooled_block_probs
 from ..route import BlockRoute, RouteError
 
-__all__ = ["block_topk_route", "MoBARouter", "NSASelectionRouter", "compressed_positions", "check_block_options",
-           "spread_to_selection_blocks"]
+__all__ = ["block_topk_route", "MoBARouter", "NSASelectionRouter", "compressed_positions", "num_compressed_blocks",
+           "check_block_options", "spread_to_selection_blocks"]
 
 
 def _pos_int(name: str, v, minimum: int = 1) -> int:
@@ -343,10 +343,15 @@ def _queries_per_block(q_len: int, q_block_size: int, device) -> Tensor:
                        max=q_block_size).float()
 
 
+def num_compressed_blocks(kv_len: int, compress_block: int, compress_stride: int) -> int:
+    """How many compressed blocks have ended among ``kv_len`` tokens (see :func:`compressed_positions`)."""
+    return max(0, (kv_len - compress_block) // compress_stride + 1)
+
+
 def compressed_positions(kv_len: int, compress_block: int, compress_stride: int, device=None) -> Tensor:
     """``[num_compressed]`` int64 position of the last token of every compressed block (block ``i``
     covers tokens ``i * stride .. i * stride + compress_block - 1``; only whole blocks exist)."""
-    n = max(0, (kv_len - compress_block) // compress_stride + 1)
+    n = num_compressed_blocks(kv_len, compress_block, compress_stride)
     return torch.arange(n, device=device) * compress_stride + (compress_block - 1)
 
 
@@ -441,7 +446,7 @@ class NSASelectionRouter:
         hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
         if kv_len < nq:
             raise RouteError(f"kv_len={kv_len} is smaller than the {nq} queries; queries are the last positions.")
-        expect = max(0, (kv_len - self.compress_block) // self.compress_stride + 1)  # compressed_positions' count
+        expect = num_compressed_blocks(kv_len, self.compress_block, self.compress_stride)
         if nc != expect:
             raise RouteError(f"k_cmp has {nc} compressed keys but kv_len={kv_len} with compress_block="
                              f"{self.compress_block}, compress_stride={self.compress_stride} gives {expect}.")
