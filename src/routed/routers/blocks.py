@@ -124,11 +124,8 @@ def _topk_route(scores: Tensor, top_k: int, q_len: int, kv_len: int, q_block_siz
     first, diag = _query_block_extent(q_len, kv_len, q_block_size, kv_block_size, scores.device)
     kb = torch.arange(nkb, device=scores.device)[None, :]
     if renormalize:
-        p = scores.float() * (kb < first[:, None])
-        scores = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    if group > 1:
-        scores = scores.view(scores.shape[0], -1, group, nqb, nkb)
-        scores = scores.amax(2) if reduce == "max" else scores.mean(2)
+        scores = _renormalise_over_earlier(scores, first)
+    scores = _reduce_group(scores, group, reduce)
     visible = kb <= diag[:, None]
     forced = visible & ((kb < sink_blocks) | (kb >= torch.minimum(first, diag - local_blocks + 1)[:, None]))
     key = torch.where(forced, float("inf"), scores.float()).masked_fill(~visible, float("-inf"))
@@ -217,19 +214,24 @@ class MoBARouter:
             raise RouteError(f"k has {nk} tokens but q has {nq}: queries are the last q_len positions of the keys.")
         first, _ = _query_block_extent(nq, nk, self.q_block_size, self.block_size, q.device)
         nkb = math.ceil(nk / self.block_size)
-        earlier = torch.arange(nkb, device=q.device)[None, :] < first[:, None]  # [nqb, nkb] candidates
         if self._use_triton(q, nq):
             # The pooled-score kernel's softmax also covers the own (partial) blocks; per query head
             # renormalising over the earlier blocks (all full) gives exactly the definition above,
             # then the group reduction (the kernel reads each KV head's pooled keys for its group).
-            p = pooled_block_probs(q, k, self.block_size, scale=scale, head_reduce="none", backend="triton") * earlier
-            p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-            if self.heads == "query":
-                return p
-            p = p.view(q.shape[0], k.shape[1], q.shape[1] // k.shape[1], *p.shape[2:])
-            return p.amax(2) if self.head_reduce == "max" else p.mean(2)
-        return _moba_scores_torch(q, k, self.q_block_size, self.block_size, scale, earlier,
-                                  None if self.heads == "query" else self.head_reduce)
+            p = _renormalise_over_earlier(self._pooled_probs_triton(q, k, scale), first)
+            return _reduce_group(p, self._group(q, k), self.head_reduce)
+        earlier = torch.arange(nkb, device=q.device)[None, :] < first[:, None]  # [nqb, nkb] candidates
+        return _moba_scores_torch(q, k, self.q_block_size, self.block_size, scale, earlier, self._group(q, k),
+                                  self.head_reduce)
+
+    def _group(self, q: Tensor, k: Tensor) -> int:
+        """Rows of query heads reduced into one route head: the GQA group (``heads="kv"``) or 1."""
+        return q.shape[1] // k.shape[1] if self.heads == "kv" else 1
+
+    def _pooled_probs_triton(self, q: Tensor, k: Tensor, scale: Optional[float]) -> Tensor:
+        """``[B, Hq, nqb, nkb]``: the pooled-score kernel's per-query-head probabilities."""
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return pooled_block_probs(q, k, self.block_size, scale=scale, head_reduce="none", backend="triton")
 
     def _use_triton(self, q: Tensor, nq: int) -> bool:
         # One query block holding every query pools alike with either block size.
@@ -254,13 +256,11 @@ class MoBARouter:
             q, k = q.detach(), k.detach()
             check_qk_heads(q, k)
             if k.shape[2] >= q.shape[2] and self._use_triton(q, q.shape[2]):
-                # Two launches: the per-query-head pooled probabilities, then one kernel that
-                # renormalises them over the candidates, reduces the GQA group and picks the top-k.
-                scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-                p = pooled_block_probs(q, k, self.block_size, scale=scale, head_reduce="none", backend="triton")
-                group = q.shape[1] // k.shape[1] if self.heads == "kv" else 1
-                return _topk_route(p, backend="triton", group=group, reduce=self.head_reduce if group > 1 else "none",
-                                   renormalize=True, **geometry)
+                # The per-query-head pooled probabilities, then one kernel that renormalises them
+                # over the candidates, reduces the GQA group and picks the top-k (as scores() + top-k).
+                group = self._group(q, k)
+                return _topk_route(self._pooled_probs_triton(q, k, scale), backend="triton", group=group,
+                                   reduce=self.head_reduce if group > 1 else "none", renormalize=True, **geometry)
             return block_topk_route(self.scores(q, k, scale=scale), **geometry, backend=self.backend)
 
     def __repr__(self) -> str:
@@ -270,10 +270,10 @@ class MoBARouter:
 
 
 def _moba_scores_torch(q: Tensor, k: Tensor, q_block_size: int, kv_block_size: int, scale: float,
-                       candidates: Tensor, head_reduce: Optional[str]) -> Tensor:
+                       candidates: Tensor, group: int, head_reduce: str) -> Tensor:
     """:meth:`MoBARouter.scores` in plain PyTorch, any block sizes: block means (one read of ``q``
     and ``k``), a ``nqb x nkb`` product per head, a softmax over ``candidates [nqb, nkb]``, the
-    group reduction (``None``: keep the query heads)."""
+    reduction over each ``group`` of query heads (1: keep the query heads)."""
     B, hq, nq, _ = q.shape
     hkv = k.shape[1]
     pq, pk = block_means(q, q_block_size), block_means(k, kv_block_size)
@@ -281,10 +281,23 @@ def _moba_scores_torch(q: Tensor, k: Tensor, q_block_size: int, kv_block_size: i
     logits = (pq.view(B, hkv, hq // hkv * nqb, -1) @ pk.transpose(-1, -2)).view(B, hq, nqb, nkb) * scale
     logits = logits.masked_fill(~candidates, float("-inf"))
     p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a row without candidates: all zero
-    if head_reduce is None:
+    return _reduce_group(p, group, head_reduce)
+
+
+def _renormalise_over_earlier(p: Tensor, first: Tensor) -> Tensor:
+    """``p [..., nqb, nkb]`` (float32) divided, per row, by its sum over the key blocks before the query
+    block's first key block ``first [nqb]`` (MoBA's candidates); zero elsewhere."""
+    p = p.float() * (torch.arange(p.shape[-1], device=p.device) < first[:, None])
+    return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _reduce_group(p: Tensor, group: int, reduce: str) -> Tensor:
+    """``[B, H * group, ...]`` -> ``[B, H, ...]``: the ``"max"`` or ``"mean"`` over each head's ``group``
+    rows (the GQA group of a KV-head route); ``group == 1``: ``p`` itself."""
+    if group == 1:
         return p
-    p = p.view(B, hkv, hq // hkv, nqb, nkb)
-    return p.amax(2) if head_reduce == "max" else p.mean(2)
+    p = p.unflatten(1, (-1, group))
+    return p.amax(2) if reduce == "max" else p.mean(2)
 
 
 def _nsa_lse_torch(q: Tensor, k_cmp: Tensor, kv_len: int, compress_block: int, compress_stride: int, scale: float,
