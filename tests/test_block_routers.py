@@ -118,6 +118,18 @@ def test_moba_router_triton_launches_few_ops():
     assert CountOps.n <= 10, f"the Triton MoBA router ran {CountOps.n} PyTorch ops (7 when written; 70 before)"
 
 
+def test_block_topk_kernel_takes_rows_wider_than_256_blocks():
+    """Score rows of more than 256 key blocks (32k tokens at blocks of 64 have 512) go through the
+    kernel, equal to the PyTorch builder."""
+    g = torch.Generator().manual_seed(6)
+    q_len = kv_len = 600 * 4
+    scores = torch.rand(1, 2, 600, 600, generator=g)
+    routes = [block_topk_route(scores, top_k=5, q_len=q_len, kv_len=kv_len, q_block_size=4, kv_block_size=4,
+                               sink_blocks=1, local_blocks=2, backend=be) for be in ("triton", "reference")]
+    assert torch.equal(routes[0].kv_block_ids, routes[1].kv_block_ids)
+    assert torch.equal(routes[0].kv_block_counts, routes[1].kv_block_counts)
+
+
 def test_block_topk_backend_errors():
     s = torch.rand(1, 1, 2, 2)
     with pytest.raises(ValueError, match="backend"):

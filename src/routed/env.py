@@ -6,7 +6,7 @@ import datetime
 import importlib
 import os
 import platform
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -45,6 +45,21 @@ def triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: a CUDA GPU, or the CPU in Triton's
     interpreter (``TRITON_INTERPRET=1``, set before importing routed; exact and slow, for tests)."""
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def triton_why_not(t: torch.Tensor) -> Optional[str]:
+    """None if routed's Triton kernels can take ``t`` (triton importable, a device they run on, a float
+    dtype they support), else the reason; each kernel family adds its own shape limits."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e}); install it with `pip install routed[triton]`"
+    if not triton_runs_on(t.device):
+        return (f"tensors are on {t.device.type}; Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1, set "
+                "before importing routed, to run them on the CPU for testing)")
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {t.dtype} is not supported (use bfloat16, float16 or float32)"
+    return None
 
 
 def best_device() -> torch.device:

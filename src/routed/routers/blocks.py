@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..backends import BackendUnavailable
 from ..constants import cached_constants
+from ..env import triton_why_not
 from ..ops.block_scores import block_means, check_qk_heads, estimator_backend_why_not, pooled_block_probs
 from ..route import BlockRoute, RouteError
 
@@ -147,7 +148,7 @@ def _topk_max_blocks() -> int:
 def _topk_use_triton(scores: Tensor, nkb: int, backend: Optional[str]) -> bool:
     if backend == "reference":
         return False
-    why = estimator_backend_why_not(scores, 16, False)  # triton importable, a device it runs on, a float dtype
+    why = triton_why_not(scores)  # (the estimators' check would read nkb as a head dim, limited to 256)
     if why is None and nkb > _topk_max_blocks():
         why = f"{nkb} key blocks exceed the {_topk_max_blocks()} the kernel holds per row"
     if backend == "triton":

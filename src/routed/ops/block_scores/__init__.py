@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...backends import BackendUnavailable
-from ...env import triton_runs_on
+from ...env import triton_why_not
 from ...route import RouteError
 from .reference import block_means, pooled_block_probs_reference, sampled_block_mass_reference
 
@@ -57,15 +57,9 @@ def _check_qk(q: Tensor, k: Tensor, block_size: int, head_reduce: str) -> None:
 
 def estimator_backend_why_not(q: Tensor, block_size: int, sampled: bool) -> Optional[str]:
     """None if the Triton estimator kernels can run on ``q`` with ``block_size``, else the reason."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton is not importable ({e}); install it with `pip install routed[triton]`"
-    if not triton_runs_on(q.device):
-        return (f"tensors are on {q.device.type}; Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1, set "
-                "before importing routed, to run them on the CPU for testing)")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} is not supported (use bfloat16, float16 or float32)"
+    why = triton_why_not(q)
+    if why is not None:
+        return why
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} exceeds 256"
     if sampled and (block_size < 16 or block_size > 256 or block_size & (block_size - 1)):
