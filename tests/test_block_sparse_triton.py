@@ -406,7 +406,8 @@ def test_transpose_kernel_equals_sorting_transpose(shape, nkb):
 
 @pytest.mark.parametrize("q_len,kv_len,qbs,kbs,causal", [(100, 100, 16, 16, True), (37, 100, 16, 32, True),
                                                      (70, 75, 32, 16, False), (64, 64, 16, 16, False),
-                                                     (1, 90, 16, 16, True), (50, 300, 4, 8, True)])
+                                                     (1, 90, 16, 16, True), (50, 300, 4, 8, True),
+                                                     (600, 600, 4, 4, True)])  # rows of >64 ids: smaller tiles
 @pytest.mark.parametrize("all_masked", [False, True])
 def test_mask_split_counts_kernels_equal_pytorch(q_len, kv_len, qbs, kbs, causal, all_masked):
     """The clean-block counts (one launch) and the masked query-block counts (from the transpose

@@ -313,11 +313,23 @@ def _clean_block_counts_triton(ids: Tensor, counts: Tensor, q_len: int, kv_len: 
     br, hr, nqb, width = ids.shape
     ids, counts = ids.contiguous(), counts.contiguous()
     clean = new_output(counts.shape, dtype=torch.int32, device=counts.device)
-    block_r = 64
+    block_k = _slots_pow2(width)
+    block_r = _tile_rows(block_k, 64)
     _clean_counts_kernel[(triton.cdiv(counts.numel(), block_r),)](
         ids, counts, clean, counts.numel(), nqb, width, q_block_size, kv_block_size, kv_len, kv_len - q_len,
-        CAUSAL=causal, BLOCK_R=block_r, BLOCK_K=max(2, triton.next_power_of_2(max(width, 1))), num_warps=4)
+        CAUSAL=causal, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     return clean
+
+
+def _slots_pow2(width: int) -> int:
+    """A route row's id slots rounded up to a power of two (at least 2): one tile's columns."""
+    return max(2, triton.next_power_of_2(max(width, 1)))
+
+
+def _tile_rows(block_k: int, most: int) -> int:
+    """Route rows per tile of the route-scanning kernels: up to ``most``, fewer for wide rows, so that a
+    tile stays within 4096 ids (a dense 2048-block route would otherwise put 128k ids in registers)."""
+    return max(1, min(most, 4096 // block_k))
 
 
 def masked_query_counts(t_ids: Tensor, t_counts: Tensor, q_len: int, kv_len: int, q_block_size: int,
@@ -747,8 +759,8 @@ def _transpose_in_one_launch(ids: Tensor, num_kv_blocks: int, q_len: int = 1, kv
         _transpose_route_kernel[(num_kv_blocks, rows)](
             ids.contiguous(), t_ids, t_counts, t_masked, nqb, num_kv_blocks, width, q_block_size, kv_block_size,
             kv_len, kv_len - q_len, CAUSAL=causal, ALL_MASKED=all_masked,
-            BLOCK_Q=min(128, max(16, triton.next_power_of_2(nqb))),
-            BLOCK_K=max(2, triton.next_power_of_2(max(width, 1))), num_warps=4)
+            BLOCK_Q=_tile_rows(_slots_pow2(width), min(128, max(16, triton.next_power_of_2(nqb)))),
+            BLOCK_K=_slots_pow2(width), num_warps=4)
     return t_ids, t_counts, t_masked
 
 
