@@ -483,6 +483,50 @@ def test_backward_over_the_compact_transposed_route(case, mode, monkeypatch):
     assert route._cache["kernel_transposed"][2] is not None, "the compact form was not used"
 
 
+def _nsa_like_compressed(nq):
+    """NSA's compressed-branch geometry: many query blocks, few key blocks each seen by most of them,
+    explicit causal positions (the keys' block ends)."""
+    from routed.layers.nsa import _compressed_route, num_compressed_blocks
+
+    nc = num_compressed_blocks(nq, 32, 16)
+    return _compressed_route(nq, nc, nq, 16, 32, 16, torch.device(DEVICE)), nc
+
+
+SPLIT_ROW_CASES = {  # (inputs, route): few key tiles, long transposed rows
+    "nsa_compressed_gqa": lambda: ((lambda r: (_inputs(1, 4, 1, 512, r[1], 16, torch.float32, seed=61), r[0]))(
+        _nsa_like_compressed(512))),
+    "cross_ragged_keys": lambda: (_inputs(1, 2, 1, 600, 70, 16, torch.float32, seed=62),
+                                  _mask_route(1, 1, 600, 70, 16, 32, False, 0.7, seed=62)),
+    "gathered_small_query_blocks": lambda: (_inputs(1, 2, 1, 300, 40, 16, torch.float32, seed=63),
+                                            _mask_route(1, 1, 300, 40, 4, 16, False, 0.8, seed=63)),
+}
+
+
+@pytest.mark.parametrize("mode", ["split", "atomic"])
+@pytest.mark.parametrize("case", sorted(SPLIT_ROW_CASES))
+def test_dkdv_shares_long_transposed_rows_between_programs(case, mode, monkeypatch):
+    """With few key tiles and long transposed rows, several dk/dv programs walk shares of each row and
+    their float32 partial sums are added (the interpreter counts 4 SMs): equals float64."""
+    from routed.ops.block_sparse import triton_ops
+
+    used = []
+    real = triton_ops.dkdv_splits
+    monkeypatch.setattr(triton_ops, "dkdv_splits", lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setenv("ROUTED_BWD", mode)
+    (q, k, v), route = SPLIT_ROW_CASES[case]()
+    check_against_f64(q, k, v, route)
+    assert used and max(used) > 1, f"the rows were not shared: splits {used}"
+
+
+def test_dkdv_splits_heuristic():
+    from routed.ops.block_sparse.triton_ops import dkdv_splits
+
+    assert dkdv_splits(132, 512, 132) == 1  # the key tiles fill the GPU
+    assert dkdv_splits(16, 12, 132) == 1  # short rows: partial sums would cost more than they save
+    assert dkdv_splits(128, 512, 132) == 9  # NSA's compressed branch at 32k: ~8 programs per SM
+    assert dkdv_splits(1, 40, 132) == 5  # at least 8 query blocks per share
+
+
 def test_compiles_without_graph_breaks():
     q, k, v = _inputs(1, 4, 2, 64, 64, 16, torch.float32, seed=13)
     route = _mask_route(1, 2, 64, 64, 16, 16, True, 0.5, seed=13)

@@ -418,7 +418,7 @@ def _block_sparse_bwd_dkdv_kernel(
     stride_tcb, stride_tch,
     stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     n_heads_q, n_heads_kv, group_size, route_head_div,
-    q_len, kv_len, pos_offset, scale, scale_log2,
+    q_len, kv_len, pos_offset, scale, scale_log2, stride_dks, stride_dvs, n_splits,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -430,9 +430,14 @@ def _block_sparse_bwd_dkdv_kernel(
     row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal).
     ``T_COMPACT``: the transposed route is one list per (batch, route head), each key block's query
     blocks starting at ``TOffsets`` (same strides as ``TCounts``); else ``[.., key block, width]``.
-    ``DQAcc`` (``ATOMIC_DQ`` only): contiguous float32 ``[B, Hq, q_len, HEAD_DIM]``, zeroed."""
+    ``DQAcc`` (``ATOMIC_DQ`` only): contiguous float32 ``[B, Hq, q_len, HEAD_DIM]``, zeroed.
+    ``n_splits`` > 1 (grid axis 2): program ``s`` walks the ``s``-th of ``n_splits`` equal shares of
+    each transposed row and stores its partial dK, dV at ``DK/DV + s * stride_dks/dvs`` (float32, summed
+    by the caller): a route whose few key blocks are each seen by many query blocks (NSA's compressed
+    branch, sinks) otherwise runs a few long programs on an idle GPU."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = (pid_bh // n_heads_kv).to(tl.int64)
     hkv = (pid_bh % n_heads_kv).to(tl.int64)
     kblk, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED)
@@ -464,21 +469,26 @@ def _block_sparse_bwd_dkdv_kernel(
             t_base = TIds + b * stride_tb + hr * stride_th + kblk * stride_tk
         count = tl.load(TCounts + count_off)
         n_masked = tl.load(TMaskedCounts + count_off)
+        share = (count + n_splits - 1) // n_splits
+        lo = tl.minimum(pid_s * share, count)
+        hi = tl.minimum(lo + share, count)
         q_base = Q + b * stride_qb + hq * stride_qh
         do_base = DO + b * stride_dob + hq * stride_doh
         row_base = (b * n_heads_q + hq) * q_len
         b32, hq32 = b.to(tl.int32), hq.to(tl.int32)
         dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc,
-                             qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, 0, n_masked, q_len, kv_len,
-                             pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M, HEAD_DIM,
-                             BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION, USE_TMA,
-                             GATHER_Q, ATOMIC_DQ)
+                             qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, lo, tl.minimum(hi, n_masked),
+                             q_len, kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M,
+                             HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION,
+                             USE_TMA, GATHER_Q, ATOMIC_DQ)
         dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc,
-                             qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, n_masked, count, q_len,
-                             kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M,
+                             qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, tl.maximum(lo, n_masked), hi,
+                             q_len, kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M,
                              HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION,
                              USE_TMA, GATHER_Q, ATOMIC_DQ)
     dk = dk * scale
+    DK += pid_s.to(tl.int64) * stride_dks
+    DV += pid_s.to(tl.int64) * stride_dvs
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],

@@ -116,6 +116,15 @@ def _fit_cached(candidates: tuple, q_block: int, kv_block: int, use_tma: bool, o
     return tuple(out)
 
 
+def dkdv_splits(programs: int, mean_row_bound: int, sms: int) -> int:
+    """How many programs share each transposed row in the dk/dv pass: 1 (no partial sums) once the key
+    tiles alone fill the GPU or rows are short; else enough to put ~8 programs on every SM, each walking
+    at least 8 query blocks. ``mean_row_bound``: an upper bound of the mean transposed row length."""
+    if programs >= sms or mean_row_bound < 16:
+        return 1
+    return max(1, min(triton.cdiv(8 * sms, programs), mean_row_bound // 8, 64))
+
+
 def _own_grid(length: int, block: int, tile: int) -> int:
     """Programs along a program's own side: tiles of the whole sequence when they align with the
     blocks, else ``ceil(block / tile)`` tiles per block."""
@@ -610,16 +619,30 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg,
             Q_TILE_ALIGNED=q_block_size % cfg["BLOCK_M"] == 0, GATHER_KV=kv_block_size % cfg["BLOCK_N"] != 0)
 
+    n_q_blocks, n_kv_blocks = -(-Nq // q_block_size), -(-Nk // kv_block_size)
+    mean_row_bound = min(n_q_blocks, -(-n_q_blocks * ids.shape[-1] // n_kv_blocks))
+
     def launch_dkdv(cfg, atomic_dq=False):
         q_desc, do_desc = _row_descriptors(q, do, cfg["BLOCK_M"]) if cfg["USE_TMA"] else (None, None)
         dq_f32 = grads["dq_f32"].zero_() if atomic_dq else delta  # delta: a placeholder, never read
-        _block_sparse_bwd_dkdv_kernel[(_own_grid(Nk, kv_block_size, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, dq_f32, t_ids, t_counts, t_masked_counts, t_offsets, *maps.tensors, q_desc,
-            do_desc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-            *dv.stride()[:3], *t_strides, *t_counts.stride()[:2], *maps.strides,
-            Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg,
+        tiles = _own_grid(Nk, kv_block_size, cfg["BLOCK_N"])
+        splits = dkdv_splits(tiles * B * Hkv, mean_row_bound, _num_sms(q.device))
+        if splits > 1:  # float32 partial sums, one per share of the transposed rows
+            dk_out = new_output((splits, *k.shape), dtype=torch.float32, device=k.device)  # every share is stored
+            dv_out = new_output((splits, *v.shape), dtype=torch.float32, device=v.device)
+        else:
+            dk_out, dv_out = dk, dv
+        _block_sparse_bwd_dkdv_kernel[(tiles, B * Hkv, splits)](
+            q, k, v, do, lse, delta, dk_out, dv_out, dq_f32, t_ids, t_counts, t_masked_counts, t_offsets,
+            *maps.tensors, q_desc, do_desc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1], *t_strides, *t_counts.stride()[:2], *maps.strides,
+            Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E,
+            dk_out.stride(0) if splits > 1 else 0, dv_out.stride(0) if splits > 1 else 0, splits, **common, **cfg,
             KV_TILE_ALIGNED=kv_block_size % cfg["BLOCK_N"] == 0, GATHER_Q=q_block_size % cfg["BLOCK_M"] != 0,
             ATOMIC_DQ=atomic_dq, T_COMPACT=compact)
+        if splits > 1:
+            torch.sum(dk_out, 0, out=dk)
+            torch.sum(dv_out, 0, out=dv)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
     dq_cands, dq_tma = _with_tma("the dq pass", q, (k, v), _candidates(DQ_CANDIDATES, "dq"),
