@@ -273,9 +273,12 @@ class KMeansRouter(nn.Module):
     def _ema_step(self, xn: Tensor, assignment: Tensor, x: Tensor) -> None:
         """:meth:`update` from the unit vectors ``xn [B, H, N, D]`` (float32) of ``x``."""
         H, C, D = self.centroids.shape
-        sums = torch.zeros(H, C, D, device=xn.device, dtype=torch.float32)
-        h = _arange(H, xn.device).view(1, H, 1).expand_as(assignment)
-        sums.index_put_((h, assignment), xn, accumulate=True)
+        # index_add_ (atomic adds on CUDA; the sorted deterministic path under
+        # torch.use_deterministic_algorithms): index_put_(accumulate=True) always sorts the B*H*N
+        # indices first, 1.5 ms of a 3.9 ms Routing Transformer layer step at 32k tokens on the H200.
+        flat = (_arange(H, xn.device).view(1, H, 1) * C + assignment).reshape(-1)
+        sums = torch.zeros(H * C, D, device=xn.device, dtype=torch.float32)
+        sums = sums.index_add_(0, flat, xn.reshape(-1, D)).view(H, C, D)
         group = self._sync_group()
         if group is not None:
             self.maybe_init(x)  # the ranks agree on the centroids before they step together
