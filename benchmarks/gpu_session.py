@@ -46,6 +46,9 @@ ITEMS = {
     "bra": (2, 330, {}, [  # 240 s reached 512 px stage 2 on the H200
         "python benchmarks/bra.py --sides 224 512 1024 --out {out}/bra.json",
     ]),
+    "bra_1024": (2, 330, {}, [  # the 1024 px stages alone (the full run is cut after 512 px stage 2)
+        "python benchmarks/bra.py --sides 1024 --out {out}/bra_1024.json",
+    ]),
     "prefill_llama": (3, 400, {}, [
         "python benchmarks/prefill_llama.py --out {out}/prefill_llama.json",
     ]),

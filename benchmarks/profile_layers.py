@@ -4,8 +4,11 @@ layers of benchmarks/lm_compare.py (same configuration) at one length.
 
     PYTHONPATH=src python benchmarks/profile_layers.py --n 8192 --layers dense sliding_window moba nsa routing mosa
 
-A layer whose host time per step exceeds its GPU time is launch-bound: fewer, larger launches (or a
-CUDA graph) are what speed it up, not faster kernels. The table printed last is one row per layer.
+The routers (moba_router, nsa_router) are profiled per call the same way. A layer whose host time
+per step exceeds its GPU time is launch-bound: fewer, larger launches (or a
+CUDA graph) are what speed it up, not faster kernels; the last column is the step replayed as one
+CUDA graph (the time without any host cost), or the row says why it cannot be captured. The table
+printed last is one row per layer.
 """
 
 from __future__ import annotations
@@ -31,28 +34,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def profile_layer(args, name: str, n: int, device, dtype, top: int) -> dict:
-    layer, cfg = lm_compare._layer(args, name, n, device, dtype)
-    layer.train()
-    x = torch.randn(1, n, args.hidden_size, device=device, dtype=dtype, requires_grad=True)
-    pe = lm_compare._rope(cfg, n, device, dtype)
-
-    def step():
-        out, aux = layer(x, pe)
-        loss = out.float().square().mean() + (aux if aux is not None else 0)
-        loss.backward()
-
-    for _ in range(2):  # first calls: compiles, k-means initialisation, cached routes
+def breakdown(step, device, reps: int = 10, top: int = 12) -> dict:
+    """Host and wall milliseconds per call of ``step`` (after two warm-up calls: compiles, k-means
+    initialisation, cached routes), and on a GPU the kernel time per call, kernels per call and the
+    ``top`` kernels by time (torch.profiler)."""
+    for _ in range(2):
         step()
     _sync(device)
-    reps = 10
     t0 = time.perf_counter()
     for _ in range(reps):
         step()
     host_ms = (time.perf_counter() - t0) / reps * 1e3  # until the last launch was queued
     _sync(device)
     wall_ms = (time.perf_counter() - t0) / reps * 1e3
-    row = {"layer": name, "seq_len": n, "host_ms_per_step": host_ms, "wall_ms_per_step": wall_ms}
+    row = {"host_ms_per_step": host_ms, "wall_ms_per_step": wall_ms}
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -66,15 +61,83 @@ def profile_layer(args, name: str, n: int, device, dtype, top: int) -> dict:
         row["gpu_ms_per_step"] = sum(k[1] for k in kernels)
         row["kernels_per_step"] = sum(k[2] for k in kernels)
         row["top_kernels"] = [{"name": k[0][:90], "ms": k[1], "calls": k[2]} for k in kernels[:top]]
-    del layer, x
+    return row
+
+
+def graphed_ms(step, device, reps: int = 20) -> dict:
+    """Milliseconds per call of ``step`` replayed as one CUDA graph (what torch.compile's
+    reduce-overhead mode or a graphed training step gets: no host time), or why it cannot be captured
+    (a host sync or a CPU tensor made inside the call)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as e:  # noqa: BLE001 - reported, not hidden: the row says why
+        return {"graph_error": f"{type(e).__name__}: {e}"[:400]}
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return {"graph_ms_per_step": start.elapsed_time(end) / reps}
+
+
+def _layer_step(args, name: str, n: int, device, dtype):
+    layer, cfg = lm_compare._layer(args, name, n, device, dtype)
+    layer.train()
+    x = torch.randn(1, n, args.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    pe = lm_compare._rope(cfg, n, device, dtype)
+
+    def step():
+        out, aux = layer(x, pe)
+        loss = out.float().square().mean() + (aux if aux is not None else 0)
+        loss.backward()
+
+    return step
+
+
+def profile_layer(args, name: str, n: int, device, dtype, top: int) -> dict:
+    """One training step (forward, loss, backward) of the LM comparison's ``name`` layer."""
+    return {"layer": name, "seq_len": n, **breakdown(_layer_step(args, name, n, device, dtype), device, top=top)}
+
+
+def profile_router(args, name: str, n: int, device, dtype, top: int) -> dict:
+    """One call of the MoBA or NSA selection router (``moba_router`` / ``nsa_router``) on the q, k a
+    layer of the LM comparison sees at ``n`` tokens (random), as lm_compare.py's router cost row."""
+    layer, cfg = lm_compare._layer(args, name.removesuffix("_router"), n, device, dtype)
+    d = args.hidden_size // args.heads
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, args.heads, n, d, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, args.kv_heads, n, d, device=device, dtype=dtype, generator=g)
+    with torch.no_grad():
+        if name == "moba_router":
+            step = lambda: layer.router(q, k)  # noqa: E731
+        else:
+            kc = layer.compress_k(layer.compress(k))
+            _, lse = layer.compressed_attention(q, kc, layer.compress_v(layer.compress(k)), n)
+            step = lambda: layer.router(q, kc, lse, n)  # noqa: E731
+        row = {"layer": name, "seq_len": n, **breakdown(step, device, top=top)}
+    del layer
     return row
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[8192, 32768])
-    p.add_argument("--layers", nargs="+", default=["dense", "sliding_window", "moba", "nsa", "routing", "mosa"])
+    p.add_argument("--layers", nargs="+", default=["dense", "sliding_window", "moba", "nsa", "routing", "mosa",
+                                                   "moba_router", "nsa_router"],
+                   help="LM layers (a training step), or moba_router / nsa_router (one routing call)")
     p.add_argument("--top", type=int, default=12, help="kernels listed per layer")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph replay of each layer step")
     p.add_argument("--out", default=None, help="JSON with a machine header")
     a, rest = p.parse_known_args(argv)
     args = lm_compare.parse_args(["--variants", *rest])  # the LM comparison's layer configuration
@@ -83,16 +146,26 @@ def main(argv=None) -> int:
     result = {"machine": machine_header(), "command": " ".join(sys.argv), "rows": []}
     for n in a.n:
         for name in a.layers:
-            row = profile_layer(args, name, n, device, dtype, a.top)
+            profiler = profile_router if name.endswith("_router") else profile_layer
+            row = profiler(args, name, n, device, dtype, a.top)
             result["rows"].append(row)
             for k in row.get("top_kernels", []):
                 print(f"  {name:<15} {n:>6} {k['ms']:8.3f} ms  x{k['calls']:<4} {k['name']}")
             if a.out:
                 Path(a.out).write_text(json.dumps(result, indent=1))
-    print(f"{'layer':<15} {'N':>6} | {'host ms':>8} {'wall ms':>8} {'GPU ms':>8} {'kernels':>8}")
+    if device.type == "cuda" and not a.no_graphs:  # last: a failed capture may leave the stream unusable
+        for row in result["rows"]:
+            if not row["layer"].endswith("_router"):
+                row.update(graphed_ms(_layer_step(args, row["layer"], row["seq_len"], device, dtype), device))
+                if "graph_error" in row:
+                    print(f"  {row['layer']} {row['seq_len']}: no CUDA graph: {row['graph_error']}")
+                if a.out:
+                    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"{'layer':<15} {'N':>6} | {'host ms':>8} {'wall ms':>8} {'GPU ms':>8} {'kernels':>8} {'graph ms':>8}")
     for r in result["rows"]:
         print(f"{r['layer']:<15} {r['seq_len']:>6} | {r['host_ms_per_step']:8.2f} {r['wall_ms_per_step']:8.2f} "
-              f"{r.get('gpu_ms_per_step', float('nan')):8.2f} {r.get('kernels_per_step', 0):8d}")
+              f"{r.get('gpu_ms_per_step', float('nan')):8.2f} {r.get('kernels_per_step', 0):8d} "
+              f"{r.get('graph_ms_per_step', float('nan')):8.2f}")
     return 0
 
 
