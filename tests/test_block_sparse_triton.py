@@ -492,39 +492,82 @@ def _nsa_like_compressed(nq):
     return _compressed_route(nq, nc, nq, 16, 32, 16, torch.device(DEVICE)), nc
 
 
-SPLIT_ROW_CASES = {  # (inputs, route): few key tiles, long transposed rows
+def _sink_and_diagonal(n, block, mark=True):
+    """Every query block keeps key block 0 (a sink) and its own: the sink's transposed row is as long as
+    the sequence's block count, every other row holds one block. ``mark``: say so on the route."""
+    nb = -(-n // block)
+    mask = torch.eye(nb, dtype=torch.bool)
+    mask[:, 0] = True
+    route = BlockRoute.from_block_mask(mask[None, None], q_len=n, kv_len=n, q_block_size=block, kv_block_size=block,
+                                       causal=True).to(DEVICE)
+    return route.expect_hot_kv_blocks() if mark else route
+
+
+SPLIT_ROW_CASES = {  # (inputs, route): few key tiles or a hot key block, long transposed rows
     "nsa_compressed_gqa": lambda: ((lambda r: (_inputs(1, 4, 1, 512, r[1], 16, torch.float32, seed=61), r[0]))(
         _nsa_like_compressed(512))),
     "cross_ragged_keys": lambda: (_inputs(1, 2, 1, 600, 70, 16, torch.float32, seed=62),
                                   _mask_route(1, 1, 600, 70, 16, 32, False, 0.7, seed=62)),
     "gathered_small_query_blocks": lambda: (_inputs(1, 2, 1, 300, 40, 16, torch.float32, seed=63),
-                                            _mask_route(1, 1, 300, 40, 4, 16, False, 0.8, seed=63)),
+                                            _mask_route(1, 1, 300, 40, 4, 16, False, 0.8,
+                                                        seed=63).expect_hot_kv_blocks()),
+    "sink_gqa_ragged": lambda: (_inputs(1, 2, 1, 1100, 1100, 16, torch.float32, seed=64), _sink_and_diagonal(1100, 16)),
+    "sink_unmarked": lambda: (_inputs(1, 2, 1, 1100, 1100, 16, torch.float32, seed=65),
+                              _sink_and_diagonal(1100, 16, mark=False)),
 }
 
 
-@pytest.mark.parametrize("mode", ["split", "atomic"])
+@pytest.mark.parametrize("mode,deterministic", [("split", False), ("atomic", False), ("split", True)])
 @pytest.mark.parametrize("case", sorted(SPLIT_ROW_CASES))
-def test_dkdv_shares_long_transposed_rows_between_programs(case, mode, monkeypatch):
-    """With few key tiles and long transposed rows, several dk/dv programs walk shares of each row and
-    their float32 partial sums are added (the interpreter counts 4 SMs): equals float64."""
+def test_dkdv_shares_long_transposed_rows_between_programs(case, mode, deterministic, monkeypatch):
+    """Long transposed rows are walked in shares by several dk/dv programs (the interpreter counts 4
+    SMs): equal shares summed from float32 partials (deterministic, or a route not marked as having hot
+    key blocks), or, on marked routes, shares of a fixed size whose tiles add by atomics and are copied
+    out by the combine kernel; all equal float64."""
     from routed.ops.block_sparse import triton_ops
 
     used = []
-    real = triton_ops.dkdv_splits
-    monkeypatch.setattr(triton_ops, "dkdv_splits", lambda *a: used.append(real(*a)) or used[-1])
+    real = triton_ops.dkdv_work_split
+    monkeypatch.setattr(triton_ops, "dkdv_work_split", lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    monkeypatch.setattr(triton_ops, "_num_sms", lambda device: 4)  # the interpreter's count, on a GPU too
     monkeypatch.setenv("ROUTED_BWD", mode)
     (q, k, v), route = SPLIT_ROW_CASES[case]()
     check_against_f64(q, k, v, route)
-    assert used and max(used) > 1, f"the rows were not shared: splits {used}"
+    shares = {u[0] for u in used}
+    # 64 query blocks or more: fixed-size shares with atomics; deterministic: equal shares while the key
+    # tiles do not fill the GPU (the sink case's 69 tiles do)
+    if deterministic or case == "sink_unmarked":
+        want = {0} if case.startswith("sink") else {1}
+    else:
+        want = {1} if case in ("nsa_compressed_gqa", "cross_ragged_keys") else {2}
+    assert shares == want, f"dk/dv work split {used}, wanted SHARES in {want}"
 
 
-def test_dkdv_splits_heuristic():
-    from routed.ops.block_sparse.triton_ops import dkdv_splits
+def test_top_k_routes_with_sinks_are_marked_hot():
+    from routed.routers.blocks import block_topk_route
+
+    scores = torch.rand(1, 2, 8, 8)
+    geo = dict(top_k=3, q_len=128, kv_len=128, q_block_size=16, kv_block_size=16, backend="reference")
+    assert block_topk_route(scores, sink_blocks=1, **geo)._cache.get("hot_kv_blocks") is True
+    assert "hot_kv_blocks" not in block_topk_route(scores, sink_blocks=0, **geo)._cache
+    assert block_topk_route(scores, sink_blocks=1, **geo).to("cpu")._cache.get("hot_kv_blocks") is True
+
+
+def test_dkdv_work_split_heuristics():
+    from routed.ops.block_sparse.triton_ops import dkdv_splits, dkdv_work_split
 
     assert dkdv_splits(132, 512, 132) == 1  # the key tiles fill the GPU
     assert dkdv_splits(16, 12, 132) == 1  # short rows: partial sums would cost more than they save
     assert dkdv_splits(128, 512, 132) == 9  # NSA's compressed branch at 32k: ~8 programs per SM
     assert dkdv_splits(1, 40, 132) == 5  # at least 8 query blocks per share
+    # NSA's selected blocks at 32k (1024 key tiles, 8 blocks per row on average, a sink row of 512):
+    # shares of 32 query blocks, 16 per tile
+    assert dkdv_work_split(1024, 512, 8, 132, False) == (2, 16, 32)
+    assert dkdv_work_split(1024, 512, 8, 132, True) == (0, 1, 0)  # no atomics: one program per row
+    assert dkdv_work_split(64, 48, 40, 132, False) == (1, 5, 0)  # too few query blocks for a hot row to matter
+    shares, n_splits, chunk = dkdv_work_split(8192, 1024, 1, 132, False)  # BRA stage 1 at 1024 px
+    assert shares == 2 and n_splits * 8192 <= 128 * 132 and n_splits * chunk >= 1024
 
 
 def test_compiles_without_graph_breaks():
@@ -586,6 +629,28 @@ def test_tma_kernels_on_gpu(monkeypatch):
     check_against_f64(q, k, v, _mask_route(1, 2, 1000, 1000, 128, 128, True, 0.3, seed=23))
     check_against_f64(q, k, v, _mask_route(2, 8, 1000, 1000, 64, 64, False, 0.3, seed=24))
     check_against_f64(q, k, v, _mask_route(2, 2, 1000, 1000, 64, 128, True, 0.3, seed=25, positions="batched"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["sink_row_atomic_shares", "nsa_compressed_equal_shares"])
+def test_dkdv_row_shares_on_gpu(case, monkeypatch):
+    """The dk/dv row shares at GPU scale (bf16, GQA, the GPU's own SM count): a marked sink row cut into
+    atomic shares, and NSA's compressed branch split into equal shares with partial sums."""
+    from routed.layers.nsa import _compressed_route, num_compressed_blocks
+    from routed.ops.block_sparse import triton_ops
+
+    used = []
+    real = triton_ops.dkdv_work_split
+    monkeypatch.setattr(triton_ops, "dkdv_work_split", lambda *a: used.append(real(*a)) or used[-1])
+    if case == "sink_row_atomic_shares":
+        q, k, v = _inputs(1, 8, 2, 4096, 4096, 128, torch.bfloat16, seed=31)
+        route, want = _sink_and_diagonal(4096, 64), 2
+    else:
+        nc = num_compressed_blocks(8192, 32, 16)
+        q, k, v = _inputs(1, 8, 2, 8192, nc, 64, torch.bfloat16, seed=32)
+        route, want = _compressed_route(8192, nc, 8192, 64, 32, 16, torch.device(DEVICE)), 1
+    check_against_f64(q, k, v, route)
+    assert {u[0] for u in used} == {want}, f"dk/dv work split {used}"
 
 
 def test_packed_varlen_equals_separate_sequences():

@@ -406,8 +406,8 @@ def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, L
 
 @triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, TIds, TCounts, TMaskedCounts, TOffsets, QPos, KPos, QSeg, KSeg, QDesc,
-    DODesc,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, DKAcc, DVAcc, TIds, TCounts, TMaskedCounts, TOffsets, QPos, KPos, QSeg,
+    KSeg, QDesc, DODesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -418,23 +418,27 @@ def _block_sparse_bwd_dkdv_kernel(
     stride_tcb, stride_tch,
     stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     n_heads_q, n_heads_kv, group_size, route_head_div,
-    q_len, kv_len, pos_offset, scale, scale_log2, stride_dks, stride_dvs, n_splits,
+    q_len, kv_len, pos_offset, scale, scale_log2, stride_dks, stride_dvs, n_splits, chunk,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, KV_TILE_ALIGNED: tl.constexpr, GATHER_Q: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    T_COMPACT: tl.constexpr,
+    T_COMPACT: tl.constexpr, SHARES: tl.constexpr,
 ):
     """One key tile of one kv head, over every query head of its GQA group. Of each transposed
     row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal).
     ``T_COMPACT``: the transposed route is one list per (batch, route head), each key block's query
     blocks starting at ``TOffsets`` (same strides as ``TCounts``); else ``[.., key block, width]``.
     ``DQAcc`` (``ATOMIC_DQ`` only): contiguous float32 ``[B, Hq, q_len, HEAD_DIM]``, zeroed.
-    ``n_splits`` > 1 (grid axis 2): program ``s`` walks the ``s``-th of ``n_splits`` equal shares of
-    each transposed row and stores its partial dK, dV at ``DK/DV + s * stride_dks/dvs`` (float32, summed
-    by the caller): a route whose few key blocks are each seen by many query blocks (NSA's compressed
-    branch, sinks) otherwise runs a few long programs on an idle GPU."""
+    Long transposed rows (a sink block every query block keeps, NSA's compressed branch) would leave a
+    few long programs running on an idle GPU, so grid axis 2 may share each row between programs:
+    ``SHARES == 1``: program ``s`` walks the ``s``-th of ``n_splits`` equal shares of every row and stores
+    its partial dK, dV at ``DK/DV + s * stride_dks/dvs`` (float32, summed by the caller; deterministic).
+    ``SHARES == 2``: shares of ``chunk`` query blocks; a tile whose GQA group's longest row fits one share
+    stores dK, dV as usual, else every share adds into the zeroed float32 ``DKAcc/DVAcc [B, Hkv, kv_len,
+    D]`` by atomics (``_dkdv_shares_combine_kernel`` copies those tiles out); programs past a tile's
+    shares read nothing and write nothing."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -443,9 +447,14 @@ def _block_sparse_bwd_dkdv_kernel(
     kblk, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(K + b * stride_kb + hkv * stride_kh, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, True,
+    loaded_len = kv_len
+    if SHARES == 2:
+        n_shares = _tile_shares(TCounts, b * stride_tcb + kblk, stride_tch, hkv, group_size, route_head_div, chunk)
+        loaded_len = tl.where(pid_s < n_shares, kv_len, 0)  # an idle program loads (and stores) no row
+        key_ok = key_ok & (pid_s < n_shares)
+    k = _load_rows(K + b * stride_kb + hkv * stride_kh, offs_n, stride_kn, offs_d, loaded_len, HEAD_DIM, True,
                    BLOCK_D == HEAD_DIM)
-    v = _load_rows(V + b * stride_vb + hkv * stride_vh, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, True,
+    v = _load_rows(V + b * stride_vb + hkv * stride_vh, offs_n, stride_vn, offs_dv, loaded_len, HEAD_DIM_V, True,
                    BLOCK_DV == HEAD_DIM_V)
     if ATOMIC_DQ and not KV_TILE_ALIGNED:  # rows of the next key block must add nothing to dQ
         k = tl.where(key_ok[:, None], k, tl.zeros_like(k))
@@ -469,7 +478,7 @@ def _block_sparse_bwd_dkdv_kernel(
             t_base = TIds + b * stride_tb + hr * stride_th + kblk * stride_tk
         count = tl.load(TCounts + count_off)
         n_masked = tl.load(TMaskedCounts + count_off)
-        share = (count + n_splits - 1) // n_splits
+        share = chunk if SHARES == 2 else (count + n_splits - 1) // n_splits
         lo = tl.minimum(pid_s * share, count)
         hi = tl.minimum(lo + share, count)
         q_base = Q + b * stride_qb + hq * stride_qh
@@ -487,12 +496,59 @@ def _block_sparse_bwd_dkdv_kernel(
                              HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION,
                              USE_TMA, GATHER_Q, ATOMIC_DQ)
     dk = dk * scale
-    DK += pid_s.to(tl.int64) * stride_dks
-    DV += pid_s.to(tl.int64) * stride_dvs
+    k_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    v_ok = key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    dk_ptrs = DK + pid_s.to(tl.int64) * stride_dks + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn
+    dv_ptrs = DV + pid_s.to(tl.int64) * stride_dvs + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn
+    if SHARES == 2:
+        if n_shares > 1:  # the combine kernel writes this tile from the sums
+            acc_row = (b * n_heads_kv + hkv) * kv_len + offs_n
+            tl.atomic_add(DKAcc + acc_row[:, None] * HEAD_DIM + offs_d[None, :], dk, mask=k_ok, sem="relaxed")
+            tl.atomic_add(DVAcc + acc_row[:, None] * HEAD_DIM_V + offs_dv[None, :], dv, mask=v_ok, sem="relaxed")
+        else:
+            tl.store(dk_ptrs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=k_ok)
+            tl.store(dv_ptrs + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=v_ok)
+    else:
+        tl.store(dk_ptrs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=k_ok)
+        tl.store(dv_ptrs + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=v_ok)
+
+
+@triton.jit
+def _tile_shares(TCounts, count_base, stride_tch, hkv, group_size, route_head_div, chunk):
+    """Shares of ``chunk`` query blocks that the longest transposed row of a key block holds over the
+    query heads of kv head ``hkv``'s group (at least 1: an empty row still writes zeros)."""
+    longest = 0
+    for g in range(group_size):
+        hr = (hkv * group_size + g) // route_head_div
+        longest = tl.maximum(longest, tl.load(TCounts + count_base + hr * stride_tch))
+    return tl.maximum((longest + chunk - 1) // chunk, 1)
+
+
+@triton.jit
+def _dkdv_shares_combine_kernel(DK, DV, DKAcc, DVAcc, TCounts, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                                stride_dvh, stride_dvn, stride_tcb, stride_tch, n_heads_kv, group_size,
+                                route_head_div, kv_len, chunk, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                                BLOCK_DV: tl.constexpr, KV_TILE_ALIGNED: tl.constexpr):
+    """``SHARES == 2``: the key tiles whose rows were shared get dK, dV from the float32 sums (cast)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads_kv).to(tl.int64)
+    hkv = (pid_bh % n_heads_kv).to(tl.int64)
+    kblk, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED)
+    n_shares = _tile_shares(TCounts, b * stride_tcb + kblk, stride_tch, hkv, group_size, route_head_div, chunk)
+    key_ok = key_ok & (n_shares > 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    acc_row = (b * n_heads_kv + hkv) * kv_len + offs_n
+    k_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    v_ok = key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    dk = tl.load(DKAcc + acc_row[:, None] * HEAD_DIM + offs_d[None, :], mask=k_ok, other=0.0)
+    dv = tl.load(DVAcc + acc_row[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=v_ok, other=0.0)
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+             dk.to(DK.dtype.element_ty), mask=k_ok)
     tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+             dv.to(DV.dtype.element_ty), mask=v_ok)
 
 
 @triton.jit

@@ -24,7 +24,8 @@ from ...route import transpose_block_ids_compact
 from ...testing import new_output
 from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
                              _block_sparse_decode_split_kernel, _block_sparse_fwd_kernel, _bwd_preprocess_kernel,
-                             _clean_counts_kernel, _decode_combine_kernel, _transpose_route_kernel)
+                             _clean_counts_kernel, _decode_combine_kernel, _dkdv_shares_combine_kernel,
+                             _transpose_route_kernel)
 
 logger = logging.getLogger("routed")
 
@@ -123,6 +124,28 @@ def dkdv_splits(programs: int, mean_row_bound: int, sms: int) -> int:
     if programs >= sms or mean_row_bound < 16:
         return 1
     return max(1, min(triton.cdiv(8 * sms, programs), mean_row_bound // 8, 64))
+
+
+def dkdv_work_split(programs: int, n_q_blocks: int, mean_row_bound: int, sms: int,
+                    no_atomic_shares: bool) -> tuple[int, int, int]:
+    """How the dk/dv pass shares transposed rows between programs: ``(SHARES, n_splits, chunk)`` for
+    ``_block_sparse_bwd_dkdv_kernel``. A row may be as long as ``n_q_blocks`` whatever the mean (a sink
+    block, a key block that content routing makes popular): beyond 64 query blocks, rows are cut into
+    shares of ``chunk`` blocks (about twice the mean work per SM) added by float32 atomics, so one hot
+    row no longer holds the whole pass back (``SHARES=2``; at most 128 programs per SM, most of them
+    idle). Idle programs are not free: on the H200 they cost a sliding-window layer's f+b 0.7 ms at 32k
+    (NOTES.md), so this is for routes marked as having hot key blocks. ``no_atomic_shares`` (no mark,
+    or ``torch.use_deterministic_algorithms``), or short sequences: :func:`dkdv_splits`' equal shares
+    with partial sums (``SHARES=1``) or none (``SHARES=0``)."""
+    splits = dkdv_splits(programs, mean_row_bound, sms)
+    plain = (1, splits, 0) if splits > 1 else (0, 1, 0)
+    if no_atomic_shares or n_q_blocks < 64:
+        return plain
+    chunk = max(16, triton.cdiv(programs * mean_row_bound, 2 * sms))
+    n_splits = min(triton.cdiv(n_q_blocks, chunk), max(1, 128 * sms // programs), 64)
+    if n_splits <= 1:
+        return plain
+    return 2, n_splits, triton.cdiv(n_q_blocks, n_splits)
 
 
 def _own_grid(length: int, block: int, tile: int) -> int:
@@ -562,12 +585,14 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                      q_block_size: int, kv_block_size: int, causal: bool,
                      scale: float, clean_counts: Optional[Tensor] = None,
                      t_masked_counts: Optional[Tensor] = None,
-                     t_offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                     t_offsets: Optional[Tensor] = None, hot_kv_blocks: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward kernels; returns (dq, dk, dv). ``dlse`` is the gradient reaching lse;
     ``t_ids``/``t_counts`` the transposed route (:meth:`routed.BlockRoute.transposed`; with
     ``t_offsets``, the compact form of :func:`routed.route.transpose_block_ids_compact`). What is not
     given of the route's derived data is computed here. dQ comes from a dq kernel or from atomics
-    in the dk/dv kernel (``ROUTED_BWD``, see :data:`BWD_MODES`)."""
+    in the dk/dv kernel (``ROUTED_BWD``, see :data:`BWD_MODES`). ``hot_kv_blocks``: the route marked
+    some key blocks as seen by every query block (:meth:`routed.BlockRoute.expect_hot_kv_blocks`), so
+    long transposed rows are shared between programs (:func:`dkdv_work_split`)."""
     do, q, k, v = _last_dim_contiguous(do, q, k, v)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -626,23 +651,33 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         q_desc, do_desc = _row_descriptors(q, do, cfg["BLOCK_M"]) if cfg["USE_TMA"] else (None, None)
         dq_f32 = grads["dq_f32"].zero_() if atomic_dq else delta  # delta: a placeholder, never read
         tiles = _own_grid(Nk, kv_block_size, cfg["BLOCK_N"])
-        splits = dkdv_splits(tiles * B * Hkv, mean_row_bound, _num_sms(q.device))
-        if splits > 1:  # float32 partial sums, one per share of the transposed rows
+        shares, splits, chunk = dkdv_work_split(tiles * B * Hkv, n_q_blocks, mean_row_bound, _num_sms(q.device),
+                                                torch.are_deterministic_algorithms_enabled() or not hot_kv_blocks)
+        dk_out, dv_out, dk_acc, dv_acc = dk, dv, delta, delta  # delta: a placeholder, never read
+        if shares == 1:  # float32 partial sums, one per share of the transposed rows
             dk_out = new_output((splits, *k.shape), dtype=torch.float32, device=k.device)  # every share is stored
             dv_out = new_output((splits, *v.shape), dtype=torch.float32, device=v.device)
-        else:
-            dk_out, dv_out = dk, dv
+        elif shares == 2:  # float32 sums of the tiles whose rows are shared
+            dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        aligned = kv_block_size % cfg["BLOCK_N"] == 0
         _block_sparse_bwd_dkdv_kernel[(tiles, B * Hkv, splits)](
-            q, k, v, do, lse, delta, dk_out, dv_out, dq_f32, t_ids, t_counts, t_masked_counts, t_offsets,
-            *maps.tensors, q_desc, do_desc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-            *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1], *t_strides, *t_counts.stride()[:2], *maps.strides,
-            Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E,
-            dk_out.stride(0) if splits > 1 else 0, dv_out.stride(0) if splits > 1 else 0, splits, **common, **cfg,
-            KV_TILE_ALIGNED=kv_block_size % cfg["BLOCK_N"] == 0, GATHER_Q=q_block_size % cfg["BLOCK_M"] != 0,
-            ATOMIC_DQ=atomic_dq, T_COMPACT=compact)
-        if splits > 1:
+            q, k, v, do, lse, delta, dk_out, dv_out, dq_f32, dk_acc, dv_acc, t_ids, t_counts, t_masked_counts,
+            t_offsets, *maps.tensors, q_desc, do_desc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1], *t_strides, *t_counts.stride()[:2],
+            *maps.strides, Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E,
+            dk_out.stride(0) if shares == 1 else 0, dv_out.stride(0) if shares == 1 else 0, splits, chunk,
+            **common, **cfg, KV_TILE_ALIGNED=aligned, GATHER_Q=q_block_size % cfg["BLOCK_M"] != 0,
+            ATOMIC_DQ=atomic_dq, T_COMPACT=compact, SHARES=shares)
+        if shares == 1:
             torch.sum(dk_out, 0, out=dk)
             torch.sum(dv_out, 0, out=dv)
+        elif shares == 2:
+            _dkdv_shares_combine_kernel[(tiles, B * Hkv)](
+                dk, dv, dk_acc, dv_acc, t_counts, *dk.stride()[:3], *dv.stride()[:3], *t_counts.stride()[:2], Hkv,
+                Hq // Hkv, Hq // ids.shape[1], Nk, chunk, KV_BLOCK=kv_block_size, BLOCK_N=cfg["BLOCK_N"],
+                HEAD_DIM=common["HEAD_DIM"], BLOCK_D=common["BLOCK_D"], HEAD_DIM_V=common["HEAD_DIM_V"],
+                BLOCK_DV=common["BLOCK_DV"], KV_TILE_ALIGNED=aligned)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
     dq_cands, dq_tma = _with_tma("the dq pass", q, (k, v), _candidates(DQ_CANDIDATES, "dq"),
@@ -754,7 +789,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
         dq, dk, dv = block_sparse_bwd(dout, q, k, v, out, lse, dlse, ids, counts, plan["t_ids"], plan["t_counts"],
-                                      qp, kp, qs, ks, *ctx.meta, plan["clean"], plan["t_masked"], plan["t_offsets"])
+                                      qp, kp, qs, ks, *ctx.meta, plan["clean"], plan["t_masked"], plan["t_offsets"],
+                                      plan["hot_kv_blocks"])
         return (dq, dk, dv) + (None,) * 11
 
 
@@ -813,7 +849,8 @@ def route_plan(route, backward: bool) -> dict:
     if "clean" not in cache:
         cache["clean"] = clean_block_counts(route.kv_block_ids, route.kv_block_counts, route.q_len, route.kv_len,
                                             route.q_block_size, route.kv_block_size, route.causal, all_masked)
-    plan = {"clean": cache["clean"], "t_ids": None, "t_counts": None, "t_offsets": None, "t_masked": None}
+    plan = {"clean": cache["clean"], "t_ids": None, "t_counts": None, "t_offsets": None, "t_masked": None,
+            "hot_kv_blocks": cache.get("hot_kv_blocks", False)}
     if backward:
         if "kernel_transposed" not in cache:
             if "transposed" in cache:  # route.transposed() ran already: reuse its padded form
