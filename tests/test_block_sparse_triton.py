@@ -117,10 +117,15 @@ def test_cross_lengths_kv_cache_alignment(nq, nk):
         check_against_f64(q, k, v, _mask_route(1, 1, nq, nk, 16, 16, causal, 0.7, seed=nk))
 
 
+@pytest.mark.parametrize("fused_merge", [True, False])
 @pytest.mark.parametrize("nq", [1, 4, 16])
 @pytest.mark.parametrize("route_heads", [1, 8])
-def test_decode_split_path(nq, route_heads):
-    """Few queries against many routed key blocks: split over programs, GQA heads packed, merged."""
+def test_decode_split_path(nq, route_heads, fused_merge, monkeypatch):
+    """Few queries against many routed key blocks: split over programs, GQA heads packed, merged by
+    the split that arrives last (fused) or by a second launch."""
+    from routed.ops.block_sparse import triton_ops
+
+    monkeypatch.setattr(triton_ops, "DECODE_FUSED_MERGE", fused_merge)
     q, k, v = _inputs(1, 8, 1, nq, 300, 16, torch.float32, seed=nq)
     for causal in (False, True):
         check_against_f64(q, k, v, _mask_route(1, route_heads, nq, 300, 16, 16, causal, 0.8, seed=nq + causal))
@@ -492,15 +497,14 @@ def _nsa_like_compressed(nq):
     return _compressed_route(nq, nc, nq, 16, 32, 16, torch.device(DEVICE)), nc
 
 
-def _sink_and_diagonal(n, block, mark=True):
+def _sink_and_diagonal(n, block):
     """Every query block keeps key block 0 (a sink) and its own: the sink's transposed row is as long as
-    the sequence's block count, every other row holds one block. ``mark``: say so on the route."""
+    the sequence's block count, every other row holds one block."""
     nb = -(-n // block)
     mask = torch.eye(nb, dtype=torch.bool)
     mask[:, 0] = True
-    route = BlockRoute.from_block_mask(mask[None, None], q_len=n, kv_len=n, q_block_size=block, kv_block_size=block,
-                                       causal=True).to(DEVICE)
-    return route.expect_hot_kv_blocks() if mark else route
+    return BlockRoute.from_block_mask(mask[None, None], q_len=n, kv_len=n, q_block_size=block, kv_block_size=block,
+                                      causal=True).to(DEVICE)
 
 
 SPLIT_ROW_CASES = {  # (inputs, route): few key tiles or a hot key block, long transposed rows
@@ -509,11 +513,8 @@ SPLIT_ROW_CASES = {  # (inputs, route): few key tiles or a hot key block, long t
     "cross_ragged_keys": lambda: (_inputs(1, 2, 1, 600, 70, 16, torch.float32, seed=62),
                                   _mask_route(1, 1, 600, 70, 16, 32, False, 0.7, seed=62)),
     "gathered_small_query_blocks": lambda: (_inputs(1, 2, 1, 300, 40, 16, torch.float32, seed=63),
-                                            _mask_route(1, 1, 300, 40, 4, 16, False, 0.8,
-                                                        seed=63).expect_hot_kv_blocks()),
+                                            _mask_route(1, 1, 300, 40, 4, 16, False, 0.8, seed=63)),
     "sink_gqa_ragged": lambda: (_inputs(1, 2, 1, 1100, 1100, 16, torch.float32, seed=64), _sink_and_diagonal(1100, 16)),
-    "sink_unmarked": lambda: (_inputs(1, 2, 1, 1100, 1100, 16, torch.float32, seed=65),
-                              _sink_and_diagonal(1100, 16, mark=False)),
 }
 
 
@@ -521,9 +522,9 @@ SPLIT_ROW_CASES = {  # (inputs, route): few key tiles or a hot key block, long t
 @pytest.mark.parametrize("case", sorted(SPLIT_ROW_CASES))
 def test_dkdv_shares_long_transposed_rows_between_programs(case, mode, deterministic, monkeypatch):
     """Long transposed rows are walked in shares by several dk/dv programs (the interpreter counts 4
-    SMs): equal shares summed from float32 partials (deterministic, or a route not marked as having hot
-    key blocks), or, on marked routes, shares of a fixed size whose tiles add by atomics and are copied
-    out by the combine kernel; all equal float64."""
+    SMs): shares of a fixed size, the further ones listed on the device, whose tiles add by atomics and
+    are copied out by the combine kernel; or, deterministic, equal shares summed from float32 partials
+    while the key tiles do not fill the GPU. Both equal float64."""
     from routed.ops.block_sparse import triton_ops
 
     used = []
@@ -535,23 +536,11 @@ def test_dkdv_shares_long_transposed_rows_between_programs(case, mode, determini
     (q, k, v), route = SPLIT_ROW_CASES[case]()
     check_against_f64(q, k, v, route)
     shares = {u[0] for u in used}
-    # 64 query blocks or more: fixed-size shares with atomics; deterministic: equal shares while the key
-    # tiles do not fill the GPU (the sink case's 69 tiles do)
-    if deterministic or case == "sink_unmarked":
-        want = {0} if case.startswith("sink") else {1}
+    if deterministic:  # the sink case's 69 key tiles fill the interpreter's 4 SMs: one program per tile
+        want = {0} if case == "sink_gqa_ragged" else {1}
     else:
-        want = {1} if case in ("nsa_compressed_gqa", "cross_ragged_keys") else {2}
+        want = {2}
     assert shares == want, f"dk/dv work split {used}, wanted SHARES in {want}"
-
-
-def test_top_k_routes_with_sinks_are_marked_hot():
-    from routed.routers.blocks import block_topk_route
-
-    scores = torch.rand(1, 2, 8, 8)
-    geo = dict(top_k=3, q_len=128, kv_len=128, q_block_size=16, kv_block_size=16, backend="reference")
-    assert block_topk_route(scores, sink_blocks=1, **geo)._cache.get("hot_kv_blocks") is True
-    assert "hot_kv_blocks" not in block_topk_route(scores, sink_blocks=0, **geo)._cache
-    assert block_topk_route(scores, sink_blocks=1, **geo).to("cpu")._cache.get("hot_kv_blocks") is True
 
 
 def test_dkdv_work_split_heuristics():
@@ -562,12 +551,12 @@ def test_dkdv_work_split_heuristics():
     assert dkdv_splits(128, 512, 132) == 9  # NSA's compressed branch at 32k: ~8 programs per SM
     assert dkdv_splits(1, 40, 132) == 5  # at least 8 query blocks per share
     # NSA's selected blocks at 32k (1024 key tiles, 8 blocks per row on average, a sink row of 512):
-    # shares of 32 query blocks, 16 per tile
-    assert dkdv_work_split(1024, 512, 8, 132, False) == (2, 16, 32)
+    # shares of 32 query blocks
+    assert dkdv_work_split(1024, 512, 8, 132, False) == (2, 1, 32)
     assert dkdv_work_split(1024, 512, 8, 132, True) == (0, 1, 0)  # no atomics: one program per row
-    assert dkdv_work_split(64, 48, 40, 132, False) == (1, 5, 0)  # too few query blocks for a hot row to matter
-    shares, n_splits, chunk = dkdv_work_split(8192, 1024, 1, 132, False)  # BRA stage 1 at 1024 px
-    assert shares == 2 and n_splits * 8192 <= 128 * 132 and n_splits * chunk >= 1024
+    assert dkdv_work_split(64, 48, 40, 132, True) == (1, 5, 0)  # no atomics: equal shares, partial sums
+    assert dkdv_work_split(8192, 1024, 1, 132, False) == (2, 1, 32)  # BRA stage 1 at 1024 px
+    assert dkdv_work_split(64, 12, 12, 132, False) == (0, 1, 0)  # no row can exceed one share
 
 
 def test_compiles_without_graph_breaks():
@@ -632,25 +621,44 @@ def test_tma_kernels_on_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["sink_row_atomic_shares", "nsa_compressed_equal_shares"])
-def test_dkdv_row_shares_on_gpu(case, monkeypatch):
-    """The dk/dv row shares at GPU scale (bf16, GQA, the GPU's own SM count): a marked sink row cut into
-    atomic shares, and NSA's compressed branch split into equal shares with partial sums."""
+@pytest.mark.parametrize("fused_merge", [True, False])
+def test_decode_on_gpu(fused_merge, monkeypatch):
+    """One query and four against 128 routed key blocks of 128 (bf16, GQA 8/2): the merge by the last
+    split to arrive reads what other SMs wrote (atomic counter, .cg loads), repeated to catch races."""
+    from routed.ops.block_sparse import triton_ops
+
+    monkeypatch.setattr(triton_ops, "DECODE_FUSED_MERGE", fused_merge)
+    for nq in (1, 4):
+        q, k, v = _inputs(2, 8, 2, nq, 32768, 128, torch.bfloat16, seed=40 + nq)
+        route = _mask_route(2, 2, nq, 32768, 128, 128, True, 0.5, seed=40 + nq)
+        check_against_f64(q, k, v, route)
+        first = routed_attention(q, k, v, route, backend="triton")
+        for _ in range(20):
+            assert torch.equal(routed_attention(q, k, v, route, backend="triton"), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,deterministic", [("sink", False), ("nsa_compressed", False), ("nsa_compressed", True)])
+def test_dkdv_row_shares_on_gpu(case, deterministic, monkeypatch):
+    """The dk/dv row shares at GPU scale (bf16, GQA, the GPU's own SM count): a sink row and NSA's
+    compressed branch cut into listed shares added by atomics, and NSA's compressed branch split into
+    equal shares with partial sums in deterministic mode."""
     from routed.layers.nsa import _compressed_route, num_compressed_blocks
     from routed.ops.block_sparse import triton_ops
 
     used = []
     real = triton_ops.dkdv_work_split
     monkeypatch.setattr(triton_ops, "dkdv_work_split", lambda *a: used.append(real(*a)) or used[-1])
-    if case == "sink_row_atomic_shares":
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    if case == "sink":
         q, k, v = _inputs(1, 8, 2, 4096, 4096, 128, torch.bfloat16, seed=31)
-        route, want = _sink_and_diagonal(4096, 64), 2
+        route = _sink_and_diagonal(4096, 64)
     else:
         nc = num_compressed_blocks(8192, 32, 16)
         q, k, v = _inputs(1, 8, 2, 8192, nc, 64, torch.bfloat16, seed=32)
-        route, want = _compressed_route(8192, nc, 8192, 64, 32, 16, torch.device(DEVICE)), 1
+        route = _compressed_route(8192, nc, 8192, 64, 32, 16, torch.device(DEVICE))
     check_against_f64(q, k, v, route)
-    assert {u[0] for u in used} == {want}, f"dk/dv work split {used}"
+    assert {u[0] for u in used} == ({1} if deterministic else {2}), f"dk/dv work split {used}"
 
 
 def test_packed_varlen_equals_separate_sequences():

@@ -184,18 +184,9 @@ class BlockRoute:
 
     def to(self, device) -> "BlockRoute":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        moved = BlockRoute(mv(self.kv_block_ids), mv(self.kv_block_counts), self.q_len, self.kv_len,
-                           self.q_block_size, self.kv_block_size, self.causal, mv(self.q_positions),
-                           mv(self.kv_positions), mv(self.q_segments), mv(self.kv_segments), validate=False)
-        return moved.expect_hot_kv_blocks() if self._cache.get("hot_kv_blocks") else moved
-
-    def expect_hot_kv_blocks(self) -> "BlockRoute":
-        """Mark that some key blocks are routed to by (nearly) every query block (sink blocks), so the
-        kernels' key-side backward shares those long transposed rows between programs (cut into shares
-        added by atomics; without the mark they split rows only when the key tiles leave the GPU idle,
-        which saves the idle programs the shares cost on routes with short rows). Returns ``self``."""
-        self._cache["hot_kv_blocks"] = True
-        return self
+        return BlockRoute(mv(self.kv_block_ids), mv(self.kv_block_counts), self.q_len, self.kv_len,
+                          self.q_block_size, self.kv_block_size, self.causal, mv(self.q_positions),
+                          mv(self.kv_positions), mv(self.q_segments), mv(self.kv_segments), validate=False)
 
     def transposed(self) -> tuple[Tensor, Tensor]:
         """For every (batch_r, head_r, key block), the sorted query blocks that route to it.

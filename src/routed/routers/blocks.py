@@ -121,8 +121,7 @@ def _topk_route(scores: Tensor, top_k: int, q_len: int, kv_len: int, q_block_siz
                                         kv_block_size=kv_block_size, sink_blocks=sink_blocks,
                                         local_blocks=local_blocks, group=group, reduce=reduce,
                                         renormalize=renormalize)
-        return _mark_sinks(BlockRoute(ids, counts, q_len, kv_len, q_block_size, kv_block_size, causal=True,
-                                      validate=False), sink_blocks)
+        return BlockRoute(ids, counts, q_len, kv_len, q_block_size, kv_block_size, causal=True, validate=False)
     first, diag = _query_block_extent(q_len, kv_len, q_block_size, kv_block_size, scores.device)
     kb = torch.arange(nkb, device=scores.device)[None, :]
     if renormalize:
@@ -136,13 +135,8 @@ def _topk_route(scores: Tensor, top_k: int, q_len: int, kv_len: int, q_block_siz
     ids = torch.where(vals > float("-inf"), ids, nkb).sort(dim=-1).values
     counts = (ids < nkb).sum(-1, dtype=torch.int32)
     ids = torch.where(ids < nkb, ids, -1).to(torch.int32)
-    return _mark_sinks(BlockRoute(ids.contiguous(), counts.contiguous(), q_len, kv_len, q_block_size, kv_block_size,
-                                  causal=True, validate=False), sink_blocks)
-
-
-def _mark_sinks(route: BlockRoute, sink_blocks: int) -> BlockRoute:
-    """Sink blocks are in every query block's route: their transposed rows are as long as the sequence."""
-    return route.expect_hot_kv_blocks() if sink_blocks > 0 else route
+    return BlockRoute(ids.contiguous(), counts.contiguous(), q_len, kv_len, q_block_size, kv_block_size,
+                      causal=True, validate=False)
 
 
 def _topk_max_blocks() -> int:

@@ -1,14 +1,18 @@
 """Triton kernels for block-sparse attention over a BlockRoute.
 
-Three kernels, FlashAttention-2 style, exp2 online softmax, float32 accumulation:
+FlashAttention-2 style, exp2 online softmax, float32 accumulation:
 
 * ``_block_sparse_fwd_kernel``: one program per (query tile, batch x query head); walks the key
   blocks its query block routes to; writes ``out`` and ``lse``.
 * ``_block_sparse_bwd_dq_kernel``: same walk, recomputes P and accumulates dQ (no atomics).
 * ``_block_sparse_bwd_dkdv_kernel``: one program per (key tile, batch x kv head); walks the
   *transposed* route (the query blocks that route to this key block) for every query head of
-  the GQA group, accumulating dK and dV in registers (no atomics). With ``ATOMIC_DQ`` it also
-  adds each tile's dQ share into a float32 buffer by atomics, and the dq kernel is skipped.
+  the GQA group, accumulating dK and dV in registers. Long transposed rows are cut into shares
+  walked by several programs (``SHARES``: partial sums, or listed shares added by atomics). With
+  ``ATOMIC_DQ`` it also adds each tile's dQ share into a float32 buffer by atomics, and the dq
+  kernel is skipped.
+* ``_block_sparse_decode_split_kernel``: few queries against a long route, split over key blocks;
+  the last split to arrive merges the partials (or ``_decode_combine_kernel`` does).
 
 Blocks need not be tile multiples. A program's own block (the query block in the forward and dq
 passes, the key block in dk/dv) smaller than, or not a multiple of, its tile is covered by tiles
@@ -406,8 +410,8 @@ def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, L
 
 @triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, DKAcc, DVAcc, TIds, TCounts, TMaskedCounts, TOffsets, QPos, KPos, QSeg,
-    KSeg, QDesc, DODesc,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc, DKAcc, DVAcc, ShareOffsets, TIds, TCounts, TMaskedCounts, TOffsets, QPos,
+    KPos, QSeg, KSeg, QDesc, DODesc,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -418,7 +422,7 @@ def _block_sparse_bwd_dkdv_kernel(
     stride_tcb, stride_tch,
     stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     n_heads_q, n_heads_kv, group_size, route_head_div,
-    q_len, kv_len, pos_offset, scale, scale_log2, stride_dks, stride_dvs, n_splits, chunk,
+    q_len, kv_len, pos_offset, scale, scale_log2, stride_dks, stride_dvs, n_splits, chunk, n_tiles, n_main, log_rows,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -435,13 +439,16 @@ def _block_sparse_bwd_dkdv_kernel(
     few long programs running on an idle GPU, so grid axis 2 may share each row between programs:
     ``SHARES == 1``: program ``s`` walks the ``s``-th of ``n_splits`` equal shares of every row and stores
     its partial dK, dV at ``DK/DV + s * stride_dks/dvs`` (float32, summed by the caller; deterministic).
-    ``SHARES == 2``: shares of ``chunk`` query blocks; a tile whose GQA group's longest row fits one share
-    stores dK, dV as usual, else every share adds into the zeroed float32 ``DKAcc/DVAcc [B, Hkv, kv_len,
-    D]`` by atomics (``_dkdv_shares_combine_kernel`` copies those tiles out); programs past a tile's
-    shares read nothing and write nothing."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    ``SHARES == 2`` (a 1-D grid, :func:`_listed_share`): shares of ``chunk`` query blocks, one program per
+    tile for its first share and one per further share; a tile whose GQA group's longest row fits one
+    share stores dK, dV as usual, else every share adds into the zeroed float32 ``DKAcc/DVAcc [B, Hkv,
+    kv_len, D]`` by atomics (``_dkdv_shares_combine_kernel`` copies those tiles out)."""
+    if SHARES == 2:
+        pid_n, pid_bh, pid_s, listed = _listed_share(ShareOffsets, n_tiles, n_main, log_rows)
+    else:
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
     b = (pid_bh // n_heads_kv).to(tl.int64)
     hkv = (pid_bh % n_heads_kv).to(tl.int64)
     kblk, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED)
@@ -450,8 +457,9 @@ def _block_sparse_bwd_dkdv_kernel(
     loaded_len = kv_len
     if SHARES == 2:
         n_shares = _tile_shares(TCounts, b * stride_tcb + kblk, stride_tch, hkv, group_size, route_head_div, chunk)
-        loaded_len = tl.where(pid_s < n_shares, kv_len, 0)  # an idle program loads (and stores) no row
-        key_ok = key_ok & (pid_s < n_shares)
+        active = listed & (pid_s < n_shares)
+        loaded_len = tl.where(active, kv_len, 0)  # a program past the list loads (and stores) no row
+        key_ok = key_ok & active
     k = _load_rows(K + b * stride_kb + hkv * stride_kh, offs_n, stride_kn, offs_d, loaded_len, HEAD_DIM, True,
                    BLOCK_D == HEAD_DIM)
     v = _load_rows(V + b * stride_vb + hkv * stride_vh, offs_n, stride_vn, offs_dv, loaded_len, HEAD_DIM_V, True,
@@ -514,6 +522,60 @@ def _block_sparse_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _listed_share(ShareOffsets, n_tiles, n_main, log_rows):
+    """``SHARES == 2``: ``(tile, batch x kv head, share, listed)`` of this program. Programs below
+    ``n_main`` (= tiles x batch x kv heads) take a tile's first share; the others take the further shares,
+    listed by ``ShareOffsets [n_main + 1]``, the exclusive prefix sum of every tile's further shares
+    (binary search over ``log_rows`` steps); ``listed`` is False past the list's end."""
+    pid = tl.program_id(0)
+    if pid < n_main:
+        row = pid
+        share = pid * 0
+        listed = pid < n_main
+    else:
+        w = pid - n_main
+        lo = pid * 0
+        hi = lo + n_main - 1
+        for _ in range(log_rows):  # the last row whose offset is <= w holds item w
+            mid = (lo + hi + 1) // 2
+            go = tl.load(ShareOffsets + mid) <= w
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+        row = lo
+        share = 1 + w - tl.load(ShareOffsets + row)
+        listed = w < tl.load(ShareOffsets + n_main)
+    return row % n_tiles, row // n_tiles, share, listed
+
+
+@triton.jit
+def _share_offsets_kernel(TCounts, ShareOffsets, stride_tcb, stride_tch, n_heads_kv, group_size, route_head_div,
+                          n_tiles, n_main, chunk, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                          KV_TILE_ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program: ``ShareOffsets[0] = 0``, ``ShareOffsets[r + 1]`` = further shares (beyond the first)
+    of the tiles before and at row ``r = (batch x kv head) * n_tiles + tile``."""
+    tl.store(ShareOffsets, 0)
+    carry = 0
+    for start in range(0, n_main, BLOCK_R):
+        r = start + tl.arange(0, BLOCK_R)
+        ok = r < n_main
+        t = r % n_tiles
+        bh = r // n_tiles
+        b = (bh // n_heads_kv).to(tl.int64)
+        hkv = bh % n_heads_kv
+        if KV_TILE_ALIGNED:
+            kblk = (t * BLOCK_N) // KV_BLOCK
+        else:
+            kblk = t // ((KV_BLOCK + BLOCK_N - 1) // BLOCK_N)
+        longest = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for g in range(group_size):
+            hr = (hkv * group_size + g) // route_head_div
+            longest = tl.maximum(longest, tl.load(TCounts + b * stride_tcb + hr * stride_tch + kblk, mask=ok, other=0))
+        extra = tl.where(ok, tl.maximum((longest + chunk - 1) // chunk, 1) - 1, 0)
+        tl.store(ShareOffsets + 1 + r, tl.cumsum(extra, 0) + carry, mask=ok)
+        carry += tl.sum(extra, 0)
+
+
+@triton.jit
 def _tile_shares(TCounts, count_base, stride_tch, hkv, group_size, route_head_div, chunk):
     """Shares of ``chunk`` query blocks that the longest transposed row of a key block holds over the
     query heads of kv head ``hkv``'s group (at least 1: an empty row still writes zeros)."""
@@ -553,23 +615,28 @@ def _dkdv_shares_combine_kernel(DK, DV, DKAcc, DVAcc, TCounts, stride_dkb, strid
 
 @triton.jit
 def _block_sparse_decode_split_kernel(
-    Q, K, V, PartOut, PartLse, Ids, Counts, QPos, KPos, QSeg, KSeg,
+    Q, K, V, PartOut, PartLse, Ids, Counts, QPos, KPos, QSeg, KSeg, Out, Lse, Arrivals,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ib, stride_ih, stride_ik,
     stride_cb, stride_ch,
     stride_qpb, stride_kpb, stride_qsb, stride_ksb,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
     n_prog_heads, g_pack, group_size, route_head_div, blocks_per_split,
     q_len, kv_len, pos_offset, scale_log2,
     KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     """Few queries (all in query block 0) against many routed key blocks: program (split, b*hp)
     takes a slice of the route. The ``g_pack`` query heads of a GQA group that share the route
     are packed into the rows of one tile, so each K/V tile is read once for the whole group.
-    Writes a normalised partial output and its lse; ``_decode_combine_kernel`` merges them."""
+    Writes a normalised partial output and its lse; ``_decode_combine_kernel`` merges them, or with
+    ``FUSED_MERGE`` the split that arrives last (counted in the zeroed ``Arrivals [B * hp]``) merges
+    them into ``Out``/``Lse`` itself: one launch, no gap between two."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_splits = tl.num_programs(0)
@@ -637,6 +704,43 @@ def _block_sparse_decode_split_kernel(
     part = pid_bh.to(tl.int64) * n_splits + pid_s
     tl.store(PartOut + (part * BLOCK_M + offs_r)[:, None] * BLOCK_DV + offs_dv[None, :], acc)
     tl.store(PartLse + part * BLOCK_M + offs_r, lse2)
+    if FUSED_MERGE:
+        tl.debug_barrier()  # all of this program's partial is written before its arrival counts
+        if tl.atomic_add(Arrivals + pid_bh, 1, sem="acq_rel") == n_splits - 1:
+            _merge_decode_partials(PartOut, PartLse, Out, Lse, pid_bh.to(tl.int64) * n_splits, n_splits, b, hq0,
+                                   g, t, row_ok, offs_r, offs_dv, stride_ob, stride_oh, stride_on, stride_od,
+                                   stride_lb, stride_lh, stride_ln, BLOCK_M, HEAD_DIM_V, BLOCK_DV)
+
+
+@triton.jit
+def _merge_decode_partials(PartOut, PartLse, Out, Lse, part0, n_splits, b, hq0, g, t, row_ok, offs_r, offs_dv,
+                           stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
+                           BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The ``n_splits`` partials from ``part0`` merged, in split order (the same result whichever
+    split merges), into the tile's output rows; natural-log lse. Partials are read past L1 (.cg):
+    other SMs wrote them."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)  # noqa: E741
+    o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for s in range(n_splits):
+        part = part0 + s
+        lse_s = tl.load(PartLse + part * BLOCK_M + offs_r, cache_modifier=".cg")
+        o_s = tl.load(PartOut + (part * BLOCK_M + offs_r)[:, None] * BLOCK_DV + offs_dv[None, :], cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse_s - m_safe)
+        l = l * alpha + w  # noqa: E741
+        o = o * alpha[:, None] + w[:, None] * o_s
+        m = m_new
+    seen = l > 0
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    out = o / tl.where(seen, l, 1.0)[:, None]
+    lse = tl.where(seen, (m_safe + tl.math.log2(tl.where(seen, l, 1.0))) * LN2, float("-inf"))
+    hq = hq0 + g
+    tl.store(Out + b * stride_ob + hq[:, None] * stride_oh + t[:, None] * stride_on + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
+    tl.store(Lse + b * stride_lb + hq * stride_lh + t * stride_ln, lse, mask=row_ok)
 
 
 @triton.jit

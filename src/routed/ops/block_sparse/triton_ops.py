@@ -25,7 +25,7 @@ from ...testing import new_output
 from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
                              _block_sparse_decode_split_kernel, _block_sparse_fwd_kernel, _bwd_preprocess_kernel,
                              _clean_counts_kernel, _decode_combine_kernel, _dkdv_shares_combine_kernel,
-                             _transpose_route_kernel)
+                             _share_offsets_kernel, _transpose_route_kernel)
 
 logger = logging.getLogger("routed")
 
@@ -127,25 +127,22 @@ def dkdv_splits(programs: int, mean_row_bound: int, sms: int) -> int:
 
 
 def dkdv_work_split(programs: int, n_q_blocks: int, mean_row_bound: int, sms: int,
-                    no_atomic_shares: bool) -> tuple[int, int, int]:
+                    deterministic: bool) -> tuple[int, int, int]:
     """How the dk/dv pass shares transposed rows between programs: ``(SHARES, n_splits, chunk)`` for
     ``_block_sparse_bwd_dkdv_kernel``. A row may be as long as ``n_q_blocks`` whatever the mean (a sink
-    block, a key block that content routing makes popular): beyond 64 query blocks, rows are cut into
-    shares of ``chunk`` blocks (about twice the mean work per SM) added by float32 atomics, so one hot
-    row no longer holds the whole pass back (``SHARES=2``; at most 128 programs per SM, most of them
-    idle). Idle programs are not free: on the H200 they cost a sliding-window layer's f+b 0.7 ms at 32k
-    (NOTES.md), so this is for routes marked as having hot key blocks. ``no_atomic_shares`` (no mark,
-    or ``torch.use_deterministic_algorithms``), or short sequences: :func:`dkdv_splits`' equal shares
-    with partial sums (``SHARES=1``) or none (``SHARES=0``)."""
+    block; a key block content routing makes popular: MoBA's longest rows at 32k hold ~10x the mean), so
+    rows are cut into shares of ``chunk`` query blocks, about twice the mean work per SM: one program
+    per key tile takes its first share and a list built on the device (no host sync) hands the further
+    shares to one program each; shared tiles add by float32 atomics (``SHARES=2``). An unlisted grid of
+    idle share programs cost a sliding-window layer 0.7 ms at 32k on the H200 (NOTES.md); the list costs
+    at most ~2 programs per SM. Under ``torch.use_deterministic_algorithms`` (no atomics), or when no row
+    can exceed one share: :func:`dkdv_splits`' equal shares with partial sums (``SHARES=1``) or none."""
     splits = dkdv_splits(programs, mean_row_bound, sms)
     plain = (1, splits, 0) if splits > 1 else (0, 1, 0)
-    if no_atomic_shares or n_q_blocks < 64:
-        return plain
     chunk = max(16, triton.cdiv(programs * mean_row_bound, 2 * sms))
-    n_splits = min(triton.cdiv(n_q_blocks, chunk), max(1, 128 * sms // programs), 64)
-    if n_splits <= 1:
+    if deterministic or n_q_blocks <= chunk:
         return plain
-    return 2, n_splits, triton.cdiv(n_q_blocks, n_splits)
+    return 2, 1, chunk
 
 
 def _own_grid(length: int, block: int, tile: int) -> int:
@@ -433,22 +430,32 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
         splits = max(1, triton.cdiv(width, per_split))
         part_out = torch.empty(programs * splits * block_m * dims["BLOCK_DV"], dtype=torch.float32, device=q.device)
         part_lse = torch.empty(programs * splits * block_m, dtype=torch.float32, device=q.device)
+        fused = DECODE_FUSED_MERGE
+        arrivals = torch.zeros(programs, dtype=torch.int32, device=q.device) if fused else part_lse  # (unread)
         _block_sparse_decode_split_kernel[(splits, programs)](
-            q, k, v, part_out, part_lse, ids[:, :, 0], counts[:, :, 0], *maps.tensors,
+            q, k, v, part_out, part_lse, ids[:, :, 0], counts[:, :, 0], *maps.tensors, out, lse, arrivals,
             *q.stride(), *k.stride(), *v.stride(), ids.stride(0), ids.stride(1), ids.stride(3),
-            counts.stride(0), counts.stride(1), *maps.strides,
+            counts.stride(0), counts.stride(1), *maps.strides, *out.stride(), *lse.stride(),
             n_prog_heads, g_pack, G, Hq // Hr, per_split, Nq, Nk, Nk - Nq, scale * LOG2E,
             KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=min(cfg["BLOCK_N"], sub_max),
-            CAUSAL=causal, **maps.flags, **dims, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        _decode_combine_kernel[(programs, g_pack * Nq)](
-            part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
-            BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_S=max(2, triton.next_power_of_2(splits)),
-            num_warps=4)
+            CAUSAL=causal, **maps.flags, **dims, FUSED_MERGE=fused, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+        if not fused:
+            _decode_combine_kernel[(programs, g_pack * Nq)](
+                part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
+                BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"],
+                BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
 
     key = (D, Dv, str(q.dtype), kv_block_size, causal, maps.has_pos or maps.has_seg, g_pack, block_m,
            (B * n_prog_heads).bit_length(), max(1, width).bit_length())
     launch(_autotuned("decode", key, _decode_candidates(sub_max), launch, q.device))
 
+
+# The decode path's split programs merge their partials themselves: the last to arrive (an atomic
+# counter, zeroed per call) merges all, in split order. False: a second launch merges them (the
+# measured H100/H200 path: split + combine were 2.7-6.8x the bandwidth floor, bound by the two
+# launches and the gap between them, NOTES.md v8).
+DECODE_FUSED_MERGE = True
 
 # Decode launch configs (split programs per SM, BLOCK_N, num_warps, num_stages); the first is the
 # default where no tuning happens. More, shorter splits keep more K/V loads in flight.
@@ -585,14 +592,13 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                      q_block_size: int, kv_block_size: int, causal: bool,
                      scale: float, clean_counts: Optional[Tensor] = None,
                      t_masked_counts: Optional[Tensor] = None,
-                     t_offsets: Optional[Tensor] = None, hot_kv_blocks: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                     t_offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward kernels; returns (dq, dk, dv). ``dlse`` is the gradient reaching lse;
     ``t_ids``/``t_counts`` the transposed route (:meth:`routed.BlockRoute.transposed`; with
     ``t_offsets``, the compact form of :func:`routed.route.transpose_block_ids_compact`). What is not
     given of the route's derived data is computed here. dQ comes from a dq kernel or from atomics
-    in the dk/dv kernel (``ROUTED_BWD``, see :data:`BWD_MODES`). ``hot_kv_blocks``: the route marked
-    some key blocks as seen by every query block (:meth:`routed.BlockRoute.expect_hot_kv_blocks`), so
-    long transposed rows are shared between programs (:func:`dkdv_work_split`)."""
+    in the dk/dv kernel (``ROUTED_BWD``, see :data:`BWD_MODES`); long transposed rows are shared
+    between dk/dv programs (:func:`dkdv_work_split`)."""
     do, q, k, v = _last_dim_contiguous(do, q, k, v)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -646,29 +652,40 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
     n_q_blocks, n_kv_blocks = -(-Nq // q_block_size), -(-Nk // kv_block_size)
     mean_row_bound = min(n_q_blocks, -(-n_q_blocks * ids.shape[-1] // n_kv_blocks))
+    route_rows_per_kv_head = max(1, ids.shape[1] // Hkv)  # distinct transposed rows per tile and kv head
 
     def launch_dkdv(cfg, atomic_dq=False):
         q_desc, do_desc = _row_descriptors(q, do, cfg["BLOCK_M"]) if cfg["USE_TMA"] else (None, None)
         dq_f32 = grads["dq_f32"].zero_() if atomic_dq else delta  # delta: a placeholder, never read
         tiles = _own_grid(Nk, kv_block_size, cfg["BLOCK_N"])
-        shares, splits, chunk = dkdv_work_split(tiles * B * Hkv, n_q_blocks, mean_row_bound, _num_sms(q.device),
-                                                torch.are_deterministic_algorithms_enabled() or not hot_kv_blocks)
-        dk_out, dv_out, dk_acc, dv_acc = dk, dv, delta, delta  # delta: a placeholder, never read
+        n_main = tiles * B * Hkv
+        shares, splits, chunk = dkdv_work_split(n_main, n_q_blocks, mean_row_bound, _num_sms(q.device),
+                                                torch.are_deterministic_algorithms_enabled())
+        dk_out, dv_out, dk_acc, dv_acc, offsets = dk, dv, delta, delta, t_counts  # placeholders, never read
+        grid = (tiles, B * Hkv, splits)
+        aligned = kv_block_size % cfg["BLOCK_N"] == 0
         if shares == 1:  # float32 partial sums, one per share of the transposed rows
             dk_out = new_output((splits, *k.shape), dtype=torch.float32, device=k.device)  # every share is stored
             dv_out = new_output((splits, *v.shape), dtype=torch.float32, device=v.device)
-        elif shares == 2:  # float32 sums of the tiles whose rows are shared
-            dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-            dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        aligned = kv_block_size % cfg["BLOCK_N"] == 0
-        _block_sparse_bwd_dkdv_kernel[(tiles, B * Hkv, splits)](
-            q, k, v, do, lse, delta, dk_out, dv_out, dq_f32, dk_acc, dv_acc, t_ids, t_counts, t_masked_counts,
-            t_offsets, *maps.tensors, q_desc, do_desc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1], *t_strides, *t_counts.stride()[:2],
-            *maps.strides, Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E,
-            dk_out.stride(0) if shares == 1 else 0, dv_out.stride(0) if shares == 1 else 0, splits, chunk,
-            **common, **cfg, KV_TILE_ALIGNED=aligned, GATHER_Q=q_block_size % cfg["BLOCK_M"] != 0,
-            ATOMIC_DQ=atomic_dq, T_COMPACT=compact, SHARES=shares)
+        elif shares == 2:  # float32 sums of the tiles whose rows are shared; the list of further shares
+            acc = torch.zeros(k.numel() + v.numel(), dtype=torch.float32, device=k.device)  # one fill for both
+            dk_acc, dv_acc = acc[:k.numel()].view(k.shape), acc[k.numel():].view(v.shape)
+            offsets = torch.empty(n_main + 1, dtype=torch.int32, device=q.device)
+            _share_offsets_kernel[(1,)](t_counts, offsets, *t_counts.stride()[:2], Hkv, Hq // Hkv,
+                                        Hq // ids.shape[1], tiles, n_main, chunk, KV_BLOCK=kv_block_size,
+                                        BLOCK_N=cfg["BLOCK_N"], KV_TILE_ALIGNED=aligned, BLOCK_R=1024)
+            # further shares <= routed entries / chunk (no host sync): every tile's, at most
+            sub_tiles = -(-tiles // n_kv_blocks)
+            further = -(-B * Hkv * route_rows_per_kv_head * n_q_blocks * ids.shape[-1] * sub_tiles // chunk)
+            grid = (n_main + further,)
+        _block_sparse_bwd_dkdv_kernel[grid](
+            q, k, v, do, lse, delta, dk_out, dv_out, dq_f32, dk_acc, dv_acc, offsets, t_ids, t_counts,
+            t_masked_counts, t_offsets, *maps.tensors, q_desc, do_desc, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *do.stride()[:3], *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1], *t_strides,
+            *t_counts.stride()[:2], *maps.strides, Hq, Hkv, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale,
+            scale * LOG2E, dk_out.stride(0) if shares == 1 else 0, dv_out.stride(0) if shares == 1 else 0, splits,
+            chunk, tiles, n_main, n_main.bit_length(), **common, **cfg, KV_TILE_ALIGNED=aligned,
+            GATHER_Q=q_block_size % cfg["BLOCK_M"] != 0, ATOMIC_DQ=atomic_dq, T_COMPACT=compact, SHARES=shares)
         if shares == 1:
             torch.sum(dk_out, 0, out=dk)
             torch.sum(dv_out, 0, out=dv)
@@ -789,8 +806,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
         dq, dk, dv = block_sparse_bwd(dout, q, k, v, out, lse, dlse, ids, counts, plan["t_ids"], plan["t_counts"],
-                                      qp, kp, qs, ks, *ctx.meta, plan["clean"], plan["t_masked"], plan["t_offsets"],
-                                      plan["hot_kv_blocks"])
+                                      qp, kp, qs, ks, *ctx.meta, plan["clean"], plan["t_masked"], plan["t_offsets"])
         return (dq, dk, dv) + (None,) * 11
 
 
@@ -849,8 +865,7 @@ def route_plan(route, backward: bool) -> dict:
     if "clean" not in cache:
         cache["clean"] = clean_block_counts(route.kv_block_ids, route.kv_block_counts, route.q_len, route.kv_len,
                                             route.q_block_size, route.kv_block_size, route.causal, all_masked)
-    plan = {"clean": cache["clean"], "t_ids": None, "t_counts": None, "t_offsets": None, "t_masked": None,
-            "hot_kv_blocks": cache.get("hot_kv_blocks", False)}
+    plan = {"clean": cache["clean"], "t_ids": None, "t_counts": None, "t_offsets": None, "t_masked": None}
     if backward:
         if "kernel_transposed" not in cache:
             if "transposed" in cache:  # route.transposed() ran already: reuse its padded form
