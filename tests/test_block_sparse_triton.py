@@ -543,6 +543,92 @@ def test_dkdv_shares_long_transposed_rows_between_programs(case, mode, determini
     assert shares == want, f"dk/dv work split {used}, wanted SHARES in {want}"
 
 
+def _brute_position_splits(route):
+    ids, QB, KB = route.kv_block_ids, route.q_block_size, route.kv_block_size
+    qpos, kpos = route.resolved_q_positions(), route.resolved_kv_positions()
+    Br, Hr, nqb, W = ids.shape
+    nkb = route.num_kv_blocks
+    clean = torch.zeros(Br, Hr, nqb, dtype=torch.int32)
+    t_masked = torch.zeros(Br, Hr, nkb, dtype=torch.int32)
+    for b in range(Br):
+        rows = range(qpos.shape[0]) if Br == 1 else [min(b, qpos.shape[0] - 1)]  # a shared route: every row
+        for h in range(Hr):
+            need = {}
+            for i in range(nqb):
+                run = True
+                for w in range(W):
+                    j = int(ids[b, h, i, w])
+                    if j < 0:
+                        run = False
+                        continue
+                    ok = (j + 1) * KB <= route.kv_len
+                    if route.causal:
+                        for r in rows:
+                            k_last, q_first = kpos[r, j * KB:(j + 1) * KB].max(), qpos[r, i * QB:(i + 1) * QB].min()
+                            ok = ok and int(k_last) <= int(q_first)
+                    run = run and ok
+                    clean[b, h, i] += int(run)
+                    need.setdefault(j, []).append((i, not ok))
+            for j, pairs in need.items():
+                masked = [n for n, (_, m) in enumerate(sorted(pairs)) if m]
+                t_masked[b, h, j] = masked[-1] + 1 if masked else 0
+    return clean, t_masked
+
+
+@pytest.mark.parametrize("positions", ["monotone_gaps", "permuted", "batched", "nsa_compressed"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_position_mask_splits_equal_their_definition(positions, causal):
+    from routed.ops.block_sparse.triton_ops import position_mask_splits
+
+    g = torch.Generator().manual_seed(7)
+    if positions == "nsa_compressed":
+        route, _ = _nsa_like_compressed(300)
+        if not causal:
+            route = BlockRoute(route.kv_block_ids, route.kv_block_counts, route.q_len, route.kv_len,
+                               route.q_block_size, route.kv_block_size, causal=False,
+                               q_positions=route.q_positions, kv_positions=route.kv_positions)
+    else:
+        nq = nk = 150
+        mask = torch.rand(2, 2, 10, 10, generator=g) < 0.6
+        if positions == "monotone_gaps":  # increasing, with gaps: many pairs are wholly visible
+            kp = torch.cumsum(torch.randint(1, 4, (nk,), generator=g), 0).to(torch.int32)
+            qp = kp
+        elif positions == "permuted":
+            kp = qp = torch.randperm(nk, generator=g).to(torch.int32)
+        else:
+            kp = qp = torch.stack([torch.cumsum(torch.randint(1, 4, (nk,), generator=g), 0) for _ in range(2)]).to(
+                torch.int32)
+            mask = mask[:1]  # one route shared by both batch rows
+        route = BlockRoute.from_block_mask(mask, q_len=nq, kv_len=nk, q_block_size=16, kv_block_size=16,
+                                           causal=causal, q_positions=qp, kv_positions=kp)
+    clean, t_masked = position_mask_splits(route)
+    want_clean, want_masked = _brute_position_splits(route)
+    assert torch.equal(clean, want_clean)
+    assert torch.equal(t_masked, want_masked)
+    if positions in ("monotone_gaps", "nsa_compressed"):
+        assert int(clean.sum()) > 0, "no pair came out clean: the test checks nothing"
+
+
+@pytest.mark.parametrize("positions", ["permuted", "batched", "nsa_compressed"])
+def test_reused_position_routes_take_exact_mask_splits(positions, monkeypatch):
+    """A route with explicit positions used again gets its mask splits from the positions: the
+    kernels skip masks on its clean pairs, forward and backward, and still equal float64."""
+    from routed.ops.block_sparse import triton_ops
+
+    monkeypatch.setattr(triton_ops, "POSITION_SPLITS_AFTER_USES", 1)
+    if positions == "nsa_compressed":
+        route, nc = _nsa_like_compressed(512)
+        q, k, v = _inputs(1, 4, 2, 512, nc, 16, torch.float32, seed=71)
+    else:
+        q, k, v = _inputs(2, 4, 2, 100, 100, 16, torch.float32, seed=72)
+        route = _mask_route(2, 2, 100, 100, 16, 16, True, 0.7, seed=72, positions=positions)
+    check_against_f64(q, k, v, route)
+    assert route._cache.get("position_splits") is True
+    if positions == "nsa_compressed":
+        assert int(route._cache["clean"].sum()) > 0 and int(route._cache["t_masked"].sum()) < int(
+            route._cache["kernel_transposed"][1].sum())
+
+
 def test_dkdv_work_split_heuristics():
     from routed.ops.block_sparse.triton_ops import dkdv_splits, dkdv_work_split
 

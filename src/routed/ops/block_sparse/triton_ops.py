@@ -16,6 +16,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch import Tensor
 
@@ -857,11 +858,62 @@ def _transposed(ids: Tensor, num_kv_blocks: int, geometry: Optional[tuple] = Non
     return t_ids, t_counts, t_offsets, None
 
 
+def position_mask_splits(route) -> tuple[Tensor, Tensor]:
+    """Mask splits of a route with explicit positions and no segments, from the positions themselves:
+    ``(clean [Br, Hr, nqb], t_masked [Br, Hr, nkb])`` int32, as :func:`clean_block_counts` and
+    :func:`masked_query_counts` give for default positions. A routed pair needs no mask when its key
+    block is whole and (causal) its latest key position is at or before the query block's earliest
+    query position; ``clean`` is the leading run of such pairs in each row, ``t_masked`` covers, in
+    each transposed row (query blocks ascending), every pair up to the last that needs a mask. A route
+    shared by batch rows of different positions counts a pair clean when it is clean in every row."""
+    ids = route.kv_block_ids
+    Br, Hr, nqb, W = ids.shape
+    QB, KB, nkb = route.q_block_size, route.kv_block_size, route.num_kv_blocks
+    big = 2 ** 62  # past any position; a power of two, exact as the float pad value
+    qpos, kpos = route.resolved_q_positions(), route.resolved_kv_positions()  # [Bp, len] int64
+    q_first = F.pad(qpos, (0, nqb * QB - route.q_len), value=big).view(-1, nqb, QB).amin(-1)  # [Bp, nqb]
+    k_last = F.pad(kpos, (0, nkb * KB - route.kv_len), value=-big).view(-1, nkb, KB).amax(-1)  # [Bp, nkb]
+    B = max(Br, q_first.shape[0], k_last.shape[0])
+    safe = ids.clamp_min(0).long().expand(B, Hr, nqb, W)
+    ok = (ids >= 0).expand(B, Hr, nqb, W) & ((safe + 1) * KB <= route.kv_len)
+    if route.causal:
+        k_last_pair = k_last.expand(B, nkb).view(B, 1, 1, nkb).expand(B, Hr, nqb, nkb).gather(3, safe)
+        ok = ok & (k_last_pair <= q_first.expand(B, nqb).view(B, 1, nqb, 1))
+    if Br == 1 and B > 1:  # a route shared by batch rows of different positions: clean in every row
+        ok, safe, B = ok.all(0, keepdim=True), safe[:1], 1
+    clean = ok.to(torch.int32).cumprod(-1).sum(-1, dtype=torch.int32)
+    need = (ids >= 0).expand(B, Hr, nqb, W) & ~ok
+    qb = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(B, Hr, nqb, W).reshape(B, Hr, -1)
+    flat = safe.reshape(B, Hr, -1)
+    last = torch.full((B, Hr, nkb + 1), -1, dtype=torch.int64, device=ids.device)
+    last.scatter_reduce_(2, torch.where(need.reshape(B, Hr, -1), flat, nkb), qb, reduce="amax")
+    covered = (ids >= 0).expand(B, Hr, nqb, W).reshape(B, Hr, -1) & (qb <= last.gather(2, flat))
+    t_masked = torch.zeros(B, Hr, nkb + 1, dtype=torch.int32, device=ids.device)
+    t_masked.scatter_add_(2, torch.where(covered, flat, nkb), torch.ones_like(flat, dtype=torch.int32))
+    return clean.contiguous(), t_masked[..., :nkb].contiguous()
+
+
+# Routes used this often get position-exact mask splits (position_mask_splits, ~20 small ops once):
+# cached routes (NSA's compressed branch, every layer and step) gain unmasked tiles, while a route
+# built per call (the Routing Transformer's clusters) keeps the all-masked splits and pays nothing.
+POSITION_SPLITS_AFTER_USES = 2
+
+
 def route_plan(route, backward: bool) -> dict:
     """What the kernels derive from a route (mask splits; for backward the transposed route),
     computed once per route and cached on it: routes are shared by layers and steps."""
     cache = route._cache
     all_masked = not route.has_default_positions or route.has_segments
+    cache["uses"] = cache.get("uses", 0) + 1
+    counts = route.kv_block_counts
+    overlapping = any(st == 0 and n > 1 for st, n in zip(counts.stride(), counts.shape))  # an expanded view
+    if (all_masked and not route.has_segments and not overlapping and "position_splits" not in cache
+            and cache["uses"] >= POSITION_SPLITS_AFTER_USES):
+        cache["position_splits"] = True
+        clean, cache["t_masked"] = position_mask_splits(route)
+        # the kernels index the clean counts with the counts' strides
+        cache["clean"] = torch.empty_strided(counts.shape, counts.stride(), dtype=torch.int32,
+                                             device=counts.device).copy_(clean)
     if "clean" not in cache:
         cache["clean"] = clean_block_counts(route.kv_block_ids, route.kv_block_counts, route.q_len, route.kv_len,
                                             route.q_block_size, route.kv_block_size, route.causal, all_masked)
@@ -875,11 +927,14 @@ def route_plan(route, backward: bool) -> dict:
                             all_masked)
                 *t, t_masked = _transposed(route.kv_block_ids, route.num_kv_blocks, geometry)
                 cache["kernel_transposed"] = tuple(t)
-                if t_masked is not None:
+                if t_masked is not None and "position_splits" not in cache:
                     cache["t_masked"] = t_masked
                 if t[2] is None:  # the padded form is what route.transposed() returns: share it
                     cache["transposed"] = tuple(t[:2])
         t_ids, t_counts, t_offsets = cache["kernel_transposed"]
+        if "t_masked" in cache and cache["t_masked"].stride() != t_counts.stride():  # the kernel indexes both alike
+            cache["t_masked"] = torch.empty_strided(t_counts.shape, t_counts.stride(), dtype=torch.int32,
+                                                    device=t_counts.device).copy_(cache["t_masked"])
         if "t_masked" not in cache:
             cache["t_masked"] = masked_query_counts(t_ids, t_counts, route.q_len, route.kv_len, route.q_block_size,
                                                     route.kv_block_size, route.causal, all_masked, t_offsets)
