@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from routed import BlockRoute, random_block_route, routed_attention  # noqa: E402
+from routed.bench import capture_cuda_graph  # noqa: E402
 from routed.env import machine_header  # noqa: E402
 from routed.ops.block_sparse.flex import flex_routed_attention, route_to_block_mask  # noqa: E402
 from routed.testing import poisoned_outputs, rel_err  # noqa: E402
@@ -61,16 +62,7 @@ def graph_bench(fn):
     """GPU time of ``fn`` replayed from a CUDA graph (no Python or launch overhead), as decode
     loops run in practice; ``None`` if ``fn`` cannot be captured."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return do_bench(graph.replay)
+        return do_bench(capture_cuda_graph(fn, warmup=3).replay)
     except Exception as e:  # noqa: BLE001
         print("graph capture failed:", type(e).__name__, str(e).splitlines()[0][:200])
         return None

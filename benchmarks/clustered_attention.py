@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bra import peak_mem as bra_peak_mem  # noqa: E402  (benchmarks/bra.py, beside this script)
 from routed import TokenRoute, routed_attention  # noqa: E402
+from routed.bench import graphed_ms  # noqa: E402
 from routed.env import machine_header  # noqa: E402
 from routed.layers.lm_attention import DenseAttention  # noqa: E402
 from routed.layers.mosa import MoSAAttention  # noqa: E402
@@ -176,6 +177,9 @@ def routing_case(n: int, dev, dtype, rep_ms: int, peer_cls, hidden=1024, heads=1
         (out.float().square().mean() + aux).backward()
 
     row["ours"] = measure(ours_step, dev, rep_ms)
+    if dev.type == "cuda":  # the step replayed as a CUDA graph: what the layer costs without host time
+        graphed = guarded(lambda: graphed_ms(ours_step))
+        row["ours"].update(graphed if isinstance(graphed, dict) else {"graph_error": graphed})
     del ours
     if peer_cls is not None:
         def build():
@@ -191,11 +195,16 @@ def routing_case(n: int, dev, dtype, rep_ms: int, peer_cls, hidden=1024, heads=1
                 (out.float().square().mean() + aux).backward()
 
             row["peer"] = measure(peer_step, dev, rep_ms)
+            if dev.type == "cuda":  # last: a failed capture may leave the stream unusable for this row
+                graphed = guarded(lambda: graphed_ms(peer_step))
+                row["peer"].update(graphed if isinstance(graphed, dict) else {"graph_error": graphed})
             del peer
     for key in ("ms", "peak_mib"):
         a, b = row["ours"].get(key), row.get("peer", {}).get(key)
         ok = isinstance(a, float) and isinstance(b, float) and a > 0
         row[f"peer_over_ours_{key}"] = b / a if ok else None
+    g, p = row["ours"].get("graph_ms_per_step"), row.get("peer", {}).get("ms")
+    row["peer_eager_over_ours_graphed"] = p / g if isinstance(g, float) and isinstance(p, float) and g > 0 else None
     return row
 
 
@@ -314,11 +323,15 @@ def main() -> None:
             save()
 
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    print("\nrouting: n | fwd+bwd ms ours / peer | peak MiB ours / peer | peer/ours time, memory")
+    print("\nrouting: n | fwd+bwd ms ours / peer | peak MiB ours / peer | peer/ours time, memory | "
+          "graphed ms ours / peer | peer eager / ours graphed")
     for r in result["routing"]:
-        p = r.get("peer", {})
-        print(f"{r['n']} | {fmt(r['ours']['ms'])} / {fmt(p.get('ms'))} | {fmt(r['ours']['peak_mib'])} / "
-              f"{fmt(p.get('peak_mib'))} | {fmt(r['peer_over_ours_ms'])}x {fmt(r['peer_over_ours_peak_mib'])}x")
+        p, o = r.get("peer", {}), r["ours"]
+        print(f"{r['n']} | {fmt(o['ms'])} / {fmt(p.get('ms'))} | {fmt(o['peak_mib'])} / "
+              f"{fmt(p.get('peak_mib'))} | {fmt(r['peer_over_ours_ms'])}x {fmt(r['peer_over_ours_peak_mib'])}x | "
+              f"{fmt(o.get('graph_ms_per_step', o.get('graph_error')))} / "
+              f"{fmt(p.get('graph_ms_per_step', p.get('graph_error', '-')))} | "
+              f"{fmt(r['peer_eager_over_ours_graphed'])}x")
     print("core: n | fwd+bwd ms band route / TokenRoute copies / TokenRoute in-kernel | peak MiB, same order")
     names = ("band_route", "token_route", "token_route_in_kernel")
     for r in result["core"]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from routed.bench import capture_cuda_graph  # noqa: E402
 from routed.env import machine_header  # noqa: E402
 from routed.layers.moe import RoutedMoE  # noqa: E402
 from routed.ops.expert_dispatch import expert_mlp, expert_mlp_reference  # noqa: E402
@@ -59,16 +60,7 @@ def timed(fn, device, target_s=0.4, min_reps=5, max_reps=40) -> float:
 def graph_time(fn):
     """Median ms of ``fn`` replayed from a CUDA graph, or None if it cannot be captured."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return timed(graph.replay, torch.device("cuda"))
+        return timed(capture_cuda_graph(fn, warmup=3).replay, torch.device("cuda"))
     except Exception as e:  # noqa: BLE001
         print("graph capture failed:", type(e).__name__, str(e).splitlines()[0][:200])
         return None

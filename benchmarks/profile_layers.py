@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import lm_compare  # noqa: E402
 
+from routed.bench import graphed_ms  # noqa: E402
 from routed.env import machine_header  # noqa: E402
 
 
@@ -62,33 +63,6 @@ def breakdown(step, device, reps: int = 10, top: int = 12) -> dict:
         row["kernels_per_step"] = sum(k[2] for k in kernels)
         row["top_kernels"] = [{"name": k[0][:90], "ms": k[1], "calls": k[2]} for k in kernels[:top]]
     return row
-
-
-def graphed_ms(step, device, reps: int = 20) -> dict:
-    """Milliseconds per call of ``step`` replayed as one CUDA graph (what torch.compile's
-    reduce-overhead mode or a graphed training step gets: no host time), or why it cannot be captured
-    (a host sync or a CPU tensor made inside the call)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            step()
-    except Exception as e:  # noqa: BLE001 - reported, not hidden: the row says why
-        return {"graph_error": f"{type(e).__name__}: {e}"[:400]}
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return {"graph_ms_per_step": start.elapsed_time(end) / reps}
 
 
 def _layer_step(args, name: str, n: int, device, dtype):
@@ -156,7 +130,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not a.no_graphs:  # last: a failed capture may leave the stream unusable
         for row in result["rows"]:
             if not row["layer"].endswith("_router"):
-                row.update(graphed_ms(_layer_step(args, row["layer"], row["seq_len"], device, dtype), device))
+                row.update(graphed_ms(_layer_step(args, row["layer"], row["seq_len"], device, dtype)))
                 if "graph_error" in row:
                     print(f"  {row['layer']} {row['seq_len']}: no CUDA graph: {row['graph_error']}")
                 if a.out:
