@@ -728,7 +728,8 @@ def test_decode_on_gpu(fused_merge, monkeypatch):
 def test_dkdv_row_shares_on_gpu(case, deterministic, monkeypatch):
     """The dk/dv row shares at GPU scale (bf16, GQA, the GPU's own SM count): a sink row and NSA's
     compressed branch cut into listed shares added by atomics, and NSA's compressed branch split into
-    equal shares with partial sums in deterministic mode."""
+    equal shares with partial sums in deterministic mode; NSA's route with its position-exact mask
+    splits (the kernels skip the masks of its clean pairs)."""
     from routed.layers.nsa import _compressed_route, num_compressed_blocks
     from routed.ops.block_sparse import triton_ops
 
@@ -736,6 +737,7 @@ def test_dkdv_row_shares_on_gpu(case, deterministic, monkeypatch):
     real = triton_ops.dkdv_work_split
     monkeypatch.setattr(triton_ops, "dkdv_work_split", lambda *a: used.append(real(*a)) or used[-1])
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    monkeypatch.setattr(triton_ops, "POSITION_SPLITS_AFTER_USES", 1)
     if case == "sink":
         q, k, v = _inputs(1, 8, 2, 4096, 4096, 128, torch.bfloat16, seed=31)
         route = _sink_and_diagonal(4096, 64)
@@ -745,6 +747,8 @@ def test_dkdv_row_shares_on_gpu(case, deterministic, monkeypatch):
         route = _compressed_route(8192, nc, 8192, 64, 32, 16, torch.device(DEVICE))
     check_against_f64(q, k, v, route)
     assert {u[0] for u in used} == ({1} if deterministic else {2}), f"dk/dv work split {used}"
+    if case == "nsa_compressed":
+        assert int(route._cache["clean"].sum()) > 0, "the position-exact mask splits were not used"
 
 
 def test_packed_varlen_equals_separate_sequences():
