@@ -456,7 +456,7 @@ def _block_sparse_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     loaded_len = kv_len
     if SHARES == 2:
-        n_shares = _tile_shares(TCounts, b * stride_tcb + kblk, stride_tch, hkv, group_size, route_head_div, chunk)
+        n_shares = _tile_shares(ShareOffsets, pid_bh * n_tiles + pid_n)
         active = listed & (pid_s < n_shares)
         loaded_len = tl.where(active, kv_len, 0)  # a program past the list loads (and stores) no row
         key_ok = key_ok & active
@@ -576,20 +576,16 @@ def _share_offsets_kernel(TCounts, ShareOffsets, stride_tcb, stride_tch, n_heads
 
 
 @triton.jit
-def _tile_shares(TCounts, count_base, stride_tch, hkv, group_size, route_head_div, chunk):
-    """Shares of ``chunk`` query blocks that the longest transposed row of a key block holds over the
-    query heads of kv head ``hkv``'s group (at least 1: an empty row still writes zeros)."""
-    longest = 0
-    for g in range(group_size):
-        hr = (hkv * group_size + g) // route_head_div
-        longest = tl.maximum(longest, tl.load(TCounts + count_base + hr * stride_tch))
-    return tl.maximum((longest + chunk - 1) // chunk, 1)
+def _tile_shares(ShareOffsets, row):
+    """Shares the tile of ``row = (batch x kv head) * n_tiles + tile`` has (at least 1: an empty row
+    still writes zeros), read from the list ``_share_offsets_kernel`` wrote."""
+    return 1 + tl.load(ShareOffsets + row + 1) - tl.load(ShareOffsets + row)
 
 
 @triton.jit
-def _dkdv_shares_combine_kernel(DK, DV, DKAcc, DVAcc, TCounts, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
-                                stride_dvh, stride_dvn, stride_tcb, stride_tch, n_heads_kv, group_size,
-                                route_head_div, kv_len, chunk, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dkdv_shares_combine_kernel(DK, DV, DKAcc, DVAcc, ShareOffsets, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                                stride_dvh, stride_dvn, n_heads_kv, n_tiles, kv_len, KV_BLOCK: tl.constexpr,
+                                BLOCK_N: tl.constexpr,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                                 BLOCK_DV: tl.constexpr, KV_TILE_ALIGNED: tl.constexpr):
     """``SHARES == 2``: the key tiles whose rows were shared get dK, dV from the float32 sums (cast)."""
@@ -597,9 +593,8 @@ def _dkdv_shares_combine_kernel(DK, DV, DKAcc, DVAcc, TCounts, stride_dkb, strid
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_kv).to(tl.int64)
     hkv = (pid_bh % n_heads_kv).to(tl.int64)
-    kblk, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED)
-    n_shares = _tile_shares(TCounts, b * stride_tcb + kblk, stride_tch, hkv, group_size, route_head_div, chunk)
-    key_ok = key_ok & (n_shares > 1)
+    _, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED)
+    key_ok = key_ok & (_tile_shares(ShareOffsets, pid_bh * n_tiles + pid_n) > 1)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     acc_row = (b * n_heads_kv + hkv) * kv_len + offs_n

@@ -692,8 +692,8 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             torch.sum(dv_out, 0, out=dv)
         elif shares == 2:
             _dkdv_shares_combine_kernel[(tiles, B * Hkv)](
-                dk, dv, dk_acc, dv_acc, t_counts, *dk.stride()[:3], *dv.stride()[:3], *t_counts.stride()[:2], Hkv,
-                Hq // Hkv, Hq // ids.shape[1], Nk, chunk, KV_BLOCK=kv_block_size, BLOCK_N=cfg["BLOCK_N"],
+                dk, dv, dk_acc, dv_acc, offsets, *dk.stride()[:3], *dv.stride()[:3], Hkv, tiles, Nk,
+                KV_BLOCK=kv_block_size, BLOCK_N=cfg["BLOCK_N"],
                 HEAD_DIM=common["HEAD_DIM"], BLOCK_D=common["BLOCK_D"], HEAD_DIM_V=common["HEAD_DIM_V"],
                 BLOCK_DV=common["BLOCK_DV"], KV_TILE_ALIGNED=aligned)
 
@@ -875,19 +875,19 @@ def position_mask_splits(route) -> tuple[Tensor, Tensor]:
     k_last = F.pad(kpos, (0, nkb * KB - route.kv_len), value=-big).view(-1, nkb, KB).amax(-1)  # [Bp, nkb]
     B = max(Br, q_first.shape[0], k_last.shape[0])
     safe = ids.clamp_min(0).long().expand(B, Hr, nqb, W)
-    ok = (ids >= 0).expand(B, Hr, nqb, W) & ((safe + 1) * KB <= route.kv_len)
+    live = (ids >= 0).expand(B, Hr, nqb, W)
+    ok = live & ((safe + 1) * KB <= route.kv_len)
     if route.causal:
         k_last_pair = k_last.expand(B, nkb).view(B, 1, 1, nkb).expand(B, Hr, nqb, nkb).gather(3, safe)
         ok = ok & (k_last_pair <= q_first.expand(B, nqb).view(B, 1, nqb, 1))
     if Br == 1 and B > 1:  # a route shared by batch rows of different positions: clean in every row
-        ok, safe, B = ok.all(0, keepdim=True), safe[:1], 1
+        ok, safe, live, B = ok.all(0, keepdim=True), safe[:1], live[:1], 1
     clean = ok.to(torch.int32).cumprod(-1).sum(-1, dtype=torch.int32)
-    need = (ids >= 0).expand(B, Hr, nqb, W) & ~ok
     qb = torch.arange(nqb, device=ids.device).view(1, 1, nqb, 1).expand(B, Hr, nqb, W).reshape(B, Hr, -1)
-    flat = safe.reshape(B, Hr, -1)
+    flat, live = safe.reshape(B, Hr, -1), live.reshape(B, Hr, -1)
     last = torch.full((B, Hr, nkb + 1), -1, dtype=torch.int64, device=ids.device)
-    last.scatter_reduce_(2, torch.where(need.reshape(B, Hr, -1), flat, nkb), qb, reduce="amax")
-    covered = (ids >= 0).expand(B, Hr, nqb, W).reshape(B, Hr, -1) & (qb <= last.gather(2, flat))
+    last.scatter_reduce_(2, torch.where(live & ~ok.reshape(B, Hr, -1), flat, nkb), qb, reduce="amax")
+    covered = live & (qb <= last.gather(2, flat))
     t_masked = torch.zeros(B, Hr, nkb + 1, dtype=torch.int32, device=ids.device)
     t_masked.scatter_add_(2, torch.where(covered, flat, nkb), torch.ones_like(flat, dtype=torch.int32))
     return clean.contiguous(), t_masked[..., :nkb].contiguous()
