@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--passkey-trials", type=int, default=20)
+    p.add_argument("--passkey-fraction", type=float, default=0.0,
+                   help="fraction of training windows that are passkey prompts (0: plain text only)")
     p.add_argument("--speed-lens", type=int, nargs="+", default=[8192, 16384, 32768])
     p.add_argument("--prefill-len", type=int, default=32768)
     p.add_argument("--long-len", type=int, default=65536)
@@ -108,10 +110,11 @@ def _train_namespace(args, attention: str) -> SimpleNamespace:
         batch_size=args.batch_size, steps=None, train_tokens=args.train_tokens, max_minutes=args.max_minutes,
         lr=args.lr, min_lr_ratio=0.1, warmup=args.warmup, weight_decay=0.1, grad_clip=1.0,
         eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device, threads=0, compile=False,
-        seed=args.seed)
+        seed=args.seed, passkey_fraction=args.passkey_fraction)
 
 
-def train_variants(args, device) -> dict:
+def train_variants(args, device, save=lambda out: None) -> dict:
+    """Every variant in turn; ``save(out)`` after each, so a run cut short keeps the ones it finished."""
     train_ids, val_ids, tok = load_tokens(args.corpus, args.tokenizer, args.text_file)
     out = {}
     for attention in args.variants:
@@ -123,14 +126,17 @@ def train_variants(args, device) -> dict:
         out[attention] = {
             "parameters": m["parameters"], "parameters_without_embeddings": m["parameters_without_embeddings"],
             "tokens": m["tokens"], "train_tokens_per_second": m["train_tokens_per_second"],
+            "steady_tokens_per_second": m["steady_tokens_per_second"], "train_seconds": m["train_seconds"],
             "val_loss": m["final"]["loss"], "val_ppl": m["final"]["ppl"], "passkey": passkey,
             "curve": [{"tokens": h["tokens"], "loss": h["loss"]} for h in m["history"]],
             "evals": m["evals"], "config": m["config"]}
-        print(f"{attention}: ppl {m['final']['ppl']:.3f}, {m['train_tokens_per_second']:.0f} tokens/s, passkey "
+        print(f"{attention}: ppl {m['final']['ppl']:.3f}, {m['train_tokens_per_second']:.0f} tokens/s "
+              f"({m['steady_tokens_per_second']:.0f} over the second half), passkey "
               + ", ".join(f"{r['length']}: {r['correct']}/{r['trials']}" for r in passkey), flush=True)
         del res
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        save(out)
     return out
 
 
@@ -322,9 +328,15 @@ def main(argv=None) -> int:
     result["smoke"] = bool(args.smoke)
     result["label"] = args.label or ("CPU SMOKE (pipeline check, not a result)" if args.smoke else "")
     result["args"] = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
-    if args.variants:
-        result["train"].update(train_variants(args, device))
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.variants:
+        trained_before = dict(result["train"])
+
+        def save_train(done):
+            result["train"] = {**trained_before, **done}
+            out.write_text(json.dumps(result, indent=2))
+
+        train_variants(args, device, save_train)
     if args.speed:
 
         def save(res):

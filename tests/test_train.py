@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from routed.train import (ByteTokenizer, add_eval_lm_arguments, add_train_arguments, lr_at, passkey_accuracy,
-                          run_eval_lm, run_train)
+from routed.train import (ByteTokenizer, add_eval_lm_arguments, add_train_arguments, lr_at, mix_passkeys,
+                          passkey_accuracy, run_eval_lm, run_train)
 
 TEXT = ("The Congress shall have power to lay and collect taxes, duties, imposts and excises, to pay the debts "
         "and provide for the common defence and general welfare of the United States. ") * 60
@@ -79,7 +79,32 @@ def test_passkey_prompt_and_scoring_with_an_oracle():
     assert rows == [{"length": 300, "trials": 3, "correct": 3, "accuracy": 1.0}]
 
 
+def test_passkey_mix_turns_windows_into_retrieval_prompts():
+    """``--passkey-fraction``: picked windows become real text + a hidden key + the question + the key,
+    at the window's length; the rest stay; the same seed gives the same windows."""
+    tok = ByteTokenizer()
+    ids = torch.tensor(list(TEXT.encode()))
+    x = torch.stack([ids[i:i + 301] for i in range(0, 8 * 301, 301)])
+    assert torch.equal(mix_passkeys(x.clone(), ids, tok, 0.0, torch.Generator().manual_seed(0)), x)
+    every = mix_passkeys(x.clone(), ids, tok, 1.0, torch.Generator().manual_seed(0))
+    assert every.shape == x.shape and torch.equal(every, mix_passkeys(x.clone(), ids, tok, 1.0,
+                                                                      torch.Generator().manual_seed(0)))
+    keys = set()
+    for row in every:
+        text = tok.decode(row.tolist())
+        key = text.split("The pass key is ")[1][:5]
+        assert key.isdigit() and text.endswith(f"What is the pass key? The pass key is {key}"), text[-80:]
+        assert text.count(key) == 3  # twice in the hidden sentence, once as the answer
+        keys.add(key)
+    assert len(keys) == 8
+    half = mix_passkeys(x.clone(), ids, tok, 0.5, torch.Generator().manual_seed(1))
+    changed = (half != x).any(1)
+    assert 0 < int(changed.sum()) < 8 and torch.equal(half[~changed], x[~changed])
+
+
 def test_bad_arguments_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="--passkey-fraction is a fraction of the training windows, got 1.5"):
+        run_train(_train_args(tmp_path, "dense", "--passkey-fraction", "1.5"))
     with pytest.raises(ValueError, match="--attention lists 3 names but --layers is 2"):
         run_train(_train_args(tmp_path, "dense,moba,nsa"))
     with pytest.raises(ValueError, match=r"the training text has \d+ tokens; a window of --seq-len 50000 needs 50002"):

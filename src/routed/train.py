@@ -223,6 +223,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--passkey-lengths", type=int, nargs="*", default=[],
                    help="after training: passkey retrieval at these prompt lengths")
     g.add_argument("--passkey-trials", type=int, default=10, help="prompts per passkey length")
+    g.add_argument("--passkey-fraction", type=float, default=0.0,
+                   help="train on passkey prompts too: this fraction of the training windows becomes real "
+                        "text with a pass key hidden at a random depth, the question and its answer")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -362,10 +365,38 @@ def sample_batch(ids: Tensor, seq_len: int, batch_size: int, gen: torch.Generato
     return torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
 
 
+def mix_passkeys(x: Tensor, train_ids: Tensor, tok, fraction: float, gen: torch.Generator) -> Tensor:
+    """About ``fraction`` of the rows of ``x [B, L + 1]`` replaced, in place, by retrieval examples
+    of the same length: a random training window with a five-digit pass key hidden at a random depth,
+    then the question and the key's tokens last (the prompt :func:`passkey_accuracy` asks, built from
+    training text, never the validation text it asks on). Drawn from ``gen``: the same rows, keys and
+    depths for every model trained with one seed."""
+    from .eval_prefill import passkey_prompt
+
+    if fraction <= 0:
+        return x
+    n = x.shape[1]
+    for r in (torch.rand(x.shape[0], generator=gen) < fraction).nonzero().flatten().tolist():
+        key = int(torch.randint(10000, 100000, (1,), generator=gen))
+        depth = float(torch.rand(1, generator=gen))
+        start = int(torch.randint(0, train_ids.numel() - n + 1, (1,), generator=gen))
+        answer = tok(f" {key}", add_special_tokens=False)["input_ids"]
+        ids, _ = passkey_prompt(tok, train_ids[start:start + n].tolist(), n - len(answer), depth, key)
+        x[r] = torch.tensor(ids[0].tolist() + answer)
+    return x
+
+
 @dataclass
 class TrainResult:
     model: object
     metrics: dict
+
+
+def _steady_rate(step_seconds: list, tokens_per_step: int) -> float:
+    """Tokens/s over the second half of the steps: the first steps compile and autotune kernels
+    (seconds each on a GPU), which says nothing about the rate a longer run trains at."""
+    tail = step_seconds[len(step_seconds) // 2:]
+    return len(tail) * tokens_per_step / max(sum(tail), 1e-9) if tail else 0.0
 
 
 def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = True) -> TrainResult:
@@ -389,11 +420,15 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         if ids.numel() < args.seq_len + 2:
             raise ValueError(f"the {what} text has {ids.numel()} tokens; a window of --seq-len {args.seq_len} needs "
                              f"{args.seq_len + 2}. Lower --seq-len or use a longer text.")
+    passkey_fraction = getattr(args, "passkey_fraction", 0.0)
+    if not 0.0 <= passkey_fraction <= 1.0:
+        raise ValueError(f"--passkey-fraction is a fraction of the training windows, got {passkey_fraction}; "
+                         "give a number from 0 (none) to 1 (every window).")
     opt = build_optimizer(model, args.lr, args.weight_decay, device)
     step_fn = torch.compile(model) if args.compile else model
     gen = torch.Generator().manual_seed(args.seed)
     hi = train_ids.numel() - args.seq_len - 1
-    history, evals = [], []
+    history, evals, step_seconds = [], [], []
     train_time, t_start = 0.0, time.perf_counter()
     bar = tqdm(range(steps), desc=f"train {args.attention}", disable=not progress, dynamic_ncols=True)
     model.train()
@@ -401,7 +436,8 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         lr = lr_at(step, steps, args.lr, args.warmup, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        x = sample_batch(train_ids, args.seq_len, args.batch_size, gen, hi).to(device, non_blocking=True)
+        x = sample_batch(train_ids, args.seq_len, args.batch_size, gen, hi)
+        x = mix_passkeys(x, train_ids, tok, passkey_fraction, gen).to(device, non_blocking=True)
         t0 = time.perf_counter()
         with _autocast(device):
             out = step_fn(x[:, :-1])
@@ -413,7 +449,8 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         loss_v = float(ce.detach())  # syncs: the step's time is complete
-        train_time += time.perf_counter() - t0
+        step_seconds.append(time.perf_counter() - t0)
+        train_time += step_seconds[-1]
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"the loss became {loss_v} at step {step}; lower --lr or raise --warmup.")
         history.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_v, "lr": lr,
@@ -436,6 +473,7 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         "parameters": n_params, "parameters_without_embeddings": n_params - n_embed,
         "steps": len(history), "tokens": len(history) * tokens_per_step,
         "train_seconds": train_time, "train_tokens_per_second": len(history) * tokens_per_step / max(train_time, 1e-9),
+        "steady_tokens_per_second": _steady_rate(step_seconds, tokens_per_step),
         "history": history, "evals": evals, "final": evals[-1] if evals else None, "device": str(device),
     }
     return TrainResult(model, metrics)
