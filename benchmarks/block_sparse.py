@@ -289,7 +289,14 @@ def main():
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--decode-merge", choices=["fused", "combine"], default=None,
+                   help="decode's merge of the key splits: by the last split in the same launch, or a second "
+                        "kernel (default: the library's DECODE_FUSED_MERGE)")
     args = p.parse_args()
+    if args.decode_merge is not None:
+        from routed.ops.block_sparse import triton_ops
+
+        triton_ops.DECODE_FUSED_MERGE = args.decode_merge == "fused"
     dev = torch.device("cuda")
     # the output's file name only: the folder is the machine's own business
     result = {"machine": machine_header(), "config": dict(vars(args), out=Path(args.out).name)}

@@ -452,11 +452,12 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
     launch(_autotuned("decode", key, _decode_candidates(sub_max), launch, q.device))
 
 
-# The decode path's split programs merge their partials themselves: the last to arrive (an atomic
-# counter, zeroed per call) merges all, in split order. False: a second launch merges them (the
-# measured H100/H200 path: split + combine were 2.7-6.8x the bandwidth floor, bound by the two
-# launches and the gap between them, NOTES.md v8).
-DECODE_FUSED_MERGE = True
+# True: the decode path's split programs merge their partials themselves (the last to arrive at an
+# atomic counter, zeroed per call, merges all in split order: one launch). False (the default): a
+# second launch merges them. On the H200 the fused merge was slower (25.8 / 22.8 / 26.0 us against
+# 22.2 / 14.8 / 17.1 us at hkv 16 / 4 / 8, NOTES.md "Fourth H200 session"): its last program loads
+# the splits one after another while the combine kernel loads a row's splits as one tile.
+DECODE_FUSED_MERGE = False
 
 # Decode launch configs (split programs per SM, BLOCK_N, num_warps, num_stages); the first is the
 # default where no tuning happens. More, shorter splits keep more K/V loads in flight.
