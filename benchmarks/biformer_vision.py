@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ import timm  # noqa: E402
 
 import routed.models  # noqa: E402,F401  (registers biformer_* with timm)
 from routed.data.images import FASHION_MNIST_CLASSES, SceneConfig, load_fashion_mnist, make_scenes  # noqa: E402
-from routed.env import machine_header  # noqa: E402
+from routed.env import command_line, machine_header  # noqa: E402
 from routed.models import BiFormer  # noqa: E402
 from routed.viz import draw_bra_routing  # noqa: E402
 
@@ -252,10 +251,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     header = machine_header()
-    cli = list(sys.argv[1:] if argv is None else argv)
-    # The device tool's output folder is a machine path: record it as $OUT.
-    cli = ["$OUT" if os.environ.get("OUT") and a == os.environ["OUT"] else a for a in cli]
-    header["command"] = " ".join(["python", "benchmarks/biformer_vision.py"] + cli)
+    header["command"] = command_line(None if argv is None else ["benchmarks/biformer_vision.py", *argv])
     result: dict = {"machine": header}
     out_json = args.out / "biformer_vision.json"
 

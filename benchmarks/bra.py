@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from routed import routed_attention  # noqa: E402
-from routed.env import machine_header  # noqa: E402
+from routed.env import command_line, machine_header  # noqa: E402
 from routed.layers.bra import BiLevelRoutingAttention, bra_gather_attention  # noqa: E402
 from routed.ops.block_sparse.triton_ops import tuned_configs  # noqa: E402
 from routed.routers.regions2d import RegionGrid, region_topk_route  # noqa: E402
@@ -171,8 +171,7 @@ def main() -> None:
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     # The command as run, with the output folder (a path on the benchmark machine) left out.
-    command = " ".join(Path(a).name if a == args.out else a for a in sys.argv)
-    result = {"machine": machine_header(), "command": command, "dtype": "bfloat16",
+    result = {"machine": machine_header(), "command": command_line(), "dtype": "bfloat16",
               "autotune": os.environ.get("ROUTED_AUTOTUNE", "1") != "0"}
     result["check"] = [] if args.no_check else check(dev)
     rows = result["stages"] = []

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from bra import peak_mem as bra_peak_mem  # noqa: E402  (benchmarks/bra.py, beside this script)
 from routed import TokenRoute, routed_attention  # noqa: E402
 from routed.bench import graphed_ms  # noqa: E402
-from routed.env import machine_header  # noqa: E402
+from routed.env import command_line, machine_header  # noqa: E402
 from routed.layers.lm_attention import DenseAttention  # noqa: E402
 from routed.layers.mosa import MoSAAttention  # noqa: E402
 from routed.layers.routing_attention import RoutingAttention  # noqa: E402
@@ -295,8 +295,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if dev.type == "cuda" else torch.float32
     peer_cls, peer_why = import_peer()
-    command = " ".join(Path(a).name if a == args.out else a for a in sys.argv)
-    result = {"machine": machine_header(), "command": command, "dtype": str(dtype).replace("torch.", ""),
+    result = {"machine": machine_header(), "command": command_line(), "dtype": str(dtype).replace("torch.", ""),
               "peer": "routing-transformer 1.6.1" if peer_cls else f"not importable: {peer_why}",
               "autotune": os.environ.get("ROUTED_AUTOTUNE", "1") != "0"}
     print(result["peer"], flush=True)

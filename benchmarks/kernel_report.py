@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from routed.env import machine_header  # noqa: E402
+from routed.env import command_line, machine_header  # noqa: E402
 from routed.ops.block_sparse import triton_kernels as K  # noqa: E402
 from routed.ops.block_sparse import triton_ops as ops  # noqa: E402
 
@@ -129,7 +129,7 @@ def main() -> None:
     if a.out:
         header = machine_header()
         header["compile_target"] = f"sm_{a.arch}"
-        header["command"] = " ".join(["python", "benchmarks/kernel_report.py"] + sys.argv[1:])
+        header["command"] = command_line()
         Path(a.out).write_text(json.dumps(dict(machine=header, head_dim=d, block=blk, rows=rows), indent=1) + "\n")
 
 

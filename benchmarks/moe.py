@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from routed.bench import capture_cuda_graph  # noqa: E402
-from routed.env import machine_header  # noqa: E402
+from routed.env import command_line, machine_header  # noqa: E402
 from routed.layers.moe import RoutedMoE  # noqa: E402
 from routed.ops.expert_dispatch import expert_mlp, expert_mlp_reference  # noqa: E402
 from routed.route import ExpertRoute  # noqa: E402
@@ -252,9 +252,7 @@ def main() -> None:
     pairs = [tuple(int(v) for v in p.split(":")) for p in args.experts.split(",")]
     if args.smoke:
         H, I, tokens, pairs = 64, 32, [300], [(8, 2), (4, 4)]
-    # The command as run, with the output file's folder left out (it is a path on the machine that ran it).
-    argv = [Path(a).name if a == args.out else a for a in sys.argv]
-    result = {"machine": machine_header(), "command": " ".join(["python"] + argv),
+    result = {"machine": machine_header(), "command": command_line(),
               "config": {"dtype": str(dtype), "backend": backend, "hidden": H, "intermediate": I,
                          "router": "token_choice softmax_topk (Mixtral)"}}
     result["check"] = check(device, dtype, backend, args.smoke)

@@ -52,7 +52,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from routed.env import machine_header  # noqa: E402
-from routed.experts_metrics import load_imbalance, routing_fluctuation, top1_experts  # noqa: E402
+from routed.experts_metrics import routing_fluctuation, top1_experts  # noqa: E402
 from routed.layers.moe import RoutedMoE  # noqa: E402
 from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
 from routed.train import _autocast, _windows, build_optimizer, load_tokens, lr_at, sample_batch  # noqa: E402

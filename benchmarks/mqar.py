@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import routed.layers.mosa  # noqa: E402,F401  (registers "mosa")
 import routed.layers.routing_attention  # noqa: E402,F401  (registers "routing")
-from routed.env import machine_header  # noqa: E402
+from routed.env import command_line, machine_header  # noqa: E402
 from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM  # noqa: E402
 from routed.train import parse_options  # noqa: E402
 
@@ -143,8 +143,7 @@ def main() -> None:
     smoke_options = dict(attention_block_size=16, window_blocks=2, routing_window=16, kmeans_clusters=4,
                          mosa_sparsity=4) if args.smoke else {}
     options = {"mosa_selection": "threshold", **smoke_options, **parse_options(args.option)}
-    command = " ".join(Path(a).name if a == args.out else a for a in sys.argv)
-    result = {"machine": machine_header(), "command": command, "options": options, "runs": []}
+    result = {"machine": machine_header(), "command": command_line(), "options": options, "runs": []}
     for seq_len in args.seq_lens:
         for attention in args.attention:
             row = run_one(attention, seq_len, args, options, device)

@@ -22,7 +22,6 @@ import gc
 import json
 import math
 import os
-import shlex
 import sys
 import time
 import traceback
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import routed.integrations.transformers as rt  # noqa: E402
 from routed import routed_attention  # noqa: E402
-from routed.env import machine_header  # noqa: E402
+from routed.env import command_line, machine_header  # noqa: E402
 from routed.ops.block_scores import pooled_block_probs, sampled_block_mass  # noqa: E402
 from routed.routers.estimators import BlockBudget, PooledBlockEstimator  # noqa: E402
 from routed.testing import poisoned_outputs, rel_err  # noqa: E402
@@ -221,10 +220,7 @@ def main() -> int:
             return 2
         device, dtype, cfg = torch.device("cuda"), torch.bfloat16, LLAMA_31_8B
         backend = est_backend = "triton"
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    if os.environ.get("OUT"):  # the device's output folder, recorded as the variable (no machine path)
-        command = command.replace(os.environ["OUT"], "$OUT")
-    result = {"machine": machine_header(), "command": command,
+    result = {"machine": machine_header(), "command": command_line(),
               "config": {"model": "Llama-3.1-8B configuration, random weights" if not args.smoke else "smoke",
                          **{k: v for k, v in cfg.items() if k != "rope_parameters"}, "dtype": str(dtype),
                          "block_size": args.block_size, "logits_to_keep": 1, "batch": 1}, "check": None, "runs": []}

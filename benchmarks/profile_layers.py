@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lm_compare  # noqa: E402
 
 from routed.bench import graphed_ms  # noqa: E402
-from routed.env import machine_header  # noqa: E402
+from routed.env import command_line, machine_header  # noqa: E402
 
 
 def _sync(device):
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     args = lm_compare.parse_args(["--variants", *rest])  # the LM comparison's layer configuration
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    result = {"machine": machine_header(), "command": " ".join(sys.argv), "rows": []}
+    result = {"machine": machine_header(), "command": command_line(), "rows": []}
     for n in a.n:
         for name in a.layers:
             profiler = profile_router if name.endswith("_router") else profile_layer

@@ -47,3 +47,17 @@ def test_train_and_eval_lm_are_wired(capsys):
             main(argv)
         assert e.value.code == 0
     assert "--checkpoint" in capsys.readouterr().out
+
+
+def test_result_headers_carry_no_machine_folders(monkeypatch):
+    """``command_line``: the device tool's output folder becomes ``$OUT``, other absolute paths their
+    last part, relative paths and options stay."""
+    from routed.env import command_line
+
+    monkeypatch.setenv("OUT", "/srv/run7/out")
+    line = command_line(["benchmarks/bra.py", "--out", "/srv/run7/out/bra/bra.json", "--data=/home/me/fm/x.idx",
+                         "--sides", "224", "--label", "two words", "/srv/run7/out"])
+    assert line == ("python benchmarks/bra.py --out $OUT/bra/bra.json --data=x.idx --sides 224 "
+                    "--label 'two words' $OUT")
+    monkeypatch.delenv("OUT")
+    assert command_line(["/abs/benchmarks/moe.py", "--out", "/tmp/moe.json"]) == "python moe.py --out moe.json"

@@ -6,7 +6,10 @@ import datetime
 import importlib
 import os
 import platform
-from typing import Any, Optional
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -16,6 +19,25 @@ def _version(module: str) -> str | None:
         return getattr(importlib.import_module(module), "__version__", "unknown")
     except Exception:  # an optional dependency that is absent or broken
         return None
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """The command that wrote a result, for its header: ``python`` and ``argv`` (default
+    ``sys.argv``) with the device tool's output folder written ``$OUT`` and any other absolute path
+    cut to its last part, so results carry no machine's folders."""
+    out = os.environ.get("OUT")
+
+    def clean(a: str) -> str:
+        key, eq, value = a.partition("=") if a.startswith("--") and "=" in a else ("", "", a)
+        if out and value.startswith(out.rstrip("/") + "/"):
+            value = "$OUT/" + value[len(out.rstrip("/")) + 1:]
+        elif out and value.rstrip("/") == out.rstrip("/"):
+            value = "$OUT"
+        elif os.path.isabs(value):
+            value = Path(value).name
+        return key + eq + (value if value.startswith("$OUT") else shlex.quote(value))
+
+    return " ".join(["python"] + [clean(a) for a in (sys.argv if argv is None else argv)])
 
 
 def machine_header() -> dict[str, Any]:

@@ -25,7 +25,6 @@ blocks are a row's real first tokens. Pad *query* rows get zeros (their outputs 
 from __future__ import annotations
 
 import dataclasses
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
