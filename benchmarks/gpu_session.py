@@ -29,7 +29,7 @@ ITEMS = {
         "python -m pytest -q -p no:cacheprovider -m gpu tests",
     ]),
     # first-call tuning of every shape the layer launches took the whole limit twice (H200): untuned
-    "clustered": (1, 230, {"ROUTED_AUTOTUNE": "0"}, [
+    "clustered": (0, 230, {"ROUTED_AUTOTUNE": "0"}, [
         "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site .whl/routing_transformer-1.6.1-py3-none-any.whl "
         ".whl/local_attention-1.4.4-py3-none-any.whl .whl/mixture_of_experts-0.2.1-py3-none-any.whl "
         ".whl/einops-0.8.2-py3-none-any.whl",
@@ -40,28 +40,33 @@ ITEMS = {
         "python benchmarks/block_sparse.py --skip-check --skip-decode --lengths 32768 131072 "
         "--out {out}/block_sparse_32k_128k.json",
     ]),
-    "profile": (1, 90, {"ROUTED_AUTOTUNE": "0"}, [
+    "profile": (0, 90, {"ROUTED_AUTOTUNE": "0"}, [
         "python benchmarks/profile_block_sparse.py --cprofile --launch-overhead",
     ]),
-    "bra": (2, 330, {}, [  # 240 s reached 512 px stage 2 on the H200
+    "bra": (1, 330, {}, [  # 240 s reached 512 px stage 2 on the H200
         "python benchmarks/bra.py --sides 224 512 1024 --out {out}/bra.json",
     ]),
-    "bra_1024": (2, 330, {}, [  # the 1024 px stages alone (the full run is cut after 512 px stage 2)
+    "bra_1024": (1, 330, {}, [  # the 1024 px stages alone (the full run is cut after 512 px stage 2)
         "python benchmarks/bra.py --sides 1024 --out {out}/bra_1024.json",
     ]),
-    "prefill_llama": (3, 400, {}, [
+    "prefill_llama": (0, 400, {}, [
         "python benchmarks/prefill_llama.py --out {out}/prefill_llama.json",
     ]),
-    "lm_speed": (1, 250, {"ROUTED_AUTOTUNE": "0"}, [  # issue 4 without training: module f+b, prefill, router cost vs saved attention
+    "lm_speed": (0, 250, {"ROUTED_AUTOTUNE": "0"}, [  # issue 4 without training: module f+b, prefill, router cost vs saved attention
         "python benchmarks/lm_compare.py --variants --speed --out {out}/lm_compare_speed.json",
     ]),
-    "profile_layers": (1, 150, {"ROUTED_AUTOTUNE": "0"}, [  # where each LM layer's step goes: host vs GPU, kernels
+    "profile_layers": (0, 150, {"ROUTED_AUTOTUNE": "0"}, [  # where each LM layer's step goes: host vs GPU, kernels
         "python benchmarks/profile_layers.py --n 8192 32768 --out {out}/profile_layers.json",
     ]),
-    "gpu_tests": (1, 80, {"ROUTED_AUTOTUNE": "0"}, [
+    "gpu_tests": (0, 200, {"ROUTED_AUTOTUNE": "0"}, [
         "python -m pytest -q -p no:cacheprovider -m gpu tests",
     ]),
-    "moe": (5, 300, {}, [
+    "lm_passkey_nsa": (4, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 4)
+        "cp benchmarks/results/h200/lm_compare_passkey.json {out}/",
+        "python benchmarks/lm_compare.py --variants nsa --passkey-fraction 0.25 --no-progress "
+        "--label 'passkey-mixed (25% of windows)' --out {out}/lm_compare_passkey.json",
+    ]),
+    "moe": (3, 300, {}, [
         "python benchmarks/moe.py --out {out}/moe.json",
     ]),
 }
