@@ -43,10 +43,10 @@ ITEMS = {
     "profile": (0, 90, {"ROUTED_AUTOTUNE": "0"}, [
         "python benchmarks/profile_block_sparse.py --cprofile --launch-overhead",
     ]),
-    "bra": (1, 330, {}, [  # 240 s reached 512 px stage 2 on the H200
+    "bra": (2, 330, {}, [  # 240 s reached 512 px stage 2 on the H200
         "python benchmarks/bra.py --sides 224 512 1024 --out {out}/bra.json",
     ]),
-    "bra_1024": (1, 330, {}, [  # the 1024 px stages alone (the full run is cut after 512 px stage 2)
+    "bra_1024": (2, 330, {}, [  # the 1024 px stages alone (the full run is cut after 512 px stage 2)
         "python benchmarks/bra.py --sides 1024 --out {out}/bra_1024.json",
     ]),
     "prefill_llama": (0, 400, {}, [
@@ -61,12 +61,17 @@ ITEMS = {
     "gpu_tests": (0, 200, {"ROUTED_AUTOTUNE": "0"}, [
         "python -m pytest -q -p no:cacheprovider -m gpu tests",
     ]),
-    "lm_passkey_nsa": (4, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 4)
+    "lm_passkey_nsa": (5, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 5)
         "cp benchmarks/results/h200/lm_compare_passkey.json {out}/",
         "python benchmarks/lm_compare.py --variants nsa --passkey-fraction 0.25 --no-progress "
         "--label 'passkey-mixed (25% of windows)' --out {out}/lm_compare_passkey.json",
     ]),
-    "moe": (3, 300, {}, [
+    "lm_graph_8k": (1, 480, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache
+        "ROUTED_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py",
+        "python benchmarks/lm_compare.py --seq-len 8192 --batch-size 4 --cuda-graph --no-progress "
+        "--label 'context 8k, CUDA-graphed steps' --out {out}/lm_compare_8k_graph.json",
+    ]),
+    "moe": (4, 300, {}, [
         "python benchmarks/moe.py --out {out}/moe.json",
     ]),
 }

@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window-blocks", type=int, default=8, help="sliding window / NSA window, in blocks")
     p.add_argument("--nsa-compress-block", type=int, default=32)
     p.add_argument("--nsa-compress-stride", type=int, default=16)
+    p.add_argument("--cuda-graph", action="store_true", help="replay each training step as a CUDA graph")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--passkey-trials", type=int, default=20)
@@ -110,7 +111,7 @@ def _train_namespace(args, attention: str) -> SimpleNamespace:
         batch_size=args.batch_size, steps=None, train_tokens=args.train_tokens, max_minutes=args.max_minutes,
         lr=args.lr, min_lr_ratio=0.1, warmup=args.warmup, weight_decay=0.1, grad_clip=1.0,
         eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device, threads=0, compile=False,
-        seed=args.seed, passkey_fraction=args.passkey_fraction)
+        cuda_graph=args.cuda_graph, seed=args.seed, passkey_fraction=args.passkey_fraction)
 
 
 def train_variants(args, device, save=lambda out: None) -> dict:

@@ -229,6 +229,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture the step's forward and backward once as a CUDA graph and replay it (no host "
+                        "time per step: eager routed layers are host-bound below ~16k tokens)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="routed-train", help="output folder (checkpoint, metrics.json, loss.png)")
     g.add_argument("--no-progress", action="store_true")
@@ -386,6 +389,45 @@ def mix_passkeys(x: Tensor, train_ids: Tensor, tok, fraction: float, gen: torch.
     return x
 
 
+class GraphedTrainStep:
+    """The training step's forward, loss and backward replayed as one CUDA graph: the batch is
+    copied into a static input, the gradients land in the same tensors every replay (clipping and
+    the optimizer step stay eager: a few fused launches). The graph is captured at the first call,
+    after ``warmup`` eager calls on a side stream on that batch (kernel tuning, route caches, k-means
+    initialisation happen there; their gradients are dropped, a k-means layer's centroids take those
+    extra EMA updates). Every batch must have the first one's shape. Do not zero the gradients with
+    ``set_to_none`` between calls: the graph writes into the tensors it captured."""
+
+    def __init__(self, model, warmup: int = 2):
+        self.model, self.warmup = model, warmup
+        self.graph = self.x = self.ce = self.aux = None
+
+    def _step(self) -> None:
+        self.model.zero_grad(set_to_none=True)  # at capture: backward allocates the gradients in the graph
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache across replays
+            out = self.model(self.x[:, :-1])
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), self.x[:, 1:].flatten())
+        aux = out.aux_loss
+        (ce if aux is None else ce + aux).backward()
+        self.ce, self.aux = ce.detach(), None if aux is None else aux.detach()
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """``x [B, L + 1]`` token ids on the GPU -> ``(cross-entropy, auxiliary loss or None)``,
+        with the gradients of their sum in the parameters' ``.grad``."""
+        from .bench import capture_cuda_graph
+
+        if self.graph is None:
+            self.x = x.clone()
+            self.graph = capture_cuda_graph(self._step, self.warmup)
+        elif x.shape != self.x.shape:
+            raise ValueError(f"a CUDA-graphed training step replays the batch shape it captured, "
+                             f"{tuple(self.x.shape)}; got {tuple(x.shape)}. Keep --batch-size and --seq-len fixed.")
+        else:
+            self.x.copy_(x)
+        self.graph.replay()
+        return self.ce, self.aux
+
+
 @dataclass
 class TrainResult:
     model: object
@@ -424,8 +466,16 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
     if not 0.0 <= passkey_fraction <= 1.0:
         raise ValueError(f"--passkey-fraction is a fraction of the training windows, got {passkey_fraction}; "
                          "give a number from 0 (none) to 1 (every window).")
+    cuda_graph = getattr(args, "cuda_graph", False)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph replays the training step as a CUDA graph and needs a CUDA GPU; the device "
+                         f"is {device}. Drop --cuda-graph.")
+    if cuda_graph and args.compile:
+        raise ValueError("--cuda-graph and --compile: choose one (torch.compile's mode='reduce-overhead' makes "
+                         "its own CUDA graphs).")
     opt = build_optimizer(model, args.lr, args.weight_decay, device)
     step_fn = torch.compile(model) if args.compile else model
+    graphed = GraphedTrainStep(model) if cuda_graph else None
     gen = torch.Generator().manual_seed(args.seed)
     hi = train_ids.numel() - args.seq_len - 1
     history, evals, step_seconds = [], [], []
@@ -439,13 +489,16 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         x = sample_batch(train_ids, args.seq_len, args.batch_size, gen, hi)
         x = mix_passkeys(x, train_ids, tok, passkey_fraction, gen).to(device, non_blocking=True)
         t0 = time.perf_counter()
-        with _autocast(device):
-            out = step_fn(x[:, :-1])
-        ce = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
-        aux = out.aux_loss  # k-means commitment, MoSA's rate loss, ...: trained, not plotted
-        loss = ce if aux is None else ce + aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if graphed is not None:
+            ce, aux = graphed(x)
+        else:
+            with _autocast(device):
+                out = step_fn(x[:, :-1])
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+            aux = out.aux_loss  # k-means commitment, MoSA's rate loss, ...: trained, not plotted
+            loss = ce if aux is None else ce + aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         loss_v = float(ce.detach())  # syncs: the step's time is complete
