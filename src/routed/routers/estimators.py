@@ -29,8 +29,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..constants import cached_constants
 from ..ops.block_scores import pooled_block_probs, sampled_block_mass
 from ..route import BlockRoute, RouteError
+from .blocks import _query_block_extent
 
 __all__ = ["BlockBudget", "PooledBlockEstimator", "SampledQueryEstimator", "select_blocks", "make_estimator",
            "ESTIMATORS"]
@@ -87,13 +89,13 @@ class BlockBudget:
         return self.coverage is not None and float(self.coverage) >= 1.0
 
 
+@cached_constants()
 def _visibility(q_len: int, kv_len: int, block_size: int, device) -> tuple[Tensor, Tensor]:
     """``visible [nqb, nkb]`` (the key block starts at or before the query block's last position)
-    and ``diag [nqb]`` (the key block holding that position)."""
-    nqb, nkb = math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
-    qmax = torch.clamp((torch.arange(nqb, device=device) + 1) * block_size, max=q_len) - 1 + (kv_len - q_len)
-    diag = qmax // block_size
-    visible = torch.arange(nkb, device=device)[None, :] <= diag[:, None]
+    and ``diag [nqb]`` (the key block holding that position). Cached, as the block routers' extent:
+    an estimator runs in every layer of every prefill with the same geometry."""
+    _, diag = _query_block_extent(q_len, kv_len, block_size, block_size, device)
+    visible = torch.arange(math.ceil(kv_len / block_size), device=device)[None, :] <= diag[:, None]
     return visible, diag
 
 
