@@ -43,10 +43,10 @@ ITEMS = {
     "profile": (0, 90, {"ROUTED_AUTOTUNE": "0"}, [
         "python benchmarks/profile_block_sparse.py --cprofile --launch-overhead",
     ]),
-    "bra": (2, 330, {}, [  # 240 s reached 512 px stage 2 on the H200
+    "bra": (3, 330, {}, [  # 240 s reached 512 px stage 2 on the H200
         "python benchmarks/bra.py --sides 224 512 1024 --out {out}/bra.json",
     ]),
-    "bra_1024": (2, 330, {}, [  # the 1024 px stages alone (the full run is cut after 512 px stage 2)
+    "bra_1024": (3, 330, {}, [  # the 1024 px stages alone (the full run is cut after 512 px stage 2)
         "python benchmarks/bra.py --sides 1024 --out {out}/bra_1024.json",
     ]),
     "prefill_llama": (0, 400, {}, [
@@ -61,7 +61,7 @@ ITEMS = {
     "gpu_tests": (0, 200, {"ROUTED_AUTOTUNE": "0"}, [
         "python -m pytest -q -p no:cacheprovider -m gpu tests",
     ]),
-    "lm_passkey_nsa": (5, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 5)
+    "lm_passkey_nsa": (6, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 6)
         "cp benchmarks/results/h200/lm_compare_passkey.json {out}/",
         "python benchmarks/lm_compare.py --variants nsa --passkey-fraction 0.25 --no-progress "
         "--label 'passkey-mixed (25% of windows)' --out {out}/lm_compare_passkey.json",
@@ -71,7 +71,14 @@ ITEMS = {
         "python benchmarks/lm_compare.py --seq-len 8192 --batch-size 4 --cuda-graph --no-progress "
         "--label 'context 8k, CUDA-graphed steps' --out {out}/lm_compare_8k_graph.json",
     ]),
-    "moe": (4, 300, {}, [
+    "decode_merge": (2, 200, {}, [  # both decode merges: correctness at GPU scale, then graph/eager times
+        "ROUTED_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests/test_block_sparse_triton.py -k decode",
+        "python benchmarks/block_sparse.py --skip-check --skip-bench --decode-merge combine "
+        "--out {out}/decode_combine_merge.json",
+        "python benchmarks/block_sparse.py --skip-check --skip-bench --decode-merge fused "
+        "--out {out}/decode_fused_merge.json",
+    ]),
+    "moe": (5, 300, {}, [
         "python benchmarks/moe.py --out {out}/moe.json",
     ]),
 }

@@ -32,7 +32,8 @@ from routed.ops.block_sparse import triton_kernels as K  # noqa: E402
 from routed.ops.block_sparse import triton_ops as ops  # noqa: E402
 
 FLOAT32_POINTERS = {"Lse", "Delta", "DQAcc", "PartOut", "PartLse"}
-INT32_POINTERS = {"Ids", "Counts", "CleanCounts", "TIds", "TCounts", "TMaskedCounts", "QPos", "KPos", "QSeg", "KSeg"}
+INT32_POINTERS = {"Ids", "Counts", "Arrivals", "CleanCounts", "TIds", "TCounts", "TMaskedCounts", "QPos", "KPos", "QSeg",
+                  "KSeg"}
 DESCRIPTORS = {"KDesc": "BLOCK_N", "VDesc": "BLOCK_N", "QDesc": "BLOCK_M", "DODesc": "BLOCK_M"}
 
 
@@ -109,9 +110,12 @@ def main() -> None:
                          dict(common, BLOCK_M=m, BLOCK_N=n, USE_TMA=False, KV_TILE_ALIGNED=True, GATHER_Q=False,
                               ATOMIC_DQ=atomic), w, st))
     for pps, n, w, st in ops.DECODE_CANDIDATES:
-        jobs.append(("decode", f"{pps}/SM n{n} w{w} s{st}", K._block_sparse_decode_split_kernel,
-                     dict(KV_BLOCK=blk, BLOCK_M=16, BLOCK_N=min(n, blk), HEAD_DIM=d, BLOCK_D=d, HEAD_DIM_V=d,
-                          BLOCK_DV=d, CAUSAL=True, HAS_POS=False, HAS_SEG=False, DOT_PRECISION="tf32"), w, st))
+        for fused in (False, True):  # the merge by the last split: 32 splits' partials per row
+            jobs.append(("decode", f"{pps}/SM n{n} w{w} s{st}{' fused-merge' if fused else ''}",
+                         K._block_sparse_decode_split_kernel,
+                         dict(KV_BLOCK=blk, BLOCK_M=16, BLOCK_N=min(n, blk), HEAD_DIM=d, BLOCK_D=d, HEAD_DIM_V=d,
+                              BLOCK_DV=d, CAUSAL=True, HAS_POS=False, HAS_SEG=False, DOT_PRECISION="tf32",
+                              FUSED_MERGE=fused, BLOCK_S=32 if fused else 2), w, st))
     rows = []
     print(f"{'kernel':<7} {'config':<32} {'regs':>4} {'stack B':>7} {'spill ins':>9} {'smem KiB':>8} {'HGMMA':>5} "
           f"{'HMMA':>4} {'RED':>4}", flush=True)

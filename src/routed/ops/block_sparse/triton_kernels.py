@@ -624,7 +624,7 @@ def _block_sparse_decode_split_kernel(
     KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Few queries (all in query block 0) against many routed key blocks: program (split, b*hp)
     takes a slice of the route. The ``g_pack`` query heads of a GQA group that share the route
@@ -702,40 +702,43 @@ def _block_sparse_decode_split_kernel(
     if FUSED_MERGE:
         tl.debug_barrier()  # all of this program's partial is written before its arrival counts
         if tl.atomic_add(Arrivals + pid_bh, 1, sem="acq_rel") == n_splits - 1:
-            _merge_decode_partials(PartOut, PartLse, Out, Lse, pid_bh.to(tl.int64) * n_splits, n_splits, b, hq0,
-                                   g, t, row_ok, offs_r, offs_dv, stride_ob, stride_oh, stride_on, stride_od,
-                                   stride_lb, stride_lh, stride_ln, BLOCK_M, HEAD_DIM_V, BLOCK_DV)
+            # Row by row (g_pack * q_len rows: 1-16), each row's splits loaded together.
+            for r in range(0, g_pack * q_len):
+                _merge_decode_row(PartOut, PartLse, Out, Lse, part - pid_s, n_splits, r, b, hq0 + r // q_len,
+                                  r % q_len, stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh,
+                                  stride_ln, BLOCK_M, HEAD_DIM_V, BLOCK_DV, BLOCK_S, True)
 
 
 @triton.jit
-def _merge_decode_partials(PartOut, PartLse, Out, Lse, part0, n_splits, b, hq0, g, t, row_ok, offs_r, offs_dv,
-                           stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
-                           BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """The ``n_splits`` partials from ``part0`` merged, in split order (the same result whichever
-    split merges), into the tile's output rows; natural-log lse. Partials are read past L1 (.cg):
-    other SMs wrote them."""
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_M], dtype=tl.float32)  # noqa: E741
-    o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for s in range(n_splits):
-        part = part0 + s
-        lse_s = tl.load(PartLse + part * BLOCK_M + offs_r, cache_modifier=".cg")
-        o_s = tl.load(PartOut + (part * BLOCK_M + offs_r)[:, None] * BLOCK_DV + offs_dv[None, :], cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse_s - m_safe)
-        l = l * alpha + w  # noqa: E741
-        o = o * alpha[:, None] + w[:, None] * o_s
-        m = m_new
-    seen = l > 0
+def _merge_decode_row(PartOut, PartLse, Out, Lse, part0, n_splits, r, b, hq, t,
+                      stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
+                      BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      BLOCK_S: tl.constexpr, CG: tl.constexpr):
+    """Row ``r`` of the ``n_splits`` partials from ``part0`` merged into ``Out[b, hq, t]`` and its
+    natural-log ``Lse``: all splits are loaded as one [BLOCK_S, BLOCK_DV] tile (their loads in flight
+    together), weighted by exp(lse_s - max) and summed in a fixed order (the same bits whichever
+    program merges). ``CG``: read past L1 (other SMs wrote the partials in this launch)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    split_ok = offs_s < n_splits
+    part = part0 + offs_s
+    if CG:
+        lse_s = tl.load(PartLse + part * BLOCK_M + r, mask=split_ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(PartOut + (part * BLOCK_M + r)[:, None] * BLOCK_DV + offs_dv[None, :], mask=split_ok[:, None],
+                    other=0.0, cache_modifier=".cg")
+    else:
+        lse_s = tl.load(PartLse + part * BLOCK_M + r, mask=split_ok, other=float("-inf"))
+        o = tl.load(PartOut + (part * BLOCK_M + r)[:, None] * BLOCK_DV + offs_dv[None, :], mask=split_ok[:, None],
+                    other=0.0)
+    m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    out = o / tl.where(seen, l, 1.0)[:, None]
-    lse = tl.where(seen, (m_safe + tl.math.log2(tl.where(seen, l, 1.0))) * LN2, float("-inf"))
-    hq = hq0 + g
-    tl.store(Out + b * stride_ob + hq[:, None] * stride_oh + t[:, None] * stride_on + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :])
-    tl.store(Lse + b * stride_lb + hq * stride_lh + t * stride_ln, lse, mask=row_ok)
+    w = tl.math.exp2(lse_s - m_safe)
+    l = tl.sum(w, 0)  # noqa: E741
+    acc = tl.sum(w[:, None] * o, 0) / tl.where(l > 0, l, 1.0)
+    lse = tl.where(l > 0, (m_safe + tl.math.log2(tl.where(l > 0, l, 1.0))) * LN2, float("-inf"))
+    tl.store(Out + b * stride_ob + hq * stride_oh + t * stride_on + offs_dv * stride_od,
+             acc.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+    tl.store(Lse + b * stride_lb + hq * stride_lh + t * stride_ln, lse)
 
 
 @triton.jit
@@ -746,30 +749,14 @@ def _decode_combine_kernel(
     n_prog_heads, g_pack, q_len, n_splits,
     BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Merge the split partials of one output row (program (b*hp, row)): all splits are loaded as
-    one [BLOCK_S, BLOCK_DV] tile, weighted by exp(lse_s - max), summed; natural-log lse out."""
+    """Merge the split partials of one output row (program (b*hp, row)), as ``_merge_decode_row``."""
     pid_bh = tl.program_id(0)
     r = tl.program_id(1)
     b = (pid_bh // n_prog_heads).to(tl.int64)
     hp = (pid_bh % n_prog_heads).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    split_ok = offs_s < n_splits
-    part = pid_bh.to(tl.int64) * n_splits + offs_s
-    lse_s = tl.load(PartLse + part * BLOCK_M + r, mask=split_ok, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse_s - m_safe)
-    l = tl.sum(w, 0)  # noqa: E741
-    o = tl.load(PartOut + (part * BLOCK_M + r)[:, None] * BLOCK_DV + offs_dv[None, :], mask=split_ok[:, None],
-                other=0.0)
-    acc = tl.sum(w[:, None] * o, 0) / tl.where(l > 0, l, 1.0)
-    lse = tl.where(l > 0, (m_safe + tl.math.log2(tl.where(l > 0, l, 1.0))) * LN2, float("-inf"))
-    hq = hp * g_pack + r // q_len
-    t = r % q_len
-    tl.store(Out + b * stride_ob + hq * stride_oh + t * stride_on + offs_dv * stride_od,
-             acc.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
-    tl.store(Lse + b * stride_lb + hq * stride_lh + t * stride_ln, lse)
+    _merge_decode_row(PartOut, PartLse, Out, Lse, pid_bh.to(tl.int64) * n_splits, n_splits, r, b,
+                      hp * g_pack + r // q_len, r % q_len, stride_ob, stride_oh, stride_on, stride_od,
+                      stride_lb, stride_lh, stride_ln, BLOCK_M, HEAD_DIM_V, BLOCK_DV, BLOCK_S, False)
 
 
 @triton.jit

@@ -432,6 +432,7 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
         part_out = torch.empty(programs * splits * block_m * dims["BLOCK_DV"], dtype=torch.float32, device=q.device)
         part_lse = torch.empty(programs * splits * block_m, dtype=torch.float32, device=q.device)
         fused = DECODE_FUSED_MERGE
+        block_s = max(2, triton.next_power_of_2(splits))
         arrivals = torch.zeros(programs, dtype=torch.int32, device=q.device) if fused else part_lse  # (unread)
         _block_sparse_decode_split_kernel[(splits, programs)](
             q, k, v, part_out, part_lse, ids[:, :, 0], counts[:, :, 0], *maps.tensors, out, lse, arrivals,
@@ -439,13 +440,13 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
             counts.stride(0), counts.stride(1), *maps.strides, *out.stride(), *lse.stride(),
             n_prog_heads, g_pack, G, Hq // Hr, per_split, Nq, Nk, Nk - Nq, scale * LOG2E,
             KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=min(cfg["BLOCK_N"], sub_max),
-            CAUSAL=causal, **maps.flags, **dims, FUSED_MERGE=fused, num_warps=cfg["num_warps"],
+            CAUSAL=causal, **maps.flags, **dims, FUSED_MERGE=fused, BLOCK_S=block_s if fused else 2, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
         if not fused:
             _decode_combine_kernel[(programs, g_pack * Nq)](
                 part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
                 BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"],
-                BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+                BLOCK_S=block_s, num_warps=4)
 
     key = (D, Dv, str(q.dtype), kv_block_size, causal, maps.has_pos or maps.has_seg, g_pack, block_m,
            (B * n_prog_heads).bit_length(), max(1, width).bit_length())
@@ -453,10 +454,12 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
 
 
 # True: the decode path's split programs merge their partials themselves (the last to arrive at an
-# atomic counter, zeroed per call, merges all in split order: one launch). False (the default): a
-# second launch merges them. On the H200 the fused merge was slower (25.8 / 22.8 / 26.0 us against
-# 22.2 / 14.8 / 17.1 us at hkv 16 / 4 / 8, NOTES.md "Fourth H200 session"): its last program loads
-# the splits one after another while the combine kernel loads a row's splits as one tile.
+# atomic counter, zeroed per call, merges its rows: one launch). False (the default): a second launch
+# merges them. Measured on the H200 (NOTES.md "Fourth H200 session"), graph-replayed, the first fused
+# merge was slower (25.8 / 22.8 / 26.0 us against 22.2 / 14.8 / 17.1 us at hkv 16 / 4 / 8): its last
+# program loaded the splits one after another. It now loads each row's splits as one tile, as the
+# combine kernel does (the same helper), row after row; eager, one launch fewer is ~50 us of host
+# time per decode step. Not yet measured: GPU_PLAN.
 DECODE_FUSED_MERGE = False
 
 # Decode launch configs (split programs per SM, BLOCK_N, num_warps, num_stages); the first is the
