@@ -440,8 +440,8 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
             counts.stride(0), counts.stride(1), *maps.strides, *out.stride(), *lse.stride(),
             n_prog_heads, g_pack, G, Hq // Hr, per_split, Nq, Nk, Nk - Nq, scale * LOG2E,
             KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=min(cfg["BLOCK_N"], sub_max),
-            CAUSAL=causal, **maps.flags, **dims, FUSED_MERGE=fused, BLOCK_S=block_s if fused else 2, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+            CAUSAL=causal, **maps.flags, **dims, FUSED_MERGE=fused, BLOCK_S=block_s if fused else 2,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if not fused:
             _decode_combine_kernel[(programs, g_pack * Nq)](
                 part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
@@ -768,7 +768,8 @@ def block_sparse_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 @block_sparse_attn_bwd.register_fake
 def _(do, q, k, v, out, lse, dlse, kv_block_ids, kv_block_counts, q_block_ids, q_block_counts, q_positions,
       kv_positions, q_segments, kv_segments, q_block_size, kv_block_size, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, as the kernels write them (empty_like would copy a transposed q's strides)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
