@@ -133,3 +133,35 @@ def test_aux_losses_reach_the_output_and_the_loss():
     ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     torch.testing.assert_close(out.loss, ce + out.aux_loss)
     assert _model("dense")(ids).aux_loss is None
+
+
+@pytest.mark.parametrize("attention", ["sliding_window", "moba", "nsa", "routing", "mosa"])
+def test_training_step_compiles_without_graph_breaks(attention):
+    """``torch.compile(fullgraph=True)`` traces a whole training step on the Triton kernels, routers
+    included (their launches are custom ops, fixed-geometry routes are built by arithmetic), and the
+    compiled loss and gradients equal the eager ones: what ``mode="reduce-overhead"`` needs to
+    replay the step as CUDA graphs."""
+    model = _model(attention, num_hidden_layers=1, attention_backend="triton", router_backend="triton",
+                   mosa_selection="threshold").train()
+    ids = torch.randint(0, 97, (2, 75), generator=torch.Generator().manual_seed(3))
+
+    def step(ids):
+        out = model(ids, labels=ids)
+        return out.loss if out.aux_loss is None else out.loss + out.aux_loss
+
+    def loss_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn(ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_and_grads(step)  # first use: k-means initialises its centroids from the data, kernels compile
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    want_loss, want = loss_and_grads(step)
+    model.load_state_dict(state)  # the same centroids (a training step moves them) for the compiled step
+    torch._dynamo.reset()
+    got_loss, got = loss_and_grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    assert got.keys() == want.keys() and len(got) > 5
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)

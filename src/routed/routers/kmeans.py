@@ -177,7 +177,9 @@ class KMeansRouter(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._known_initialized = False  # the loaded flag decides (read once, at the next call)
+        # The loaded flag decides. Read now (one sync, at load time) rather than at the next call, so
+        # a compiled model never meets a data-dependent branch on it; meta tensors are read later.
+        self._known_initialized = self.initialized.device.type != "meta" and bool(self.initialized)
         self._ranks_agree = False  # ranks may have loaded different states: align them again
 
     def _sync_group(self) -> Optional[dist.ProcessGroup]:

@@ -27,16 +27,23 @@ def _block_grid(q_len: int, kv_len: int, block_size: int, device) -> tuple[torch
 def sliding_window_route(q_len: int, kv_len: Optional[int] = None, *, block_size: int = 64,
                          window_blocks: int = 4, causal: bool = True, device=None) -> BlockRoute:
     """Each query block attends to its own key block and the ``window_blocks - 1`` before it
-    (and, when not causal, the ``window_blocks - 1`` after it). Shared by all heads."""
+    (and, when not causal, the ``window_blocks - 1`` after it). Shared by all heads.
+
+    Built by arithmetic, ``window_blocks`` (causal) or ``2 * window_blocks - 1`` slots per row, -1
+    padded where the window runs off the sequence: no data-dependent shape, so ``torch.compile``
+    traces it."""
     kv_len = q_len if kv_len is None else kv_len
     if window_blocks < 1:
         raise RouteError(f"window_blocks must be >= 1, got {window_blocks}.")
     diag, kb = _block_grid(q_len, kv_len, block_size, device)
-    lo = diag[:, None] - (window_blocks - 1)
-    hi = diag[:, None] if causal else diag[:, None] + (window_blocks - 1)
-    mask = (kb[None, :] >= lo) & (kb[None, :] <= hi)
-    return BlockRoute.from_block_mask(mask[None, None], q_len=q_len, kv_len=kv_len, q_block_size=block_size,
-                                      causal=causal)
+    nkb = kb.numel()
+    lo = torch.clamp(diag - (window_blocks - 1), min=0)
+    hi = diag if causal else torch.clamp(diag + (window_blocks - 1), max=nkb - 1)
+    count = hi - lo + 1
+    j = torch.arange(min(window_blocks if causal else 2 * window_blocks - 1, nkb), device=device)
+    ids = torch.where(j[None, :] < count[:, None], lo[:, None] + j[None, :], -1)
+    return BlockRoute(ids.to(torch.int32)[None, None].contiguous(), count.to(torch.int32)[None, None].contiguous(),
+                      q_len, kv_len, block_size, block_size, causal=causal, validate=False)
 
 
 def causal_dense_route(q_len: int, kv_len: Optional[int] = None, *, block_size: int = 64, device=None) -> BlockRoute:

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...testing import new_output
+from ..compile_ops import compile_opaque
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -225,11 +226,14 @@ def _group_pow2(group_size: int) -> int:
     return triton.next_power_of_2(group_size)
 
 
-def pooled_block_probs_triton(q: Tensor, k: Tensor, block_size: int, scale: float,
-                              head_reduce: str = "max") -> Tensor:
-    """Triton version of :func:`~routed.ops.block_scores.reference.pooled_block_probs_reference`
-    (same arguments, same ``[B, Hkv, nqb, nkb]`` float32 result). Pooling is one read of q and k
-    (a float32 sum over a view); the scores, the softmax and the group reduction are one kernel."""
+def _pooled_block_probs_fake(q: Tensor, k: Tensor, block_size: int, scale: float, head_reduce: str) -> Tensor:
+    return q.new_empty((q.shape[0], q.shape[1] if head_reduce == "none" else k.shape[1],
+                        -(-q.shape[2] // block_size), -(-k.shape[2] // block_size)), dtype=torch.float32)
+
+
+@compile_opaque("pooled_block_probs", _pooled_block_probs_fake)
+def _pooled_block_probs_launch(q: Tensor, k: Tensor, block_size: int, scale: float, head_reduce: str) -> Tensor:
+    """The launches behind :func:`pooled_block_probs_triton`."""
     B, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     # low-precision inputs: tensor-core dots on means rounded to that precision
@@ -248,10 +252,33 @@ def pooled_block_probs_triton(q: Tensor, k: Tensor, block_size: int, scale: floa
     return out
 
 
+def pooled_block_probs_triton(q: Tensor, k: Tensor, block_size: int, scale: float,
+                              head_reduce: str = "max") -> Tensor:
+    """Triton version of :func:`~routed.ops.block_scores.reference.pooled_block_probs_reference`
+    (same arguments, same ``[B, Hkv, nqb, nkb]`` float32 result). Pooling is one read of q and k
+    (a float32 sum over a view); the scores, the softmax and the group reduction are one kernel.
+    One opaque node under ``torch.compile``."""
+    return _pooled_block_probs_launch(q, k, block_size, float(scale), head_reduce)
+
+
+def _sampled_block_mass_fake(q: Tensor, k: Tensor, rows: Tensor, rows_per_group: int, block_size: int, scale: float,
+                             head_reduce: str) -> Tensor:
+    return q.new_empty((q.shape[0], q.shape[1] if head_reduce == "none" else k.shape[1],
+                        rows.numel() // rows_per_group, -(-k.shape[2] // block_size)), dtype=torch.float32)
+
+
 def sampled_block_mass_triton(q: Tensor, k: Tensor, rows: Tensor, rows_per_group: int, block_size: int,
                               scale: float, head_reduce: str = "max") -> Tensor:
     """Triton version of :func:`~routed.ops.block_scores.reference.sampled_block_mass_reference`
-    (same arguments, same ``[B, Hkv, num_groups, nkb]`` float32 result)."""
+    (same arguments, same ``[B, Hkv, num_groups, nkb]`` float32 result). One opaque node under
+    ``torch.compile``."""
+    return _sampled_block_mass_launch(q, k, rows, rows_per_group, block_size, float(scale), head_reduce)
+
+
+@compile_opaque("sampled_block_mass", _sampled_block_mass_fake)
+def _sampled_block_mass_launch(q: Tensor, k: Tensor, rows: Tensor, rows_per_group: int, block_size: int,
+                               scale: float, head_reduce: str) -> Tensor:
+    """The launch behind :func:`sampled_block_mass_triton`."""
     B, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     q = q if q.stride(-1) == 1 else q.contiguous()

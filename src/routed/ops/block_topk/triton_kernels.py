@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...testing import new_output
+from ..compile_ops import compile_opaque
 
 LOG2E = 1.4426950408889634
 
@@ -76,12 +77,27 @@ def nsa_compressed_mass_triton(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: in
                                compress_block: int, compress_stride: int, scale: float) -> Tensor:
     """``[B, Hkv, nqb, Nc]`` float32: per query block, the compressed-attention probability mass of
     every compressed block, summed over the block's queries and the query heads of the KV group.
+    One opaque node under ``torch.compile``.
 
     Args:
         q: ``[B, Hq, Nq, D]`` (the last ``Nq`` of ``kv_len`` positions); k_cmp: ``[B, Hkv, Nc, D]``
             compressed keys (block ``i`` ends at position ``i * compress_stride + compress_block - 1``);
         lse: ``[B, Hq, Nq]`` the compressed branch's natural-log log-sum-exp (``-inf``: sees nothing).
     """
+    return _nsa_compressed_mass_launch(q, k_cmp, lse, kv_len, q_block_size, compress_block, compress_stride,
+                                       float(scale))
+
+
+def _nsa_compressed_mass_fake(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: int, q_block_size: int,
+                              compress_block: int, compress_stride: int, scale: float) -> Tensor:
+    return q.new_empty((q.shape[0], k_cmp.shape[1], -(-q.shape[2] // q_block_size), k_cmp.shape[2]),
+                       dtype=torch.float32)
+
+
+@compile_opaque("nsa_compressed_mass", _nsa_compressed_mass_fake)
+def _nsa_compressed_mass_launch(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: int, q_block_size: int,
+                                compress_block: int, compress_stride: int, scale: float) -> Tensor:
+    """The launch behind :func:`nsa_compressed_mass_triton`."""
     B, hq, nq, d = q.shape
     hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
     nqb = -(-nq // q_block_size)
@@ -186,6 +202,24 @@ def block_topk_triton(scores: Tensor, *, width: int, q_len: int, kv_len: int, q_
         raise ValueError(f"reduce={reduce!r} with group={group} does not fit scores with {hg} heads.")
     if nkb > TOPK_MAX_BLOCKS:
         raise ValueError(f"{nkb} key blocks exceed the {TOPK_MAX_BLOCKS} one program of the top-k kernel holds.")
+    return _block_topk_launch(scores, width, q_len, kv_len, q_block_size, kv_block_size, sink_blocks, local_blocks,
+                              group, reduce, renormalize)
+
+
+def _block_topk_fake(scores: Tensor, width: int, q_len: int, kv_len: int, q_block_size: int, kv_block_size: int,
+                     sink_blocks: int, local_blocks: int, group: int, reduce: str,
+                     renormalize: bool) -> tuple[Tensor, Tensor]:
+    B, hg, nqb, _ = scores.shape
+    return (scores.new_empty((B, hg // group, nqb, width), dtype=torch.int32),
+            scores.new_empty((B, hg // group, nqb), dtype=torch.int32))
+
+
+@compile_opaque("block_topk", _block_topk_fake)
+def _block_topk_launch(scores: Tensor, width: int, q_len: int, kv_len: int, q_block_size: int, kv_block_size: int,
+                       sink_blocks: int, local_blocks: int, group: int, reduce: str,
+                       renormalize: bool) -> tuple[Tensor, Tensor]:
+    """The launch behind :func:`block_topk_triton`."""
+    B, hg, nqb, nkb = scores.shape
     h = hg // group
     scores = scores if scores.stride(-1) == 1 else scores.contiguous()
     ids = new_output((B, h, nqb, width), dtype=torch.int32, device=scores.device)
