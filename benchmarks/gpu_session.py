@@ -71,6 +71,11 @@ ITEMS = {
         "python benchmarks/lm_compare.py --seq-len 8192 --batch-size 4 --cuda-graph --no-progress "
         "--label 'context 8k, CUDA-graphed steps' --out {out}/lm_compare_8k_graph.json",
     ]),
+    "lm_compile_8k": (1, 560, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache; inductor compiles first
+        "python benchmarks/lm_compare.py --variants dense moba nsa --seq-len 8192 --batch-size 4 "
+        "--compile reduce-overhead --no-progress --label 'context 8k, torch.compile reduce-overhead' "
+        "--out {out}/lm_compare_8k_compiled.json",
+    ]),
     "decode_merge": (2, 200, {}, [  # both decode merges: correctness at GPU scale, then graph/eager times
         "ROUTED_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests/test_block_sparse_triton.py -k decode",
         "python benchmarks/block_sparse.py --skip-check --skip-bench --decode-merge combine "

@@ -228,7 +228,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "text with a pass key hidden at a random depth, the question and its answer")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the model, in this mode (default, reduce-overhead: CUDA graphs, max-autotune)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="capture the step's forward and backward once as a CUDA graph and replay it (no host "
                         "time per step: eager routed layers are host-bound below ~16k tokens)")
@@ -474,7 +475,8 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         raise ValueError("--cuda-graph and --compile: choose one (torch.compile's mode='reduce-overhead' makes "
                          "its own CUDA graphs).")
     opt = build_optimizer(model, args.lr, args.weight_decay, device)
-    step_fn = torch.compile(model) if args.compile else model
+    compile_mode = "default" if args.compile is True else args.compile  # True: a caller's older boolean
+    step_fn = torch.compile(model, mode=compile_mode) if args.compile else model
     graphed = GraphedTrainStep(model) if cuda_graph else None
     gen = torch.Generator().manual_seed(args.seed)
     hi = train_ids.numel() - args.seq_len - 1
