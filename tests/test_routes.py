@@ -36,6 +36,22 @@ def test_sliding_window_route():
     assert both[3].nonzero().flatten().tolist() == [2, 3, 4]
 
 
+@pytest.mark.parametrize("q_len,kv_len,block,window,causal", [
+    (128, 128, 16, 2, True), (100, 100, 16, 3, True), (1, 77, 16, 4, True), (32, 96, 16, 8, True), (5, 5, 16, 2, True),
+    (64, 200, 8, 3, True), (128, 128, 16, 2, False), (37, 37, 8, 5, False), (16, 16, 16, 3, False)])
+def test_sliding_window_route_is_the_window_mask(q_len, kv_len, block, window, causal):
+    """Built by arithmetic (fixed width, -1 padded): the same blocks as the window written as a block
+    mask, sorted, a valid route, with a width that never depends on the data."""
+    r = sliding_window_route(q_len, kv_len, block_size=block, window_blocks=window, causal=causal)
+    nqb, nkb = math.ceil(q_len / block), math.ceil(kv_len / block)
+    last = torch.clamp((torch.arange(nqb) + 1) * block - 1, max=q_len - 1) + (kv_len - q_len)
+    diag, kb = last // block, torch.arange(nkb)
+    mask = (kb[None, :] >= diag[:, None] - (window - 1)) & (kb[None, :] <= diag[:, None] + (0 if causal else window - 1))
+    assert torch.equal(r.to_block_mask()[0, 0], mask)
+    assert r.max_blocks == min(window if causal else 2 * window - 1, nkb)
+    BlockRoute(r.kv_block_ids, r.kv_block_counts, q_len, kv_len, block, block, causal=causal)  # validates
+
+
 def test_sliding_window_with_kv_cache_alignment():
     # 40 queries at the end of 200 keys: the last query block sits on the last key block.
     r = sliding_window_route(40, 200, block_size=32, window_blocks=1, causal=True)
