@@ -76,7 +76,19 @@ def test_passkey_prompt_and_scoring_with_an_oracle():
             return type("Out", (), {"logits": logits})()
 
     rows = passkey_accuracy(Oracle(), tok, list(TEXT.encode()), [300], 3, torch.device("cpu"))
-    assert rows == [{"length": 300, "trials": 3, "correct": 3, "accuracy": 1.0}]
+    assert rows == [{"length": 300, "trials": 3, "correct": 3, "accuracy": 1.0, "digit_accuracy": 1.0}]
+
+    class OneDigitOff(Oracle):  # copies the key but gets its second digit wrong: partial credit only
+        def forward(self, ids, **kw):
+            out = super().forward(ids, **kw)
+            if self.i == 3:  # the answer's second digit (after the space and the first)
+                nxt = int(out.logits[0, 0].argmax())
+                out.logits[0, 0] = 0.0
+                out.logits[0, 0, ord("0") + (nxt - ord("0") + 1) % 10] = 1.0
+            return out
+
+    rows = passkey_accuracy(OneDigitOff(), tok, list(TEXT.encode()), [300], 3, torch.device("cpu"))
+    assert rows[0]["correct"] == 0 and rows[0]["digit_accuracy"] == pytest.approx(0.8)
 
 
 def test_passkey_mix_turns_windows_into_retrieval_prompts():
