@@ -190,3 +190,28 @@ def test_a_backend_that_cannot_run_raises(monkeypatch):
         _logits(model, ids, "routed", _policy(top_k=2, estimator_backend="triton"))
     with pytest.raises(TypeError, match="RoutedPrefillPolicy"):
         rt.configure(model, {"top_k": 2})
+
+
+@pytest.mark.parametrize("estimator", ["pooled", "strided"])
+def test_routed_prefill_compiles_without_graph_breaks(estimator):
+    """``torch.compile(fullgraph=True)`` traces a routed prefill: transformers materialises the mask
+    when compiling, and the traced path turns padding into segment ids instead of analysing the mask
+    on the host. Unpadded prompts give the eager routed logits; in a left-padded batch the unpadded
+    row is unchanged and the padded row's valid positions are finite."""
+    model = _model("llama", num_attention_heads=4, num_key_value_heads=1)
+    rt.configure(model, _policy(top_k=3, backend="triton", estimator_backend="triton", estimator=estimator))
+    ids = torch.randint(0, 97, (2, 128), generator=torch.Generator().manual_seed(6))
+
+    def forward(x, mask):
+        return model(x, attention_mask=mask, use_cache=False).logits
+
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager = forward(ids, None)
+        torch.testing.assert_close(compiled(ids, None), eager, rtol=1e-4, atol=1e-5)
+        mask = torch.ones_like(ids)
+        mask[1, :40] = 0
+        got = compiled(ids, mask)
+    torch.testing.assert_close(got[0], eager[0], rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(got[1, 40:]).all()

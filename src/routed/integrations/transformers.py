@@ -296,6 +296,38 @@ def _why_dense(module, policy: RoutedPrefillPolicy, query: Tensor, key: Tensor, 
     return None
 
 
+def _traced_why_dense(attention_mask, q_len: int, kv_len: int) -> Optional[str]:
+    """What the traced path cannot route, from the mask's type and shape alone."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool:
+        return "a floating-point (additive) mask"
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or tuple(attention_mask.shape[2:]) != (q_len, kv_len):
+        return f"a mask of shape {list(attention_mask.shape)} (expected [batch, 1, {q_len}, {kv_len}])"
+    return None
+
+
+def _traced_routed(policy: RoutedPrefillPolicy, query: Tensor, key: Tensor, value: Tensor,
+                   attention_mask: Optional[Tensor], scale: float) -> Tensor:
+    """The routed path as ``torch.compile`` traces it, with no host look at the mask (transformers
+    materialises the mask when compiling, so the eager path's span analysis would sync): the valid
+    keys are the mask's last query row (it sees every valid key, after left or right padding), and
+    padding becomes segment ids (valid 0, padding -1) that the kernels mask by. Rows are routed
+    whole, at absolute block positions: unpadded inputs route as in eager mode; a padded row's
+    blocks start at position 0 instead of at its first valid token, so its routes may differ (the
+    attention stays causal and never reaches padding). Returns ``[B, Nq, Hq, Dv]``."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and q_len > 1 and kv_len > q_len:  # as eager: an empty static cache's tail
+        key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+    decode = q_len <= DECODE_MAX_QUERIES and kv_len > q_len
+    route = (policy.decode_router if decode else policy.router)(query, key, scale=scale)
+    if attention_mask is not None:
+        seg = torch.where(attention_mask[:, 0, -1, :], 0, -1).to(torch.int32)
+        route = route.with_segments(seg[:, kv_len - q_len:], seg)
+    out = routed_attention(query, key, value, route, scale=scale, backend=policy.backend)
+    return out.transpose(1, 2).contiguous()
+
+
 def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Exact causal attention with the queries as the last positions (bottom-right aligned)."""
     nq, nk = q.shape[2], k.shape[2]
@@ -335,6 +367,10 @@ def routed_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
                                     density=density, attn_rel_err=err))
 
     why = _why_dense(module, policy, query, key, attention_mask, dropout, is_causal)
+    if why is None and torch.compiler.is_compiling():
+        why = _traced_why_dense(attention_mask, q_len, kv_len)
+        if why is None:  # no host look at the mask; nothing recorded (a recorder is eager-only)
+            return _traced_routed(policy, query, key, value, attention_mask, scale), None
     spans = None
     if why is None:
         if attention_mask is None:
