@@ -154,3 +154,17 @@ def test_cuda_graphed_training_follows_eager_training(tmp_path):
     assert len(graphed) == 12 and all(math.isfinite(v) for v in graphed)
     assert max(abs(a - b) for a, b in zip(eager, graphed)) < 0.05, (eager, graphed)
     assert sum(graphed[-3:]) / 3 < sum(graphed[:3]) / 3 - 0.2, graphed
+
+
+def test_a_step_that_cannot_be_captured_says_what_to_do(monkeypatch):
+    """A capture failure (a host sync inside the step, say) names the cause and the way out."""
+    import routed.bench
+    from routed.train import GraphedTrainStep
+
+    def refuse(step, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(routed.bench, "capture_cuda_graph", refuse)
+    with pytest.raises(RuntimeError, match=r"--cuda-graph: the training step cannot be captured .*operation not "
+                                           r"permitted.*train without --cuda-graph"):
+        GraphedTrainStep(torch.nn.Linear(2, 2))(torch.zeros(1, 3, dtype=torch.long))

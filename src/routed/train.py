@@ -424,7 +424,14 @@ class GraphedTrainStep:
 
         if self.graph is None:
             self.x = x.clone()
-            self.graph = capture_cuda_graph(self._step, self.warmup)
+            try:
+                self.graph = capture_cuda_graph(self._step, self.warmup)
+            except RuntimeError as e:  # capture's own messages name the CUDA call, not the cause
+                raise RuntimeError(
+                    f"--cuda-graph: the training step cannot be captured as a CUDA graph ({e}). Something in the "
+                    "model's forward or backward waits for the GPU (.item(), a data-dependent shape) or copies "
+                    "from pageable CPU memory; train without --cuda-graph, or try --compile reduce-overhead, which "
+                    "splits the step around such calls.") from e
         elif x.shape != self.x.shape:
             raise ValueError(f"a CUDA-graphed training step replays the batch shape it captured, "
                              f"{tuple(self.x.shape)}; got {tuple(x.shape)}. Keep --batch-size and --seq-len fixed.")
