@@ -24,7 +24,6 @@ Config options read here (with defaults, so any config with the usual HF fields 
 from __future__ import annotations
 
 
-import math
 from typing import Optional
 
 import torch
@@ -35,6 +34,7 @@ from ..attention import routed_attention
 from ..constants import cached_constants
 from ..route import BlockRoute, RouteError
 from ..routers.blocks import MoBARouter, check_block_options
+from ..routers.static import sliding_window_route
 from .registry import register_attention
 
 __all__ = ["LMAttention", "DenseAttention", "SlidingWindowAttention", "MoBAAttention", "apply_rotary",
@@ -78,22 +78,18 @@ def block_window_route(q_len: int, kv_len: int, block_size: int, window_blocks: 
     When the queries start on a block boundary (a prefill, a block-aligned chunk) or there is one
     query (a decode step), this is :func:`~routed.routers.static.sliding_window_route`; otherwise
     (a chunk that starts mid-block) every query is its own query block, so each sees exactly the
-    window it saw in the full pass. Built by arithmetic, with no data-dependent shape, so
-    ``torch.compile`` traces it (it then runs inside the graph instead of being cached).
+    window it saw in the full pass. Both are built by arithmetic, with no data-dependent shape, so
+    ``torch.compile`` traces them (they then run inside the graph instead of being cached).
     """
     off = kv_len - q_len
     if off % block_size == 0 or q_len == 1:
-        q_block = block_size
-        last = torch.clamp((torch.arange(math.ceil(q_len / block_size), device=device) + 1) * block_size, max=q_len)
-        diag = (last - 1 + off) // block_size  # the key block of each query block's last query (= its first)
-    else:
-        q_block = 1
-        diag = (torch.arange(q_len, device=device) + off) // block_size
+        return sliding_window_route(q_len, kv_len, block_size=block_size, window_blocks=window_blocks, device=device)
+    diag = (torch.arange(q_len, device=device) + off) // block_size
     count = torch.clamp(diag + 1, max=window_blocks)
     j = torch.arange(window_blocks, device=device)
     ids = torch.where(j[None, :] < count[:, None], diag[:, None] - count[:, None] + 1 + j[None, :], -1)
     return BlockRoute(ids.to(torch.int32)[None, None].contiguous(), count.to(torch.int32)[None, None].contiguous(),
-                      q_len, kv_len, q_block, block_size, causal=True, validate=False)
+                      q_len, kv_len, 1, block_size, causal=True, validate=False)
 
 
 def _opt(config, name: str, default):
