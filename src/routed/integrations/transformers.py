@@ -240,11 +240,19 @@ def _row_spans(mask: Tensor, q_len: int, kv_len: int):
     return result
 
 
-def _analyse_mask(mask: Tensor, q_len: int, kv_len: int):
+def _mask_why_not(mask: Tensor, q_len: int, kv_len: int) -> Optional[str]:
+    """Why ``mask`` cannot be routed, from its type and shape alone (no look at its values), or None."""
     if mask.dtype != torch.bool:
         return "a floating-point (additive) mask"
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != q_len or mask.shape[3] != kv_len:
         return f"a mask of shape {list(mask.shape)} (expected [batch, 1, {q_len}, {kv_len}])"
+    return None
+
+
+def _analyse_mask(mask: Tensor, q_len: int, kv_len: int):
+    why = _mask_why_not(mask, q_len, kv_len)
+    if why is not None:
+        return why
     valid = mask[:, 0, -1, :]  # the last query sees every valid key (causal, or a pad query after them)
     kpos = torch.arange(kv_len, device=mask.device)
     qpos = torch.arange(q_len, device=mask.device) + (kv_len - q_len)
@@ -296,17 +304,6 @@ def _why_dense(module, policy: RoutedPrefillPolicy, query: Tensor, key: Tensor, 
     return None
 
 
-def _traced_why_dense(attention_mask, q_len: int, kv_len: int) -> Optional[str]:
-    """What the traced path cannot route, from the mask's type and shape alone."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dtype != torch.bool:
-        return "a floating-point (additive) mask"
-    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or tuple(attention_mask.shape[2:]) != (q_len, kv_len):
-        return f"a mask of shape {list(attention_mask.shape)} (expected [batch, 1, {q_len}, {kv_len}])"
-    return None
-
-
 def _traced_routed(policy: RoutedPrefillPolicy, query: Tensor, key: Tensor, value: Tensor,
                    attention_mask: Optional[Tensor], scale: float) -> Tensor:
     """The routed path as ``torch.compile`` traces it, with no host look at the mask (transformers
@@ -315,10 +312,9 @@ def _traced_routed(policy: RoutedPrefillPolicy, query: Tensor, key: Tensor, valu
     padding becomes segment ids (valid 0, padding -1) that the kernels mask by. Rows are routed
     whole, at absolute block positions: unpadded inputs route as in eager mode; a padded row's
     blocks start at position 0 instead of at its first valid token, so its routes may differ (the
-    attention stays causal and never reaches padding). Returns ``[B, Nq, Hq, Dv]``."""
+    attention stays causal and never reaches padding). ``key``/``value`` come trimmed of an empty static
+    cache's tail, as on the eager path. Returns ``[B, Nq, Hq, Dv]``."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is None and q_len > 1 and kv_len > q_len:  # as eager: an empty static cache's tail
-        key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
     decode = q_len <= DECODE_MAX_QUERIES and kv_len > q_len
     route = (policy.decode_router if decode else policy.router)(query, key, scale=scale)
     if attention_mask is not None:
@@ -367,17 +363,17 @@ def routed_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
                                     density=density, attn_rel_err=err))
 
     why = _why_dense(module, policy, query, key, attention_mask, dropout, is_causal)
+    if why is None and attention_mask is None and q_len > 1 and kv_len > q_len:
+        # As SDPA: no mask with more keys than queries (> 1) is a prefill into an empty static cache,
+        # whose unwritten tail the queries must not see.
+        key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
     if why is None and torch.compiler.is_compiling():
-        why = _traced_why_dense(attention_mask, q_len, kv_len)
+        why = None if attention_mask is None else _mask_why_not(attention_mask, q_len, kv_len)
         if why is None:  # no host look at the mask; nothing recorded (a recorder is eager-only)
             return _traced_routed(policy, query, key, value, attention_mask, scale), None
     spans = None
     if why is None:
         if attention_mask is None:
-            if q_len > 1 and kv_len > q_len:
-                # As SDPA: no mask with more keys than queries (> 1) is a prefill into an empty static
-                # cache, whose unwritten tail the queries must not see.
-                key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
             spans = [(0, kv_len)] * B
         else:
             spans = _row_spans(attention_mask, q_len, kv_len)
