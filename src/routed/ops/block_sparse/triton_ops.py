@@ -898,6 +898,12 @@ def position_mask_splits(route) -> tuple[Tensor, Tensor]:
     return clean.contiguous(), t_masked[..., :nkb].contiguous()
 
 
+def _int32_with_strides_of(like: Tensor, values: Tensor) -> Tensor:
+    """``values`` as int32 in a tensor laid out as ``like`` (shape and strides): kernels that read two
+    count tensors with one set of strides need both in one layout."""
+    return torch.empty_strided(like.shape, like.stride(), dtype=torch.int32, device=like.device).copy_(values)
+
+
 # Routes used this often get position-exact mask splits (position_mask_splits, ~20 small ops once):
 # cached routes (NSA's compressed branch, every layer and step) gain unmasked tiles, while a route
 # built per call (the Routing Transformer's clusters) keeps the all-masked splits and pays nothing.
@@ -916,9 +922,7 @@ def route_plan(route, backward: bool) -> dict:
             and cache["uses"] >= POSITION_SPLITS_AFTER_USES):
         cache["position_splits"] = True
         clean, cache["t_masked"] = position_mask_splits(route)
-        # the kernels index the clean counts with the counts' strides
-        cache["clean"] = torch.empty_strided(counts.shape, counts.stride(), dtype=torch.int32,
-                                             device=counts.device).copy_(clean)
+        cache["clean"] = _int32_with_strides_of(counts, clean)  # the kernels index both with the counts' strides
     if "clean" not in cache:
         cache["clean"] = clean_block_counts(route.kv_block_ids, route.kv_block_counts, route.q_len, route.kv_len,
                                             route.q_block_size, route.kv_block_size, route.causal, all_masked)
@@ -938,8 +942,7 @@ def route_plan(route, backward: bool) -> dict:
                     cache["transposed"] = tuple(t[:2])
         t_ids, t_counts, t_offsets = cache["kernel_transposed"]
         if "t_masked" in cache and cache["t_masked"].stride() != t_counts.stride():  # the kernel indexes both alike
-            cache["t_masked"] = torch.empty_strided(t_counts.shape, t_counts.stride(), dtype=torch.int32,
-                                                    device=t_counts.device).copy_(cache["t_masked"])
+            cache["t_masked"] = _int32_with_strides_of(t_counts, cache["t_masked"])
         if "t_masked" not in cache:
             cache["t_masked"] = masked_query_counts(t_ids, t_counts, route.q_len, route.kv_len, route.q_block_size,
                                                     route.kv_block_size, route.causal, all_masked, t_offsets)
