@@ -329,6 +329,11 @@ def passkey_accuracy(model, tok, filler_ids: list, lengths, trials: int, device:
     return rows
 
 
+def _print_passkey(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"passkey at {r['length']} tokens: {r['correct']}/{r['trials']} ({r['digit_accuracy']:.0%} of digits)")
+
+
 def plot_losses(history: list[dict], evals: list[dict], path: Path, title: str) -> None:
     """Training loss (raw and smoothed) and validation loss against training tokens, as a PNG."""
     import matplotlib
@@ -395,6 +400,15 @@ def mix_passkeys(x: Tensor, train_ids: Tensor, tok, fraction: float, gen: torch.
     return x
 
 
+def _step_losses(out, x: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """``(next-token cross-entropy, auxiliary loss or None, their sum)`` of a training step's output on
+    the windows ``x [B, L + 1]``. The auxiliary loss (k-means commitment, MoSA's rate loss, ...) is
+    trained, not plotted."""
+    ce = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+    aux = out.aux_loss
+    return ce, aux, ce if aux is None else ce + aux
+
+
 class GraphedTrainStep:
     """The training step's forward, loss and backward replayed as one CUDA graph: the batch is
     copied into a static input, the gradients land in the same tensors every replay (clipping and
@@ -412,9 +426,8 @@ class GraphedTrainStep:
         self.model.zero_grad(set_to_none=True)  # at capture: backward allocates the gradients in the graph
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache across replays
             out = self.model(self.x[:, :-1])
-        ce = F.cross_entropy(out.logits.float().flatten(0, 1), self.x[:, 1:].flatten())
-        aux = out.aux_loss
-        (ce if aux is None else ce + aux).backward()
+        ce, aux, loss = _step_losses(out, self.x)
+        loss.backward()
         self.ce, self.aux = ce.detach(), None if aux is None else aux.detach()
 
     def __call__(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -508,9 +521,7 @@ def train_model(args, train_ids: Tensor, val_ids: Tensor, tok, progress: bool = 
         else:
             with _autocast(device):
                 out = step_fn(x[:, :-1])
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
-            aux = out.aux_loss  # k-means commitment, MoSA's rate loss, ...: trained, not plotted
-            loss = ce if aux is None else ce + aux
+            ce, aux, loss = _step_losses(out, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -559,9 +570,7 @@ def run_train(args) -> dict:
     if args.passkey_lengths:
         metrics["passkey"] = passkey_accuracy(model, tok, val_ids.tolist(), args.passkey_lengths,
                                               args.passkey_trials, device, seed=args.seed)
-        for r in metrics["passkey"]:
-            print(f"passkey at {r['length']} tokens: {r['correct']}/{r['trials']} "
-                  f"({r['digit_accuracy']:.0%} of digits)")
+        _print_passkey(metrics["passkey"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "checkpoint")
@@ -622,9 +631,7 @@ def run_eval_lm(args) -> dict:
     if args.passkey_lengths:
         result["passkey"] = passkey_accuracy(model, tok, val_ids.tolist(), args.passkey_lengths, args.passkey_trials,
                                              device, seed=args.seed)
-        for r in result["passkey"]:
-            print(f"passkey at {r['length']} tokens: {r['correct']}/{r['trials']} "
-                  f"({r['digit_accuracy']:.0%} of digits)")
+        _print_passkey(result["passkey"])
     if args.out:
         result["machine"] = machine_header()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
