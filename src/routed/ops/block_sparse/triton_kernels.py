@@ -706,30 +706,26 @@ def _block_sparse_decode_split_kernel(
             for r in range(0, g_pack * q_len):
                 _merge_decode_row(PartOut, PartLse, Out, Lse, part - pid_s, n_splits, r, b, hq0 + r // q_len,
                                   r % q_len, stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh,
-                                  stride_ln, BLOCK_M, HEAD_DIM_V, BLOCK_DV, BLOCK_S, True)
+                                  stride_ln, BLOCK_M, HEAD_DIM_V, BLOCK_DV, BLOCK_S, ".cg")
 
 
 @triton.jit
 def _merge_decode_row(PartOut, PartLse, Out, Lse, part0, n_splits, r, b, hq, t,
                       stride_ob, stride_oh, stride_on, stride_od, stride_lb, stride_lh, stride_ln,
                       BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      BLOCK_S: tl.constexpr, CG: tl.constexpr):
+                      BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
     """Row ``r`` of the ``n_splits`` partials from ``part0`` merged into ``Out[b, hq, t]`` and its
     natural-log ``Lse``: all splits are loaded as one [BLOCK_S, BLOCK_DV] tile (their loads in flight
     together), weighted by exp(lse_s - max) and summed in a fixed order (the same bits whichever
-    program merges). ``CG``: read past L1 (other SMs wrote the partials in this launch)."""
+    program merges). ``CACHE``: the loads' cache modifier (".cg", past L1, when other SMs wrote the
+    partials in this launch; "" otherwise)."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     split_ok = offs_s < n_splits
     part = part0 + offs_s
-    if CG:
-        lse_s = tl.load(PartLse + part * BLOCK_M + r, mask=split_ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(PartOut + (part * BLOCK_M + r)[:, None] * BLOCK_DV + offs_dv[None, :], mask=split_ok[:, None],
-                    other=0.0, cache_modifier=".cg")
-    else:
-        lse_s = tl.load(PartLse + part * BLOCK_M + r, mask=split_ok, other=float("-inf"))
-        o = tl.load(PartOut + (part * BLOCK_M + r)[:, None] * BLOCK_DV + offs_dv[None, :], mask=split_ok[:, None],
-                    other=0.0)
+    lse_s = tl.load(PartLse + part * BLOCK_M + r, mask=split_ok, other=float("-inf"), cache_modifier=CACHE)
+    o = tl.load(PartOut + (part * BLOCK_M + r)[:, None] * BLOCK_DV + offs_dv[None, :], mask=split_ok[:, None],
+                other=0.0, cache_modifier=CACHE)
     m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse_s - m_safe)
@@ -756,7 +752,7 @@ def _decode_combine_kernel(
     hp = (pid_bh % n_prog_heads).to(tl.int64)
     _merge_decode_row(PartOut, PartLse, Out, Lse, pid_bh.to(tl.int64) * n_splits, n_splits, r, b,
                       hp * g_pack + r // q_len, r % q_len, stride_ob, stride_oh, stride_on, stride_od,
-                      stride_lb, stride_lh, stride_ln, BLOCK_M, HEAD_DIM_V, BLOCK_DV, BLOCK_S, False)
+                      stride_lb, stride_lh, stride_ln, BLOCK_M, HEAD_DIM_V, BLOCK_DV, BLOCK_S, "")
 
 
 @triton.jit
