@@ -294,3 +294,26 @@ def test_token_group_kernel_traces_under_torch_compile():
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v, w)), torch.autograd.grad(want.sum(), (q, k, v, w))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_bf16_autocast_training_step_follows_float32(selection):
+    """Under bf16 autocast (the LM harness's GPU training) the sparse heads' backward mixes float32
+    router weights with bf16 activations: it must run and its gradients follow the float32 ones
+    within bf16 rounding. (Before the fix the backward's bmm raised 'expected scalar type Float')."""
+    layer = _layer(mosa_selection=selection, mosa_heads=3).float().train()
+    n = 40
+    x = torch.randn(2, n, 64, requires_grad=True)
+    cos, sin = rope(n, 16, 2)
+    cos, sin = cos.float(), sin.float()
+    do = torch.randn(2, n, 64)
+    params = [x, *layer.parameters()]
+    want = torch.autograd.grad((layer(x, (cos, sin))[0] * do).sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, (cos, sin))[0]
+    assert out.dtype == torch.bfloat16
+    got = torch.autograd.grad((out.float() * do).sum(), params)
+    for name, a, b in zip(["x", *(n for n, _ in layer.named_parameters())], got, want):
+        assert a.dtype == b.dtype, name
+        err = (a.float() - b).norm() / b.norm().clamp_min(1e-12)
+        assert err < 0.05, f"{name}: relative error {err:.3g} under bf16 autocast"

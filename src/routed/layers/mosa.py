@@ -93,6 +93,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _autocast_state(t: Tensor) -> tuple:
+    """The autocast state the forward ran under, for ``t``'s device. Backward replays it (as
+    ``torch.amp.custom_bwd`` does for one fixed device type): under bf16 autocast the forward's
+    matmuls ran in bf16 while ``w`` and the weights stayed float32, and a backward outside autocast
+    would mix the two in one ``bmm``."""
+    dev = t.device.type
+    return dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev)
+
+
 def _chunks(heads: int, chunk: int):
     return ((h0, min(heads, h0 + chunk)) for h0 in range(0, heads, chunk))
 
@@ -123,12 +132,18 @@ class _PickedQKV(torch.autograd.Function):
                 t = t * c + _rotate_half(t) * s if i < 2 else t  # as apply_rotary
                 out[i][:, h0:h1] = t.view(h1 - h0, batch, M // batch, d).transpose(0, 1)
         ctx.save_for_backward(x, weight, cos, sin, rows)
-        ctx.batch, ctx.chunk = batch, chunk
+        ctx.batch, ctx.chunk, ctx.amp = batch, chunk, _autocast_state(x)
         return tuple(out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gq, gk, gv):
+        dev, dtype, enabled = ctx.amp
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return _PickedQKV._backward(ctx, gq, gk, gv)
+
+    @staticmethod
+    def _backward(ctx, gq, gk, gv):
         x, weight, cos, sin, rows = ctx.saved_tensors
         H, M = rows.shape
         d = weight.shape[-1] // 3
@@ -179,12 +194,18 @@ class _PickedOut(torch.autograd.Function):
             y = torch.bmm(ow, weight[:, h0:h1].permute(1, 2, 0))
             acc.index_add_(0, rows[h0:h1].reshape(-1), y.view(-1, y.shape[-1]).to(acc.dtype))
         ctx.save_for_backward(o, w, weight, rows)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.amp = chunk, _autocast_state(o)
         return acc.to(o.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
+        dev, dtype, enabled = ctx.amp
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return _PickedOut._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         o, w, weight, rows = ctx.saved_tensors
         B, H, K, d = o.shape
         need_o, need_w, need_weight = ctx.needs_input_grad[:3]
