@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graph", action="store_true", help="replay each training step as a CUDA graph")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile each model in this mode (e.g. reduce-overhead)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config field for every variant, as in routed train (e.g. mosa_selection=threshold)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--passkey-trials", type=int, default=20)
@@ -113,7 +115,8 @@ def _train_namespace(args, attention: str) -> SimpleNamespace:
         batch_size=args.batch_size, steps=None, train_tokens=args.train_tokens, max_minutes=args.max_minutes,
         lr=args.lr, min_lr_ratio=0.1, warmup=args.warmup, weight_decay=0.1, grad_clip=1.0,
         eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device, threads=0,
-        compile=args.compile, cuda_graph=args.cuda_graph, seed=args.seed, passkey_fraction=args.passkey_fraction)
+        compile=args.compile, cuda_graph=args.cuda_graph, seed=args.seed, passkey_fraction=args.passkey_fraction,
+        option=args.option)
 
 
 def train_variants(args, device, save=lambda out: None) -> dict:

@@ -88,10 +88,13 @@ def run_one(attention: str, seq_len: int, args, options: dict, device) -> dict:
             g["lr"] = lr
         x, y = mqar(args.batch_size, seq_len, args.vocab, args.kv_pairs, generator=data_gen)
         x, y = x.to(device), y.to(device)
+        mask = y != -100
         with autocast:
             out = model.model(x)
-            logits = model.lm_head(out[0])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+            # The head only where a value is scored (kv_pairs of seq_len positions): all positions'
+            # logits were [B, N, vocab] in float32, most of a step's time and memory.
+            logits = model.lm_head(out[0][mask])
+        loss = F.cross_entropy(logits.float(), y[mask])
         total = loss if out[2] is None else loss + out[2]
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -106,9 +109,9 @@ def run_one(attention: str, seq_len: int, args, options: dict, device) -> dict:
     with torch.no_grad(), autocast:
         for i in range(0, args.test_examples, args.batch_size):
             x, y = test_x[i:i + args.batch_size].to(device), test_y[i:i + args.batch_size].to(device)
-            pred = model(x).logits.argmax(-1)
             mask = y != -100
-            correct += int((pred[mask] == y[mask]).sum())
+            pred = model.lm_head(model.model(x)[0][mask]).argmax(-1)
+            correct += int((pred == y[mask]).sum())
             total_q += int(mask.sum())
     return {"attention": attention, "seq_len": seq_len, "recall": correct / max(total_q, 1), "queries": total_q,
             "train_seconds": train_s, "final_loss": history[-1]["loss"] if history else None, "history": history,
