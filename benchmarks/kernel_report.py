@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from routed.env import command_line, machine_header  # noqa: E402
 from routed.ops.block_sparse import triton_kernels as K  # noqa: E402
 from routed.ops.block_sparse import triton_ops as ops  # noqa: E402
+from routed.ops.block_topk import triton_kernels as router_kernels  # noqa: E402
 
-FLOAT32_POINTERS = {"Lse", "Delta", "DQAcc", "PartOut", "PartLse"}
+FLOAT32_POINTERS = {"Lse", "Delta", "DQAcc", "PartOut", "PartLse", "LSE", "Out"}
 INT32_POINTERS = {"Ids", "Counts", "Arrivals", "CleanCounts", "TIds", "TCounts", "TMaskedCounts", "QPos", "KPos", "QSeg",
                   "KSeg"}
 DESCRIPTORS = {"KDesc": "BLOCK_N", "VDesc": "BLOCK_N", "QDesc": "BLOCK_M", "DODesc": "BLOCK_M"}
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block", type=int, default=128, help="query and key block size")
     p.add_argument("--out", default="")
+    p.add_argument("--only", nargs="+", default=None, choices=["fwd", "dq", "dkdv", "decode", "nsamass"],
+                   help="report these kernels only")
     a = p.parse_args()
     d, blk = a.head_dim, a.block
     common = dict(Q_BLOCK=blk, KV_BLOCK=blk, HEAD_DIM=d, BLOCK_D=d, HEAD_DIM_V=d, BLOCK_DV=d, CAUSAL=True,
@@ -116,6 +119,14 @@ def main() -> None:
                          dict(KV_BLOCK=blk, BLOCK_M=16, BLOCK_N=min(n, blk), HEAD_DIM=d, BLOCK_D=d, HEAD_DIM_V=d,
                               BLOCK_DV=d, CAUSAL=True, HAS_POS=False, HAS_SEG=False, DOT_PRECISION="tf32",
                               FUSED_MERGE=fused, BLOCK_S=32 if fused else 2), w, st))
+    # NSA's selection mass (the router's largest kernel): a 4-head KV group, query blocks of 64, head dim 64
+    for cfg in router_kernels.nsa_mass_configs(4, 64):
+        jobs.append(("nsamass", f"rows {4 * cfg['TILE_Q']} n{cfg['BLOCK_N']} w{cfg['num_warps']}",
+                     router_kernels._nsa_compressed_mass_kernel,
+                     dict(HEAD_DIM=64, BLOCK_D=64, GROUP_P=4, TILE_Q=cfg["TILE_Q"], BLOCK_N=cfg["BLOCK_N"],
+                          DOT_PRECISION="tf32"), cfg["num_warps"], 3))
+    if a.only:
+        jobs = [j for j in jobs if j[0] in a.only]
     rows = []
     print(f"{'kernel':<7} {'config':<32} {'regs':>4} {'stack B':>7} {'spill ins':>9} {'smem KiB':>8} {'HGMMA':>5} "
           f"{'HMMA':>4} {'RED':>4}", flush=True)

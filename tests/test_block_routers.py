@@ -244,6 +244,28 @@ def test_nsa_mass_kernel_equals_pytorch(hq, hkv, nq, nk, qbs):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hq,hkv,nq,nk,qbs", [(8, 2, 200, 200, 64), (3, 1, 70, 90, 24), (16, 2, 130, 130, 32)])
+def test_nsa_mass_kernel_every_launch_config(hq, hkv, nq, nk, qbs):
+    """Every config the GPU autotuner may pick (taller query tiles, wider key tiles) equals the
+    PyTorch twin: query tiles that cover a whole block, several tiles per block, and blocks that
+    are not powers of two; output poisoned before each launch."""
+    from routed.ops.block_topk.triton_kernels import nsa_mass_configs, nsa_mass_launch_with
+    from routed.routers.blocks import _nsa_lse_torch, _nsa_mass_torch
+
+    g = torch.Generator().manual_seed(5)
+    lb, st = 16, 8
+    nc = compressed_positions(nk, lb, st).numel()
+    q, kc = torch.randn(1, hq, nq, 32, generator=g), torch.randn(1, hkv, nc, 32, generator=g)
+    lse = _nsa_lse_torch(q, kc, nk, lb, st, 0.2, 4096)
+    ref = _nsa_mass_torch(q, kc, lse, nk, qbs, lb, st, 0.2, 32)
+    configs = nsa_mass_configs(hq // hkv, qbs)
+    assert len(configs) >= 3, configs  # the tuned alternatives exist for these shapes
+    for cfg in configs:
+        out = torch.full_like(ref, float("nan"))
+        nsa_mass_launch_with(cfg, q, kc, lse.float(), out, nk, qbs, lb, st, 0.2)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{cfg}: {m}")
+
+
 def _overlap_matrix_f64(nc, lb, stride, sel, nsb):
     """Dense form of the spread (what the router computed before): ``[nc, nsb]`` float64, entry
     ``(i, j)`` the share of compressed block ``i``'s tokens that lie in selection block ``j``."""

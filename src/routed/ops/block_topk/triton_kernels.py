@@ -94,10 +94,48 @@ def _nsa_compressed_mass_fake(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: int
                        dtype=torch.float32)
 
 
+def nsa_mass_configs(group: int, q_block_size: int) -> list[dict]:
+    """Launch configs of the mass kernel, the hand-chosen one first (what runs untuned: the CPU,
+    ``ROUTED_AUTOTUNE=0``). A tile's rows are ``GROUP_P * TILE_Q`` (the group's heads x a run of
+    the block's queries); every (key tile, query tile) pair reloads its queries and their lse, so
+    taller tiles (a whole 64-query block of a 4-head group in 256 rows) and wider key tiles cut those
+    reloads, at the price of registers (8 warps for the 256-row tiles)."""
+    gp = triton.next_power_of_2(group)
+    qp = triton.next_power_of_2(q_block_size)
+
+    def rows(n: int) -> int:  # 16 rows at least for tl.dot; never taller than the block needs
+        return max(16 // gp, min(n // gp, qp), 1)
+
+    configs = []
+    for tile_rows, block_n, warps in ((64, 64, 4), (128, 64, 4), (256, 64, 8), (64, 128, 4), (128, 128, 8)):
+        cfg = dict(TILE_Q=rows(tile_rows), BLOCK_N=block_n, num_warps=warps)
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
+
+
+def nsa_mass_launch_with(cfg: dict, q: Tensor, k_cmp: Tensor, lse: Tensor, out: Tensor, kv_len: int,
+                         q_block_size: int, compress_block: int, compress_stride: int, scale: float) -> None:
+    """One launch of the mass kernel in config ``cfg`` (from :func:`nsa_mass_configs`), writing all
+    of ``out [B, Hkv, nqb, Nc]``."""
+    hq, nq, d = q.shape[1], q.shape[2], q.shape[3]
+    hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
+    grid = (out.shape[2], q.shape[0] * hkv)
+    _nsa_compressed_mass_kernel[grid](
+        q, k_cmp, lse, out, *q.stride()[:3], *k_cmp.stride()[:3], *lse.stride(), *out.stride()[:3], hkv, hq // hkv,
+        nq, kv_len, nc, q_block_size, compress_block, compress_stride, scale * LOG2E, HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP_P=triton.next_power_of_2(hq // hkv), TILE_Q=cfg["TILE_Q"],
+        BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"])
+
+
 @compile_opaque("nsa_compressed_mass", _nsa_compressed_mass_fake)
 def _nsa_compressed_mass_launch(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: int, q_block_size: int,
                                 compress_block: int, compress_stride: int, scale: float) -> Tensor:
-    """The launch behind :func:`nsa_compressed_mass_triton`."""
+    """The launch behind :func:`nsa_compressed_mass_triton`: autotuned over :func:`nsa_mass_configs`
+    on the first call of each shape (on CUDA, unless ``ROUTED_AUTOTUNE=0``)."""
+    from ..block_sparse.triton_ops import _autotuned
+
     B, hq, nq, d = q.shape
     hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
     nqb = -(-nq // q_block_size)
@@ -105,18 +143,15 @@ def _nsa_compressed_mass_launch(q: Tensor, k_cmp: Tensor, lse: Tensor, kv_len: i
     k_cmp = k_cmp.to(q.dtype)
     k_cmp = k_cmp if k_cmp.stride(-1) == 1 else k_cmp.contiguous()
     lse = lse.float()
-    gp = triton.next_power_of_2(hq // hkv)
-    # 64 rows per tile (heads x queries), at least 16 for tl.dot; never wider than the block needs.
-    tile_q = max(16 // gp, min(64 // gp, triton.next_power_of_2(q_block_size)), 1)
     out = new_output((B, hkv, nqb, nc), dtype=torch.float32, device=q.device)
     if nc == 0:
         return out
-    grid = (nqb, B * hkv)
-    _nsa_compressed_mass_kernel[grid](
-        q, k_cmp, lse, out, *q.stride()[:3], *k_cmp.stride()[:3], *lse.stride(), *out.stride()[:3], hkv, hq // hkv,
-        nq, kv_len, nc, q_block_size, compress_block, compress_stride, scale * LOG2E, HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), GROUP_P=gp, TILE_Q=tile_q, BLOCK_N=64,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+    args = (q, k_cmp, lse, out, kv_len, q_block_size, compress_block, compress_stride, scale)
+    key = (d, str(q.dtype), hq // hkv, q_block_size, compress_block, compress_stride, max(1, nq).bit_length(),
+           nc.bit_length())
+    cfg = _autotuned("nsa_compressed_mass", key, nsa_mass_configs(hq // hkv, q_block_size),
+                     lambda c: nsa_mass_launch_with(c, *args), q.device)
+    nsa_mass_launch_with(cfg, *args)
     return out
 
 
