@@ -458,13 +458,17 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
 # merges them. Measured on the H200 (NOTES.md "Fourth H200 session"), graph-replayed, the first fused
 # merge was slower (25.8 / 22.8 / 26.0 us against 22.2 / 14.8 / 17.1 us at hkv 16 / 4 / 8): its last
 # program loaded the splits one after another. It now loads each row's splits as one tile, as the
-# combine kernel does (the same helper), row after row; eager, one launch fewer is ~50 us of host
-# time per decode step. Not yet measured: GPU_PLAN.
+# combine kernel does (the same helper), row after row, and was still slower (fifth session: 27.2 /
+# 18.5 / 22.4 against 25.5 / 14.0 / 17.1 us), so the tail was not the cost. Eager, one launch fewer
+# is ~50 us of host time per decode step; kept as an option for that.
 DECODE_FUSED_MERGE = False
 
 # Decode launch configs (split programs per SM, BLOCK_N, num_warps, num_stages); the first is the
 # default where no tuning happens. More, shorter splits keep more K/V loads in flight.
-DECODE_CANDIDATES = [(2, 128, 4, 3), (4, 128, 4, 3), (8, 64, 4, 3), (4, 64, 4, 2), (8, 128, 4, 2), (16, 64, 2, 3)]
+# The last two hold fewer registers per thread (168 and 210 against 249-255 for sm_90, Triton 3.6:
+# benchmarks/kernel_report.py), so more warps per SM wait on the routed blocks' loads; untimed yet.
+DECODE_CANDIDATES = [(2, 128, 4, 3), (4, 128, 4, 3), (8, 64, 4, 3), (4, 64, 4, 2), (8, 128, 4, 2), (16, 64, 2, 3),
+                     (16, 32, 4, 3), (8, 64, 8, 3)]
 
 
 @functools.lru_cache(maxsize=None)
