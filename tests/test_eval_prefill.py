@@ -52,6 +52,11 @@ def test_eval_report_and_plot(tmp_path):
     table = passkey_table(res)
     # The passkey runs dense and the first policy (passkey_policies=1).
     assert {r["policy"] for r in table} == {"dense", "pooled:coverage=1.0"} and all(r["trials"] == 1 for r in table)
+    # The graded retrieval: a keep-everything policy answers as dense does, to the log-probability.
+    by = {r["policy"]: r for r in table}
+    assert by["dense"]["logprob_vs_dense"] == 0.0 and math.isfinite(by["dense"]["answer_logprob"])
+    assert by["dense"]["answer_logprob"] < 0 and 0.0 <= by["dense"]["digit_accuracy"] <= 1.0
+    assert abs(by["pooled:coverage=1.0"]["logprob_vs_dense"]) < 1e-3
     json.dumps(res)  # the report is plain JSON
     png = tmp_path / "q.png"
     plot_quality_vs_density(res, str(png))
@@ -73,6 +78,15 @@ def test_passkey_prompt_hides_the_key_at_the_depth():
     text = tok.decode(ids[0].tolist())
     assert ids.shape == (1, 600) and answer == "12345" and text.endswith("The pass key is")
     assert 0.15 < text.index("12345") / len(text) < 0.35
+
+
+def test_passkey_score_gives_partial_credit_in_place():
+    from routed.eval_prefill import passkey_score
+
+    assert passkey_score(" 54,321.", "54321") == (True, 1.0)
+    assert passkey_score(" 58321 is it", "54321") == (False, 0.8)   # one digit wrong, in place
+    assert passkey_score(" 4321", "54321") == (False, 0.0)          # shifted: no digit in place
+    assert passkey_score(" no idea", "54321") == (False, 0.0)
 
 
 def test_bad_specs_raise():

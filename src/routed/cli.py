@@ -84,9 +84,10 @@ def _cmd_eval_prefill(args: argparse.Namespace) -> int:
         print(f"{r['length']:>7} {r['policy']:<26} {r['ppl']:>8.3f} {r['ppl_ratio']:>7.4f} {r['density']:>8.3f} "
               f"{err:>9} {r['seconds']:>6.1f}")
     result["passkey_accuracy"] = passkey_table(result)
-    print(f"{'length':>7} {'policy':<26} {'passkey':>8} {'density':>8}")
+    print(f"{'length':>7} {'policy':<26} {'passkey':>8} {'digits':>7} {'logp(key)':>10} {'vs dense':>9} {'density':>8}")
     for r in result["passkey_accuracy"]:
-        print(f"{r['length']:>7} {r['policy']:<26} {r['accuracy']:>8.2f} {r['density']:>8.3f}")
+        print(f"{r['length']:>7} {r['policy']:<26} {r['accuracy']:>8.2f} {r['digit_accuracy']:>7.2f} "
+              f"{r['answer_logprob']:>10.3f} {r['logprob_vs_dense']:>+9.3f} {r['density']:>8.3f}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

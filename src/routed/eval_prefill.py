@@ -105,12 +105,29 @@ def passkey_prompt(tok, filler_ids: list, length: int, depth: float, key: int) -
     return torch.tensor([ids]), str(key)
 
 
+def passkey_score(text: str, answer: str) -> tuple[bool, float]:
+    """``(correct, digit_accuracy)`` of a model's answer ``text``: the key anywhere in it (commas and
+    spaces ignored), and the fraction of the key's digits the answer's first digits get right in
+    place (partial credit, which separates models before whole keys come out)."""
+    said = "".join(c for c in text if c.isdigit())[:len(answer)]
+    return answer in text.replace(",", "").replace(" ", ""), sum(a == b for a, b in zip(said, answer)) / len(answer)
+
+
 @torch.no_grad()
-def _passkey_correct(model, tok, ids: torch.Tensor, answer: str) -> bool:
+def _passkey_answer(model, tok, ids: torch.Tensor, answer: str) -> dict:
+    """Greedy answer (8 new tokens) scored by :func:`passkey_score`, and ``answer_logprob``: the
+    teacher-forced log-probability (natural log, summed over its tokens) of `` {answer}.`` after the
+    prompt, a graded measure of retrieval that compares a routed prefill with dense even where
+    neither model gets the whole key right."""
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                          pad_token_id=tok.eos_token_id)
-    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    return answer in text.replace(",", "").replace(" ", "")
+    correct, digits = passkey_score(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), answer)
+    target = tok(f" {answer}.", add_special_tokens=False)["input_ids"]
+    full = torch.cat([ids, torch.tensor([target], dtype=ids.dtype)], 1)
+    # The last len(target) + 1 positions; the predictions of the target's tokens are all but the last.
+    logits = model(full, attention_mask=torch.ones_like(full), logits_to_keep=len(target) + 1).logits[0, :-1]
+    logprob = logits.float().log_softmax(-1).gather(-1, torch.tensor(target)[:, None]).sum()
+    return dict(correct=correct, digit_accuracy=digits, answer_logprob=float(logprob))
 
 
 def _set_attn(model, policy, recorder=None):
@@ -175,22 +192,36 @@ def run_prefill_eval(model, tok, text: str, cfg: PrefillEvalConfig, progress: bo
         ids, answer = passkey_prompt(tok, filler, n, depth, key)
         rec = rt.PrefillRecorder() if pol is not None else None
         _set_attn(model, pol, rec)
-        correct = _passkey_correct(model, tok, ids, answer)
-        result["passkey"].append(dict(length=n, depth=depth, policy=spec or "dense", correct=correct,
+        scored = _passkey_answer(model, tok, ids, answer)
+        result["passkey"].append(dict(length=n, depth=depth, policy=spec or "dense", **scored,
                                       density=rec.summary()["prefill_density"] if rec is not None else 1.0))
     _set_attn(model, None)
     return result
 
 
 def passkey_table(result: dict) -> list[dict]:
-    """Accuracy per (policy, length) from ``result["passkey"]``."""
-    acc: dict = {}
+    """Per (policy, length) from ``result["passkey"]``: ``accuracy``, ``digit_accuracy``, the mean
+    ``answer_logprob`` and, paired over the same prompts, ``logprob_vs_dense`` (the policy's answer
+    log-probability minus dense's, averaged: 0 is retrieval as good as dense, negative worse), and
+    the mean ``density``. Rows from older reports without the graded fields get None there."""
+    groups: dict = {}
     for r in result["passkey"]:
-        a = acc.setdefault((r["policy"], r["length"]), [0, 0, 0.0])
-        a[0] += r["correct"]
-        a[1] += 1
-        a[2] += r["density"] if r["density"] is not None else 1.0
-    return [dict(policy=p, length=n, accuracy=c / t, trials=t, density=d / t) for (p, n), (c, t, d) in acc.items()]
+        groups.setdefault((r["policy"], r["length"]), []).append(r)
+    dense = {(r["length"], r["depth"]): r.get("answer_logprob") for r in result["passkey"] if r["policy"] == "dense"}
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    rows = []
+    for (p, n), rs in groups.items():
+        diffs = [r.get("answer_logprob") - dense[(n, r["depth"])] for r in rs
+                 if r.get("answer_logprob") is not None and dense.get((n, r["depth"])) is not None]
+        rows.append(dict(policy=p, length=n, accuracy=sum(r["correct"] for r in rs) / len(rs), trials=len(rs),
+                         digit_accuracy=mean(r.get("digit_accuracy") for r in rs),
+                         answer_logprob=mean(r.get("answer_logprob") for r in rs), logprob_vs_dense=mean(diffs),
+                         density=mean(1.0 if r["density"] is None else r["density"] for r in rs)))
+    return rows
 
 
 def plot_quality_vs_density(result: dict, path: str, title: Optional[str] = None) -> None:

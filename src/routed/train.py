@@ -307,7 +307,7 @@ def passkey_accuracy(model, tok, filler_ids: list, lengths, trials: int, device:
     prompts per length). Returns one row per length: ``length, trials, correct, accuracy`` and
     ``digit_accuracy``, the mean fraction of the key's digits the answer gets right in place (partial
     credit: a model learning to copy gets digits right long before whole keys)."""
-    from .eval_prefill import passkey_prompt
+    from .eval_prefill import passkey_prompt, passkey_score
 
     model.eval()
     rng = random.Random(seed)
@@ -319,10 +319,8 @@ def passkey_accuracy(model, tok, filler_ids: list, lengths, trials: int, device:
             key = rng.randrange(10000, 99999)
             ids, answer = passkey_prompt(tok, filler_ids, n, depth, key)
             new = len(tok(" " + answer, add_special_tokens=False)["input_ids"]) + 1
-            text = tok.decode(_greedy(model, ids, new, device))
-            correct += answer in text.replace(",", "").replace(" ", "")
-            said = "".join(c for c in text if c.isdigit())[:len(answer)]
-            digits += sum(a == b for a, b in zip(said, answer)) / len(answer)
+            ok, right = passkey_score(tok.decode(_greedy(model, ids, new, device)), answer)
+            correct, digits = correct + ok, digits + right
         rows.append({"length": n, "trials": trials, "correct": correct, "accuracy": correct / max(trials, 1),
                      "digit_accuracy": digits / max(trials, 1)})
     model.train()
