@@ -34,6 +34,7 @@ every token, still scaled by their router scores). Every head has its own key/va
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import Optional
@@ -94,12 +95,23 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _autocast_state(t: Tensor) -> tuple:
-    """The autocast state the forward ran under, for ``t``'s device. Backward replays it (as
-    ``torch.amp.custom_bwd`` does for one fixed device type): under bf16 autocast the forward's
-    matmuls ran in bf16 while ``w`` and the weights stayed float32, and a backward outside autocast
-    would mix the two in one ``bmm``."""
+    """The autocast state the forward ran under, for ``t``'s device; a forward saves it as ``ctx.amp``
+    for :func:`_in_forward_autocast`."""
     dev = t.device.type
     return dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev)
+
+
+def _in_forward_autocast(backward):
+    """Runs a Function's backward under the autocast state its forward saved in ``ctx.amp`` (as
+    ``torch.amp.custom_bwd`` does, for any device type): under bf16 autocast the forward's matmuls ran
+    in bf16 while ``w`` and the weights stayed float32, and a backward outside autocast would mix the
+    two in one ``bmm``."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        dev, dtype, enabled = ctx.amp
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return backward(ctx, *grads)
+    return run
 
 
 def _chunks(heads: int, chunk: int):
@@ -137,13 +149,8 @@ class _PickedQKV(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_in_forward_autocast
     def backward(ctx, gq, gk, gv):
-        dev, dtype, enabled = ctx.amp
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            return _PickedQKV._backward(ctx, gq, gk, gv)
-
-    @staticmethod
-    def _backward(ctx, gq, gk, gv):
         x, weight, cos, sin, rows = ctx.saved_tensors
         H, M = rows.shape
         d = weight.shape[-1] // 3
@@ -199,13 +206,8 @@ class _PickedOut(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_in_forward_autocast
     def backward(ctx, g):
-        dev, dtype, enabled = ctx.amp
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            return _PickedOut._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
         o, w, weight, rows = ctx.saved_tensors
         B, H, K, d = o.shape
         need_o, need_w, need_weight = ctx.needs_input_grad[:3]
