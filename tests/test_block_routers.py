@@ -225,20 +225,27 @@ def test_nsa_selection_scores_match_definition(nq, nk, qbs, chunk, backend):
     assert torch.equal(route.to_block_mask(), _topk_definition(ref, 3, nq, nk, qbs, sel, 1, 2))
 
 
+def _nsa_mass_case(batch, hq, hkv, nq, nk, qbs, seed):
+    """Random queries and compressed keys (head dim 32, compressed blocks of 16 at stride 8, scale
+    0.2), their compressed-branch lse and the chunked PyTorch mass: ``(q, k_cmp, lse, ref, lb, st)``."""
+    from routed.routers.blocks import _nsa_lse_torch, _nsa_mass_torch
+
+    g = torch.Generator().manual_seed(seed)
+    lb, st = 16, 8
+    nc = compressed_positions(nk, lb, st).numel()
+    q, kc = torch.randn(batch, hq, nq, 32, generator=g), torch.randn(batch, hkv, nc, 32, generator=g)
+    lse = _nsa_lse_torch(q, kc, nk, lb, st, 0.2, 4096)
+    return q, kc, lse, _nsa_mass_torch(q, kc, lse, nk, qbs, lb, st, 0.2, 32), lb, st
+
+
 @pytest.mark.parametrize("hq,hkv,nq,nk,qbs", [(3, 1, 70, 70, 24), (4, 4, 33, 100, 16), (8, 2, 1, 77, 64)])
 def test_nsa_mass_kernel_equals_pytorch(hq, hkv, nq, nk, qbs):
     """The fused kernel against the chunked PyTorch twin: GQA groups of 1, 3 (padded) and 4, query
     blocks that are not powers of two, a decode step, queries that see no compressed block."""
     from routed.ops.block_topk.triton_kernels import nsa_compressed_mass_triton
-    from routed.routers.blocks import _nsa_lse_torch, _nsa_mass_torch
     from routed.testing import poisoned_outputs
 
-    g = torch.Generator().manual_seed(4)
-    lb, st = 16, 8
-    nc = compressed_positions(nk, lb, st).numel()
-    q, kc = torch.randn(2, hq, nq, 32, generator=g), torch.randn(2, hkv, nc, 32, generator=g)
-    lse = _nsa_lse_torch(q, kc, nk, lb, st, 0.2, 4096)
-    ref = _nsa_mass_torch(q, kc, lse, nk, qbs, lb, st, 0.2, 32)
+    q, kc, lse, ref, lb, st = _nsa_mass_case(2, hq, hkv, nq, nk, qbs, seed=4)
     with poisoned_outputs():
         out = nsa_compressed_mass_triton(q, kc, lse, nk, qbs, lb, st, 0.2)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -250,14 +257,8 @@ def test_nsa_mass_kernel_every_launch_config(hq, hkv, nq, nk, qbs):
     PyTorch twin: query tiles that cover a whole block, several tiles per block, and blocks that
     are not powers of two; output poisoned before each launch."""
     from routed.ops.block_topk.triton_kernels import nsa_mass_configs, nsa_mass_launch_with
-    from routed.routers.blocks import _nsa_lse_torch, _nsa_mass_torch
 
-    g = torch.Generator().manual_seed(5)
-    lb, st = 16, 8
-    nc = compressed_positions(nk, lb, st).numel()
-    q, kc = torch.randn(1, hq, nq, 32, generator=g), torch.randn(1, hkv, nc, 32, generator=g)
-    lse = _nsa_lse_torch(q, kc, nk, lb, st, 0.2, 4096)
-    ref = _nsa_mass_torch(q, kc, lse, nk, qbs, lb, st, 0.2, 32)
+    q, kc, lse, ref, lb, st = _nsa_mass_case(1, hq, hkv, nq, nk, qbs, seed=5)
     configs = nsa_mass_configs(hq // hkv, qbs)
     assert len(configs) >= 3, configs  # the tuned alternatives exist for these shapes
     for cfg in configs:
