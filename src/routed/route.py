@@ -537,6 +537,9 @@ class ExpertRoute:
             ``offsets[e]:offsets[e + 1]`` of the sorted order (``offsets[1:]`` is what
             ``torch._grouped_mm`` takes).
         capacity: the per-expert capacity the route was built with, or None (no token dropped).
+        slot_rows: optional ``[tokens, k]`` int64, the inverse of ``order``: the sorted row of every
+            slot (``-1`` for an empty slot). Dispatch derives it when absent; the fused router
+            kernel writes it beside ``order``.
 
     Build one with :meth:`from_expert_ids`, which derives ``order``, ``counts`` and ``offsets``.
     """
@@ -549,10 +552,33 @@ class ExpertRoute:
     offsets: Tensor
     capacity: Optional[int] = None
     validate: bool = field(default=True, repr=False)
+    slot_rows: Optional[Tensor] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        # One combined test first: a router builds a route per layer call, and formatting every
+        # check's message costs more host time than the checks (the messages are for the failure).
+        ids, w, E, inv = self.expert_ids, self.weights, self.num_experts, self.slot_rows
+        if not (isinstance(ids, Tensor) and isinstance(w, Tensor) and isinstance(self.order, Tensor)
+                and isinstance(self.counts, Tensor) and isinstance(self.offsets, Tensor)
+                and ids.dim() == 2 and ids.dtype == torch.int32 and w.is_floating_point() and w.shape == ids.shape
+                and isinstance(E, int) and not isinstance(E, bool) and E >= 1
+                and self.order.dim() == 1 and self.order.dtype == torch.int64
+                and self.counts.shape == (E,) and self.counts.dtype == torch.int32
+                and self.offsets.shape == (E + 1,) and self.offsets.dtype == torch.int32
+                and ids.device == w.device == self.order.device == self.counts.device == self.offsets.device
+                and (self.capacity is None or (isinstance(self.capacity, int) and self.capacity >= 0))
+                and (inv is None or (isinstance(inv, Tensor) and inv.shape == ids.shape and inv.dtype == torch.int64
+                                     and inv.device == ids.device))):
+            self._explain_fields()
+        if self.validate:
+            self._validate_values()
+
+    def _explain_fields(self) -> None:
+        """Raise the :class:`RouteError` that says which field is wrong."""
         ids, w = self.expert_ids, self.weights
         _check(isinstance(ids, Tensor) and isinstance(w, Tensor), "expert_ids and weights must be torch.Tensors.")
+        _check(all(isinstance(t, Tensor) for t in (self.order, self.counts, self.offsets)),
+               "order, counts and offsets must be torch.Tensors; build the route with ExpertRoute.from_expert_ids.")
         _check(ids.dim() == 2, f"expert_ids must be 2-D [tokens, k], got shape {list(ids.shape)}; flatten batch and "
                "sequence first (x.reshape(-1, hidden)).")
         _check(ids.dtype == torch.int32, f"expert_ids must be int32, got {ids.dtype}; convert with .to(torch.int32).")
@@ -572,8 +598,12 @@ class ExpertRoute:
             _check(t.device == ids.device, f"{name} is on {t.device} but expert_ids on {ids.device}; move them to one device.")
         _check(self.capacity is None or (isinstance(self.capacity, int) and self.capacity >= 0),
                f"capacity must be None or an int >= 0, got {self.capacity!r}.")
-        if self.validate:
-            self._validate_values()
+        inv = self.slot_rows
+        _check(inv is None or (isinstance(inv, Tensor) and inv.shape == ids.shape and inv.dtype == torch.int64
+                               and inv.device == ids.device),
+               f"slot_rows must be None or an int64 tensor of expert_ids' shape {list(ids.shape)} on {ids.device}, "
+               f"got {getattr(inv, 'dtype', type(inv).__name__)} {list(getattr(inv, 'shape', []))}.")
+        raise RouteError("the route's fields do not fit together; build it with ExpertRoute.from_expert_ids.")
 
     def _validate_values(self) -> None:
         ids, E = self.expert_ids, self.num_experts
@@ -605,6 +635,11 @@ class ExpertRoute:
             _check(bool((e_sorted >= 0).all()), "order lists an empty slot (expert id -1).")
             _check(bool((e_sorted[1:] >= e_sorted[:-1]).all()), "order is not sorted by expert.")
             _check(self.order.unique().numel() == self.order.numel(), "order lists a slot twice.")
+        if self.slot_rows is not None:
+            want = torch.full((ids.numel(),), -1, dtype=torch.int64, device=ids.device)
+            want[self.order] = torch.arange(self.order.numel(), device=ids.device)
+            _check(torch.equal(self.slot_rows.reshape(-1), want),
+                   "slot_rows is not the inverse of order (the sorted row of every slot, -1 for an empty one).")
 
     @classmethod
     def from_expert_ids(cls, expert_ids: Tensor, weights: Tensor, num_experts: int, *,
@@ -666,12 +701,13 @@ class ExpertRoute:
     def with_weights(self, weights: Tensor) -> "ExpertRoute":
         """The same assignment with other combine weights (same shape)."""
         return ExpertRoute(self.expert_ids, weights, self.num_experts, self.order, self.counts, self.offsets,
-                           self.capacity, validate=False)
+                           self.capacity, validate=False, slot_rows=self.slot_rows)
 
     def to(self, device) -> "ExpertRoute":
+        inv = None if self.slot_rows is None else self.slot_rows.to(device)
         return ExpertRoute(self.expert_ids.to(device), self.weights.to(device), self.num_experts,
                            self.order.to(device), self.counts.to(device), self.offsets.to(device), self.capacity,
-                           validate=False)
+                           validate=False, slot_rows=inv)
 
     def describe(self) -> str:
         c = self.counts.float()

@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.expert_topk import expert_topk_route
 from ..route import ExpertRoute, RouteError
 
 __all__ = [
@@ -110,7 +111,7 @@ def apply_capacity(route: ExpertRoute, capacity: int) -> ExpertRoute:
 
 
 def topk_route_from_probs(probs: Tensor, k: int, *, normalize: bool = True, selection_bias: Optional[Tensor] = None,
-                          capacity: Optional[int] = None) -> ExpertRoute:
+                          capacity: Optional[int] = None, backend: Optional[str] = None) -> ExpertRoute:
     """Each token takes the ``k`` experts with the largest ``probs (+ selection_bias)``.
 
     Args:
@@ -120,19 +121,18 @@ def topk_route_from_probs(probs: Tensor, k: int, *, normalize: bool = True, sele
         selection_bias: optional ``[E]`` added to the scores for the choice only (weights stay
             unbiased): auxiliary-loss-free balancing.
         capacity: optional slots per expert (see :func:`apply_capacity`); None drops nothing.
+        backend: of the top-k and sort, ``"triton"`` (one fused route kernel), ``"reference"`` or
+            None (the kernel on CUDA GPUs); see :func:`routed.ops.expert_topk.expert_topk_route`.
     """
     _check_logits(probs, k)
-    scores = probs if selection_bias is None else probs + selection_bias.to(probs.dtype)
-    ids = scores.topk(k, dim=-1).indices
-    w = probs.gather(-1, ids)
-    if normalize:
-        w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    route = ExpertRoute.from_expert_ids(ids, w, probs.shape[1], all_live=True, validate=False)
+    route, _ = expert_topk_route(probs, k, mode="probs", normalize=normalize, selection_bias=selection_bias,
+                                 backend=backend)
     return route if capacity is None else apply_capacity(route, capacity)
 
 
 def token_choice_route(logits: Tensor, k: int, *, score_order: str = "softmax_topk", normalize: bool = True,
-                       selection_bias: Optional[Tensor] = None, capacity: Optional[int] = None) -> ExpertRoute:
+                       selection_bias: Optional[Tensor] = None, capacity: Optional[int] = None,
+                       backend: Optional[str] = None) -> ExpertRoute:
     """Token-choice top-k routing from router logits ``[T, E]``.
 
     ``score_order="softmax_topk"``: softmax over all experts, then top-k (weights renormalised when
@@ -141,14 +141,8 @@ def token_choice_route(logits: Tensor, k: int, *, score_order: str = "softmax_to
     """
     _check_logits(logits, k)
     _check(score_order in SCORE_ORDERS, f"score_order must be one of {SCORE_ORDERS}, got {score_order!r}.")
-    if score_order == "softmax_topk":
-        return topk_route_from_probs(logits.float().softmax(-1), k, normalize=normalize,
-                                     selection_bias=selection_bias, capacity=capacity)
-    lf = logits.float()
-    scores = lf if selection_bias is None else lf + selection_bias.float()
-    ids = scores.topk(k, dim=-1).indices
-    w = lf.gather(-1, ids).softmax(-1)
-    route = ExpertRoute.from_expert_ids(ids, w, logits.shape[1], all_live=True, validate=False)
+    route, _ = expert_topk_route(logits, k, mode=score_order, normalize=normalize, selection_bias=selection_bias,
+                                 backend=backend)
     return route if capacity is None else apply_capacity(route, capacity)
 
 
@@ -415,13 +409,16 @@ class ExpertRouter(nn.Module):
             softmax temperature and the mixing weight; ``mix`` also serves the attention router.
         balance_bias_rate: > 0 turns on auxiliary-loss-free balancing: in training mode, after
             each call the selection bias moves by this rate (DeepSeek-V3 uses 1e-3).
+        router_backend: the top-k and expert sort: ``"triton"`` (one fused route kernel),
+            ``"reference"`` (PyTorch) or None (the kernel on CUDA GPUs); see
+            :func:`routed.ops.expert_topk.expert_topk_route`.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 2, *, method: str = "token_choice",
                  score_order: str = "softmax_topk", normalize: Optional[bool] = None,
                  capacity_factor: Optional[float] = None,
                  causal: bool = True, similarity_dim: int = 64, temperature: float = 0.1, mix: float = 0.5,
-                 balance_bias_rate: float = 0.0):
+                 balance_bias_rate: float = 0.0, router_backend: Optional[str] = None):
         super().__init__()
         _check(method in ROUTER_METHODS, f"method must be one of {ROUTER_METHODS}, got {method!r}.")
         _check(score_order in SCORE_ORDERS, f"score_order must be one of {SCORE_ORDERS}, got {score_order!r}.")
@@ -437,6 +434,9 @@ class ExpertRouter(nn.Module):
         self.normalize = top_k > 1 if normalize is None else normalize
         self.capacity_factor, self.causal = capacity_factor, causal
         self.temperature, self.mix, self.balance_bias_rate = temperature, mix, balance_bias_rate
+        _check(router_backend in (None, "triton", "reference"),
+               f"router_backend must be 'triton', 'reference' or None, got {router_backend!r}.")
+        self.router_backend = router_backend
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=hidden_size ** -0.5)
         _check(isinstance(similarity_dim, int) and similarity_dim >= 0,
@@ -481,14 +481,11 @@ class ExpertRouter(nn.Module):
         E, kk = self.num_experts, self.top_k
         cap = None if self.capacity_factor is None else expert_capacity(T, kk, E, self.capacity_factor)
         gate_probs = feats = None
-        if self.method == "token_choice":
-            probs = logits.float().softmax(-1)
-            if self.score_order == "softmax_topk":  # the same as token_choice_route, sharing the softmax
-                route = topk_route_from_probs(probs, kk, normalize=self.normalize, selection_bias=self._bias(),
-                                              capacity=cap)
-            else:
-                route = token_choice_route(logits, kk, score_order=self.score_order, selection_bias=self._bias(),
-                                           capacity=cap)
+        if self.method == "token_choice":  # token_choice_route, keeping the softmax it computes
+            route, probs = expert_topk_route(logits, kk, mode=self.score_order, normalize=self.normalize,
+                                             selection_bias=self._bias(), backend=self.router_backend)
+            if cap is not None:
+                route = apply_capacity(route, cap)
         elif self.method == "expert_choice":
             cap = min(T, cap if cap is not None else expert_capacity(T, kk, E, 1.0))
             route = expert_choice_route(logits, cap, selection_bias=self._bias())
@@ -510,7 +507,7 @@ class ExpertRouter(nn.Module):
                                               mix=self.mix, past_probs=past_probs)
             probs = probs.reshape(T, E)
             route = topk_route_from_probs(probs, kk, normalize=self.normalize, selection_bias=self._bias(),
-                                          capacity=cap)
+                                          capacity=cap, backend=self.router_backend)
         if self.training and self.balance_bias_rate > 0:
             update_selection_bias(self.selection_bias, route.counts, self.balance_bias_rate)
         return RouterOutput(route, logits, probs, gate_probs, feats)
