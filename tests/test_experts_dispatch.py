@@ -201,8 +201,8 @@ def test_fused_ops_trace_under_torch_compile_without_graph_breaks():
     from routed.ops.expert_dispatch.triton_ops import moe_combine, moe_gather, moe_swiglu
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 16, generator=g, device=DEVICE, requires_grad=True)
-    w = torch.rand(6, 2, generator=g, device=DEVICE, requires_grad=True)
+    x = torch.randn(6, 16, generator=g).to(DEVICE).requires_grad_()
+    w = torch.rand(6, 2, generator=g).to(DEVICE).requires_grad_()
     rows = torch.randperm(12, generator=g).to(DEVICE)
     inv = torch.empty(12, dtype=torch.int64, device=DEVICE)
     inv[rows] = torch.arange(12, device=DEVICE)  # sorted row r holds slot rows[r], of token rows[r] // 2

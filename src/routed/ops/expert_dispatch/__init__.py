@@ -46,6 +46,15 @@ def _check(cond: bool, msg: str) -> None:
 
 def check_expert_inputs(x: Tensor, route: ExpertRoute, gate_up_proj: Tensor, down_proj: Tensor) -> None:
     """Check that ``x``, the route and the expert weights fit together; raise :class:`RouteError` saying how not."""
+    # The combined test first: the messages below cost more host time to format than the checks.
+    if (isinstance(route, ExpertRoute) and isinstance(x, Tensor) and isinstance(gate_up_proj, Tensor)
+            and isinstance(down_proj, Tensor) and x.dim() == 2 and x.is_floating_point() and gate_up_proj.dim() == 3
+            and route.num_tokens == x.shape[0] and gate_up_proj.shape[0] == route.num_experts
+            and gate_up_proj.shape[2] == x.shape[1] and gate_up_proj.shape[1] % 2 == 0
+            and down_proj.shape == (gate_up_proj.shape[0], x.shape[1], gate_up_proj.shape[1] // 2)
+            and x.dtype == gate_up_proj.dtype == down_proj.dtype
+            and x.device == gate_up_proj.device == down_proj.device == route.device):
+        return
     _check(isinstance(route, ExpertRoute), f"route must be an ExpertRoute, got {type(route).__name__}.")
     _check(isinstance(x, Tensor) and x.dim() == 2,
            f"x must be 2-D [tokens, hidden], got {list(getattr(x, 'shape', []))}; flatten with x.reshape(-1, hidden).")
@@ -65,6 +74,7 @@ def check_expert_inputs(x: Tensor, route: ExpertRoute, gate_up_proj: Tensor, dow
            f"x ({x.dtype}), gate_up_proj ({gate_up_proj.dtype}) and down_proj ({down_proj.dtype}) must share a dtype.")
     for name, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("the route", route)):
         _check(t.device == x.device, f"{name} is on {t.device} but x on {x.device}; move them to one device.")
+    raise RouteError("x, the route and the expert weights do not fit together.")
 
 
 def _why_not(name: str, x: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Optional[str]:
@@ -88,15 +98,33 @@ def explain_dispatch_backends(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor
     return [(n, _auto_why_not(n, x, gate_up_proj, down_proj)) for n in DISPATCH_BACKENDS]
 
 
+# The choice depends only on the backend asked for, the device, dtypes and sizes: decided once per
+# such key (the reasons ask the device for its capability, host time a layer call should not pay).
+_CHOICE: dict = {}
+
+
 def select_dispatch_backend(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, backend: Optional[str]) -> str:
-    if backend is not None:
-        if backend not in DISPATCH_BACKENDS:
-            raise BackendUnavailable(f"unknown dispatch backend {backend!r}; choose one of {list(DISPATCH_BACKENDS)} "
-                                     "or None for automatic choice.")
-        reason = _why_not(backend, x, gate_up_proj, down_proj)
-        if reason is not None:
-            raise BackendUnavailable(f"dispatch backend {backend!r} cannot run this call: {reason}")
-        return backend
+    key = (backend, x.device, x.dtype, gate_up_proj.dtype, down_proj.dtype, x.shape[1], gate_up_proj.shape[1],
+           os.environ.get("TRITON_INTERPRET"))
+    name = _CHOICE.get(key)
+    if name is None:
+        name = _CHOICE[key] = _select(x, gate_up_proj, down_proj, backend)  # raises (uncached) if it cannot run
+    return name
+
+
+def _select(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, backend: Optional[str]) -> str:
+    if backend is None:
+        return _select_auto(x, gate_up_proj, down_proj)
+    if backend not in DISPATCH_BACKENDS:
+        raise BackendUnavailable(f"unknown dispatch backend {backend!r}; choose one of {list(DISPATCH_BACKENDS)} "
+                                 "or None for automatic choice.")
+    reason = _why_not(backend, x, gate_up_proj, down_proj)
+    if reason is not None:
+        raise BackendUnavailable(f"dispatch backend {backend!r} cannot run this call: {reason}")
+    return backend
+
+
+def _select_auto(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> str:
     for name, reason in explain_dispatch_backends(x, gate_up_proj, down_proj):
         if reason is None:
             logger.debug("routed: chose dispatch backend %r", name)

@@ -56,7 +56,10 @@ def gmm_loop(a: Tensor, w: Tensor, route: ExpertRoute) -> Tensor:
 
 
 def slot_rows(route: ExpertRoute) -> Tensor:
-    """``[T, k]`` int64: the sorted row of every slot (``-1`` for an empty slot)."""
+    """``[T, k]`` int64: the sorted row of every slot (``-1`` for an empty slot); the route's own when
+    its router wrote it."""
+    if route.slot_rows is not None:
+        return route.slot_rows
     inv = torch.full((route.expert_ids.numel(),), -1, dtype=torch.int64, device=route.device)
     inv[route.order] = torch.arange(route.order.numel(), device=route.device)
     return inv.view(route.expert_ids.shape)

@@ -2,8 +2,11 @@
 ``torch.compile`` traces them) and their autograd.
 
 Chain: ``_swiglu_*_kernel`` / ``_moe_combine_*_kernel`` (triton_kernels.py) -> host launchers ->
-``routed::moe_swiglu``, ``routed::moe_combine`` and ``routed::moe_gather`` custom ops with
-registered autograd -> :func:`routed.ops.expert_dispatch.grouped.sorted_expert_mlp` (``fused=True``).
+:func:`moe_swiglu`, :func:`moe_combine` and :func:`moe_gather`: in eager mode plain
+``autograd.Function`` s (a custom op's dispatch costs ~25 us of host time per call, more with
+autograd, and a MoE layer of 8k tokens is host-bound), under ``torch.compile`` the
+``routed::moe_swiglu``, ``routed::moe_combine`` and ``routed::moe_gather`` custom ops with registered
+autograd -> :func:`routed.ops.expert_dispatch.grouped.sorted_expert_mlp` (``fused=True``).
 """
 
 from __future__ import annotations
@@ -34,18 +37,17 @@ def _swiglu_fwd(gu: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("routed::moe_swiglu", mutates_args=())
-def moe_swiglu(gate_up: Tensor) -> Tensor:
+def moe_swiglu_op(gate_up: Tensor) -> Tensor:
     """``[A, 2I]`` gate rows' outputs then up rows' -> ``silu(gate) * up`` ``[A, I]``."""
     return _swiglu_fwd(gate_up.contiguous())
 
 
-@moe_swiglu.register_fake
+@moe_swiglu_op.register_fake
 def _(gate_up):
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
-@torch.library.custom_op("routed::moe_swiglu_bwd", mutates_args=())
-def moe_swiglu_bwd(gate_up: Tensor, dout: Tensor) -> Tensor:
+def _swiglu_bwd(gate_up: Tensor, dout: Tensor) -> Tensor:
     gu, do = gate_up.contiguous(), dout.contiguous()
     A, I2 = gu.shape
     dgu = new_output((A, I2), dtype=gu.dtype, device=gu.device)
@@ -54,6 +56,11 @@ def moe_swiglu_bwd(gate_up: Tensor, dout: Tensor) -> Tensor:
         _swiglu_bwd_kernel[(A, triton.cdiv(I2 // 2, blk))](gu, do, dgu, I2 // 2, gu.stride(0), do.stride(0),
                                                            dgu.stride(0), BLOCK=blk)
     return dgu
+
+
+@torch.library.custom_op("routed::moe_swiglu_bwd", mutates_args=())
+def moe_swiglu_bwd(gate_up: Tensor, dout: Tensor) -> Tensor:
+    return _swiglu_bwd(gate_up, dout)
 
 
 @moe_swiglu_bwd.register_fake
@@ -87,7 +94,7 @@ def _combine_fwd(ys: Tensor, inv: Tensor, weights: Optional[Tensor]) -> Tensor:
 
 
 @torch.library.custom_op("routed::moe_combine", mutates_args=())
-def moe_combine(ys: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
+def moe_combine_op(ys: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
     """``out[t] = sum_j weights[t, j] * ys[inv[t, j]]`` over slots with ``inv >= 0``.
 
     ``ys [A, H]`` expert outputs in sorted order, ``inv [T, k]`` int64 row of each slot (``-1``:
@@ -95,13 +102,12 @@ def moe_combine(ys: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
     return _combine_fwd(ys.contiguous(), inv.contiguous(), weights.contiguous())
 
 
-@moe_combine.register_fake
+@moe_combine_op.register_fake
 def _(ys, inv, weights):
     return ys.new_empty(inv.shape[0], ys.shape[1])
 
 
-@torch.library.custom_op("routed::moe_combine_bwd", mutates_args=())
-def moe_combine_bwd(dout: Tensor, ys: Tensor, inv: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+def _combine_bwd(dout: Tensor, ys: Tensor, inv: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     do, ys, inv, w = dout.contiguous(), ys.contiguous(), inv.contiguous(), weights.contiguous()
     T, K = inv.shape
     H = ys.shape[1]
@@ -111,6 +117,11 @@ def moe_combine_bwd(dout: Tensor, ys: Tensor, inv: Tensor, weights: Tensor) -> t
         _moe_combine_bwd_kernel[(T,)](do, ys, inv, w, dys, dw, H, K, do.stride(0), ys.stride(0), dys.stride(0),
                                       BLOCK_H=_block(H))
     return dys, dw.to(weights.dtype)
+
+
+@torch.library.custom_op("routed::moe_combine_bwd", mutates_args=())
+def moe_combine_bwd(dout: Tensor, ys: Tensor, inv: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    return _combine_bwd(dout, ys, inv, weights)
 
 
 @moe_combine_bwd.register_fake
@@ -145,14 +156,14 @@ def _(ys, inv):
 
 
 @torch.library.custom_op("routed::moe_gather", mutates_args=())
-def moe_gather(x: Tensor, rows: Tensor, inv: Tensor) -> Tensor:
+def moe_gather_op(x: Tensor, rows: Tensor, inv: Tensor) -> Tensor:
     """``x[rows]`` (``rows [A]`` token of each sorted row); its backward sums each token's rows
     through ``inv [T, k]`` with the combine kernel (deterministic, float32 accumulation) instead
     of an atomic ``index_add``."""
     return x.index_select(0, rows)
 
 
-@moe_gather.register_fake
+@moe_gather_op.register_fake
 def _(x, rows, inv):
     return x.new_empty(rows.shape[0], x.shape[1])
 
@@ -167,3 +178,63 @@ def _gather_backward(ctx, dxs):
 
 
 torch.library.register_autograd("routed::moe_gather", _gather_backward, setup_context=_gather_setup)
+
+
+# -------------------------------------------------------------------------------------- eager path
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return _swiglu_fwd(gate_up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (gu,) = ctx.saved_tensors
+        return _swiglu_bwd(gu, dout)
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ys, inv, weights):
+        ctx.save_for_backward(ys, inv, weights)
+        return _combine_fwd(ys, inv, weights)
+
+    @staticmethod
+    def backward(ctx, dout):
+        ys, inv, weights = ctx.saved_tensors
+        dys, dw = _combine_bwd(dout, ys, inv, weights)
+        return dys, None, dw
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rows, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, dxs):
+        (inv,) = ctx.saved_tensors
+        return _combine_fwd(dxs.contiguous(), inv, None), None, None
+
+
+def moe_swiglu(gate_up: Tensor) -> Tensor:
+    """``[A, 2I]`` gate rows' outputs then up rows' -> ``silu(gate) * up`` ``[A, I]`` (differentiable)."""
+    if torch.compiler.is_compiling():
+        return moe_swiglu_op(gate_up)
+    return _SwiGLU.apply(gate_up.contiguous())
+
+
+def moe_combine(ys: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
+    """``out[t] = sum_j weights[t, j] * ys[inv[t, j]]`` over slots with ``inv >= 0`` (see
+    :func:`moe_combine_op`); differentiable in ``ys`` and ``weights``."""
+    if torch.compiler.is_compiling():
+        return moe_combine_op(ys, inv, weights)
+    return _Combine.apply(ys.contiguous(), inv.contiguous(), weights.contiguous())
+
+
+def moe_gather(x: Tensor, rows: Tensor, inv: Tensor) -> Tensor:
+    """``x[rows]``, its backward the deterministic slot sum (see :func:`moe_gather_op`)."""
+    if torch.compiler.is_compiling():
+        return moe_gather_op(x, rows, inv)
+    return _Gather.apply(x, rows, inv)
