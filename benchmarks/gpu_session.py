@@ -86,6 +86,12 @@ ITEMS = {
     "moe": (5, 300, {}, [
         "python benchmarks/moe.py --out {out}/moe.json",
     ]),
+    "moe_overhead": (5, 150, {}, [  # where the eager MoE forward's extra ~1.5 ms over its CUDA graph goes
+        "python benchmarks/moe_overhead.py --out {out}/moe_overhead.json",
+    ]),
+    "lm_speed_tuned_mass": (8, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
+        "python benchmarks/lm_compare.py --variants --speed --speed-lens 32768 --out {out}/lm_speed_tuned_mass.json",
+    ]),
 }
 
 
