@@ -378,6 +378,15 @@ def main(argv=None) -> dict:
     if args.merge and out.exists():
         old = json.loads(out.read_text())
         runs, earlier_s = old["runs"], old.get("wall_seconds_all_calls", old.get("wall_seconds", 0.0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> dict:  # after every model: a run cut by a time limit keeps the models it finished
+        result = {"machine": machine_header(), "args": _recorded_args(args), "data": data,
+                  "summary": summarize(runs), "runs": runs, "wall_seconds": time.perf_counter() - t_start}
+        result["wall_seconds_all_calls"] = earlier_s + result["wall_seconds"]
+        out.write_text(json.dumps(result, indent=1))
+        return result
+
     for seed in args.seeds:
         for name, router in models:
             r = train_one(args, name, router, seed, train_ids, eval_win, final_win, vocab, device)
@@ -385,12 +394,8 @@ def main(argv=None) -> dict:
             print(f"{name} seed {seed}: val ppl {r['final']['val_ppl']:.3f} (loss {r['final']['val_loss']:.4f} "
                   f"+- {r['final']['val_loss_se']:.4f}), late fluctuation {r['fluctuation_late_mean']}, "
                   f"{r['train_seconds']:.0f} s", flush=True)
-    summary = summarize(runs)
-    result = {"machine": machine_header(), "args": _recorded_args(args), "data": data,
-              "summary": summary, "runs": runs, "wall_seconds": time.perf_counter() - t_start}
-    result["wall_seconds_all_calls"] = earlier_s + result["wall_seconds"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+            result = save()
+    summary = result["summary"]
     r0 = next(iter(runs.values()))[str(args.seeds[0])]
     plot(runs, Path(args.plot) if args.plot else out.with_suffix(".png"),
          f"MoE LMs on SOTU: {r0['parameters'] / 1e6:.2f}M parameters ({r0['active_parameters'] / 1e6:.2f}M active), "

@@ -78,7 +78,7 @@ class _RoutedRouterMixin:
         bias = self.routed_selection_bias if opts["balance_bias_rate"] > 0 else None
         if method == "token_choice":
             route = token_choice_route(logits, k, score_order=opts["score_order"], normalize=self._routed_normalize,
-                                       selection_bias=bias, capacity=cap)
+                                       selection_bias=bias, capacity=cap, backend=opts.get("router_backend"))
         elif method == "expert_choice":
             route = expert_choice_route(logits, min(T, cap or expert_capacity(T, k, E, 1.0)), selection_bias=bias)
         else:
@@ -118,7 +118,7 @@ class _RoutedRouterMixin:
                     probs = attention_mixed_probs(p, attn_weights=attn, causal=opts["causal"], mix=opts["mix"])
             probs = probs.reshape(T, E)
             route = topk_route_from_probs(probs, k, normalize=self._routed_normalize, selection_bias=bias,
-                                          capacity=cap)
+                                          capacity=cap, backend=opts.get("router_backend"))
             out_logits = probs.clamp_min(1e-20).log().to(logits.dtype)
         cached = self.__dict__.pop("_routed_cached_len", 0)
         if cached and (method in ("similarity", "expert_choice") or cap is not None):
@@ -180,7 +180,7 @@ def _attn_hook(gate: nn.Module):
 def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_order: str = "softmax_topk",
                      capacity_factor: Optional[float] = None, causal: bool = True, similarity_dim: int = 64,
                      temperature: float = 0.1, mix: float = 0.5, attention_source: str = "auto",
-                     balance_bias_rate: float = 0.0) -> list[nn.Module]:
+                     balance_bias_rate: float = 0.0, router_backend: Optional[str] = None) -> list[nn.Module]:
     """Replace, in place, the routing of every transformers top-k router in ``model``.
 
     Args:
@@ -197,11 +197,16 @@ def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_or
         balance_bias_rate: > 0 turns on auxiliary-loss-free balancing: a per-expert selection bias
             (buffer ``routed_selection_bias``, saved with the model) added to the scores only to
             choose experts, moved by this rate after each training-mode call (DeepSeek-V3: 1e-3).
+        router_backend: the top-k and expert sort: ``"triton"`` (the fused route kernel, the default on
+            CUDA GPUs), ``"reference"`` (PyTorch: with ``"token_choice"`` the model's own routing bit
+            for bit) or None.
     Returns the swapped routers (each records its last :class:`~routed.route.ExpertRoute` in
     ``last_route``). Raises if the model has none.
     """
     if method not in ROUTER_METHODS:
         raise RouteError(f"method must be one of {ROUTER_METHODS}, got {method!r}.")
+    if router_backend not in (None, "triton", "reference"):
+        raise RouteError(f"router_backend must be 'triton', 'reference' or None, got {router_backend!r}.")
     if attention_source not in ("auto", "weights", "qk"):
         raise RouteError(f"attention_source must be 'auto', 'weights' or 'qk', got {attention_source!r}.")
     if method == "expert_choice" and causal:
@@ -219,7 +224,8 @@ def swap_moe_routers(model: nn.Module, method: str = "token_choice", *, score_or
         gate._routed_normalize = bool(getattr(gate, "norm_topk_prob", True))
         gate._routed_cast_scores = hasattr(gate, "norm_topk_prob")
         gate._routed_opts = dict(method=method, score_order=score_order, capacity_factor=capacity_factor,
-                                 causal=causal, temperature=temperature, mix=mix, balance_bias_rate=balance_bias_rate)
+                                 causal=causal, temperature=temperature, mix=mix, balance_bias_rate=balance_bias_rate,
+                                 router_backend=router_backend)
         if balance_bias_rate > 0 and not hasattr(gate, "routed_selection_bias"):
             gate.register_buffer("routed_selection_bias", torch.zeros(gate.num_experts, device=gate.weight.device))
         if method == "similarity" and not hasattr(gate, "routed_sim_proj"):
