@@ -28,7 +28,8 @@ class RoutedMoE(nn.Module):
         num_experts, top_k: ``E`` experts, ``k`` per token.
         router: ``"token_choice"``, ``"expert_choice"``, ``"similarity"`` or ``"attention"``;
             other router options (``score_order``, ``capacity_factor``, ``causal``, ``mix``,
-            ``balance_bias_rate``, ...) pass through ``router_kwargs``.
+            ``balance_bias_rate``, ``router_backend`` (the fused route kernel or PyTorch), ...) pass
+            through ``router_kwargs``.
         aux_loss_coef, z_loss_coef: weights of the Switch and z losses in :attr:`balance_loss`
             (0 leaves a loss out; both are reported in :attr:`last` either way).
         backend: dispatch backend (None = automatic; see
