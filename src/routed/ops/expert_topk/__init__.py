@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...backends import BackendUnavailable
-from ...env import triton_runs_on
+from ...env import triton_why_not
 from ...route import ExpertRoute, RouteError
 
 __all__ = ["expert_topk_route", "expert_topk_reference", "EXPERT_TOPK_MODES"]
@@ -48,17 +48,6 @@ def expert_topk_reference(x: Tensor, k: int, mode: str = "softmax_topk", normali
     elif normalize:
         w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     return ids, w, probs
-
-
-def _why_not_triton(x: Tensor) -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (pip install triton)."
-    if not triton_runs_on(x.device):
-        return (f"x is on {x.device.type}; the kernels run on CUDA GPUs (or on the CPU under TRITON_INTERPRET=1, "
-                "set before importing routed).")
-    return None
 
 
 def expert_topk_route(x: Tensor, k: int, *, mode: str = "softmax_topk", normalize: bool = True,
@@ -94,10 +83,10 @@ def expert_topk_route(x: Tensor, k: int, *, mode: str = "softmax_topk", normaliz
     if backend not in (None, "triton", "reference"):
         raise BackendUnavailable(f"unknown expert top-k backend {backend!r}; choose 'triton', 'reference' or None.")
     if backend == "triton":
-        why = _why_not_triton(x)
+        why = triton_why_not(x)
         if why is not None:
             raise BackendUnavailable(f"expert top-k backend 'triton' cannot run this call: {why}")
-    use_kernel = backend == "triton" or (backend is None and x.device.type == "cuda" and _why_not_triton(x) is None)
+    use_kernel = backend == "triton" or (backend is None and x.device.type == "cuda" and triton_why_not(x) is None)
     if use_kernel:
         from .triton_ops import MODES, expert_topk_triton
 
