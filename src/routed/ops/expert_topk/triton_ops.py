@@ -77,6 +77,17 @@ def expert_topk_bwd(x: Tensor, probs: Tensor, ids: Tensor, w: Tensor, dw: Tensor
     return dx
 
 
+def _input_grads(ctx, dprobs, dw, bwd) -> tuple:
+    """The gradients of ``(x, bias, k, mode, normalize)`` from those of ``probs`` and the weights, by
+    ``bwd`` (the launcher eagerly, its custom op under compile); mode 2 returns no softmax."""
+    x, probs, ids, w = ctx.saved_tensors
+    if dw is None and dprobs is None:
+        return None, None, None, None, None
+    dw = torch.zeros_like(w) if dw is None else dw
+    dprobs = None if ctx.mode == 2 else dprobs
+    return bwd(x, probs, ids, w, dw, dprobs, ctx.mode, ctx.normalize), None, None, None, None
+
+
 class _ExpertTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, k, mode, normalize):
@@ -89,12 +100,7 @@ class _ExpertTopK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dprobs, _ids, dw, *_rest):
-        x, probs, ids, w = ctx.saved_tensors
-        if dw is None and dprobs is None:
-            return None, None, None, None, None
-        dw = torch.zeros_like(w) if dw is None else dw
-        dprobs = None if ctx.mode == 2 else dprobs
-        return expert_topk_bwd(x, probs, ids, w, dw, dprobs, ctx.mode, ctx.normalize), None, None, None, None
+        return _input_grads(ctx, dprobs, dw, expert_topk_bwd)
 
 
 # ------------------------------------------------------------------------------ torch.compile path
@@ -131,10 +137,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dprobs, _ids, dw, *_rest):
-    x, probs, ids, w = ctx.saved_tensors
-    dw = torch.zeros_like(w) if dw is None else dw
-    dprobs = None if ctx.mode == 2 else dprobs
-    return expert_topk_bwd_op(x, probs, ids, w, dw, dprobs, ctx.mode, ctx.normalize), None, None, None, None
+    return _input_grads(ctx, dprobs, dw, expert_topk_bwd_op)
 
 
 torch.library.register_autograd("routed::expert_topk_fwd", _backward, setup_context=_setup)
