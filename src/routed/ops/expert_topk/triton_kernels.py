@@ -50,8 +50,7 @@ def _expert_topk_fwd_kernel(X, BIAS, PROBS, IDS, W, HIST, T, E, stride_x, num_ti
     if MODE == 2:
         p = tl.where(m2, x, 0.0)
     else:
-        mx = tl.max(tl.where(m2, x, float("-inf")), axis=1)
-        mx = tl.where(rm, mx, 0.0)
+        mx = tl.where(rm, tl.max(x, axis=1), 0.0)  # x is -inf off the tile (its load's `other`)
         ex = tl.where(m2, tl.exp(x - mx[:, None]), 0.0)
         p = ex / tl.maximum(tl.sum(ex, axis=1), 1e-30)[:, None]
         tl.store(PROBS + rows64[:, None] * E + cols[None, :], p, mask=m2)
@@ -99,19 +98,16 @@ def _expert_topk_fwd_kernel(X, BIAS, PROBS, IDS, W, HIST, T, E, stride_x, num_ti
 def _expert_sort_kernel(IDS, HIST, CUM, ORDER, SLOT_ROWS, COUNTS, OFFSETS, T, E, num_tiles,
                         K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     pid = tl.program_id(0)
-    cols = tl.arange(0, E_PAD)
+    _rows, rows64, cols, kcols, rm, cm, _m2 = _tile_indices(pid, T, E, K_PAD, E_PAD, BLOCK_T)
     if pid == 0:  # the per-expert totals: the inclusive sum at each expert's last tile
-        cm = cols < E
         end = tl.load(CUM + cols * num_tiles + num_tiles - 1, mask=cm, other=0)
         start = tl.load(CUM + cols * num_tiles - 1, mask=cm & (cols > 0), other=0)
         tl.store(COUNTS + cols, end - start, mask=cm)
         tl.store(OFFSETS + 1 + cols, end, mask=cm)
         tl.store(OFFSETS + cols, 0, mask=cols == 0)
     S: tl.constexpr = BLOCK_T * K_PAD
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    kcols = tl.arange(0, K_PAD)
-    valid2 = (rows < T)[:, None] & (kcols < K)[None, :]
-    slot2 = rows.to(tl.int64)[:, None] * K + kcols[None, :]
+    valid2 = rm[:, None] & (kcols < K)[None, :]
+    slot2 = rows64[:, None] * K + kcols[None, :]
     ids2 = tl.load(IDS + slot2, mask=valid2, other=0)
     # Flatten row-major: slots in token order, then slot order, as a stable sort by expert keeps them.
     ids = tl.reshape(ids2, [S])
