@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from routed.bench import graphed_ms
+from routed.bench import graphed_ms, time_median_ms
 from routed.env import command_line, machine_header
 from routed.layers.moe import RoutedMoE
 from routed.ops.expert_dispatch import expert_mlp
@@ -33,17 +33,8 @@ from routed.route import ExpertRoute
 
 
 def eager_ms(fn, reps=30) -> float:
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for i in range(reps + 3):
-        torch.cuda.synchronize()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        if i >= 3:
-            times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median CUDA-event milliseconds of ``fn`` after 3 warm-up calls (each call starts on an idle GPU)."""
+    return time_median_ms(fn, torch.device("cuda"), reps, warmup=3)
 
 
 def host_ms(fn, reps=30) -> float:
