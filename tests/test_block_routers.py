@@ -216,13 +216,14 @@ def test_nsa_selection_scores_match_definition(nq, nk, qbs, chunk, backend):
     lb, stride, sel = 8, 4, 16
     nc = compressed_positions(nk, lb, stride).numel()
     q, kc = torch.randn(1, 4, nq, 16, generator=g), torch.randn(1, 2, nc, 16, generator=g)
-    router = NSASelectionRouter(sel, 3, compress_block=lb, compress_stride=stride, q_block_size=qbs,
+    # top 4 with 1 sink and 2 local blocks: one block per row is chosen by score
+    router = NSASelectionRouter(sel, 4, compress_block=lb, compress_stride=stride, q_block_size=qbs,
                                 chunk=chunk or 4096, backend=backend)
     ref = _nsa_scores_f64(q, kc, nk, lb, stride, sel, qbs)
     torch.testing.assert_close(router.scores(q, kc, None, nk), ref.float(), rtol=1e-4, atol=1e-6)
     route = router(q, kc, None, nk)
     assert route.kv_block_ids.shape[1] == 2  # shared by the query heads of a KV group
-    assert torch.equal(route.to_block_mask(), _topk_definition(ref, 3, nq, nk, qbs, sel, 1, 2))
+    assert torch.equal(route.to_block_mask(), _topk_definition(ref, 4, nq, nk, qbs, sel, 1, 2))
 
 
 def _nsa_mass_case(batch, hq, hkv, nq, nk, qbs, seed):
@@ -251,11 +252,14 @@ def test_nsa_mass_kernel_equals_pytorch(hq, hkv, nq, nk, qbs):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("hq,hkv,nq,nk,qbs", [(8, 2, 200, 200, 64), (3, 1, 70, 90, 24), (16, 2, 130, 130, 32)])
+@pytest.mark.parametrize("hq,hkv,nq,nk,qbs", [(8, 2, 200, 200, 64), (3, 1, 70, 90, 24), (16, 2, 130, 130, 32),
+                                              (4, 2, 1100, 1100, 64), (2, 1, 300, 1250, 48)])
 def test_nsa_mass_kernel_every_launch_config(hq, hkv, nq, nk, qbs):
     """Every config the GPU autotuner may pick (taller query tiles, wider key tiles) equals the
     PyTorch twin: query tiles that cover a whole block, several tiles per block, and blocks that
-    are not powers of two; output poisoned before each launch."""
+    are not powers of two; output poisoned before each launch. The two long cases have key tiles
+    that every query of a block sees whole (the unmasked loop) before the tiles on the causal edge,
+    the second with queries after a cache (``nk > nq``)."""
     from routed.ops.block_topk.triton_kernels import nsa_mass_configs, nsa_mass_launch_with
 
     q, kc, lse, ref, lb, st = _nsa_mass_case(1, hq, hkv, nq, nk, qbs, seed=5)
@@ -297,6 +301,42 @@ def test_spread_equals_overlap_matrix(kv_len, lb, stride, sel):
         torch.testing.assert_close(out, (mass.double() @ w).float(), rtol=2e-6, atol=1e-7)
         torch.testing.assert_close(spread_to_selection_blocks(mass.double(), lb, stride, sel, nsb), mass.double() @ w,
                                    rtol=1e-12, atol=1e-14)
+
+
+# (q_len, kv_len, q block, selection block, compress_block, stride): one to four compressed blocks
+# per stride chunk (compress_block / stride = 1, 2, 4), one to four chunks per selection block,
+# lengths off every block multiple, queries after a cache, per-query routing, a decode step, no mass.
+_SPREAD_TOPK_CASES = [(100, 100, 16, 16, 16, 16), (130, 130, 32, 64, 32, 16), (70, 200, 16, 32, 64, 16),
+                      (48, 48, 1, 16, 8, 4), (1, 333, 16, 64, 32, 16), (90, 90, 24, 16, 16, 8),
+                      (20, 20, 16, 16, 32, 16)]  # the last: no compressed block has ended yet
+
+
+@pytest.mark.parametrize("q_len,kv_len,qbs,sel,lb,stride", _SPREAD_TOPK_CASES)
+def test_block_topk_kernel_spreads_compressed_mass(q_len, kv_len, qbs, sel, lb, stride):
+    """The top-k kernel reading NSA's per-compressed-block mass and spreading it as it loads (interpreter,
+    outputs poisoned) picks the routes the PyTorch spread followed by the PyTorch top-k picks."""
+    from routed.routers.blocks import _topk_route
+    from routed.testing import poisoned_outputs
+
+    g = torch.Generator().manual_seed(q_len + kv_len + lb)
+    nc, nsb = compressed_positions(kv_len, lb, stride).numel(), math.ceil(kv_len / sel)
+    mass = torch.rand(2, 3, math.ceil(q_len / qbs), nc, generator=g)
+    geo = (4, q_len, kv_len, qbs, sel, 1, 2)
+    with poisoned_outputs():
+        route = _topk_route(mass, *geo, "triton", spread=(lb, stride))
+    spread = spread_to_selection_blocks(mass, lb, stride, sel, nsb)
+    ref = _topk_route(spread, *geo, "reference")
+    assert torch.equal(route.kv_block_ids, ref.kv_block_ids) and torch.equal(route.kv_block_counts,
+                                                                             ref.kv_block_counts)
+    assert torch.equal(_topk_route(mass, *geo, "reference", spread=(lb, stride)).kv_block_ids, ref.kv_block_ids)
+
+
+def test_block_topk_kernel_rejects_a_spread_the_stride_does_not_divide():
+    from routed.ops.block_topk.triton_kernels import block_topk_triton
+
+    with pytest.raises(ValueError, match="the stride must divide"):
+        block_topk_triton(torch.rand(1, 1, 2, 5), width=2, q_len=32, kv_len=32, q_block_size=16, kv_block_size=16,
+                          sink_blocks=0, local_blocks=1, spread=(12, 8))
 
 
 def test_spread_rejects_blocks_past_the_selection_blocks():

@@ -100,12 +100,20 @@ def block_topk_route(scores: Tensor, *, top_k: int, q_len: int, kv_len: int, q_b
 
 def _topk_route(scores: Tensor, top_k: int, q_len: int, kv_len: int, q_block_size: int, kv_block_size: int,
                 sink_blocks: int, local_blocks: int, backend: Optional[str], group: int = 1,
-                reduce: str = "none", renormalize: bool = False) -> BlockRoute:
+                reduce: str = "none", renormalize: bool = False,
+                spread: Optional[tuple[int, int]] = None) -> BlockRoute:
     """:func:`block_topk_route` of ``scores [B, H * group, nqb, nkb]`` reduced over each head's
     ``group`` rows (``reduce``), each row first renormalised over the blocks before its query block
-    when ``renormalize`` (MoBA); the Triton kernel does all of it in one launch."""
+    when ``renormalize`` (MoBA); the Triton kernel does all of it in one launch. With ``spread =
+    (compress_block, compress_stride)`` the scores are NSA's ``[B, H, nqb, Nc]`` mass per compressed
+    block, spread over the key blocks first (:func:`spread_to_selection_blocks`; in the kernel when the
+    stride divides both blocks)."""
     nqb, nkb = math.ceil(q_len / q_block_size), math.ceil(kv_len / kv_block_size)
-    if scores.dim() != 4 or scores.shape[2:] != (nqb, nkb) or scores.shape[1] % group:
+    if spread is not None and not (_topk_use_triton(scores, nkb, backend) and spread[0] % spread[1] == 0
+                                   and kv_block_size % spread[1] == 0):
+        scores, spread = spread_to_selection_blocks(scores, *spread, kv_block_size, nkb), None
+    if (scores.dim() != 4 or scores.shape[2] != nqb or (spread is None and scores.shape[3] != nkb)
+            or scores.shape[1] % group):
         raise RouteError(f"scores must be [batch, heads, {nqb}, {nkb}] for q_len={q_len}, kv_len={kv_len}, "
                          f"q_block_size={q_block_size}, kv_block_size={kv_block_size}; got {list(scores.shape)}.")
     _pos_int("top_k", top_k)
@@ -120,7 +128,7 @@ def _topk_route(scores: Tensor, top_k: int, q_len: int, kv_len: int, q_block_siz
         ids, counts = block_topk_triton(scores, width=width, q_len=q_len, kv_len=kv_len, q_block_size=q_block_size,
                                         kv_block_size=kv_block_size, sink_blocks=sink_blocks,
                                         local_blocks=local_blocks, group=group, reduce=reduce,
-                                        renormalize=renormalize)
+                                        renormalize=renormalize, spread=spread)
         return BlockRoute(ids, counts, q_len, kv_len, q_block_size, kv_block_size, causal=True, validate=False)
     first, diag = _query_block_extent(q_len, kv_len, q_block_size, kv_block_size, scores.device)
     kb = torch.arange(nkb, device=scores.device)[None, :]
@@ -455,6 +463,17 @@ class NSASelectionRouter:
         """``[B, Hkv, nqb, num_sel_blocks]`` float32: for every query block, the mean over its
         queries of the compressed attention mass each selection block holds (summed over the
         group's query heads)."""
+        mass = self._compressed_mass(q, k_cmp, lse_cmp, kv_len, scale)
+        # Spread each compressed block's mass over the selection blocks it overlaps (linear in Nc, no
+        # Nc x num_sel_blocks matrix); mean per query.
+        sel = spread_to_selection_blocks(mass, self.compress_block, self.compress_stride, self.block_size,
+                                         math.ceil(kv_len / self.block_size))
+        return sel / _queries_per_block(q.shape[2], self.q_block_size, q.device)[:, None]
+
+    def _compressed_mass(self, q: Tensor, k_cmp: Tensor, lse_cmp: Optional[Tensor], kv_len: int,
+                         scale: Optional[float]) -> Tensor:
+        """``[B, Hkv, nqb, Nc]`` float32: per query block, the compressed-attention probability of every
+        compressed block, summed over the block's queries and the group's query heads."""
         check_qk_heads(q, k_cmp)
         B, hq, nq, d = q.shape
         hkv, nc = k_cmp.shape[1], k_cmp.shape[2]
@@ -466,9 +485,8 @@ class NSASelectionRouter:
                              f"{self.compress_block}, compress_stride={self.compress_stride} gives {expect}.")
         scale = d ** -0.5 if scale is None else float(scale)
         qbs = self.q_block_size
-        nqb, nsb = math.ceil(nq / qbs), math.ceil(kv_len / self.block_size)
         if nc == 0:
-            return torch.zeros(B, hkv, nqb, nsb, dtype=torch.float32, device=q.device)
+            return torch.zeros(B, hkv, math.ceil(nq / qbs), 0, dtype=torch.float32, device=q.device)
         if lse_cmp is None:
             lse_cmp = _nsa_lse_torch(q, k_cmp, kv_len, self.compress_block, self.compress_stride, scale, self.chunk)
         if self._use_triton(q):
@@ -479,10 +497,7 @@ class NSASelectionRouter:
         else:
             mass = _nsa_mass_torch(q, k_cmp, lse_cmp, kv_len, qbs, self.compress_block, self.compress_stride, scale,
                                    self.chunk)
-        # Spread each compressed block's mass over the selection blocks it overlaps (linear in Nc, no
-        # Nc x num_sel_blocks matrix); mean per query.
-        sel = spread_to_selection_blocks(mass, self.compress_block, self.compress_stride, self.block_size, nsb)
-        return sel / _queries_per_block(nq, qbs, q.device)[:, None]
+        return mass
 
     def _use_triton(self, q: Tensor) -> bool:
         why = estimator_backend_why_not(q, 16, False)  # the same conditions as the estimator kernels
@@ -495,12 +510,13 @@ class NSASelectionRouter:
     def __call__(self, q: Tensor, k_cmp: Tensor, lse_cmp: Optional[Tensor], kv_len: int, *,
                  scale: Optional[float] = None) -> BlockRoute:
         with torch.no_grad():
-            s = self.scores(q.detach(), k_cmp.detach(), None if lse_cmp is None else lse_cmp.detach(), kv_len,
-                            scale=scale)
-            return block_topk_route(s, top_k=self.top_n, q_len=q.shape[2], kv_len=kv_len,
-                                    q_block_size=self.q_block_size, kv_block_size=self.block_size,
-                                    sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
-                                    backend=self.backend)
+            mass = self._compressed_mass(q.detach(), k_cmp.detach(), None if lse_cmp is None else lse_cmp.detach(),
+                                         kv_len, scale)
+            # The top-k of the spread mass: the ranking of :meth:`scores` without its division by the
+            # queries per block (a positive constant per row); the Triton kernel spreads as it reads.
+            return _topk_route(mass, self.top_n, q.shape[2], kv_len, self.q_block_size, self.block_size,
+                               self.sink_blocks, self.local_blocks, self.backend,
+                               spread=(self.compress_block, self.compress_stride))
 
     def __repr__(self) -> str:
         return (f"NSASelectionRouter(block_size={self.block_size}, top_n={self.top_n}, compress_block="
