@@ -275,9 +275,30 @@ def bench_decode(args, dev):
             row[f"{name}_ms"] = do_bench(f)
             row[f"{name}_graph_ms"] = graph_bench(f)
         row["routed_graph_over_floor"] = (row["routed_graph_ms"] or float("nan")) / floor_ms
+        # The split launch alone (the combine launch swapped for nothing; its output is garbage, only its
+        # time counts): how much of the gap to the floor is the split kernel's, how much the second launch's.
+        row["routed_split_only_graph_ms"] = graph_bench_without_combine(routed)
         rows.append(row)
         print("decode", json.dumps(row), flush=True)
     return rows
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def graph_bench_without_combine(fn):
+    from routed.ops.block_sparse import triton_ops
+
+    combine = triton_ops._decode_combine_kernel
+    triton_ops._decode_combine_kernel = _NoLaunch()
+    try:
+        return graph_bench(fn)
+    finally:
+        triton_ops._decode_combine_kernel = combine
 
 
 def main():
@@ -329,7 +350,8 @@ def print_table(result):
     for row in result.get("decode", []):
         us = lambda x: float("nan") if x is None else x * 1e3  # noqa: E731
         print(f"decode hq={row['hq']:>2} hkv={row['hkv']:>2}: graph-replayed routed {us(row['routed_graph_ms']):6.1f} us"
-              f" = {row['routed_graph_over_floor']:.2f}x the {us(row['floor_ms']):5.1f} us floor; flex "
+              f" = {row['routed_graph_over_floor']:.2f}x the {us(row['floor_ms']):5.1f} us floor (split launch alone "
+              f"{us(row.get('routed_split_only_graph_ms')):6.1f}); flex "
               f"{us(row['flex_graph_ms']):6.1f}, dense flash {us(row['sdpa_flash_dense_graph_ms']):6.1f} | eager: routed "
               f"{us(row['routed_ms']):6.1f} flex {us(row['flex_ms']):6.1f} dense {us(row['sdpa_flash_dense_ms']):6.1f} us")
     hdr = (f"{'N':>6} {'hkv':>3} {'blk':>3} {'dens':>5} | {'routed fwd':>10} {'flex fwd':>8} {'cudnn':>6} {'flash':>6}"
