@@ -5,12 +5,25 @@ routed LM per attention type on it, report recall.
         [--attention dense sliding_window routing mosa] [--seq-lens 2048 4096 8192]
         [--option kmeans_clusters=16 --option routing_window=64 ...]
 
-A sequence opens with ``kv_pairs`` key-value pairs (keys from the lower half of the vocabulary,
-values from the upper half), then repeats keys at random later positions (gaps drawn from a power
-law, Zoology's ``power_a``), each followed by its value; every other position holds a random token.
-The model is trained with next-token cross-entropy on the value positions only (plus the layers'
-auxiliary losses) and scored by greedy accuracy there (teacher forcing, one forward per sequence),
-on held-out sequences. Each attention type gets the same model size, steps, data and seed.
+A sequence opens with ``kv_pairs`` key-value pairs (``--key-vocab shared``: distinct tokens of one
+pool; ``split``: keys from the lower half of the vocabulary, values from the upper half, as in
+Zoology), then repeats every key once at a random later even slot (gaps drawn from a power law,
+Zoology's ``power_a``); every other position holds filler (``--noise``: random tokens that are
+none of the sequence's keys, or token 0). At each repeated key the model must predict its value,
+which (as in Zoology) never appears in the input after the query. The model is trained with
+cross-entropy on those query positions only (plus the layers' auxiliary losses) and scored by
+greedy accuracy there (teacher forcing, one forward per sequence), on held-out sequences. Each
+attention type gets the same model size, steps, data and seed.
+
+Why ``shared`` is the default: with Zoology's split vocabulary a token's half says whether it is a
+value, so the model first learns "spread the prediction over the context's values" (loss ln(pairs),
+recall 1/pairs) and stays there for a long time (thousands of steps at these sizes; Zoology trains
+64 epochs of 100k sequences); with one pool that shortcut does not exist and the lookup (a
+previous-token head feeding a key-matching head) is learned within a few hundred steps. Random
+filler (``--noise random``) is learned later than token 0 and levels off lower; longer sequences
+and more pairs delay the onset (CPU, 2 layers of 128, batch 32, lr 3e-3, vocab 256, token-0
+filler: 8 pairs at 128 tokens 0.92 recall after 800 steps, split vocabulary 0.13; random filler
+0.56 after 1500; 16 pairs at 128 tokens 0.32 after 800, onset near step 600).
 
 MoSA runs with ``mosa_selection=threshold`` unless ``--option`` says otherwise: the top-k selection
 compares the whole sequence, so later tokens would steer which earlier tokens are picked, a channel
@@ -38,34 +51,55 @@ from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM  # noqa:
 from routed.train import parse_options  # noqa: E402
 
 
-def mqar(num: int, seq_len: int, vocab: int, kv_pairs: int, *, power_a: float = 0.01,
-         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mqar(num: int, seq_len: int, vocab: int, kv_pairs: int, *, power_a: float = 0.01, split_vocab: bool = True,
+         noise: str = "random", generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Zoology's multi-query associative recall.
 
-    Returns ``inputs [num, seq_len]`` int64 token ids and ``labels [num, seq_len]`` (the value the
-    model must predict at the position of each repeated key, ``-100`` elsewhere: ``labels[t]`` is
-    the target for ``inputs[:, t]``'s next token).
+    Returns ``inputs [num, seq_len]`` int64 token ids and ``labels [num, seq_len]``: at the position
+    of each repeated key, the value the model must predict there (``-100`` elsewhere). As in
+    Zoology, the value is only a label: the slot after a query holds filler, so no answer is shown
+    in the input (shown answers let a model rule out the values already asked for, a shortcut that
+    reaches ``H(P)/P`` recall without any retrieval).
+
+    ``split_vocab``: keys from ``[1, vocab/2)``, values from ``[vocab/2, vocab)`` (Zoology's layout);
+    False draws the ``2 * kv_pairs`` tokens of a sequence from one pool ``[1, vocab)`` (first half
+    keys, second half values), so no token says by itself that it is a value. ``noise``: what the
+    non-pair, non-query positions hold: ``"random"`` tokens of ``[1, vocab)`` that are none of the
+    sequence's keys (a key never repeats except as its query, so every query has one answer), or
+    ``"zero"`` (token 0, never a key or value: Zoology's ``random_non_queries=False``, used in its
+    paper's MQAR figures).
     """
     context = 2 * kv_pairs
-    space = (seq_len + 1 - context) // 2
+    space = (seq_len - context) // 2
     if kv_pairs < 1 or space < kv_pairs or vocab < 2 * kv_pairs + 2:
         raise ValueError(f"seq_len={seq_len} holds {space} query slots after {kv_pairs} pairs, and vocab={vocab} "
                          f"needs at least {2 * kv_pairs + 2} tokens; lower --kv-pairs or raise --seq-len/--vocab.")
-    half = vocab // 2
-    keys = torch.stack([torch.randperm(half - 1, generator=generator)[:kv_pairs] + 1 for _ in range(num)])
-    values = torch.stack([torch.randperm(vocab - half, generator=generator)[:kv_pairs] + half for _ in range(num)])
-    kvs = torch.stack([keys, values], -1).reshape(num, context)
+    if noise not in ("random", "zero"):
+        raise ValueError(f"noise={noise!r}: use 'random' or 'zero'.")
+    if split_vocab:
+        half = vocab // 2
+        keys = torch.stack([torch.randperm(half - 1, generator=generator)[:kv_pairs] + 1 for _ in range(num)])
+        values = torch.stack([torch.randperm(vocab - half, generator=generator)[:kv_pairs] + half
+                              for _ in range(num)])
+    else:
+        kv = torch.stack([torch.randperm(vocab - 1, generator=generator)[:context] + 1 for _ in range(num)])
+        keys, values = kv[:, :kv_pairs], kv[:, kv_pairs:]
     # Query gaps: a power law over the free slots (near slots likelier), distinct per sequence.
     p = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
     gaps = torch.stack([torch.multinomial(p, kv_pairs, replacement=False, generator=generator) for _ in range(num)])
-    tail = torch.randint(0, vocab, (num, seq_len + 1 - context), generator=generator)  # random non-queries
-    tail_labels = torch.full_like(tail, -100)
+    tail_len = seq_len - context
+    if noise == "zero":
+        tail = torch.zeros(num, tail_len, dtype=torch.long)
+    else:  # the r-th token of [1, vocab) that is not one of the row's keys, r uniform
+        r = torch.randint(0, vocab - 1 - kv_pairs, (num, tail_len), generator=generator)
+        s = keys.sort(1).values
+        below = s - 1 - torch.arange(kv_pairs)  # non-keys of [1, vocab) below each sorted key
+        tail = 1 + r + torch.searchsorted(below.contiguous(), r, right=True)
+    labels = torch.full_like(tail, -100)
     tail.scatter_(1, 2 * gaps, keys)
-    tail.scatter_(1, 2 * gaps + 1, values)
-    tail_labels.scatter_(1, 2 * gaps + 1, values)
-    seq = torch.cat([kvs, tail], 1)  # [num, seq_len + 1]
-    labels = torch.cat([torch.full_like(kvs, -100), tail_labels], 1)
-    return seq[:, :-1], labels[:, 1:]
+    labels.scatter_(1, 2 * gaps, values)
+    kvs = torch.stack([keys, values], -1).reshape(num, context)
+    return torch.cat([kvs, tail], 1), torch.cat([torch.full_like(kvs, -100), labels], 1)
 
 
 def run_one(attention: str, seq_len: int, args, options: dict, device) -> dict:
@@ -76,7 +110,8 @@ def run_one(attention: str, seq_len: int, args, options: dict, device) -> dict:
     model = RoutedLMForCausalLM(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98))
     data_gen = torch.Generator().manual_seed(args.seed)
-    test_x, test_y = mqar(args.test_examples, seq_len, args.vocab, args.kv_pairs,
+    task = {"split_vocab": args.key_vocab == "split", "noise": args.noise}
+    test_x, test_y = mqar(args.test_examples, seq_len, args.vocab, args.kv_pairs, **task,
                           generator=torch.Generator().manual_seed(args.seed + 1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
@@ -86,7 +121,7 @@ def run_one(attention: str, seq_len: int, args, options: dict, device) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        x, y = mqar(args.batch_size, seq_len, args.vocab, args.kv_pairs, generator=data_gen)
+        x, y = mqar(args.batch_size, seq_len, args.vocab, args.kv_pairs, **task, generator=data_gen)
         x, y = x.to(device), y.to(device)
         mask = y != -100
         with autocast:
@@ -134,6 +169,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--test-examples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--key-vocab", choices=["shared", "split"], default="shared",
+                    help="shared: a sequence's keys and values are distinct tokens of one pool; split: keys from the "
+                         "lower half of the vocabulary, values from the upper half (Zoology's layout; a token then "
+                         "tells by itself that it is a value, and the model settles on 'some value of the context' "
+                         "(recall ~1/pairs) for a long time before it learns the lookup)")
+    ap.add_argument("--noise", choices=["zero", "random"], default="zero",
+                    help="filler between the queries: token 0 (Zoology's random_non_queries=False, as in its "
+                         "paper's MQAR runs), or random tokens other than the sequence's keys (harder: learned "
+                         "later and less far)")
     ap.add_argument("--option", action="append", default=[],
                     help="key=value config field for every model (e.g. kmeans_clusters=32, window_blocks=4)")
     ap.add_argument("--smoke", action="store_true",
@@ -146,7 +190,9 @@ def main() -> None:
     smoke_options = dict(attention_block_size=16, window_blocks=2, routing_window=16, kmeans_clusters=4,
                          mosa_sparsity=4) if args.smoke else {}
     options = {"mosa_selection": "threshold", **smoke_options, **parse_options(args.option)}
-    result = {"machine": machine_header(), "command": command_line(), "options": options, "runs": []}
+    result = {"machine": machine_header(), "command": command_line(), "options": options,
+              "task": {"kv_pairs": args.kv_pairs, "vocab": args.vocab, "key_vocab": args.key_vocab,
+                       "noise": args.noise}, "runs": []}
     for seq_len in args.seq_lens:
         for attention in args.attention:
             row = run_one(attention, seq_len, args, options, device)
