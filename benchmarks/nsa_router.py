@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from routed.bench import graphed_ms
 from routed.env import command_line, machine_header
 from routed.ops.block_topk.triton_kernels import nsa_compressed_mass_triton, nsa_mass_configs, nsa_mass_launch_with
-from routed.routers.blocks import (NSASelectionRouter, _nsa_lse_torch, _nsa_mass_torch, _topk_route, block_topk_route,
+from routed.routers.blocks import (NSASelectionRouter, _nsa_lse_torch, _nsa_mass_torch, _topk_route,
                                    num_compressed_blocks, spread_to_selection_blocks)
 
 
@@ -83,15 +83,13 @@ def one_length(n: int, args) -> dict:
         nsb = math.ceil(n / sel)
         row["spread_ms"] = graph_ms(lambda: spread_to_selection_blocks(mass, cb, st, sel, nsb))
         scores = spread_to_selection_blocks(mass, cb, st, sel, nsb)
-        geo = dict(top_k=args.top_n, q_len=n, kv_len=n, q_block_size=sel, kv_block_size=sel, sink_blocks=1,
-                   local_blocks=2)
-        row["topk_ms"] = graph_ms(lambda: block_topk_route(scores, **geo, backend="triton"))
+        geo = (args.top_n, n, n, sel, sel, 1, 2)  # top-n, q/kv lengths, q/kv blocks, 1 sink, 2 local blocks
+        row["topk_ms"] = graph_ms(lambda: _topk_route(scores, *geo, "triton"))
         # the top-k kernel spreading the mass as it reads it (what the router runs), against the PyTorch
         # spread and route on the same mass: rows whose kept blocks differ (near-ties only)
-        g6 = (args.top_n, n, n, sel, sel, 1, 2)
-        row["topk_spread_ms"] = graph_ms(lambda: _topk_route(mass, *g6, "triton", spread=(cb, st)))
-        fused = _topk_route(mass, *g6, "triton", spread=(cb, st)).kv_block_ids
-        ref_ids = _topk_route(scores, *g6, "reference").kv_block_ids
+        row["topk_spread_ms"] = graph_ms(lambda: _topk_route(mass, *geo, "triton", spread=(cb, st)))
+        fused = _topk_route(mass, *geo, "triton", spread=(cb, st)).kv_block_ids
+        ref_ids = _topk_route(scores, *geo, "reference").kv_block_ids
         row["fused_spread_rows_differing"] = int((fused != ref_ids).any(-1).sum())
         router = NSASelectionRouter(sel, args.top_n, compress_block=cb, compress_stride=st, sink_blocks=1,
                                     local_blocks=2)
