@@ -14,7 +14,8 @@ Three branches over the same queries, keys and values, mixed by learned gates:
 3. **sliding window**: the last ``nsa_window_blocks`` key blocks (block granular).
 
 ``out = sigmoid(g_cmp) * o_cmp + sigmoid(g_slc) * o_slc + sigmoid(g_win) * o_win`` with the gates
-a linear map of the layer's input, per query head (the paper's gated sum of branch outputs).
+a linear map of the layer's input, per query head (the paper's gated sum of branch outputs; one
+fused launch each way, :mod:`routed.ops.gated_sum`).
 With ``attention_dense=True`` the module computes full causal attention with its q/k/v/o
 projections (the compression, router and gates are unused): the same module, dense, for ablations.
 
@@ -57,6 +58,7 @@ from torch import Tensor, nn
 
 from ..attention import routed_attention
 from ..constants import cached_constants
+from ..ops.gated_sum import gated_sum
 from ..route import BlockRoute
 from ..routers.blocks import NSASelectionRouter, check_block_options, compressed_positions, num_compressed_blocks
 from .kv_cache import cache_keys, key_change
@@ -233,8 +235,9 @@ class NSAAttention(LMAttention):
         o_slc = routed_attention(q, k, v, route, scale=self.scale, backend=self.backend)
         window = block_window_route(nq, nk, self.block_size, self.window_blocks, q.device)
         o_win = routed_attention(q, k, v, window, scale=self.scale, backend=self.backend)
-        g = torch.sigmoid(self.gate(hidden)).view(B, nq, 3, hq).permute(2, 0, 3, 1).unsqueeze(-1).to(q.dtype)
-        return g[0] * o_cmp + g[1] * o_slc + g[2] * o_win
+        # One fused launch each way (the autograd ops of the gated sum were ~25 launches per step).
+        gate_backend = self.backend if self.backend in ("triton", "reference") else None
+        return gated_sum(self.gate(hidden).view(B, nq, 3, hq), [o_cmp, o_slc, o_win], backend=gate_backend)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", compress={self.compress_block}/{self.compress_stride}, "
