@@ -79,6 +79,28 @@ def _layer_step(args, name: str, n: int, device, dtype):
     return step
 
 
+def host_profile(step, device, top: int, reps: int = 10) -> list[dict]:
+    """The ``top`` functions by cumulative host time per call of ``step`` (cProfile, after warm-up):
+    where a launch-bound layer's host milliseconds go."""
+    import cProfile
+    import pstats
+
+    for _ in range(2):
+        step()
+    _sync(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        step()
+    prof.disable()
+    _sync(device)
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((f"{Path(fn).name}:{line}:{name}", cc, tt, ct) for (fn, line, name), (cc, _nc, tt, ct, _) in
+                   stats.items()), key=lambda r: -r[3])
+    return [{"function": f, "calls": c // reps, "self_ms": tt / reps * 1e3, "cum_ms": ct / reps * 1e3}
+            for f, c, tt, ct in rows[:top]]
+
+
 def profile_layer(args, name: str, n: int, device, dtype, top: int) -> dict:
     """One training step (forward, loss, backward) of the LM comparison's ``name`` layer."""
     return {"layer": name, "seq_len": n, **breakdown(_layer_step(args, name, n, device, dtype), device, top=top)}
@@ -112,6 +134,8 @@ def main(argv=None) -> int:
                    help="LM layers (a training step), or moba_router / nsa_router (one routing call)")
     p.add_argument("--top", type=int, default=12, help="kernels listed per layer")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph replay of each layer step")
+    p.add_argument("--host-profile", type=int, default=0, metavar="K",
+                   help="also cProfile each layer step's host time and keep its K costliest functions")
     p.add_argument("--out", default=None, help="JSON with a machine header")
     a, rest = p.parse_known_args(argv)
     args = lm_compare.parse_args(["--variants", *rest])  # the LM comparison's layer configuration
@@ -122,6 +146,11 @@ def main(argv=None) -> int:
         for name in a.layers:
             profiler = profile_router if name.endswith("_router") else profile_layer
             row = profiler(args, name, n, device, dtype, a.top)
+            if a.host_profile and not name.endswith("_router"):
+                row["host_functions"] = host_profile(_layer_step(args, name, n, device, dtype), device, a.host_profile)
+                for f in row["host_functions"]:
+                    print(f"  host {name:<10} {n:>6} {f['cum_ms']:8.3f} ms cum {f['self_ms']:7.3f} self x{f['calls']:<4} "
+                          f"{f['function']}")
             result["rows"].append(row)
             for k in row.get("top_kernels", []):
                 print(f"  {name:<15} {n:>6} {k['ms']:8.3f} ms  x{k['calls']:<4} {k['name']}")
