@@ -349,6 +349,11 @@ def plot(runs: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# what may change between the calls merged into one result file: which models and seeds, and where things go
+_MERGE_MAY_DIFFER = ("routers", "dense", "seeds", "device", "threads", "ckpt_dir", "out", "plot", "merge",
+                     "no_progress")
+
+
 def _recorded_args(args) -> dict:
     """The arguments as the results record them: paths by file name only (no machine folders)."""
     paths = ("out", "ckpt_dir", "text_file")
@@ -377,6 +382,13 @@ def main(argv=None) -> dict:
     earlier_s = 0.0
     if args.merge and out.exists():
         old = json.loads(out.read_text())
+        # runs of other sizes or schedules are not comparable: refuse rather than mix them in one table
+        differ = {k: (old["args"].get(k), v) for k, v in _recorded_args(args).items()
+                  if k not in _MERGE_MAY_DIFFER and k in old["args"] and old["args"][k] != v}
+        if differ:
+            raise SystemExit(f"--merge: {out} was trained with other settings: " + ", ".join(
+                f"--{k.replace('_', '-')} {a!r} there, {b!r} here" for k, (a, b) in differ.items())
+                + "; pass the same values (they are under 'args' in that file) or write to another --out.")
         runs, earlier_s = old["runs"], old.get("wall_seconds_all_calls", old.get("wall_seconds", 0.0))
     out.parent.mkdir(parents=True, exist_ok=True)
 
