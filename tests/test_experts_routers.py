@@ -284,6 +284,23 @@ def test_routed_moe_layer_forward_backward(router, kw):
     assert float(moe.last.load.sum()) == pytest.approx(1.0) and float(moe.last.entropy.detach()) > 0
 
 
+@pytest.mark.parametrize("router", ["token_choice", "similarity"])
+def test_gate_entropy_is_of_the_unmixed_softmax(router):
+    """``gate_entropy`` is the same quantity for every router (each token's own softmax); ``entropy``
+    is of the distribution chosen from, the mixture for a mixing router."""
+    torch.manual_seed(2)
+    moe = RoutedMoE(24, 16, 6, 2, router=router).double()
+    moe(torch.randn(2, 13, 24, dtype=torch.float64))
+    out = moe.last
+    want = router_entropy(out.logits.softmax(-1))
+    assert float(out.gate_entropy) == pytest.approx(want, rel=1e-9)
+    if router == "token_choice":
+        assert float(out.entropy) == pytest.approx(want, rel=1e-9)
+    else:
+        assert float(out.entropy) == pytest.approx(router_entropy(out.probs), rel=1e-9)
+        assert float(out.entropy) != pytest.approx(want, rel=1e-6)
+
+
 def test_routed_moe_errors():
     moe = RoutedMoE(8, 4, 4, 2, router="attention")
     with pytest.raises(RouteError, match="needs the preceding attention"):

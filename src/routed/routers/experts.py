@@ -251,7 +251,7 @@ def similarity_mixed_probs(probs: Tensor, features: Tensor, *, causal: bool, tem
     f_new = F.normalize(features.to(probs.dtype), dim=-1).unsqueeze(1)  # [B, 1, N, d]
     f_all = f_new
     if past_features is not None:
-        (B, N, d), T = features.shape, past_probs.shape[1]
+        (B, _, d), T = features.shape, past_probs.shape[1]
         _check(isinstance(past_features, Tensor) and past_features.shape == (B, T, d),
                f"past_features must be [batch={B}, cached={T}, dim={d}] (as past_probs, with the features' dim), "
                f"got {list(getattr(past_features, 'shape', []))}.")
@@ -361,8 +361,10 @@ class RouterOutput:
 
     The load-balancing terms and metrics are computed when first read (so a layer that does not
     use them launches no kernels for them): :attr:`aux_loss` (Switch), :attr:`z_loss`,
-    :attr:`load` (``[E]`` fraction of live slots per expert) and :attr:`entropy` (mean entropy of
-    ``probs``, nats).
+    :attr:`load` (``[E]`` fraction of live slots per expert), :attr:`entropy` (mean entropy of
+    ``probs``, nats) and :attr:`gate_entropy` (of ``softmax(logits)``, before any mixing: the same
+    quantity for every method, where :attr:`entropy` of a mixing router measures the mixture,
+    which averaging distributions raises).
     """
 
     route: ExpertRoute
@@ -385,8 +387,15 @@ class RouterOutput:
 
     @functools.cached_property
     def entropy(self) -> Tensor:
-        p = self.probs
-        return -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
+        return _mean_entropy(self.probs)
+
+    @functools.cached_property
+    def gate_entropy(self) -> Tensor:
+        return _mean_entropy(self.logits.float().softmax(-1))
+
+
+def _mean_entropy(p: Tensor) -> Tensor:
+    return -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
 
 
 class ExpertRouter(nn.Module):
