@@ -109,8 +109,8 @@ def _topk_route(scores: Tensor, top_k: int, q_len: int, kv_len: int, q_block_siz
     block, spread over the key blocks first (:func:`spread_to_selection_blocks`; in the kernel when the
     stride divides both blocks)."""
     nqb, nkb = math.ceil(q_len / q_block_size), math.ceil(kv_len / kv_block_size)
-    if spread is not None and not (_topk_use_triton(scores, nkb, backend) and spread[0] % spread[1] == 0
-                                   and kv_block_size % spread[1] == 0):
+    use_kernel = _topk_use_triton(scores, nkb, backend)
+    if spread is not None and not (use_kernel and spread[0] % spread[1] == 0 and kv_block_size % spread[1] == 0):
         scores, spread = spread_to_selection_blocks(scores, *spread, kv_block_size, nkb), None
     if (scores.dim() != 4 or scores.shape[2] != nqb or (spread is None and scores.shape[3] != nkb)
             or scores.shape[1] % group):
@@ -122,7 +122,7 @@ def _topk_route(scores: Tensor, top_k: int, q_len: int, kv_len: int, q_block_siz
     # Most key blocks one query block overlaps, from the geometry alone (no GPU sync).
     own = (q_block_size + kv_block_size - 2) // kv_block_size + 1
     width = min(max(top_k, sink_blocks + max(local_blocks, own)), nkb)
-    if _topk_use_triton(scores, nkb, backend):
+    if use_kernel:
         from ..ops.block_topk.triton_kernels import block_topk_triton
 
         ids, counts = block_topk_triton(scores, width=width, q_len=q_len, kv_len=kv_len, q_block_size=q_block_size,
