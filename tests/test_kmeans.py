@@ -173,12 +173,13 @@ def _ranks_by_loop(cl):
     return rank
 
 
+@pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("n,clusters,window", [(37, 3, 8), (64, 5, 16), (10, 7, 4), (1, 2, 16)])
-def test_cluster_window_route_matches_its_definition(n, clusters, window):
+def test_cluster_window_route_matches_its_definition(n, clusters, window, strict):
     g = torch.Generator().manual_seed(n)
     cl = torch.randint(0, clusters, (3, n), generator=g)
     cl[0] = 1  # one row with a single cluster
-    route, slot_tokens, token_slots = cluster_window_route(cl, clusters, window)
+    route, slot_tokens, token_slots = cluster_window_route(cl, clusters, window, strict=strict)
     assert route.q_len <= n + clusters * (window - 1) and route.q_len % window == 0
     assert torch.equal(slot_tokens.gather(1, token_slots), torch.arange(n).expand(3, n))
     rank, counts = cluster_ranks(cl, clusters)
@@ -189,21 +190,27 @@ def test_cluster_window_route_matches_its_definition(n, clusters, window):
     tok_mask = slot_mask.gather(1, token_slots[:, :, None].expand(-1, -1, route.q_len))
     tok_mask = tok_mask.gather(2, token_slots[:, None, :].expand(-1, n, -1))
     pos = torch.arange(n).expand(3, n)
-    want = cluster_window_mask(cl, rank, pos, cl, rank, pos, window)
+    want = cluster_window_mask(cl, rank, pos, cl, rank, pos, window, strict=strict)
     assert torch.equal(tok_mask, want)
-    # Every query sees itself and at most 2 * window keys.
-    assert bool(want.diagonal(dim1=1, dim2=2).all()) and int(want.sum(-1).max()) <= 2 * window
+    # Every query sees itself (strict: never) and at most 2 * window keys.
+    diag = want.diagonal(dim1=1, dim2=2)
+    assert bool((~diag).all() if strict else diag.all()) and int(want.sum(-1).max()) <= 2 * window
+    if strict and n > 1:  # strictly earlier: the same visible keys as the inclusive mask, less itself
+        incl = cluster_window_mask(cl, rank, pos, cl, rank, pos, window)
+        assert torch.equal(want, incl & ~torch.eye(n, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_cluster_route_attention_against_float64(backend):
+def test_cluster_route_attention_against_float64(backend, strict):
     """The op the routing layer runs: attention over the cluster-sorted copies, forward and backward,
-    against float64 dense attention under the written-out mask in the original order."""
+    against float64 dense attention under the written-out mask in the original order (strict: each
+    cluster's first token sees nothing and gets zeros)."""
     g = torch.Generator().manual_seed(5)
     R, G, n, d, C, w = 2, 2, 45, 16, 3, 16
     cl = torch.randint(0, C, (R, n), generator=g)
     q, k, v = (torch.randn(R, h, n, d, generator=g).to(DEVICE).requires_grad_() for h in (G, 1, 1))
-    route, slot_tokens, token_slots = cluster_window_route(cl.to(DEVICE), C, w)
+    route, slot_tokens, token_slots = cluster_window_route(cl.to(DEVICE), C, w, strict=strict)
     src = slot_tokens.clamp_min(0)
     L = src.shape[1]
 
@@ -215,7 +222,8 @@ def test_cluster_route_attention_against_float64(backend):
     out = o.gather(2, token_slots.view(R, 1, n, 1).expand(R, G, n, d))
     rank, _ = cluster_ranks(cl, C)
     pos = torch.arange(n).expand(R, n)
-    mask = cluster_window_mask(cl, rank, pos, cl, rank, pos, w)[:, None].to(DEVICE)
+    mask = cluster_window_mask(cl, rank, pos, cl, rank, pos, w, strict=strict)[:, None].to(DEVICE)
+    assert strict is not bool(mask.any(-1).all())  # strict leaves rows with nothing to see
     ref, _ = dense_attention_f64(q, k, v, mask, d ** -0.5)
     base, _ = dense_attention_f64(q, k, v, mask, d ** -0.5, dtype=q.dtype)
     assert_close_rel(out, ref, base, what="out")

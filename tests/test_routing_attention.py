@@ -44,7 +44,9 @@ def _definition(layer, x, cos, sin):
     B, N, _ = x.shape
     d, G, kl = layer.head_dim, layer.group, layer.kv_local
     q = layer.q_proj(x).view(B, N, layer.hq, d).transpose(1, 2)
-    k = layer.k_proj(x).view(B, N, layer.hkv, d).transpose(1, 2)
+    k = layer.k_proj(x).view(B, N, -1, d).transpose(1, 2)
+    if layer.shared_qk:  # a routed head's key is its own query, unit length (G == 1)
+        k = torch.cat([k, F.normalize(q[:, kl:], dim=-1)], 1)
     v = layer.v_proj(x).view(B, N, layer.hkv, d).transpose(1, 2)
     qr, kr = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     pos = torch.arange(N)
@@ -62,10 +64,11 @@ def _definition(layer, x, cos, sin):
                 cl = (F.normalize(kk, dim=-1) @ cent.double().T).argmax(-1)
                 rank = torch.tensor([int((cl[:t] == cl[t]).sum()) for t in range(N)])
                 chunk = rank // layer.window
-                mask = (cl[None, :] == cl[:, None]) & (chunk[None, :] >= chunk[:, None] - 1) & \
-                    (pos[None, :] <= pos[:, None])
+                before = pos[None, :] < pos[:, None] if layer.shared_qk else pos[None, :] <= pos[:, None]
+                mask = (cl[None, :] == cl[:, None]) & (chunk[None, :] >= chunk[:, None] - 1) & before
             s = (qq @ kk.T) * d ** -0.5
-            out[b, h] = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v[b, hk]
+            w = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+            out[b, h] = torch.where(mask.any(-1, keepdim=True), w, 0.0) @ v[b, hk]  # nothing seen: zeros
     return layer.o_proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -73,9 +76,14 @@ def test_registered():
     assert attention_class("routing") is RoutingAttention
 
 
+# The paper's shared query/key routed heads (one key per query head, so no GQA)
+SHARED_QK = dict(routing_shared_qk=True, num_key_value_heads=4)
+
+
+@pytest.mark.parametrize("kw", [{}, SHARED_QK], ids=["separate_qk", "shared_qk"])
 @pytest.mark.parametrize("n", [37, 8, 1])
-def test_matches_definition_at_any_length_before_training(n):
-    layer = _layer(kmeans_clusters=3)
+def test_matches_definition_at_any_length_before_training(n, kw):
+    layer = _layer(kmeans_clusters=3, **kw)
     x = torch.randn(2, n, 64, dtype=torch.float64)
     cos, sin = rope(n, 16, 2)
     assert not bool(layer.kmeans.initialized)
@@ -110,10 +118,31 @@ def test_dense_mode_is_full_causal_attention():
 def test_bad_routing_heads_say_how_to_fix():
     with pytest.raises(ValueError, match="multiple of the GQA group size"):
         RoutingAttention(_config(routing_heads=3), 0)
+    with pytest.raises(ValueError, match="num_key_value_heads=2 must equal num_attention_heads=4"):
+        RoutingAttention(_config(routing_shared_qk=True), 0)
 
 
-def test_no_causal_leakage():
-    layer = _layer(seed=1)
+def test_shared_qk_keys_are_the_unit_queries_and_never_the_token_itself():
+    layer = _layer(seed=3, **SHARED_QK)
+    assert layer.k_proj.out_features == layer.kv_local * layer.head_dim  # no key projection for routed heads
+    x = torch.randn(1, 30, 64, dtype=torch.float64)
+    cos, sin = rope(30, 16)
+    layer(x, (cos, sin))
+    # A token alone in its cluster, or first in it, gets nothing from the routed heads: with every
+    # token in one cluster, token 0's routed output is zero and token 1 copies token 0's value.
+    layer.kmeans.centroids.fill_(1.0 / 4)  # every centroid the same: argmax takes cluster 0 for every token
+    captured = {}
+    layer.o_proj.register_forward_hook(lambda m, i, o: captured.setdefault("in", i[0]))
+    layer(x, (cos, sin))
+    o = captured["in"].view(1, 30, 4, 16)[:, :, layer.kv_local:]  # routed heads
+    v = layer.v_proj(x).view(1, 30, 4, 16)[:, :, layer.kv_local:]
+    assert bool((o[:, 0] == 0).all())
+    torch.testing.assert_close(o[:, 1], v[:, 0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [{}, SHARED_QK], ids=["separate_qk", "shared_qk"])
+def test_no_causal_leakage(kw):
+    layer = _layer(seed=1, **kw)
     x = torch.randn(2, 40, 64, dtype=torch.float64)
     cos, sin = rope(40, 16, 2)
     layer(x, (cos, sin))  # initialise the centroids (from this very input)
@@ -124,9 +153,10 @@ def test_no_causal_leakage():
         torch.testing.assert_close(layer(y, (cos, sin))[0][:, :t], out[:, :t], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kw", [{}, SHARED_QK], ids=["separate_qk", "shared_qk"])
 @pytest.mark.parametrize("prefill", [1, 13, 24])
-def test_kv_cache_decoding_equals_full_forward(prefill):
-    layer = _layer(seed=2)
+def test_kv_cache_decoding_equals_full_forward(prefill, kw):
+    layer = _layer(seed=2, **kw)
     n = 41
     x = torch.randn(2, n, 64, dtype=torch.float64)
     cos, sin = rope(n, 16, 2)
@@ -204,11 +234,12 @@ def assert_round_trips(layer, fresh):
     torch.testing.assert_close(fresh(y, cy)[0], layer(y, cy)[0], rtol=0, atol=0)
 
 
-def test_triton_backend_matches_reference():
+@pytest.mark.parametrize("kw", [{}, SHARED_QK], ids=["separate_qk", "shared_qk"])
+def test_triton_backend_matches_reference(kw):
     torch.manual_seed(5)
-    cfg = _config(attention_backend="triton", routing_window=16, routing_local_window=16)
+    cfg = _config(attention_backend="triton", routing_window=16, routing_local_window=16, **kw)
     tri = RoutingAttention(cfg, 0)
-    ref = RoutingAttention(_config(attention_backend="reference", routing_window=16, routing_local_window=16), 0)
+    ref = RoutingAttention(_config(attention_backend="reference", routing_window=16, routing_local_window=16, **kw), 0)
     ref.load_state_dict(tri.state_dict())
     x = torch.randn(1, 50, 64)
     cos, sin = rope(50, 16, dtype=torch.float32)
@@ -315,11 +346,13 @@ def test_training_step_never_waits_for_the_device(routing_heads):
     assert waits.seen == []
 
 
-def test_training_forward_backward_match_the_definition():
+@pytest.mark.parametrize("kw", [{}, SHARED_QK], ids=["separate_qk", "shared_qk"])
+def test_training_forward_backward_match_the_definition(kw):
     """Training mode in float64: the output and its gradients as the definition; the commitment loss
     (computed in float32) and its gradients as ``mean ||x/|x| - c||^2`` over the routed keys and
-    queries written out, with the centroids from before the call's EMA step."""
-    layer = _layer(seed=9)
+    queries written out (shared query/key: the keys only, they are the queries), with the centroids
+    from before the call's EMA step."""
+    layer = _layer(seed=9, **kw)
     x = torch.randn(2, 37, 64, dtype=torch.float64)
     cos, sin = rope(37, 16, 2)
     layer(x, (cos, sin))  # initialise (evaluation), then train from these centroids
@@ -338,13 +371,14 @@ def test_training_forward_backward_match_the_definition():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
 
     B, N, kl, G, d = 2, 37, layer.kv_local, layer.group, layer.head_dim
-    k = layer.k_proj(x).view(B, N, layer.hkv, d).transpose(1, 2)[:, kl:]
     q = layer.q_proj(x).view(B, N, layer.hq, d).transpose(1, 2)[:, kl * G:].unflatten(1, (-1, G))
+    k = q[:, :, 0] if layer.shared_qk else layer.k_proj(x).view(B, N, layer.hkv, d).transpose(1, 2)[:, kl:]
     cent = c0.double()
     kn, qn = F.normalize(k, dim=-1), F.normalize(q, dim=-1)
     cl = torch.einsum("bhnd,hcd->bhnc", kn, cent).argmax(-1)
     cc = cent[torch.arange(cent.shape[0]).view(1, -1, 1), cl]  # [B, Hk, N, d]
-    want_aux = layer.kmeans.commitment * ((kn - cc).pow(2).sum(-1).mean() + (qn - cc[:, :, None]).pow(2).sum(-1).mean())
+    q_term = 0.0 if layer.shared_qk else (qn - cc[:, :, None]).pow(2).sum(-1).mean()
+    want_aux = layer.kmeans.commitment * ((kn - cc).pow(2).sum(-1).mean() + q_term)
     torch.testing.assert_close(aux.double(), want_aux, rtol=1e-5, atol=1e-9)
     for g, w in zip(g_aux, torch.autograd.grad(want_aux, params, allow_unused=True)):
         if w is None:

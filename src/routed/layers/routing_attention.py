@@ -33,6 +33,12 @@ Config fields (defaults in brackets), beside ``hidden_size``, ``num_attention_he
 * ``routing_window`` [64]: ``w``, the chunk of a cluster a query attends to (and the one before).
 * ``routing_local_window`` [``routing_window``]: block of the local heads, which see their own
   block and the one before.
+* ``routing_shared_qk`` [False]: the paper's shared query/key space for the routed heads: each
+  routed head's key is its own query, normalised to unit length (no key projection for those
+  heads), so a token clusters where it queries and attention follows the same similarity the
+  k-means sees; a token then does not attend to itself (its own key would always score highest):
+  it sees the earlier tokens of its cluster only, and the first token of a cluster gets zeros from
+  the routed heads. Needs ``num_key_value_heads == num_attention_heads`` (one key per query head).
 * ``kmeans_decay`` [0.999], ``kmeans_commitment`` [1e-4]: EMA decay and commitment-loss weight.
 * ``attention_bias`` [False]; ``attention_backend`` [None: automatic] for ``routed_attention``.
 * ``attention_dense`` [False]: the ablation of the routed LM: full causal attention over every
@@ -114,12 +120,18 @@ class RoutingAttention(nn.Module):
         if self.window < 1 or self.local_window < 1 or self.clusters < 1:
             raise ValueError(f"routing_window ({self.window}), routing_local_window ({self.local_window}) and "
                              f"kmeans_clusters ({self.clusters}) must be >= 1.")
+        self.shared_qk = bool(getattr(config, "routing_shared_qk", False))
+        if self.shared_qk and self.group != 1:
+            raise ValueError(f"routing_shared_qk=True makes each routed head's key its own query, so it needs one "
+                             f"key/value head per query head: num_key_value_heads={hkv} must equal "
+                             f"num_attention_heads={hq}.")
         self.backend = getattr(config, "attention_backend", None)
         self.dense_mode = bool(getattr(config, "attention_dense", False))
         self._cluster_state: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         bias = bool(getattr(config, "attention_bias", False))
         self.q_proj = nn.Linear(hidden, hq * d, bias=bias)
-        self.k_proj = nn.Linear(hidden, hkv * d, bias=bias)
+        # shared query/key: the routed heads' keys come from their queries, only the local heads project keys
+        self.k_proj = nn.Linear(hidden, (self.kv_local if self.shared_qk else hkv) * d, bias=bias)
         self.v_proj = nn.Linear(hidden, hkv * d, bias=bias)
         self.o_proj = nn.Linear(hq * d, hidden, bias=bias)
         decay, commitment = getattr(config, "kmeans_decay", 0.999), getattr(config, "kmeans_commitment", 1e-4)
@@ -128,7 +140,7 @@ class RoutingAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"routed_kv_heads={self.kv_routed}, local_kv_heads={self.kv_local}, clusters={self.clusters}, "
-                f"window={self.window}, local_window={self.local_window}")
+                f"window={self.window}, local_window={self.local_window}, shared_qk={self.shared_qk}")
 
     # --------------------------------------------------------------------------------------------
     def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor], past_key_values=None,
@@ -136,7 +148,9 @@ class RoutingAttention(nn.Module):
         B, N, _ = hidden_states.shape
         d, G, kl = self.head_dim, self.group, self.kv_local
         q = self.q_proj(hidden_states).view(B, N, self.hq, d)
-        k = self.k_proj(hidden_states).view(B, N, self.hkv, d)
+        k = self.k_proj(hidden_states).view(B, N, -1, d)
+        if self.shared_qk:  # the routed heads' keys: their queries, unit length (G == 1)
+            k = torch.cat([k, F.normalize(q[:, :, kl:], dim=-1)], 2)
         v = self.v_proj(hidden_states).view(B, N, self.hkv, d)
         cos, sin = position_embeddings
         scale = d ** -0.5
@@ -160,7 +174,7 @@ class RoutingAttention(nn.Module):
         aux = cl = None
         if self.kmeans is not None:
             if self.training:  # assignment, commitment loss and EMA step in one pass over the vectors
-                cl, aux = self.kmeans.train_step(k_r, q_r.unflatten(1, (self.kv_routed, G)))
+                cl, aux = self.kmeans.train_step(k_r, None if self.shared_qk else q_r.unflatten(1, (self.kv_routed, G)))
             else:
                 with torch.no_grad():
                     cl = self.kmeans.assign(k_r)  # [B, routed kv heads, N]; initialises on first use
@@ -193,7 +207,8 @@ class RoutingAttention(nn.Module):
         B, Hk, N, d = k_r.shape
         G = self.group
         with torch.no_grad():
-            route, slot_tokens, token_slots = cluster_window_route(cl.reshape(B * Hk, N), self.clusters, self.window)
+            route, slot_tokens, token_slots = cluster_window_route(cl.reshape(B * Hk, N), self.clusters, self.window,
+                                                                   strict=self.shared_qk)
             L = slot_tokens.shape[1]
             to_slot, to_token = slot_tokens.view(B, Hk, 1, L), token_slots.view(B, Hk, 1, N)
 
@@ -249,7 +264,14 @@ class RoutingAttention(nn.Module):
             cl, rank = clusters
             with torch.no_grad():
                 pk = pos_k.expand(R, T)
-                mask = cluster_window_mask(cl[:, T - N:], rank[:, T - N:], pk[:, T - N:], cl, rank, pk, self.window)
+                mask = cluster_window_mask(cl[:, T - N:], rank[:, T - N:], pk[:, T - N:], cl, rank, pk, self.window,
+                                           strict=self.shared_qk)
+                seen = mask.any(-1, keepdim=True)  # strict: a cluster's first token sees nothing
+                if self.shared_qk:  # let it attend to itself (a finite softmax), then zero its output
+                    mask = mask | (~seen & (pk[:, None, :] == pk[:, T - N:, None]))
             mask = mask.view(B, Hk, 1, N, T).expand(B, Hk, G, N, T).reshape(B, Hk * G, N, T)
-            outs.append(_masked_attention(q[:, kl * G:], k[:, kl:], v[:, kl:], mask, scale))
+            o = _masked_attention(q[:, kl * G:], k[:, kl:], v[:, kl:], mask, scale)
+            if self.shared_qk:
+                o = o * seen.view(B, Hk, N, 1).to(o.dtype)
+            outs.append(o)
         return outs

@@ -408,17 +408,19 @@ def cluster_ranks(cluster_ids: Tensor, num_clusters: int) -> tuple[Tensor, Tenso
 
 
 def cluster_window_mask(q_clusters: Tensor, q_ranks: Tensor, q_pos: Tensor, kv_clusters: Tensor, kv_ranks: Tensor,
-                        kv_pos: Tensor, window: int) -> Tensor:
+                        kv_pos: Tensor, window: int, *, strict: bool = False) -> Tensor:
     """``[R, Nq, Nk]`` bool: what :func:`cluster_window_route` lets each query see, written out
-    (same cluster, key chunk at most one before the query's, key position <= query position).
-    Decoding with a KV cache uses it; inputs are ``[R, Nq]`` and ``[R, Nk]``."""
+    (same cluster, key chunk at most one before the query's, key position <= query position, or
+    < with ``strict``). Decoding with a KV cache uses it; inputs are ``[R, Nq]`` and ``[R, Nk]``."""
     same = q_clusters[:, :, None] == kv_clusters[:, None, :]
     near = torch.div(kv_ranks, window, rounding_mode="floor")[:, None, :] >= \
         torch.div(q_ranks, window, rounding_mode="floor")[:, :, None] - 1
-    return same & near & (kv_pos[:, None, :] <= q_pos[:, :, None])
+    before = kv_pos[:, None, :] < q_pos[:, :, None] if strict else kv_pos[:, None, :] <= q_pos[:, :, None]
+    return same & near & before
 
 
-def cluster_window_route(cluster_ids: Tensor, num_clusters: int, window: int) -> tuple[BlockRoute, Tensor, Tensor]:
+def cluster_window_route(cluster_ids: Tensor, num_clusters: int, window: int, *, strict: bool = False
+                         ) -> tuple[BlockRoute, Tensor, Tensor]:
     """Causal clustered attention as a block route over the cluster-sorted token order.
 
     Each row's tokens are sorted by (cluster, position); every cluster starts on a block boundary
@@ -432,6 +434,9 @@ def cluster_window_route(cluster_ids: Tensor, num_clusters: int, window: int) ->
         cluster_ids: ``[R, N]`` int cluster of every token (``R`` = batch x route heads).
         num_clusters: ``C``.
         window: ``w``, tokens per chunk (the block size of the route).
+        strict: a token does not see itself, only earlier tokens (shared query/key heads, whose own
+            key would always score highest); the first token of each cluster then sees nothing
+            (its output is zero, its log-sum-exp ``-inf``).
     Returns:
         ``(route, slot_tokens, token_slots)``: a causal :class:`~routed.BlockRoute` over ``L``
         slots, shared by all rows, with ``[R, L]`` positions and segments; ``slot_tokens [R, L]``
@@ -458,7 +463,9 @@ def cluster_window_route(cluster_ids: Tensor, num_clusters: int, window: int) ->
     # pad slots keep a segment of their own (-1 - slot), token slots take their cluster
     segments = _pad_segments(L, dev).expand(R, L).clone().scatter_(1, sorted_slot, sorted_cid.to(torch.int32))
     ids, counts_r = _band(nb, dev)
+    # strict: key positions one later, so the causal test kv_pos <= q_pos reads kv < q
     route = BlockRoute(ids, counts_r, L, L, window, window, causal=True, q_positions=positions,
-                       kv_positions=positions, q_segments=segments, kv_segments=segments, validate=False)
+                       kv_positions=positions + 1 if strict else positions, q_segments=segments,
+                       kv_segments=segments, validate=False)
     return route, slot_tokens, token_slots
 
