@@ -35,13 +35,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _warm_up(step, device) -> None:
+    """Two calls first: compiles, k-means initialisation, cached routes."""
+    for _ in range(2):
+        step()
+    _sync(device)
+
+
 def breakdown(step, device, reps: int = 10, top: int = 12) -> dict:
     """Host and wall milliseconds per call of ``step`` (after two warm-up calls: compiles, k-means
     initialisation, cached routes), and on a GPU the kernel time per call, kernels per call and the
     ``top`` kernels by time (torch.profiler)."""
-    for _ in range(2):
-        step()
-    _sync(device)
+    _warm_up(step, device)
     t0 = time.perf_counter()
     for _ in range(reps):
         step()
@@ -85,9 +90,7 @@ def host_profile(step, device, top: int, reps: int = 10) -> list[dict]:
     import cProfile
     import pstats
 
-    for _ in range(2):
-        step()
-    _sync(device)
+    _warm_up(step, device)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(reps):

@@ -266,8 +266,8 @@ class RoutingAttention(nn.Module):
                 pk = pos_k.expand(R, T)
                 mask = cluster_window_mask(cl[:, T - N:], rank[:, T - N:], pk[:, T - N:], cl, rank, pk, self.window,
                                            strict=self.shared_qk)
-                seen = mask.any(-1, keepdim=True)  # strict: a cluster's first token sees nothing
-                if self.shared_qk:  # let it attend to itself (a finite softmax), then zero its output
+                if self.shared_qk:  # strict: a cluster's first token sees nothing; let it attend to
+                    seen = mask.any(-1, keepdim=True)  # itself (a finite softmax), then zero its output
                     mask = mask | (~seen & (pk[:, None, :] == pk[:, T - N:, None]))
             mask = mask.view(B, Hk, 1, N, T).expand(B, Hk, G, N, T).reshape(B, Hk * G, N, T)
             o = _masked_attention(q[:, kl * G:], k[:, kl:], v[:, kl:], mask, scale)
