@@ -255,6 +255,10 @@ def bench_decode(args, dev):
     copy_ms = do_bench(lambda: dst.copy_(buf))
     bw = 2 * buf.numel() / copy_ms / 1e9  # TB/s
     del buf, dst
+    # What graph_bench reads for a graph of one tiny kernel: the timing's own floor (events, launch).
+    one = torch.zeros(1, device=dev)
+    null_graph_ms = graph_bench(lambda: one.add_(1))
+    print(f"graph of one tiny kernel: {null_graph_ms * 1e3:.1f} us", flush=True)
     for hq, hkv in ((16, 16), (16, 4), (32, 8)):
         q = torch.randn(1, hq, 1, d, generator=g).to(dev, torch.bfloat16)
         k = torch.randn(1, hkv, nk, d, generator=g).to(dev, torch.bfloat16)
@@ -270,7 +274,8 @@ def bench_decode(args, dev):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != hq)
 
-        row = dict(nq=1, nk=nk, hq=hq, hkv=hkv, blocks=32, bytes=bytes_read, copy_tb_s=bw, floor_ms=floor_ms)
+        row = dict(nq=1, nk=nk, hq=hq, hkv=hkv, blocks=32, bytes=bytes_read, copy_tb_s=bw, floor_ms=floor_ms,
+                   null_graph_ms=null_graph_ms)
         for name, f in (("routed", routed), ("flex", flex), ("sdpa_flash_dense", dense)):
             row[f"{name}_ms"] = do_bench(f)
             row[f"{name}_graph_ms"] = graph_bench(f)
@@ -278,9 +283,49 @@ def bench_decode(args, dev):
         # The split launch alone (the combine launch swapped for nothing; its output is garbage, only its
         # time counts): how much of the gap to the floor is the split kernel's, how much the second launch's.
         row["routed_split_only_graph_ms"] = graph_bench_without_combine(routed)
+        row["graph_kernels"] = graph_kernel_times(routed)
+        if args.decode_sweep:
+            row["sweep"] = decode_sweep(routed, floor_ms)
         rows.append(row)
         print("decode", json.dumps(row), flush=True)
     return rows
+
+
+def graph_kernel_times(fn, replays=50):
+    """The kernels of ``fn``'s CUDA graph and their own GPU time (CUPTI, microseconds per replay, L2
+    not flushed): what the graph holds beside the attention kernels, and how long each one runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        graph = capture_cuda_graph(fn, warmup=3)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    gpu_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+    rows = [dict(name=e.key[:80], per_replay=e.count / replays, us_per_replay=gpu_us(e) / replays)
+            for e in prof.key_averages() if gpu_us(e) > 0]
+    return sorted(rows, key=lambda r: -r["us_per_replay"])
+
+
+def decode_sweep(routed, floor_ms):
+    """Every decode launch config forced in turn, graph-replayed: what the autotuner chose between."""
+    from routed.ops.block_sparse import triton_ops
+
+    sweep = []
+    real = triton_ops._decode_candidates
+    try:
+        for cfg in real(128, True, "1"):
+            triton_ops._decode_candidates = lambda *_a, cfg=cfg: (cfg,)
+            ms = graph_bench(routed)
+            sweep.append(dict(cfg, graph_ms=ms, over_floor=None if ms is None else ms / floor_ms))
+            print("decode config", json.dumps(sweep[-1]), flush=True)
+    finally:
+        triton_ops._decode_candidates = real
+    return sweep
 
 
 class _NoLaunch:
@@ -310,6 +355,7 @@ def main():
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--decode-sweep", action="store_true", help="also time every decode launch config, forced")
     p.add_argument("--decode-merge", choices=["fused", "combine"], default=None,
                    help="decode's merge of the key splits: by the last split in the same launch, or a second "
                         "kernel (default: the library's DECODE_FUSED_MERGE)")
@@ -354,6 +400,9 @@ def print_table(result):
               f"{us(row.get('routed_split_only_graph_ms')):6.1f}); flex "
               f"{us(row['flex_graph_ms']):6.1f}, dense flash {us(row['sdpa_flash_dense_graph_ms']):6.1f} | eager: routed "
               f"{us(row['routed_ms']):6.1f} flex {us(row['flex_ms']):6.1f} dense {us(row['sdpa_flash_dense_ms']):6.1f} us")
+        if isinstance(row.get("graph_kernels"), list):
+            print("   kernels per replay (CUPTI, us): " + ", ".join(
+                f"{k['name'][:40]} x{k['per_replay']:.0f} {k['us_per_replay']:.1f}" for k in row["graph_kernels"]))
     hdr = (f"{'N':>6} {'hkv':>3} {'blk':>3} {'dens':>5} | {'routed fwd':>10} {'flex fwd':>8} {'cudnn':>6} {'flash':>6}"
            f" TF/s | {'routed f+b':>10} {'flex f+b':>8} TF/s | fwd x flex  x cudnn | f+b x flex | graph fwd/f+b x flex"
            f" | f+b split/atomic x flex | mem MiB r/f/cudnn")

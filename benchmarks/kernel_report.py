@@ -113,12 +113,12 @@ def main() -> None:
                          dict(common, BLOCK_M=m, BLOCK_N=n, USE_TMA=False, KV_TILE_ALIGNED=True, GATHER_Q=False,
                               ATOMIC_DQ=atomic), w, st))
     for pps, n, w, st in ops.DECODE_CANDIDATES:
-        for fused in (False, True):  # the merge by the last split: 32 splits' partials per row
-            jobs.append(("decode", f"{pps}/SM n{n} w{w} s{st}{' fused-merge' if fused else ''}",
+        for fused, tma in ((False, False), (True, False), (False, True)):  # fused: 32 splits' partials per row
+            jobs.append(("decode", f"{pps}/SM n{n} w{w} s{st}{' fused-merge' if fused else ''}{' tma' if tma else ''}",
                          K._block_sparse_decode_split_kernel,
                          dict(KV_BLOCK=blk, BLOCK_M=16, BLOCK_N=min(n, blk), HEAD_DIM=d, BLOCK_D=d, HEAD_DIM_V=d,
                               BLOCK_DV=d, CAUSAL=True, HAS_POS=False, HAS_SEG=False, DOT_PRECISION="tf32",
-                              FUSED_MERGE=fused, BLOCK_S=32 if fused else 2), w, st))
+                              FUSED_MERGE=fused, BLOCK_S=32 if fused else 2, USE_TMA=tma), w, st))
     # NSA's selection mass (the router's largest kernel): a 4-head KV group, query blocks of 64, head dim 64
     for cfg in router_kernels.nsa_mass_configs(4, 64):
         jobs.append(("nsamass", f"rows {4 * cfg['TILE_Q']} n{cfg['BLOCK_N']} w{cfg['num_warps']}",

@@ -138,14 +138,16 @@ def _decode_configs():
     return DECODE_CANDIDATES
 
 
+@pytest.mark.parametrize("use_tma", [False, True])
 @pytest.mark.parametrize("cfg", _decode_configs())
-def test_decode_launch_configs(cfg, monkeypatch):
-    """Every decode config the autotuner may pick (splits per SM, key tile, warps, stages), forced."""
+def test_decode_launch_configs(cfg, use_tma, monkeypatch):
+    """Every decode config the autotuner may pick (splits per SM, key tile, warps, stages; plain or
+    tensor-descriptor loads), forced."""
     from routed.ops.block_sparse import triton_ops
 
     pps, n, w, st = cfg
-    monkeypatch.setattr(triton_ops, "_decode_candidates", lambda sub_max: (
-        dict(programs_per_sm=pps, BLOCK_N=min(n, sub_max), num_warps=w, num_stages=st),))
+    monkeypatch.setattr(triton_ops, "_decode_candidates", lambda sub_max, *_: (
+        dict(programs_per_sm=pps, BLOCK_N=min(n, sub_max), num_warps=w, num_stages=st, USE_TMA=use_tma),))
     q, k, v = _inputs(1, 8, 2, 3, 700, 16, torch.float32, seed=pps)
     check_against_f64(q, k, v, _mask_route(1, 2, 3, 700, 16, 64, True, 0.8, seed=n))
     check_against_f64(q, k, v, _mask_route(1, 8, 3, 700, 16, 128, False, 0.8, seed=n + 1))
@@ -707,13 +709,17 @@ def test_tma_kernels_on_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused_merge", [True, False])
-def test_decode_on_gpu(fused_merge, monkeypatch):
+@pytest.mark.parametrize("fused_merge,tma", [(True, "0"), (False, "0"), (False, "only")])
+def test_decode_on_gpu(fused_merge, tma, monkeypatch):
     """One query and four against 128 routed key blocks of 128 (bf16, GQA 8/2): the merge by the last
-    split to arrive reads what other SMs wrote (atomic counter, .cg loads), repeated to catch races."""
+    split to arrive reads what other SMs wrote (atomic counter, .cg loads), repeated to catch races;
+    K/V read by plain loads and by tensor descriptors (``ROUTED_TMA=only`` raises where it cannot)."""
     from routed.ops.block_sparse import triton_ops
 
+    if tma == "only" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.fail("tensor-descriptor loads need a Hopper GPU; run this test on one")
     monkeypatch.setattr(triton_ops, "DECODE_FUSED_MERGE", fused_merge)
+    monkeypatch.setenv("ROUTED_TMA", tma)
     for nq in (1, 4):
         q, k, v = _inputs(2, 8, 2, nq, 32768, 128, torch.bfloat16, seed=40 + nq)
         route = _mask_route(2, 2, nq, 32768, 128, 128, True, 0.5, seed=40 + nq)

@@ -11,8 +11,8 @@ FlashAttention-2 style, exp2 online softmax, float32 accumulation:
   walked by several programs (``SHARES``: partial sums, or listed shares added by atomics). With
   ``ATOMIC_DQ`` it also adds each tile's dQ share into a float32 buffer by atomics, and the dq
   kernel is skipped.
-* ``_block_sparse_decode_split_kernel``: few queries against a long route, split over key blocks;
-  the last split to arrive merges the partials (or ``_decode_combine_kernel`` does).
+* ``_block_sparse_decode_split_kernel``: few queries against a long route, split over its key
+  tiles; ``_decode_combine_kernel`` merges the partials (or the last split to arrive does).
 
 Blocks need not be tile multiples. A program's own block (the query block in the forward and dq
 passes, the key block in dk/dv) smaller than, or not a multiple of, its tile is covered by tiles
@@ -441,8 +441,9 @@ def _block_sparse_bwd_dkdv_kernel(
     its partial dK, dV at ``DK/DV + s * stride_dks/dvs`` (float32, summed by the caller; deterministic).
     ``SHARES == 2`` (a 1-D grid, :func:`_listed_share`): shares of ``chunk`` query blocks, one program per
     tile for its first share and one per further share; a tile whose GQA group's longest row fits one
-    share stores dK, dV as usual, else every share adds into the zeroed float32 ``DKAcc/DVAcc [B, Hkv,
-    kv_len, D]`` by atomics (``_dkdv_shares_combine_kernel`` copies those tiles out)."""
+    share stores dK, dV as usual, else every share adds into the zeroed float32 ``DKAcc/DVAcc [slots *
+    BLOCK_N, D]`` by atomics, in its tile's slot (``_share_offsets_kernel``; ``_dkdv_shares_combine_kernel``
+    copies those tiles out)."""
     if SHARES == 2:
         pid_n, pid_bh, pid_s, listed = _listed_share(ShareOffsets, n_tiles, n_main, log_rows)
     else:
@@ -509,8 +510,8 @@ def _block_sparse_bwd_dkdv_kernel(
     dk_ptrs = DK + pid_s.to(tl.int64) * stride_dks + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn
     dv_ptrs = DV + pid_s.to(tl.int64) * stride_dvs + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn
     if SHARES == 2:
-        if n_shares > 1:  # the combine kernel writes this tile from the sums
-            acc_row = (b * n_heads_kv + hkv) * kv_len + offs_n
+        if n_shares > 1:  # the combine kernel writes this tile from the sums (in the tile's slot)
+            acc_row = _shared_slot(ShareOffsets, n_main, pid_bh * n_tiles + pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
             tl.atomic_add(DKAcc + acc_row[:, None] * HEAD_DIM + offs_d[None, :], dk, mask=k_ok, sem="relaxed")
             tl.atomic_add(DVAcc + acc_row[:, None] * HEAD_DIM_V + offs_dv[None, :], dv, mask=v_ok, sem="relaxed")
         else:
@@ -552,9 +553,14 @@ def _share_offsets_kernel(TCounts, ShareOffsets, stride_tcb, stride_tch, n_heads
                           n_tiles, n_main, chunk, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                           KV_TILE_ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program: ``ShareOffsets[0] = 0``, ``ShareOffsets[r + 1]`` = further shares (beyond the first)
-    of the tiles before and at row ``r = (batch x kv head) * n_tiles + tile``."""
+    of the tiles before and at row ``r = (batch x kv head) * n_tiles + tile``; and after those
+    ``n_main + 1`` entries, ``ShareOffsets[n_main + 1 + r]`` = how many tiles before row ``r`` have
+    further shares: the slot of row ``r``'s float32 sums, so the sums take room for the shared tiles
+    only (not two float32 copies of K and V)."""
     tl.store(ShareOffsets, 0)
+    slots = ShareOffsets + n_main + 1
     carry = 0
+    carry_slots = 0
     for start in range(0, n_main, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         ok = r < n_main
@@ -573,6 +579,9 @@ def _share_offsets_kernel(TCounts, ShareOffsets, stride_tcb, stride_tch, n_heads
         extra = tl.where(ok, tl.maximum((longest + chunk - 1) // chunk, 1) - 1, 0)
         tl.store(ShareOffsets + 1 + r, tl.cumsum(extra, 0) + carry, mask=ok)
         carry += tl.sum(extra, 0)
+        shared = (extra > 0).to(tl.int32)
+        tl.store(slots + r, tl.cumsum(shared, 0) - shared + carry_slots, mask=ok)
+        carry_slots += tl.sum(shared, 0)
 
 
 @triton.jit
@@ -580,6 +589,12 @@ def _tile_shares(ShareOffsets, row):
     """Shares the tile of ``row = (batch x kv head) * n_tiles + tile`` has (at least 1: an empty row
     still writes zeros), read from the list ``_share_offsets_kernel`` wrote."""
     return 1 + tl.load(ShareOffsets + row + 1) - tl.load(ShareOffsets + row)
+
+
+@triton.jit
+def _shared_slot(ShareOffsets, n_main, row):
+    """The slot of a shared tile's float32 sums (``_share_offsets_kernel``): rows ``slot * BLOCK_N ..``."""
+    return tl.load(ShareOffsets + n_main + 1 + row).to(tl.int64)
 
 
 @triton.jit
@@ -597,7 +612,8 @@ def _dkdv_shares_combine_kernel(DK, DV, DKAcc, DVAcc, ShareOffsets, stride_dkb, 
     key_ok = key_ok & (_tile_shares(ShareOffsets, pid_bh * n_tiles + pid_n) > 1)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    acc_row = (b * n_heads_kv + hkv) * kv_len + offs_n
+    n_main = n_tiles * tl.num_programs(1)
+    acc_row = _shared_slot(ShareOffsets, n_main, pid_bh * n_tiles + pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     v_ok = key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
     dk = tl.load(DKAcc + acc_row[:, None] * HEAD_DIM + offs_d[None, :], mask=k_ok, other=0.0)
@@ -610,7 +626,7 @@ def _dkdv_shares_combine_kernel(DK, DV, DKAcc, DVAcc, ShareOffsets, stride_dkb, 
 
 @triton.jit
 def _block_sparse_decode_split_kernel(
-    Q, K, V, PartOut, PartLse, Ids, Counts, QPos, KPos, QSeg, KSeg, Out, Lse, Arrivals,
+    Q, K, V, PartOut, PartLse, Ids, Counts, QPos, KPos, QSeg, KSeg, Out, Lse, Arrivals, KDesc, VDesc,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -619,19 +635,24 @@ def _block_sparse_decode_split_kernel(
     stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
-    n_prog_heads, g_pack, group_size, route_head_div, blocks_per_split,
+    n_prog_heads, g_pack, group_size, route_head_div, tiles_per_split,
     q_len, kv_len, pos_offset, scale_log2,
     KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Few queries (all in query block 0) against many routed key blocks: program (split, b*hp)
-    takes a slice of the route. The ``g_pack`` query heads of a GQA group that share the route
-    are packed into the rows of one tile, so each K/V tile is read once for the whole group.
-    Writes a normalised partial output and its lse; ``_decode_combine_kernel`` merges them, or with
-    ``FUSED_MERGE`` the split that arrives last (counted in the zeroed ``Arrivals [B * hp]``) merges
-    them into ``Out``/``Lse`` itself: one launch, no gap between two."""
+    takes ``tiles_per_split`` consecutive key tiles of ``BLOCK_N`` rows of the route (the route's
+    blocks cut into ``KV_BLOCK // BLOCK_N`` tiles each, walked as one flat loop so Triton pipelines
+    the loads across block boundaries). The ``g_pack`` query heads of a GQA group that share the
+    route are packed into the rows of one tile, so each K/V tile is read once for the whole group.
+    The visibility mask is applied on every tile (a few compares: the kernel is bound by its loads,
+    and a branch per tile would stop the pipelining). ``USE_TMA`` reads K/V through the tensor
+    descriptors ``KDesc``/``VDesc`` (``[B, Hkv, N, D]``, tiles of ``BLOCK_N`` rows).
+    Writes a normalised partial output and its lse for the live rows; ``_decode_combine_kernel``
+    merges them, or with ``FUSED_MERGE`` the split that arrives last (counted in the zeroed
+    ``Arrivals [B * hp]``) merges them into ``Out``/``Lse`` itself: one launch, no gap between two."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_splits = tl.num_programs(0)
@@ -656,49 +677,51 @@ def _block_sparse_decode_split_kernel(
 
     q_seg = tl.load(QSeg + b * stride_qsb + t, mask=row_ok, other=-2) if HAS_SEG else t
     kseg_base = KSeg + b * stride_ksb
-    count = tl.load(Counts + b * stride_cb + hr * stride_ch)
-    j_lo = pid_s * blocks_per_split
-    j_hi = tl.minimum(j_lo + blocks_per_split, count)
+    ids_base = Ids + b * stride_ib + hr * stride_ih
+    SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
+    n_tiles = tl.load(Counts + b * stride_cb + hr * stride_ch) * SUBS
+    it_lo = pid_s * tiles_per_split
+    it_hi = tl.minimum(it_lo + tiles_per_split, n_tiles)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
+    b32 = b.to(tl.int32)
+    hkv32 = hkv.to(tl.int32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for j in range(j_lo, j_hi):
-        kblk = tl.load(Ids + b * stride_ib + hr * stride_ih + j * stride_ik).to(tl.int64)
-        for sub in range(KV_BLOCK // BLOCK_N):
-            k_start = kblk * KV_BLOCK + sub * BLOCK_N
-            offs_n = k_start + tl.arange(0, BLOCK_N)
+    for it in range(it_lo, it_hi):
+        kblk = tl.load(ids_base + (it // SUBS) * stride_ik)
+        row0 = kblk * KV_BLOCK + (it % SUBS) * BLOCK_N
+        offs_n = row0.to(tl.int64) + tl.arange(0, BLOCK_N)
+        if USE_TMA:  # rows past the sequence arrive as zeros (and are masked below)
+            k = tl.trans(KDesc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_D))
+            v = VDesc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
             k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                         mask=(offs_n < kv_len)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=(offs_n < kv_len)[:, None] & (offs_dv < HEAD_DIM_V)[None, :], other=0.0)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-            need_mask = k_start + BLOCK_N > kv_len
-            if CAUSAL:
-                need_mask = need_mask | (k_start + BLOCK_N - 1 > pos_offset)
-            if HAS_POS or HAS_SEG:
-                need_mask = k_start >= 0
-            if need_mask:
-                if HAS_POS:
-                    k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=offs_n < kv_len, other=0)
-                else:
-                    k_pos = offs_n
-                s = tl.where(_tile_mask(offs_n, q_pos, k_pos, q_seg, kseg_base, kv_len, CAUSAL, HAS_SEG), s,
-                             float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        if HAS_POS:
+            k_pos = tl.load(KPos + b * stride_kpb + offs_n, mask=offs_n < kv_len, other=0)
+        else:
+            k_pos = offs_n
+        s = tl.where(_tile_mask(offs_n, q_pos, k_pos, q_seg, kseg_base, kv_len, CAUSAL, HAS_SEG), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     part = pid_bh.to(tl.int64) * n_splits + pid_s
-    tl.store(PartOut + (part * BLOCK_M + offs_r)[:, None] * BLOCK_DV + offs_dv[None, :], acc)
-    tl.store(PartLse + part * BLOCK_M + offs_r, lse2)
+    # Only the live rows: the merges read no others, and at one query the padding rows of the
+    # 16-row tile would be 15/16 of what is written.
+    tl.store(PartOut + (part * BLOCK_M + offs_r)[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=row_ok[:, None])
+    tl.store(PartLse + part * BLOCK_M + offs_r, lse2, mask=row_ok)
     if FUSED_MERGE:
         tl.debug_barrier()  # all of this program's partial is written before its arrival counts
         if tl.atomic_add(Arrivals + pid_bh, 1, sem="acq_rel") == n_splits - 1:

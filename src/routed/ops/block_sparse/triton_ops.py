@@ -409,7 +409,7 @@ def _num_sms(device: torch.device) -> int:
 def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tensor,
                             maps: _TokenMaps, kv_block_size: int, causal: bool, scale: float, out: Tensor,
                             lse: Tensor) -> None:
-    """Few queries against a long route: split the route's key blocks over programs, then merge.
+    """Few queries against a long route: split the route's key tiles over programs, then merge.
 
     ``ids``/``counts`` are already batch-broadcast views; fills ``out`` and ``lse``.
     """
@@ -425,32 +425,41 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
     sub_max = _pow2_divisor(kv_block_size, 128)
 
     def launch(cfg):
+        block_n = min(cfg["BLOCK_N"], sub_max)
         programs = B * n_prog_heads
-        splits = max(1, min(width, triton.cdiv(cfg["programs_per_sm"] * _num_sms(q.device), programs)))
-        per_split = max(1, triton.cdiv(width, splits))
-        splits = max(1, triton.cdiv(width, per_split))
+        # Splits cut the route's key tiles (not its blocks), so a short route still fills the GPU.
+        tiles = width * (kv_block_size // block_n)
+        splits = max(1, min(tiles, triton.cdiv(cfg["programs_per_sm"] * _num_sms(q.device), programs)))
+        per_split = max(1, triton.cdiv(tiles, splits))
+        splits = max(1, triton.cdiv(tiles, per_split))
         part_out = torch.empty(programs * splits * block_m * dims["BLOCK_DV"], dtype=torch.float32, device=q.device)
         part_lse = torch.empty(programs * splits * block_m, dtype=torch.float32, device=q.device)
         fused = DECODE_FUSED_MERGE
         block_s = max(2, triton.next_power_of_2(splits))
         arrivals = torch.zeros(programs, dtype=torch.int32, device=q.device) if fused else part_lse  # (unread)
+        k_desc, v_desc = _row_descriptors(k, v, block_n) if cfg["USE_TMA"] else (None, None)
         _block_sparse_decode_split_kernel[(splits, programs)](
             q, k, v, part_out, part_lse, ids[:, :, 0], counts[:, :, 0], *maps.tensors, out, lse, arrivals,
+            k_desc, v_desc,
             *q.stride(), *k.stride(), *v.stride(), ids.stride(0), ids.stride(1), ids.stride(3),
             counts.stride(0), counts.stride(1), *maps.strides, *out.stride(), *lse.stride(),
             n_prog_heads, g_pack, G, Hq // Hr, per_split, Nq, Nk, Nk - Nq, scale * LOG2E,
-            KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=min(cfg["BLOCK_N"], sub_max),
+            KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=block_n,
             CAUSAL=causal, **maps.flags, **dims, FUSED_MERGE=fused, BLOCK_S=block_s if fused else 2,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            USE_TMA=cfg["USE_TMA"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if not fused:
             _decode_combine_kernel[(programs, g_pack * Nq)](
                 part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
                 BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"],
                 BLOCK_S=block_s, num_warps=4)
 
+    tma_reason = _tma_why_not(q, k, v)
+    if os.environ.get("ROUTED_TMA", "1") == "only" and tma_reason is not None:
+        raise RuntimeError(f"ROUTED_TMA=only but the decode path cannot use tensor descriptors: {tma_reason}")
+    candidates = _decode_candidates(sub_max, tma_reason is None, os.environ.get("ROUTED_TMA", "1"))
     key = (D, Dv, str(q.dtype), kv_block_size, causal, maps.has_pos or maps.has_seg, g_pack, block_m,
-           (B * n_prog_heads).bit_length(), max(1, width).bit_length())
-    launch(_autotuned("decode", key, _decode_candidates(sub_max), launch, q.device))
+           (B * n_prog_heads).bit_length(), max(1, width).bit_length(), tma_reason is None)
+    launch(_autotuned("decode", key, candidates, launch, q.device))
 
 
 # True: the decode path's split programs merge their partials themselves (the last to arrive at an
@@ -464,20 +473,22 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
 DECODE_FUSED_MERGE = False
 
 # Decode launch configs (split programs per SM, BLOCK_N, num_warps, num_stages); the first is the
-# default where no tuning happens. More, shorter splits keep more K/V loads in flight.
-# The last two hold fewer registers per thread (168 and 210 against 249-255 for sm_90, Triton 3.6:
-# benchmarks/kernel_report.py), so more warps per SM wait on the routed blocks' loads; untimed yet.
+# default where no tuning happens. More, shorter splits keep more K/V loads in flight; the flat tile
+# loop lets deeper stages prefetch across routed blocks. Each is offered with plain loads and, where
+# the tensors allow, with tensor-descriptor (TMA) loads.
 DECODE_CANDIDATES = [(2, 128, 4, 3), (4, 128, 4, 3), (8, 64, 4, 3), (4, 64, 4, 2), (8, 128, 4, 2), (16, 64, 2, 3),
-                     (16, 32, 4, 3), (8, 64, 8, 3)]
+                     (16, 32, 4, 3), (8, 64, 8, 3), (16, 64, 4, 4), (32, 32, 4, 4), (8, 128, 8, 3), (32, 64, 2, 2)]
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_candidates(sub_max: int) -> tuple:
+def _decode_candidates(sub_max: int, tma_ok: bool = False, tma_mode: str = "1") -> tuple:
     out: list[dict] = []
-    for pps, n, w, st in DECODE_CANDIDATES:
-        cfg = dict(programs_per_sm=pps, BLOCK_N=min(n, sub_max), num_warps=w, num_stages=st)
-        if cfg not in out:
-            out.append(cfg)
+    kinds = [True] if tma_mode == "only" else ([False, True] if tma_ok and tma_mode != "0" else [False])
+    for use_tma in kinds:
+        for pps, n, w, st in DECODE_CANDIDATES:
+            cfg = dict(programs_per_sm=pps, BLOCK_N=min(n, sub_max), num_warps=w, num_stages=st, USE_TMA=use_tma)
+            if cfg not in out:
+                out.append(cfg)
     return tuple(out)
 
 
@@ -676,17 +687,19 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         if shares == 1:  # float32 partial sums, one per share of the transposed rows
             dk_out = new_output((splits, *k.shape), dtype=torch.float32, device=k.device)  # every share is stored
             dv_out = new_output((splits, *v.shape), dtype=torch.float32, device=v.device)
-        elif shares == 2:  # float32 sums of the tiles whose rows are shared; the list of further shares
-            acc = torch.zeros(k.numel() + v.numel(), dtype=torch.float32, device=k.device)  # one fill for both
-            dk_acc, dv_acc = acc[:k.numel()].view(k.shape), acc[k.numel():].view(v.shape)
-            offsets = torch.empty(n_main + 1, dtype=torch.int32, device=q.device)
-            _share_offsets_kernel[(1,)](t_counts, offsets, *t_counts.stride()[:2], Hkv, Hq // Hkv,
-                                        Hq // ids.shape[1], tiles, n_main, chunk, KV_BLOCK=kv_block_size,
-                                        BLOCK_N=cfg["BLOCK_N"], KV_TILE_ALIGNED=aligned, BLOCK_R=1024)
+        elif shares == 2:  # the list of further shares; float32 sums of the tiles whose rows are shared
             # further shares <= routed entries / chunk (no host sync): every tile's, at most
             sub_tiles = -(-tiles // n_kv_blocks)
             further = -(-B * Hkv * route_rows_per_kv_head * n_q_blocks * ids.shape[-1] * sub_tiles // chunk)
             grid = (n_main + further,)
+            offsets = torch.empty(2 * (n_main + 1), dtype=torch.int32, device=q.device)  # offsets, then slots
+            _share_offsets_kernel[(1,)](t_counts, offsets, *t_counts.stride()[:2], Hkv, Hq // Hkv,
+                                        Hq // ids.shape[1], tiles, n_main, chunk, KV_BLOCK=kv_block_size,
+                                        BLOCK_N=cfg["BLOCK_N"], KV_TILE_ALIGNED=aligned, BLOCK_R=1024)
+            # A shared tile has a further share, so at most min(tiles, further shares) tiles need sums.
+            rows = max(1, min(n_main, further)) * cfg["BLOCK_N"]
+            acc = torch.zeros(rows * (D + Dv), dtype=torch.float32, device=k.device)  # one fill for both
+            dk_acc, dv_acc = acc[:rows * D], acc[rows * D:]
         _block_sparse_bwd_dkdv_kernel[grid](
             q, k, v, do, lse, delta, dk_out, dv_out, dq_f32, dk_acc, dv_acc, offsets, t_ids, t_counts,
             t_masked_counts, t_offsets, *maps.tensors, q_desc, do_desc, *q.stride()[:3], *k.stride()[:3],
