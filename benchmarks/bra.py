@@ -95,9 +95,29 @@ def check(dev) -> list[dict]:
     return rows
 
 
-def stage_case(side: int, stage: int, dev, dtype, rep_ms: int) -> dict:
+def randn(*shape, dev, dtype, seed, requires_grad=False):
+    """Normal noise drawn on the CPU (a failed CUDA-graph capture would leave the CUDA generator
+    unusable for every later row)."""
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def graph_ms(fn):
+    """GPU time of ``fn`` replayed from a CUDA graph (host overhead removed); None if it cannot be
+    captured (the reason is printed)."""
+    from routed.bench import capture_cuda_graph
+
+    try:
+        return bench(capture_cuda_graph(fn, warmup=3).replay)
+    except Exception as e:  # noqa: BLE001
+        print("graph capture failed:", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
+        return None
+
+
+def stage_case(side: int, stage: int, dev, dtype, rep_ms: int, batch_mult: int = 1, graphs: bool = True) -> dict:
     dim, topk, stride = STAGES[stage]
     n_win, batch = RESOLUTIONS[side]
+    batch *= batch_mult
     hw = side // stride
     heads = dim // 32
     grid = RegionGrid(hw, hw, n_win)
@@ -106,15 +126,12 @@ def stage_case(side: int, stage: int, dev, dtype, rep_ms: int) -> dict:
     torch.manual_seed(0)
 
     # --- attention core: region-major q, k, v [B, heads, N, 32]
-    def qkv():
-        return [torch.randn(batch, heads, grid.seq_len, 32, device=dev, dtype=dtype, requires_grad=True)
-                for _ in range(3)]
-
-    q, k, v = qkv()
+    q, k, v = (randn(batch, heads, grid.seq_len, 32, dev=dev, dtype=dtype, seed=i, requires_grad=True)
+               for i in range(3))
     scale = dim ** -0.5
     means = lambda t: grid.region_means(t.detach().transpose(1, 2).flatten(2))  # noqa: E731
     routing = region_topk_route(means(q), means(k), grid, topk, scale)
-    do = torch.randn_like(q)
+    do = randn(*q.shape, dev=dev, dtype=dtype, seed=3)
     core = {
         "routed": lambda: routed_attention(q, k, v, routing.route, scale=scale, backend="triton"),
         "gather": lambda: bra_gather_attention(q, k, v, routing.region_ids, grid.tokens_per_region, scale),
@@ -131,13 +148,15 @@ def stage_case(side: int, stage: int, dev, dtype, rep_ms: int) -> dict:
         row[f"core_fwd_ms_{name}"] = guarded(lambda fn=fn: bench(lambda: fn(), rep_ms))
         row[f"core_fwdbwd_ms_{name}"] = guarded(lambda: bench(fwd_bwd, rep_ms))
         row[f"core_peak_mib_{name}"] = guarded(lambda: peak_mem(fwd_bwd))
+        if graphs:  # the same work without the host: what a graphed or compiled training step sees
+            row[f"core_fwdbwd_graph_ms_{name}"] = guarded(lambda: graph_ms(fwd_bwd))
     del q, k, v, do
 
     # --- whole module, NHWC [B, hw, hw, dim]
-    x = torch.randn(batch, hw, hw, dim, device=dev, dtype=dtype, requires_grad=True)
+    x = randn(batch, hw, hw, dim, dev=dev, dtype=dtype, seed=4, requires_grad=True)
     routed_m = BiLevelRoutingAttention(dim, heads, n_win, topk, backend="triton").to(dev, dtype)
     gather_m = BiLevelRoutingAttention(dim, heads, n_win, topk, impl="gather").to(dev, dtype)
-    gx = torch.randn_like(x)
+    gx = randn(*x.shape, dev=dev, dtype=dtype, seed=5)
 
     def dense_module():  # the same module with dense SDPA attention over all tokens
         m = routed_m
@@ -167,6 +186,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="one resolution, short timings")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--rep-ms", type=int, default=100, help="timing budget per measurement")
+    ap.add_argument("--batch-mult", type=int, default=1,
+                    help="multiply each resolution's batch (224: 128, 512: 16, 1024: 4) by this")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph replays of the core")
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.bfloat16
@@ -178,7 +200,8 @@ def main() -> None:
     sides = [224] if args.smoke else args.sides
     for side in sides:
         for stage in range(3):
-            row = stage_case(side, stage, dev, dtype, 20 if args.smoke else args.rep_ms)
+            row = stage_case(side, stage, dev, dtype, 20 if args.smoke else args.rep_ms, args.batch_mult,
+                             not args.no_graphs)
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             result["tuned_configs"] = tuned_configs()
@@ -198,6 +221,12 @@ def main() -> None:
               f"{' / '.join(map(fmt, c))} | {fmr(ratio(c[0], c[1]))} {fmr(ratio(c[0], c[2]))} | "
               f"{' / '.join(map(fmt, m))} | {fmr(ratio(m[0], m[1]))} {fmr(ratio(m[0], m[2]))} | "
               f"{' / '.join(map(fmt, p))}")
+    if any("core_fwdbwd_graph_ms_routed" in r for r in rows):
+        print("graph-replayed core fwd+bwd ms routed / gather / cudnn | x gather x cudnn")
+        for r in rows:
+            g = [r.get(f"core_fwdbwd_graph_ms_{n}") for n in ("routed", "gather", "sdpa_cudnn")]
+            print(f"{r['side']} {r['stage']} b{r['batch']} | {' / '.join(map(fmt, g))} | {fmr(ratio(g[0], g[1]))} "
+                  f"{fmr(ratio(g[0], g[2]))}")
 
 
 if __name__ == "__main__":
