@@ -114,7 +114,8 @@ def graph_ms(fn):
         return None
 
 
-def stage_case(side: int, stage: int, dev, dtype, rep_ms: int, batch_mult: int = 1, graphs: bool = True) -> dict:
+def stage_case(side: int, stage: int, dev, dtype, rep_ms: int, batch_mult: int = 1, graphs: bool = True,
+               profile_module: bool = False) -> dict:
     dim, topk, stride = STAGES[stage]
     n_win, batch = RESOLUTIONS[side]
     batch *= batch_mult
@@ -172,6 +173,11 @@ def stage_case(side: int, stage: int, dev, dtype, rep_ms: int, batch_mult: int =
         row[f"module_fwd_ms_{name}"] = guarded(lambda fn=fn: bench(lambda: fn(), rep_ms))
         row[f"module_fwdbwd_ms_{name}"] = guarded(lambda: bench(fwd_bwd, rep_ms))
         row[f"module_peak_mib_{name}"] = guarded(lambda: peak_mem(fwd_bwd))
+        if profile_module and name == "routed":  # where the module's time beside the attention goes
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from profile_layers import breakdown
+
+            row["module_profile_routed"] = breakdown(fwd_bwd, dev, reps=5, top=20)
     return row
 
 
@@ -189,6 +195,8 @@ def main() -> None:
     ap.add_argument("--batch-mult", type=int, default=1,
                     help="multiply each resolution's batch (224: 128, 512: 16, 1024: 4) by this")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph replays of the core")
+    ap.add_argument("--profile-module", action="store_true",
+                    help="also list the routed module's forward+backward kernels (torch.profiler)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.bfloat16
@@ -201,7 +209,7 @@ def main() -> None:
     for side in sides:
         for stage in range(3):
             row = stage_case(side, stage, dev, dtype, 20 if args.smoke else args.rep_ms, args.batch_mult,
-                             not args.no_graphs)
+                             not args.no_graphs, args.profile_module)
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             result["tuned_configs"] = tuned_configs()
@@ -221,6 +229,12 @@ def main() -> None:
               f"{' / '.join(map(fmt, c))} | {fmr(ratio(c[0], c[1]))} {fmr(ratio(c[0], c[2]))} | "
               f"{' / '.join(map(fmt, m))} | {fmr(ratio(m[0], m[1]))} {fmr(ratio(m[0], m[2]))} | "
               f"{' / '.join(map(fmt, p))}")
+    for r in rows:
+        prof = r.get("module_profile_routed")
+        if prof:
+            print(f"{r['side']} stage {r['stage']} routed module: host {prof['host_ms_per_step']:.2f} ms, GPU "
+                  f"{prof.get('gpu_ms_per_step', 0):.2f} ms, {prof.get('kernels_per_step')} kernels; top: " + "; ".join(
+                      f"{k['name'][:50]} {k['ms']:.3f} x{k['calls']}" for k in prof.get("top_kernels", [])[:8]))
     if any("core_fwdbwd_graph_ms_routed" in r for r in rows):
         print("graph-replayed core fwd+bwd ms routed / gather / cudnn | x gather x cudnn")
         for r in rows:
