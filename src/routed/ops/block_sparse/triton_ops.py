@@ -292,6 +292,19 @@ def _num_sms_cached(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _tma_capable(index: int) -> Optional[str]:
+    """None if CUDA device ``index`` and this Triton can use tensor descriptors, else why not (asked
+    once per device: the checks cost ~40 us of host time per call, nine calls per NSA layer step)."""
+    if torch.cuda.get_device_capability(index)[0] < 9:
+        return "needs a Hopper or newer GPU"
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return "this triton has no tensor descriptors"
+    return None
+
+
 class _TokenMaps:
     """Per-token data of a route, as ``[batch, len]`` views for the kernels: positions (both, or
     neither for the default order) and segment ids (both or neither). Absent maps pass a dummy
@@ -496,12 +509,11 @@ def _tma_why_not(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     """None if the forward can read K/V through tensor descriptors here."""
     if os.environ.get("ROUTED_TMA", "1") == "0":
         return "disabled by ROUTED_TMA=0"
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
+    if q.device.type != "cuda":
         return "needs a Hopper or newer GPU"
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return "this triton has no tensor descriptors"
+    reason = _tma_capable(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if reason is not None:
+        return reason
     for t in (k, v):
         if t.shape[-1] not in (16, 32, 64, 128, 256) or t.data_ptr() % 16:
             return "head dim not a power of two or base not 16-byte aligned"
