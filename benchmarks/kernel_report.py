@@ -32,9 +32,9 @@ from routed.ops.block_sparse import triton_kernels as K  # noqa: E402
 from routed.ops.block_sparse import triton_ops as ops  # noqa: E402
 from routed.ops.block_topk import triton_kernels as router_kernels  # noqa: E402
 
-FLOAT32_POINTERS = {"Lse", "Delta", "DQAcc", "PartOut", "PartLse", "LSE", "Out"}
-INT32_POINTERS = {"Ids", "Counts", "Arrivals", "CleanCounts", "TIds", "TCounts", "TMaskedCounts", "QPos", "KPos", "QSeg",
-                  "KSeg"}
+FLOAT32_POINTERS = {"Lse", "Delta", "DQAcc", "DKAcc", "DVAcc", "PartOut", "PartLse", "LSE", "Out"}
+INT32_POINTERS = {"Ids", "Counts", "Arrivals", "CleanCounts", "TIds", "TCounts", "TMaskedCounts", "TOffsets",
+                  "ShareOffsets", "QPos", "KPos", "QSeg", "KSeg"}
 DESCRIPTORS = {"KDesc": "BLOCK_N", "VDesc": "BLOCK_N", "QDesc": "BLOCK_M", "DODesc": "BLOCK_M"}
 
 
@@ -108,10 +108,11 @@ def main() -> None:
                      dict(common, BLOCK_M=m, BLOCK_N=n, USE_TMA=False, Q_TILE_ALIGNED=True, GATHER_KV=False,
                           GROUP_MAJOR=False), w, st))
     for m, n, w, st in ops.DKDV_CANDIDATES:
-        for atomic in (False, True):
-            jobs.append(("dkdv", f"{m}x{n} w{w} s{st}{' atomic-dq' if atomic else ''}", K._block_sparse_bwd_dkdv_kernel,
+        for atomic, shares in ((False, 0), (True, 0), (False, 2)):  # shares 2: listed shares, atomic sums
+            jobs.append(("dkdv", f"{m}x{n} w{w} s{st}{' atomic-dq' if atomic else ''}{' listed-shares' if shares else ''}",
+                         K._block_sparse_bwd_dkdv_kernel,
                          dict(common, BLOCK_M=m, BLOCK_N=n, USE_TMA=False, KV_TILE_ALIGNED=True, GATHER_Q=False,
-                              ATOMIC_DQ=atomic), w, st))
+                              ATOMIC_DQ=atomic, T_COMPACT=False, SHARES=shares), w, st))
     for pps, n, w, st in ops.DECODE_CANDIDATES:
         for fused, tma in ((False, False), (True, False), (False, True)):  # fused: 32 splits' partials per row
             jobs.append(("decode", f"{pps}/SM n{n} w{w} s{st}{' fused-merge' if fused else ''}{' tma' if tma else ''}",

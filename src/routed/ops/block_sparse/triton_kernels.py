@@ -456,6 +456,7 @@ def _block_sparse_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     loaded_len = kv_len
+    n_shares = 1  # SHARES != 2: one program per (tile, share), each stores its own dK, dV
     if SHARES == 2:
         n_shares = _tile_shares(ShareOffsets, pid_bh * n_tiles + pid_n)
         active = listed & (pid_s < n_shares)
@@ -509,14 +510,10 @@ def _block_sparse_bwd_dkdv_kernel(
     v_ok = key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
     dk_ptrs = DK + pid_s.to(tl.int64) * stride_dks + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn
     dv_ptrs = DV + pid_s.to(tl.int64) * stride_dvs + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn
-    if SHARES == 2:
-        if n_shares > 1:  # the combine kernel writes this tile from the sums (in the tile's slot)
-            acc_row = _shared_slot(ShareOffsets, n_main, pid_bh * n_tiles + pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-            tl.atomic_add(DKAcc + acc_row[:, None] * HEAD_DIM + offs_d[None, :], dk, mask=k_ok, sem="relaxed")
-            tl.atomic_add(DVAcc + acc_row[:, None] * HEAD_DIM_V + offs_dv[None, :], dv, mask=v_ok, sem="relaxed")
-        else:
-            tl.store(dk_ptrs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=k_ok)
-            tl.store(dv_ptrs + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=v_ok)
+    if n_shares > 1:  # SHARES == 2, a shared tile: the combine kernel writes it from the sums in its slot
+        acc_row = _shared_slot(ShareOffsets, n_main, pid_bh * n_tiles + pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.atomic_add(DKAcc + acc_row[:, None] * HEAD_DIM + offs_d[None, :], dk, mask=k_ok, sem="relaxed")
+        tl.atomic_add(DVAcc + acc_row[:, None] * HEAD_DIM_V + offs_dv[None, :], dv, mask=v_ok, sem="relaxed")
     else:
         tl.store(dk_ptrs + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=k_ok)
         tl.store(dv_ptrs + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=v_ok)
@@ -526,8 +523,8 @@ def _block_sparse_bwd_dkdv_kernel(
 def _listed_share(ShareOffsets, n_tiles, n_main, log_rows):
     """``SHARES == 2``: ``(tile, batch x kv head, share, listed)`` of this program. Programs below
     ``n_main`` (= tiles x batch x kv heads) take a tile's first share; the others take the further shares,
-    listed by ``ShareOffsets [n_main + 1]``, the exclusive prefix sum of every tile's further shares
-    (binary search over ``log_rows`` steps); ``listed`` is False past the list's end."""
+    listed by the first ``n_main + 1`` entries of ``ShareOffsets``, the exclusive prefix sum of every tile's
+    further shares (binary search over ``log_rows`` steps); ``listed`` is False past the list's end."""
     pid = tl.program_id(0)
     if pid < n_main:
         row = pid
