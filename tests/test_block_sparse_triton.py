@@ -545,6 +545,30 @@ def test_dkdv_shares_long_transposed_rows_between_programs(case, mode, determini
     assert shares == want, f"dk/dv work split {used}, wanted SHARES in {want}"
 
 
+def test_dkdv_listed_shares_keep_sums_for_shared_tiles_only(monkeypatch):
+    """The listed shares' float32 atomic sums take room for the shared tiles only (here the sink's),
+    not a float32 copy of all of K and V; the result still equals float64."""
+    from routed.ops.block_sparse import triton_ops
+
+    used, zeros = [], []
+    real_split, real_zeros = triton_ops.dkdv_work_split, torch.zeros
+    monkeypatch.setattr(triton_ops, "dkdv_work_split", lambda *a: used.append(real_split(*a)) or used[-1])
+    monkeypatch.setattr(triton_ops, "_num_sms", lambda device: 4)
+    monkeypatch.setenv("ROUTED_BWD", "split")
+
+    def recording_zeros(*size, **kw):
+        out = real_zeros(*size, **kw)
+        if out.dtype == torch.float32:
+            zeros.append(out.numel())
+        return out
+
+    monkeypatch.setattr(triton_ops.torch, "zeros", recording_zeros)
+    (q, k, v), route = SPLIT_ROW_CASES["sink_gqa_ragged"]()
+    check_against_f64(q, k, v, route)
+    assert {u[0] for u in used} == {2}, f"dk/dv work split {used}: the listed shares did not run"
+    assert zeros and max(zeros) < k.numel() + v.numel(), f"float32 sums of {max(zeros, default=0)} elements"
+
+
 def _brute_position_splits(route):
     ids, QB, KB = route.kv_block_ids, route.q_block_size, route.kv_block_size
     qpos, kpos = route.resolved_q_positions(), route.resolved_kv_positions()
