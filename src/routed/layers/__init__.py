@@ -7,3 +7,6 @@ from .moe import RoutedMoE, moe_balance_loss
 from .mosa import MoSAAttention, mosa_select
 from .nsa import NSAAttention
 from .routing_attention import RoutingAttention
+
+__all__ = ["BiLevelRoutingAttention", "DenseAttention", "MoBAAttention", "MoSAAttention", "NSAAttention", "RoutedMoE",
+           "RoutingAttention", "SlidingWindowAttention", "bra_gather_attention", "moe_balance_loss", "mosa_select"]
