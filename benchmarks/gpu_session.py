@@ -89,6 +89,18 @@ ITEMS = {
     "moe_overhead": (5, 150, {}, [  # where the eager MoE forward's extra ~1.5 ms over its CUDA graph goes
         "python benchmarks/moe_overhead.py --out {out}/moe_overhead.json",
     ]),
+    "decode_merges": (7, 200, {}, [  # the decode merges by CUPTI kernel time (graph_kernels), ~70 s each
+        "python benchmarks/block_sparse.py --skip-check --skip-bench --decode-merge combine --out {out}/decode_combine.json",
+        "python benchmarks/block_sparse.py --skip-check --skip-bench --decode-merge fused --out {out}/decode_fused.json",
+    ]),
+    "bra_module": (3, 150, {}, [  # where the BRA module's non-attention ~12 ms at 512 px goes
+        "python benchmarks/bra.py --sides 512 --no-check --no-graphs --profile-module --rep-ms 50 "
+        "--out {out}/bra_512_module_profile.json",
+    ]),
+    "mqar_routing_c64": (2, 270, {}, [  # the Routing Transformer at 2k with clusters of ~32 tokens (~200 s)
+        "python benchmarks/mqar.py --attention routing --seq-lens 2048 --kv-pairs 16 --vocab 256 --steps 5000 "
+        "--batch-size 32 --lr 3e-3 --option kmeans_clusters=64 --out {out}/mqar_2k_routing_c64.json",
+    ]),
     "lm_speed_tuned_mass": (8, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
         "python benchmarks/lm_compare.py --variants --speed --speed-lens 32768 --out {out}/lm_speed_tuned_mass.json",
     ]),
