@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from routed import BlockRoute, random_block_route, routed_attention  # noqa: E402
-from routed.bench import capture_cuda_graph  # noqa: E402
+from routed.bench import capture_cuda_graph, device_time_us, graph_replay_ms  # noqa: E402
 from routed.env import machine_header  # noqa: E402
 from routed.ops.block_sparse.flex import flex_routed_attention, route_to_block_mask  # noqa: E402
 from routed.testing import poisoned_outputs, rel_err  # noqa: E402
@@ -61,11 +61,7 @@ def do_bench(fn, rep_ms=200):
 def graph_bench(fn):
     """GPU time of ``fn`` replayed from a CUDA graph (no Python or launch overhead), as decode
     loops run in practice; ``None`` if ``fn`` cannot be captured."""
-    try:
-        return do_bench(capture_cuda_graph(fn, warmup=3).replay)
-    except Exception as e:  # noqa: BLE001
-        print("graph capture failed:", type(e).__name__, str(e).splitlines()[0][:200])
-        return None
+    return graph_replay_ms(fn, do_bench)
 
 
 def visible_pairs(route: BlockRoute, heads_q: int) -> int:
@@ -305,9 +301,8 @@ def graph_kernel_times(fn, replays=50):
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    gpu_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
-    rows = [dict(name=e.key[:80], per_replay=e.count / replays, us_per_replay=gpu_us(e) / replays)
-            for e in prof.key_averages() if gpu_us(e) > 0]
+    rows = [dict(name=e.key[:80], per_replay=e.count / replays, us_per_replay=device_time_us(e) / replays)
+            for e in prof.key_averages() if device_time_us(e) > 0]
     return sorted(rows, key=lambda r: -r["us_per_replay"])
 
 
@@ -318,7 +313,7 @@ def decode_sweep(routed, floor_ms):
     sweep = []
     real = triton_ops._decode_candidates
     try:
-        for cfg in real(128, True, "1"):
+        for cfg in real(128, False) + real(128, True):
             triton_ops._decode_candidates = lambda *_a, cfg=cfg: (cfg,)
             ms = graph_bench(routed)
             sweep.append(dict(cfg, graph_ms=ms, over_floor=None if ms is None else ms / floor_ms))

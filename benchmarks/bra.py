@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_layers (--profile-module)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from routed import routed_attention  # noqa: E402
+from routed.bench import graph_replay_ms  # noqa: E402
 from routed.env import command_line, machine_header  # noqa: E402
 from routed.layers.bra import BiLevelRoutingAttention, bra_gather_attention  # noqa: E402
 from routed.ops.block_sparse.triton_ops import tuned_configs  # noqa: E402
@@ -105,18 +107,6 @@ def randn(*shape, dev, dtype, seed, requires_grad=False):
     return t.requires_grad_(requires_grad)
 
 
-def graph_ms(fn):
-    """GPU time of ``fn`` replayed from a CUDA graph (host overhead removed); None if it cannot be
-    captured (the reason is printed)."""
-    from routed.bench import capture_cuda_graph
-
-    try:
-        return bench(capture_cuda_graph(fn, warmup=3).replay)
-    except Exception as e:  # noqa: BLE001
-        print("graph capture failed:", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
-        return None
-
-
 def stage_case(side: int, stage: int, dev, dtype, rep_ms: int, batch_mult: int = 1, graphs: bool = True,
                profile_module: bool = False) -> dict:
     dim, topk, stride = STAGES[stage]
@@ -153,7 +143,7 @@ def stage_case(side: int, stage: int, dev, dtype, rep_ms: int, batch_mult: int =
         row[f"core_fwdbwd_ms_{name}"] = guarded(lambda: bench(fwd_bwd, rep_ms))
         row[f"core_peak_mib_{name}"] = guarded(lambda: peak_mem(fwd_bwd))
         if graphs:  # the same work without the host: what a graphed or compiled training step sees
-            row[f"core_fwdbwd_graph_ms_{name}"] = guarded(lambda: graph_ms(fwd_bwd))
+            row[f"core_fwdbwd_graph_ms_{name}"] = guarded(lambda: graph_replay_ms(fwd_bwd, bench))
     del q, k, v, do
 
     # --- whole module, NHWC [B, hw, hw, dim]
@@ -177,8 +167,7 @@ def stage_case(side: int, stage: int, dev, dtype, rep_ms: int, batch_mult: int =
         row[f"module_fwdbwd_ms_{name}"] = guarded(lambda: bench(fwd_bwd, rep_ms))
         row[f"module_peak_mib_{name}"] = guarded(lambda: peak_mem(fwd_bwd))
         if profile_module and name == "routed":  # where the module's time beside the attention goes
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from profile_layers import breakdown
+            from profile_layers import breakdown  # (imports lm_compare: only when asked)
 
             row["module_profile_routed"] = breakdown(fwd_bwd, dev, reps=5, top=20)
     return row

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import lm_compare  # noqa: E402
 
-from routed.bench import graphed_ms  # noqa: E402
+from routed.bench import device_time_us, graphed_ms  # noqa: E402
 from routed.env import command_line, machine_header  # noqa: E402
 
 
@@ -61,9 +61,8 @@ def breakdown(step, device, reps: int = 10, top: int = 12) -> dict:
             for _ in range(reps):
                 step()
             _sync(device)
-        gpu_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
-        kernels = sorted(((e.key, gpu_us(e) / reps / 1e3, e.count // reps) for e in prof.key_averages()
-                          if gpu_us(e) > 0), key=lambda r: -r[1])
+        kernels = sorted(((e.key, device_time_us(e) / reps / 1e3, e.count // reps) for e in prof.key_averages()
+                          if device_time_us(e) > 0), key=lambda r: -r[1])
         row["gpu_ms_per_step"] = sum(k[1] for k in kernels)
         row["kernels_per_step"] = sum(k[2] for k in kernels)
         row["top_kernels"] = [{"name": k[0][:90], "ms": k[1], "calls": k[2]} for k in kernels[:top]]

@@ -73,6 +73,22 @@ def capture_cuda_graph(step: Callable[[], object], warmup: int = 2) -> "torch.cu
     return graph
 
 
+def graph_replay_ms(step: Callable[[], object], timer: Callable[[Callable[[], object]], float]) -> Optional[float]:
+    """``timer`` (e.g. ``triton.testing.do_bench``) applied to the replay of ``step`` captured as one CUDA
+    graph: its GPU time without host overhead; None, with the reason printed, if it cannot be captured."""
+    try:
+        return timer(capture_cuda_graph(step, warmup=3).replay)
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        print("graph capture failed:", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
+        return None
+
+
+def device_time_us(event) -> float:
+    """A torch.profiler event's own GPU time in microseconds (``self_device_time_total``; older torch:
+    ``self_cuda_time_total``)."""
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+
 def graphed_ms(step: Callable[[], object], reps: int = 20) -> dict:
     """Milliseconds per call of ``step`` replayed as one CUDA graph (what a graphed training step or
     ``torch.compile(mode="reduce-overhead")`` gets: no host time), as ``{"graph_ms_per_step": ms}``, or

@@ -466,13 +466,11 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
                 BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"],
                 BLOCK_S=block_s, num_warps=4)
 
-    tma_reason = _tma_why_not(q, k, v)
-    if os.environ.get("ROUTED_TMA", "1") == "only" and tma_reason is not None:
-        raise RuntimeError(f"ROUTED_TMA=only but the decode path cannot use tensor descriptors: {tma_reason}")
-    candidates = _decode_candidates(sub_max, tma_reason is None, os.environ.get("ROUTED_TMA", "1"))
+    candidates, mode = _offer_tma("the decode path", q, (k, v), list(_decode_candidates(sub_max, False)),
+                                  list(_decode_candidates(sub_max, True)))
     key = (D, Dv, str(q.dtype), kv_block_size, causal, maps.has_pos or maps.has_seg, g_pack, block_m,
-           (B * n_prog_heads).bit_length(), max(1, width).bit_length(), tma_reason is None)
-    launch(_autotuned("decode", key, candidates, launch, q.device))
+           (B * n_prog_heads).bit_length(), max(1, width).bit_length())
+    launch(_autotuned("decode", key + mode, candidates, launch, q.device))
 
 
 # True: the decode path's split programs merge their partials themselves (the last to arrive at an
@@ -488,20 +486,18 @@ DECODE_FUSED_MERGE = False
 # Decode launch configs (split programs per SM, BLOCK_N, num_warps, num_stages); the first is the
 # default where no tuning happens. More, shorter splits keep more K/V loads in flight; the flat tile
 # loop lets deeper stages prefetch across routed blocks. Each is offered with plain loads and, where
-# the tensors allow, with tensor-descriptor (TMA) loads.
+# the tensors allow, with tensor-descriptor (TMA) loads (:func:`_offer_tma`).
 DECODE_CANDIDATES = [(2, 128, 4, 3), (4, 128, 4, 3), (8, 64, 4, 3), (4, 64, 4, 2), (8, 128, 4, 2), (16, 64, 2, 3),
                      (16, 32, 4, 3), (8, 64, 8, 3), (16, 64, 4, 4), (32, 32, 4, 4), (8, 128, 8, 3), (32, 64, 2, 2)]
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_candidates(sub_max: int, tma_ok: bool = False, tma_mode: str = "1") -> tuple:
+def _decode_candidates(sub_max: int, use_tma: bool) -> tuple:
     out: list[dict] = []
-    kinds = [True] if tma_mode == "only" else ([False, True] if tma_ok and tma_mode != "0" else [False])
-    for use_tma in kinds:
-        for pps, n, w, st in DECODE_CANDIDATES:
-            cfg = dict(programs_per_sm=pps, BLOCK_N=min(n, sub_max), num_warps=w, num_stages=st, USE_TMA=use_tma)
-            if cfg not in out:
-                out.append(cfg)
+    for pps, n, w, st in DECODE_CANDIDATES:
+        cfg = dict(programs_per_sm=pps, BLOCK_N=min(n, sub_max), num_warps=w, num_stages=st, USE_TMA=use_tma)
+        if cfg not in out:
+            out.append(cfg)
     return tuple(out)
 
 
@@ -535,12 +531,20 @@ def _with_tma(name: str, q: Tensor, tensors: tuple, plain_candidates, tma_candid
     """Candidates for one kernel: the plain ones plus (or, with ROUTED_TMA=only, just) the TMA ones,
     and the tuning-key suffix. The suffix holds whether descriptors can be used for these tensors,
     so a config tuned with TMA is never reused for a call whose tensors cannot take it."""
+    return _offer_tma(name, q, tensors, _fit(plain_candidates, q_block, kv_block, False, own),
+                      _fit(tma_candidates, q_block, kv_block, True, own),
+                      "the walked blocks are smaller than a tile (rows are gathered)")
+
+
+def _offer_tma(name: str, q: Tensor, tensors: tuple, plain: list[dict], tma: list[dict],
+               no_tma_fits: str = "no tensor-descriptor config fits") -> tuple[list[dict], tuple]:
+    """``plain + tma`` (ROUTED_TMA=only: ``tma`` alone, or an error saying why it cannot run; the TMA
+    ones are dropped where ``tensors`` cannot take descriptors) and the tuning-key suffix
+    ``(ROUTED_TMA, descriptors usable)``."""
     mode = os.environ.get("ROUTED_TMA", "1")
-    plain = _fit(plain_candidates, q_block, kv_block, False, own)
     reason = _tma_why_not(q, *tensors)
-    tma = _fit(tma_candidates, q_block, kv_block, True, own) if reason is None else []
     if reason is None and not tma:
-        reason = "the walked blocks are smaller than a tile (rows are gathered)"
+        reason = no_tma_fits
     if reason is None:
         return (tma if mode == "only" else plain + tma), (mode, True)
     if mode == "only":
