@@ -242,6 +242,8 @@ def bench(args, dev, save=lambda rows: None):
 
 def bench_decode(args, dev):
     """1 query against a 128k cache, 32 routed blocks of 128: time vs the bytes it must read."""
+    from routed.ops.block_sparse import triton_ops
+
     rows = []
     g = torch.Generator(device="cpu").manual_seed(2)
     nk, d = 131072, 128
@@ -271,7 +273,8 @@ def bench_decode(args, dev):
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != hq)
 
         row = dict(nq=1, nk=nk, hq=hq, hkv=hkv, blocks=32, bytes=bytes_read, copy_tb_s=bw, floor_ms=floor_ms,
-                   null_graph_ms=null_graph_ms)
+                   null_graph_ms=null_graph_ms, pdl=triton_ops.decode_pdl(dev),
+                   fused_merge=triton_ops.DECODE_FUSED_MERGE)
         for name, f in (("routed", routed), ("flex", flex), ("sdpa_flash_dense", dense)):
             row[f"{name}_ms"] = do_bench(f)
             row[f"{name}_graph_ms"] = graph_bench(f)
@@ -354,7 +357,12 @@ def main():
     p.add_argument("--decode-merge", choices=["fused", "combine"], default=None,
                    help="decode's merge of the key splits: by the last split in the same launch, or a second "
                         "kernel (default: the library's DECODE_FUSED_MERGE)")
+    p.add_argument("--decode-pdl", choices=["0", "1"], default=None,
+                   help="launch decode's combine kernel as a programmatic dependent of the split kernel "
+                        "(ROUTED_DECODE_PDL; default: the library's, off)")
     args = p.parse_args()
+    if args.decode_pdl is not None:
+        os.environ["ROUTED_DECODE_PDL"] = args.decode_pdl
     if args.decode_merge is not None:
         from routed.ops.block_sparse import triton_ops
 

@@ -101,6 +101,18 @@ ITEMS = {
         "python benchmarks/mqar.py --attention routing --seq-lens 2048 --kv-pairs 16 --vocab 256 --steps 5000 "
         "--batch-size 32 --lr 3e-3 --option kmeans_clusters=64 --out {out}/mqar_2k_routing_c64.json",
     ]),
+    "token_major_pdl": (0, 150, {"ROUTED_AUTOTUNE": "0"}, [  # token-major outputs and the PDL combine launch
+        "python -m pytest -q -p no:cacheprovider tests/test_block_sparse_triton.py tests/test_bra.py -k "
+        "'token_major or compiles or decode_split_path or decode_on_gpu or triton_backend'",
+    ]),
+    "decode_pdl": (0, 100, {}, [  # decode with the combine launch as a programmatic dependent (~70 s)
+        "python benchmarks/block_sparse.py --skip-check --skip-bench --decode-merge combine --decode-pdl 1 "
+        "--out {out}/decode_pdl.json",
+    ]),
+    "bra_module_token_major": (0, 160, {}, [  # the module after the region-major projection, 224 and 512 px
+        "python benchmarks/bra.py --sides 224 512 --no-check --no-graphs --profile-module --rep-ms 50 "
+        "--out {out}/bra_module_token_major.json",
+    ]),
     "lm_speed_tuned_mass": (8, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
         "python benchmarks/lm_compare.py --variants --speed --speed-lens 32768 --out {out}/lm_speed_tuned_mass.json",
     ]),

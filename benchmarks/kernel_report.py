@@ -119,7 +119,7 @@ def main() -> None:
                          K._block_sparse_decode_split_kernel,
                          dict(KV_BLOCK=blk, BLOCK_M=16, BLOCK_N=min(n, blk), HEAD_DIM=d, BLOCK_D=d, HEAD_DIM_V=d,
                               BLOCK_DV=d, CAUSAL=True, HAS_POS=False, HAS_SEG=False, DOT_PRECISION="tf32",
-                              FUSED_MERGE=fused, BLOCK_S=32 if fused else 2, USE_TMA=tma), w, st))
+                              FUSED_MERGE=fused, BLOCK_S=32 if fused else 2, USE_TMA=tma, PDL=False), w, st))
     # NSA's selection mass (the router's largest kernel): a 4-head KV group, query blocks of 64, head dim 64
     for cfg in router_kernels.nsa_mass_configs(4, 64):
         jobs.append(("nsamass", f"rows {4 * cfg['TILE_Q']} n{cfg['BLOCK_N']} w{cfg['num_warps']}",

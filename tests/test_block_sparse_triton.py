@@ -317,6 +317,18 @@ def test_quick_autotuning_times_the_short_lists_and_remembers_on_disk(tmp_path, 
     assert triton_ops._TUNED == first
 
 
+def test_decode_pdl_requests_are_checked(monkeypatch):
+    from routed.ops.block_sparse.triton_ops import decode_pdl
+
+    monkeypatch.setenv("ROUTED_DECODE_PDL", "yes")
+    with pytest.raises(ValueError, match="ROUTED_DECODE_PDL must be 0 or 1"):
+        decode_pdl(torch.device(DEVICE))
+    monkeypatch.setenv("ROUTED_DECODE_PDL", "0")
+    assert decode_pdl(torch.device(DEVICE)) is False
+    monkeypatch.setenv("ROUTED_DECODE_PDL", "1")
+    assert decode_pdl(torch.device("cpu")) is False  # the interpreter has no grid dependency control
+
+
 def test_autotune_mode_is_checked(monkeypatch):
     from routed.ops.block_sparse import triton_ops
 
@@ -671,6 +683,43 @@ def test_dkdv_work_split_heuristics():
     assert dkdv_work_split(64, 12, 12, 132, False) == (0, 1, 0)  # no row can exceed one share
 
 
+def _token_major_inputs(b, hq, hkv, nq, nk, d, seed):
+    """q, k, v as a projection hands them over: ``[B, N, H, d]`` memory seen as ``[B, H, N, d]``."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h, n: torch.randn(b, n, h, d, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()  # noqa: E731
+    return mk(hq, nq), mk(hkv, nk), mk(hkv, nk)
+
+
+@pytest.mark.parametrize("case", ["split", "atomic", "partial_sums", "listed_shares", "decode"])
+def test_token_major_inputs_give_token_major_outputs(case, monkeypatch):
+    """Inputs laid out [B, N, H, d] (a projection's transposed view) give out, dq, dk and dv in the
+    same layout, so ``out.transpose(1, 2).reshape(B, N, H * d)`` is a view and no gradient needs a
+    copy; every backward variant writes through those strides and equals float64."""
+    from routed.ops.block_sparse import triton_ops
+
+    monkeypatch.setenv("ROUTED_BWD", "atomic" if case == "atomic" else "split")
+    monkeypatch.setattr(triton_ops, "_num_sms", lambda device: 4)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: case == "partial_sums")
+    used = []
+    real = triton_ops.dkdv_work_split
+    monkeypatch.setattr(triton_ops, "dkdv_work_split", lambda *a: used.append(real(*a)) or used[-1])
+    if case in ("partial_sums", "listed_shares"):  # few key tiles, long transposed rows: shared between programs
+        q, k, v = _token_major_inputs(1, 4, 2, 400, 24, 16, seed=21)
+        route = _mask_route(1, 2, 400, 24, 16, 32, False, 0.7, seed=21)
+    else:
+        nq = 2 if case == "decode" else 96
+        q, k, v = _token_major_inputs(2, 4, 2, nq, 160, 16, seed=21)
+        route = _mask_route(2, 2, nq, 160, 16, 16, True, 0.9, seed=21)
+    check_against_f64(q, k, v, route)
+    want = {"partial_sums": {1}, "listed_shares": {2}, "decode": {0}}.get(case, {0})
+    assert {u[0] for u in used} == want, f"dk/dv work split {used}, wanted SHARES in {want}"
+    with poisoned_outputs():
+        out = routed_attention(q, k, v, route, backend="triton")
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        assert t.transpose(1, 2).is_contiguous(), f"{name} strides {t.stride()} are not token-major"
+
+
 def test_compiles_without_graph_breaks():
     q, k, v = _inputs(1, 4, 2, 64, 64, 16, torch.float32, seed=13)
     route = _mask_route(1, 2, 64, 64, 16, 16, True, 0.5, seed=13)
@@ -679,13 +728,15 @@ def test_compiles_without_graph_breaks():
         return routed_attention(q, k, v, route, backend="triton").square().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v)
-    got = torch.autograd.grad(loss, (q, k, v))
-    eager = f(q, k, v)
-    want = torch.autograd.grad(eager, (q, k, v))
-    torch.testing.assert_close(loss, eager)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+    for inputs in ((q, k, v), _token_major_inputs(1, 4, 2, 64, 64, 16, seed=13)):  # fake strides as real ones
+        loss = compiled(*inputs)
+        got = torch.autograd.grad(loss, inputs)
+        eager = f(*inputs)
+        want = torch.autograd.grad(eager, inputs)
+        torch.testing.assert_close(loss, eager)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+            assert a.stride() == b.stride()
 
 
 def test_automatic_choice_explains_itself():

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import routed_attention
@@ -139,24 +138,25 @@ class BiLevelRoutingAttention(nn.Module):
             raise RouteError(f"x has {C} channels but the module was built for dim={self.dim} "
                              f"(data_format={self.data_format!r}).")
         grid = RegionGrid(H, W, self.n_win)
-        qkv = self.qkv(x)  # [B, H, W, 2 qk + C]
-        tokens = grid.to_region_major(qkv)  # [B, N, 2 qk + C], region-major
+        # The projection is per token, so it runs on the region-major map: one reorder of C channels
+        # instead of 2 qk + C. Pad tokens get the bias as q/k/v; their own segment keeps them unseen.
+        qkv = self.qkv(grid.to_region_major(x))  # [B, N, 2 qk + C], region-major
         qk, heads = self.qk_dim, self.num_heads
-        q, k, v = tokens.split([qk, qk, C], dim=-1)
+        q, k, v = qkv.split([qk, qk, C], dim=-1)
         routing = self.route_regions(grid, q, k)
 
-        def per_head(t: Tensor) -> Tensor:  # [B, N, heads * d] -> [B, heads, N, d] (a view)
+        def per_head(t: Tensor) -> Tensor:  # [B, N, heads * d] -> [B, heads, N, d] (a token-major view)
             return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
         qh, kh, vh = per_head(q), per_head(k), per_head(v)
-        if self.impl == "routed":
+        if self.impl == "routed":  # a token-major output: the reshape below is a view
             o = routed_attention(qh, kh, vh, routing.route, scale=self.scale, backend=self.backend)
         else:
             valid = grid.valid_tokens(x.device) if grid.is_padded else None
             o = bra_gather_attention(qh, kh, vh, routing.region_ids, grid.tokens_per_region, self.scale, valid)
         out = grid.from_region_major(o.transpose(1, 2).reshape(B, grid.seq_len, C))  # [B, H, W, C]
         if self.lepe is not None:  # local context on the unpadded V map (zero borders, no pad values)
-            v_map = qkv[..., 2 * qk:].permute(0, 3, 1, 2)
+            v_map = grid.from_region_major(v).permute(0, 3, 1, 2)  # channels-last [B, C, H, W]
             out = out + self.lepe(v_map).permute(0, 2, 3, 1)
         out = self.wo(out)
         if self.data_format == "NCHW":

@@ -29,6 +29,11 @@ Scores are kept in log2 units: ``s2 = q.k * scale * log2(e)``; ``lse`` is stored
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (programmatic dependent launch, sm90+); absent in older Triton
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # the kernels call them only under PDL=True, which the launcher never sets then
+    gdc_launch_dependents = gdc_wait = None
+
 # Kernels may read only constexpr globals.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -637,7 +642,7 @@ def _block_sparse_decode_split_kernel(
     KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, USE_TMA: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr,
 ):
     """Few queries (all in query block 0) against many routed key blocks: program (split, b*hp)
     takes ``tiles_per_split`` consecutive key tiles of ``BLOCK_N`` rows of the route (the route's
@@ -650,6 +655,8 @@ def _block_sparse_decode_split_kernel(
     Writes a normalised partial output and its lse for the live rows; ``_decode_combine_kernel``
     merges them, or with ``FUSED_MERGE`` the split that arrives last (counted in the zeroed
     ``Arrivals [B * hp]``) merges them into ``Out``/``Lse`` itself: one launch, no gap between two."""
+    if PDL:  # the combine launch may start now: it waits for this grid's writes before reading them
+        gdc_launch_dependents()
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_splits = tl.num_programs(0)
@@ -764,8 +771,12 @@ def _decode_combine_kernel(
     stride_lb, stride_lh, stride_ln,
     n_prog_heads, g_pack, q_len, n_splits,
     BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Merge the split partials of one output row (program (b*hp, row)), as ``_merge_decode_row``."""
+    """Merge the split partials of one output row (program (b*hp, row)), as ``_merge_decode_row``.
+    ``PDL``: launched as a programmatic dependent of the split kernel, so it waits for its writes."""
+    if PDL:
+        gdc_wait()
     pid_bh = tl.program_id(0)
     r = tl.program_id(1)
     b = (pid_bh // n_prog_heads).to(tl.int64)

@@ -26,7 +26,7 @@ from ...testing import new_output
 from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
                              _block_sparse_decode_split_kernel, _block_sparse_fwd_kernel, _bwd_preprocess_kernel,
                              _clean_counts_kernel, _decode_combine_kernel, _dkdv_shares_combine_kernel,
-                             _share_offsets_kernel, _transpose_route_kernel)
+                             _share_offsets_kernel, _transpose_route_kernel, gdc_wait)
 
 logger = logging.getLogger("routed")
 
@@ -448,6 +448,7 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
         part_out = torch.empty(programs * splits * block_m * dims["BLOCK_DV"], dtype=torch.float32, device=q.device)
         part_lse = torch.empty(programs * splits * block_m, dtype=torch.float32, device=q.device)
         fused = DECODE_FUSED_MERGE
+        pdl = not fused and decode_pdl(q.device)
         block_s = max(2, triton.next_power_of_2(splits))
         arrivals = torch.zeros(programs, dtype=torch.int32, device=q.device) if fused else part_lse  # (unread)
         k_desc, v_desc = _row_descriptors(k, v, block_n) if cfg["USE_TMA"] else (None, None)
@@ -459,12 +460,12 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
             n_prog_heads, g_pack, G, Hq // Hr, per_split, Nq, Nk, Nk - Nq, scale * LOG2E,
             KV_BLOCK=kv_block_size, BLOCK_M=block_m, BLOCK_N=block_n,
             CAUSAL=causal, **maps.flags, **dims, FUSED_MERGE=fused, BLOCK_S=block_s if fused else 2,
-            USE_TMA=cfg["USE_TMA"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            USE_TMA=cfg["USE_TMA"], PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if not fused:
             _decode_combine_kernel[(programs, g_pack * Nq)](
                 part_out, part_lse, out, lse, *out.stride(), *lse.stride(), n_prog_heads, g_pack, Nq, splits,
                 BLOCK_M=block_m, HEAD_DIM_V=Dv, BLOCK_DV=dims["BLOCK_DV"],
-                BLOCK_S=block_s, num_warps=4)
+                BLOCK_S=block_s, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
     candidates, mode = _offer_tma("the decode path", q, (k, v), list(_decode_candidates(sub_max, False)),
                                   list(_decode_candidates(sub_max, True)))
@@ -482,6 +483,32 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
 # 18.5 / 22.4 against 25.5 / 14.0 / 17.1 us), so the tail was not the cost. Eager, one launch fewer
 # is ~50 us of host time per decode step; kept as an option for that.
 DECODE_FUSED_MERGE = False
+
+
+def decode_pdl(device: torch.device) -> bool:
+    """Whether the decode combine launch is a programmatic dependent of the split launch (Hopper's
+    PDL: scheduled while the split programs run, it waits on their writes inside instead of starting
+    after they drain). Off unless ``ROUTED_DECODE_PDL=1``: on the H200 (NOTES.md, tenth session) it
+    did not pay, graph-replayed 27.4 / 13.8 / 19.0 us against 22.3 / 14.4 / 20.5 us without (hkv 16 /
+    4 / 8). Needs sm90+ and a Triton with grid dependency control."""
+    flag = os.environ.get("ROUTED_DECODE_PDL", "0")
+    if flag not in ("0", "1"):
+        raise ValueError(f"ROUTED_DECODE_PDL must be 0 or 1, got {flag!r}.")
+    if flag == "0" or device.type != "cuda":
+        return False
+    if gdc_wait is None or not _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()):
+        raise RuntimeError("ROUTED_DECODE_PDL=1 needs an sm90+ GPU and a Triton with grid dependency control "
+                           "(triton.language.extra.cuda.gdc_wait); unset it.")
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9 and "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 # Decode launch configs (split programs per SM, BLOCK_N, num_warps, num_stages); the first is the
 # default where no tuning happens. More, shorter splits keep more K/V loads in flight; the flat tile
@@ -567,6 +594,22 @@ def _query_grid(n_q: int, q_block_size: int, cfg: dict, batch: int, n_heads_q: i
     return (tiles * group, batch * n_heads_q // group) if cfg["GROUP_MAJOR"] else (tiles, batch * n_heads_q)
 
 
+def token_major(t: Tensor) -> bool:
+    """True when a ``[B, H, N, D]`` tensor is laid out ``[B, N, H, D]`` in memory (heads inside
+    tokens: the transposed view of a projection's output, as Hugging Face layers pass it)."""
+    return t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
+
+
+def output_like(like: Tensor, last: int, dtype: torch.dtype, fake: bool = False) -> Tensor:
+    """A new ``[B, H, N, last]`` output in ``like``'s token/head order (``[B, H, N, D]``), as SDPA's
+    flash path does: a token-major output makes ``out.transpose(1, 2).reshape(B, N, H * last)`` a
+    view instead of a copy, and token-major gradients flow back into the projection without one."""
+    B, H, N = like.shape[:3]
+    shape = (B, N, H, last) if token_major(like) else (B, H, N, last)
+    t = like.new_empty(shape, dtype=dtype) if fake else new_output(shape, dtype=dtype, device=like.device)
+    return t.transpose(1, 2) if token_major(like) else t
+
+
 def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:
     """The kernels index the last axis with stride 1."""
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
@@ -587,7 +630,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
     q, k, v = _last_dim_contiguous(q, k, v)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    out = new_output((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
+    out = output_like(q, Dv, q.dtype)
     lse = new_output((B, Hq, Nq), dtype=torch.float32, device=q.device)
     decode = _takes_decode_path(Nq, q_block_size, kv_block_size)
     maps = _TokenMaps(q_positions, kv_positions, q_segments, kv_segments, B, Nq, Nk, q.device, counts)
@@ -671,8 +714,7 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                            f"indexes them alike), got {t_counts.stride()}, {t_masked_counts.stride()} and "
                            f"{t_offsets.stride()}.")
     t_strides = (*t_ids.stride()[:2], 0, t_ids.stride(2)) if compact else t_ids.stride()
-    dk = new_output(k.shape, dtype=k.dtype, device=k.device)
-    dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    dk, dv = output_like(k, D, k.dtype), output_like(v, Dv, v.dtype)
     common = dict(Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims)
     grads = {}  # dQ buffers, allocated by the variant(s) that run
 
@@ -746,7 +788,7 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
     def run_split():
         if "dq_split" not in grads:
-            grads["dq_split"] = new_output(q.shape, dtype=q.dtype, device=q.device)
+            grads["dq_split"] = output_like(q, D, q.dtype)
         launch_dq(_autotuned("bwd_dq", key + dq_tma, dq_cands, launch_dq, q.device))
         launch_dkdv(_autotuned("bwd_dkdv", key + dkdv_tma, dkdv_cands, launch_dkdv, q.device))
 
@@ -755,7 +797,7 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             grads["dq_f32"] = torch.empty(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
         launch = functools.partial(launch_dkdv, atomic_dq=True)
         launch(_autotuned("bwd_dkdv_atomic_dq", key + dkdv_tma, dkdv_cands, launch, q.device))
-        grads["dq_atomic"] = grads["dq_f32"].to(q.dtype)  # part of the variant's time
+        grads["dq_atomic"] = output_like(q, D, q.dtype).copy_(grads["dq_f32"])  # part of the variant's time
 
     mode = _requested_bwd_mode()
     if mode == "auto":  # both timed only under ROUTED_AUTOTUNE=full: atomic lost 6 of 8 shapes on the H200
@@ -783,7 +825,7 @@ def block_sparse_attn_fwd(q: Tensor, k: Tensor, v: Tensor, kv_block_ids: Tensor,
 def _(q, k, v, kv_block_ids, kv_block_counts, q_block_ids, q_block_counts, q_positions, kv_positions, q_segments,
       kv_segments, q_block_size, kv_block_size, causal, scale):
     B, Hq, Nq, _ = q.shape
-    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
+    return output_like(q, v.shape[-1], q.dtype, fake=True), q.new_empty(B, Hq, Nq, dtype=torch.float32)
 
 
 @torch.library.custom_op("routed::block_sparse_attn_bwd", mutates_args=())
@@ -801,8 +843,8 @@ def block_sparse_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 @block_sparse_attn_bwd.register_fake
 def _(do, q, k, v, out, lse, dlse, kv_block_ids, kv_block_counts, q_block_ids, q_block_counts, q_positions,
       kv_positions, q_segments, kv_segments, q_block_size, kv_block_size, causal, scale):
-    # contiguous, as the kernels write them (empty_like would copy a transposed q's strides)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    # in each input's token/head order, as the kernels write them (empty_like would copy any strides)
+    return tuple(output_like(t, t.shape[-1], t.dtype, fake=True) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
