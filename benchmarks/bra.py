@@ -181,6 +181,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bra.json")
     ap.add_argument("--sides", type=int, nargs="+", default=[224, 512, 1024])
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     ap.add_argument("--smoke", action="store_true", help="one resolution, 1/64 of the batch, short timings")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--rep-ms", type=int, default=100, help="timing budget per measurement")
@@ -194,12 +195,13 @@ def main() -> None:
     dtype = torch.bfloat16
     # The command as run, with the output folder (a path on the benchmark machine) left out.
     result = {"machine": machine_header(), "command": command_line(), "dtype": "bfloat16",
-              "autotune": os.environ.get("ROUTED_AUTOTUNE", "1") != "0"}
+              "autotune": os.environ.get("ROUTED_AUTOTUNE", "1") != "0",
+              "block_pack": os.environ.get("ROUTED_BLOCK_PACK", "1") != "0"}
     result["check"] = [] if args.no_check else check(dev)
     rows = result["stages"] = []
     sides = [224] if args.smoke else args.sides
     for side in sides:
-        for stage in range(3):
+        for stage in (s - 1 for s in sorted(args.stages)):
             row = stage_case(side, stage, dev, dtype, 20 if args.smoke else args.rep_ms,
                              args.batch_mult / 64 if args.smoke else args.batch_mult,
                              not args.no_graphs, args.profile_module)

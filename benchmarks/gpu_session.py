@@ -113,6 +113,24 @@ ITEMS = {
         "python benchmarks/bra.py --sides 224 512 --no-check --no-graphs --profile-module --rep-ms 50 "
         "--out {out}/bra_module_token_major.json",
     ]),
+    "pack_tests": (0, 150, {"ROUTED_AUTOTUNE": "0"}, [  # packed small-block tiles at GPU scale, bf16 included
+        "python -m pytest -q -p no:cacheprovider tests/test_block_sparse_triton.py tests/test_bra.py -k "
+        "'packed_into or small_blocks_causal_on_gpu or triton_backend'",
+    ]),
+    "bra_stage3_pack": (0, 280, {}, [  # BRA's 4-token regions with packed tiles against one region per tile
+        "python benchmarks/bra.py --sides 224 512 1024 --stages 3 --no-graphs --rep-ms 50 "
+        "--out {out}/bra_stage3_pack.json",
+        "ROUTED_BLOCK_PACK=0 python benchmarks/bra.py --sides 224 512 1024 --stages 3 --no-check --no-graphs "
+        "--rep-ms 50 --out {out}/bra_stage3_nopack.json",
+    ]),
+    "bra_1024_stages12": (0, 130, {}, [  # the module after the token-major change at 1024 px, stages 1-2
+        "python benchmarks/bra.py --sides 1024 --stages 1 2 --no-check --no-graphs --rep-ms 50 "
+        "--out {out}/bra_1024_stages12_token_major.json",
+    ]),
+    "profile_layers_8k_token_major": (0, 170, {}, [  # the LM layers' 8k step with token-major attention outputs
+        "python benchmarks/profile_layers.py --n 8192 --layers dense moba nsa "
+        "--out {out}/profile_layers_8k_token_major.json",
+    ]),
     "lm_speed_tuned_mass": (8, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
         "python benchmarks/lm_compare.py --variants --speed --speed-lens 32768 --out {out}/lm_speed_tuned_mass.json",
     ]),

@@ -102,17 +102,17 @@ def main() -> None:
                 jobs.append(("fwd", f"{m}x{n} w{w} s{st}{' tma' if tma else ''}{' group-major' if group_major else ''}",
                              K._block_sparse_fwd_kernel,
                              dict(common, BLOCK_M=m, BLOCK_N=n, USE_TMA=tma, Q_TILE_ALIGNED=True, GATHER_KV=False,
-                                  GROUP_MAJOR=group_major), w, st))
+                                  GROUP_MAJOR=group_major, Q_PACK=1), w, st))
     for m, n, w, st in ops.DQ_CANDIDATES:
         jobs.append(("dq", f"{m}x{n} w{w} s{st}", K._block_sparse_bwd_dq_kernel,
                      dict(common, BLOCK_M=m, BLOCK_N=n, USE_TMA=False, Q_TILE_ALIGNED=True, GATHER_KV=False,
-                          GROUP_MAJOR=False), w, st))
+                          GROUP_MAJOR=False, Q_PACK=1), w, st))
     for m, n, w, st in ops.DKDV_CANDIDATES:
         for atomic, shares in ((False, 0), (True, 0), (False, 2)):  # shares 2: listed shares, atomic sums
             jobs.append(("dkdv", f"{m}x{n} w{w} s{st}{' atomic-dq' if atomic else ''}{' listed-shares' if shares else ''}",
                          K._block_sparse_bwd_dkdv_kernel,
                          dict(common, BLOCK_M=m, BLOCK_N=n, USE_TMA=False, KV_TILE_ALIGNED=True, GATHER_Q=False,
-                              ATOMIC_DQ=atomic, T_COMPACT=False, SHARES=shares), w, st))
+                              ATOMIC_DQ=atomic, T_COMPACT=False, SHARES=shares, KV_PACK=1), w, st))
     for pps, n, w, st in ops.DECODE_CANDIDATES:
         for fused, tma in ((False, False), (True, False), (False, True)):  # fused: 32 splits' partials per row
             jobs.append(("decode", f"{pps}/SM n{n} w{w} s{st}{' fused-merge' if fused else ''}{' tma' if tma else ''}",

@@ -89,6 +89,59 @@ def test_blocks_smaller_than_a_tile(bq, bk, nq, causal):
     check_against_f64(q, k, v, _mask_route(2, 2, nq, 75, bq, bk, causal, 0.4, seed=bq + bk))
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel and records the pack constexprs of every launch."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs.get("Q_PACK", kwargs.get("KV_PACK")))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("bq,bk,nq,causal,positions", [(4, 4, 70, False, None), (4, 16, 90, True, None),
+                                                        (2, 8, 37, False, None), (8, 32, 64, True, None),
+                                                        (1, 16, 50, True, None), (16, 4, 64, False, None),
+                                                        (4, 4, 64, True, "batched")])
+def test_small_blocks_packed_into_one_tile(bq, bk, nq, causal, positions, monkeypatch):
+    """Blocks below 16 rows on a program's own side: forward and dq tiles hold 16 // bq whole query
+    blocks, dk/dv tiles 16 // bk whole key blocks (each walked row masked to its own block's rows)
+    instead of one padded block; ragged last tiles, routes of uneven counts (dead slots), GQA, causal
+    and explicit positions. Equal to float64, and to the unpacked kernels (ROUTED_BLOCK_PACK=0)."""
+    from routed.ops.block_sparse import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_num_sms", lambda device: 1)  # dk/dv rows unshared: packing applies
+    seen = {name: [] for name in ("fwd", "dq", "dkdv")}
+    for name in seen:
+        attr = f"_block_sparse_{'fwd' if name == 'fwd' else 'bwd_' + name}_kernel"
+        monkeypatch.setattr(triton_ops, attr, _LaunchSpy(getattr(triton_ops, attr), seen[name]))
+    q, k, v = _inputs(2, 4, 2, nq, 75, 16, torch.float32, seed=bq + bk + nq)
+    route = _mask_route(2, 2, nq, 75, bq, bk, causal, 0.5, seed=bq * bk, positions=positions)
+    check_against_f64(q, k, v, route)
+    want = {"fwd": max(1, 16 // bq), "dq": max(1, 16 // bq), "dkdv": max(1, 16 // bk)}
+    assert {n: set(v) for n, v in seen.items()} == {n: {w} for n, w in want.items()}, seen
+
+    def fwd_bwd():
+        with poisoned_outputs():
+            out = routed_attention(q, k, v, route, backend="triton")
+            return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+    packed = fwd_bwd()
+    monkeypatch.setenv("ROUTED_BLOCK_PACK", "0")
+    for v_ in seen.values():
+        v_.clear()
+    plain = fwd_bwd()
+    assert {n: set(v) for n, v in seen.items()} == {n: {1} for n in seen}, seen
+    for a, b in zip(packed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("ROUTED_BLOCK_PACK", "yes")
+    with pytest.raises(ValueError, match="ROUTED_BLOCK_PACK must be 0 or 1"):
+        routed_attention(q, k, v, route, backend="triton")
+
+
 def test_small_blocks_with_segments_and_shared_route():
     """Region-major images: one route shared by every head, padding tokens in a segment of their own."""
     q, k, v = _inputs(2, 3, 3, 64, 64, 16, torch.float32, seed=77)

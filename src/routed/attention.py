@@ -141,7 +141,9 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, route: Route, *, scale: Op
             :func:`routed.explain_backends`). A named backend that cannot run raises.
         return_lse: also return the log-sum-exp (natural log, float32) used to merge branches.
     Returns:
-        ``out`` ``[batch, heads_q, q_len, head_dim_v]`` in q's dtype; with ``return_lse`` also
+        ``out`` ``[batch, heads_q, q_len, head_dim_v]`` in q's dtype (the Triton backend lays it
+        out in q's token/head order: a q that is the transposed view of a ``[B, N, H, d]`` projection
+        gives an out whose ``transpose(1, 2).reshape(B, N, H * dv)`` is a view, not a copy); with ``return_lse`` also
         ``lse`` ``[batch, heads_q, q_len]`` for a BlockRoute, ``[batch, heads_q, groups,
         group_size]`` for a TokenRoute (``-inf`` where a query sees nothing; its output is 0).
     """

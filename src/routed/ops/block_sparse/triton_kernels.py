@@ -19,7 +19,9 @@ passes, the key block in dk/dv) smaller than, or not a multiple of, its tile is 
 whose rows past the block are masked (``*_TILE_ALIGNED=False``). The walked side (the routed key
 blocks, or the transposed route's query blocks) is then read as one flat sequence of routed rows:
 a tile gathers rows from several small blocks (``GATHER_*=True``), so regions of 4 or 16 tokens
-(BiFormer's later stages) fill a tensor-core tile instead of padding every block to 16.
+(BiFormer's later stages) fill a tensor-core tile instead of padding every block to 16. Own blocks
+that divide 16 rows are packed instead (``Q_PACK``/``KV_PACK``): one tile holds several whole blocks,
+each walking its own route row, its walked rows masked to the tile rows of that block.
 
 Masks cost only where they are needed: a tile pays for the causal/range test only when it
 straddles the diagonal or the end of the sequence (or when explicit positions were given).
@@ -67,10 +69,14 @@ def _load_rows(base, offs_rows, stride_rows, offs_cols, n_rows, N_COLS: tl.const
 
 
 @triton.jit
-def _own_rows(pid, length, BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr):
+def _own_rows(pid, length, BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr, PACK: tl.constexpr):
     """The rows program ``pid`` owns: ``(block, offs, ok)``. Aligned: tile ``pid`` of the sequence
-    (tiles divide the blocks). Otherwise ``ceil(BLOCK / TILE)`` tiles per block; rows past the block
-    belong to the next one and are masked."""
+    (tiles divide the blocks). ``PACK > 1``: tile ``pid`` holds ``PACK`` whole blocks, the first is
+    returned. Otherwise ``ceil(BLOCK / TILE)`` tiles per block; rows past the block belong to the
+    next one and are masked."""
+    if PACK > 1:
+        offs = pid * TILE + tl.arange(0, TILE)
+        return pid * PACK, offs, offs < length
     if ALIGNED:
         offs = pid * TILE + tl.arange(0, TILE)
         return (pid * TILE) // BLOCK, offs, offs < length
@@ -86,11 +92,13 @@ def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, s
                 stride_iq, stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div,
                 q_len, pos_offset, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr,
-                GROUP_MAJOR: tl.constexpr):
+                GROUP_MAJOR: tl.constexpr, Q_PACK: tl.constexpr):
     """What a program over (query tile, batch x query head) starts from: its indices, its Q tile,
     the tile's positions and segments, and its route row (ids, count, clean count).
     ``GROUP_MAJOR``: the grid is (query tile x GQA group member, batch x kv head), so the query heads
-    of a group that read the same routed K/V tiles run next to each other (L2 reuse)."""
+    of a group that read the same routed K/V tiles run next to each other (L2 reuse).
+    ``Q_PACK > 1``: the tile holds ``Q_PACK`` whole query blocks (``BLOCK_M = Q_PACK * Q_BLOCK``); the
+    route row returned is the first block's (:func:`_packed_rows` walks all of them)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if GROUP_MAJOR:
@@ -102,7 +110,7 @@ def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, s
         b = (pid_bh // n_heads_q).to(tl.int64)
         hq = (pid_bh % n_heads_q).to(tl.int64)
     hr = hq // route_head_div
-    qblk, offs_m, row_ok = _own_rows(pid_m, q_len, Q_BLOCK, BLOCK_M, Q_TILE_ALIGNED)
+    qblk, offs_m, row_ok = _own_rows(pid_m, q_len, Q_BLOCK, BLOCK_M, Q_TILE_ALIGNED, Q_PACK)
     q = _load_rows(Q + b * stride_qb + hq * stride_qh, offs_m, stride_qn, tl.arange(0, BLOCK_D), q_len, HEAD_DIM,
                    True, BLOCK_D == HEAD_DIM)
     if HAS_POS:
@@ -114,7 +122,7 @@ def _query_tile(Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, s
     count_off = b * stride_cb + hr * stride_ch + qblk
     count = tl.load(Counts + count_off)
     n_clean = tl.load(CleanCounts + count_off)
-    return b, hq, hq // group_size, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean
+    return b, hq, hq // group_size, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean, qblk, count_off
 
 
 @triton.jit
@@ -149,21 +157,56 @@ def _walked_rows(it, ids_base, stride_i, j_lo, j_hi, BLOCK: tl.constexpr, TILE: 
 
 
 @triton.jit
+def _packed_rows(it, ids_base, stride_iq, stride_ik, counts_base, n_subs, width, BLOCK: tl.constexpr,
+                 TILE: tl.constexpr, GATHER: tl.constexpr):
+    """Rows of walk step ``it`` over a packed tile's route: the ``width`` slots of each of its query
+    blocks one after another (slot ``j`` is block ``j // width``'s entry ``j % width``). Returns
+    ``(row0, offs, live, sub)``: ``live`` marks rows of a routed entry (inside its block's count, of a
+    block inside the sequence), ``sub`` the query block (0 .. Q_PACK-1) each row belongs to. A dead
+    slot reads row 0 (a valid address) and is masked by ``live``."""
+    if GATHER:
+        flat = it * TILE + tl.arange(0, TILE)
+        slot = flat // BLOCK
+        in_blk = flat % BLOCK
+        tile0 = 0
+    else:
+        SUBS: tl.constexpr = BLOCK // TILE
+        slot = (it // SUBS) + tl.zeros([TILE], dtype=tl.int32)
+        tile0 = (it % SUBS) * TILE
+        in_blk = tile0 + tl.arange(0, TILE)
+    sub = slot // width
+    entry = slot % width
+    count = tl.load(counts_base + sub, mask=sub < n_subs, other=0)
+    live = entry < count
+    blk = tl.load(ids_base + sub * stride_iq + entry * stride_ik, mask=live, other=0)
+    offs = tl.multiple_of(blk.to(tl.int64) * BLOCK + in_blk, 1)  # (see _walked_rows)
+    # aligned: one slot per tile, so every row holds the same block (0 for a dead slot)
+    return tl.max(blk, 0) * BLOCK + tile0, offs, live, sub
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik, stride_kn,
-               stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
+               stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32, stride_iq, counts_base, n_subs,
+               width, sub_r,
                KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
                HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-               GATHER_KV: tl.constexpr):
+               GATHER_KV: tl.constexpr, Q_PACK: tl.constexpr):
     """Online softmax over routed key blocks ``j_lo .. j_hi`` of one query tile, as one flat loop
     over (block, sub-tile) so Triton can software-pipeline it. ``MASKED=False`` is the hot path:
     blocks wholly visible to every query of the tile, no mask at all. ``USE_TMA`` reads K/V tiles
-    through Hopper tensor descriptors (rows past the sequence arrive as zeros)."""
+    through Hopper tensor descriptors (rows past the sequence arrive as zeros). ``Q_PACK > 1``
+    (with ``MASKED``): the tile's query blocks' routes one after another (:func:`_packed_rows`), each
+    key row seen by the rows of its own query block only (``sub_r``: each row's block in the tile)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     it_lo, it_hi = _walk_bounds(j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
     for it in range(it_lo, it_hi):
-        row0, offs_n, live = _walked_rows(it, ids_base, stride_ik, j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
+        if Q_PACK > 1:
+            row0, offs_n, live, sub_n = _packed_rows(it, ids_base, stride_iq, stride_ik, counts_base, n_subs, width,
+                                                     KV_BLOCK, BLOCK_N, GATHER_KV)
+        else:
+            row0, offs_n, live = _walked_rows(it, ids_base, stride_ik, j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
         if USE_TMA:
             k = tl.trans(k_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_D))
             v = v_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_DV)
@@ -173,7 +216,9 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_ba
             v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED or GATHER_KV,
                            BLOCK_DV == HEAD_DIM_V)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-        if GATHER_KV:  # rows past the walked range (every tile holds at least one live row)
+        if Q_PACK > 1:  # dead slots, and key rows routed for another query block of the tile
+            s = tl.where(live[None, :] & (sub_n[None, :] == sub_r[:, None]), s, float("-inf"))
+        elif GATHER_KV:  # rows past the walked range (every tile holds at least one live row)
             s = tl.where(live[None, :], s, float("-inf"))
         if MASKED:
             if HAS_POS:
@@ -207,20 +252,23 @@ def _block_sparse_fwd_kernel(
     stride_cb, stride_ch,
     stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     n_heads_q, group_size, route_head_div,
-    q_len, kv_len, pos_offset, scale_log2,
+    q_len, kv_len, pos_offset, scale_log2, route_width, n_q_blocks,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr, GATHER_KV: tl.constexpr, GROUP_MAJOR: tl.constexpr,
+    Q_PACK: tl.constexpr,
 ):
     """All tensors have a contiguous last axis; ``Counts``/``CleanCounts`` share strides. Of each
     route row, the first ``CleanCounts`` blocks need no mask (ids are sorted, so they lead).
     ``KDesc``/``VDesc`` are ``[B, Hkv, N, D]`` tensor descriptors when ``USE_TMA``."""
-    b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean = _query_tile(
+    b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean, qblk, count_off = _query_tile(
         Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih, stride_iq,
         stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div, q_len, pos_offset,
-        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED, GROUP_MAJOR)
+        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED, GROUP_MAJOR, Q_PACK)
+    sub_r = tl.arange(0, BLOCK_M) // Q_BLOCK  # Q_PACK > 1: each row's query block in the tile
+    n_subs = n_q_blocks - qblk
     offs_dv = tl.arange(0, BLOCK_DV)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
@@ -231,14 +279,23 @@ def _block_sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
-                               stride_ik, stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32,
-                               hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS,
-                               HAS_SEG, False, DOT_PRECISION, USE_TMA, GATHER_KV)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
-                               stride_ik, stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32,
-                               hkv32, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS,
-                               HAS_SEG, True, DOT_PRECISION, USE_TMA, GATHER_KV)
+    if Q_PACK > 1:  # one masked walk over the tile's query blocks' routes
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
+                                   stride_ik, stride_kn, stride_vn, 0, Q_PACK * route_width, kv_len, scale_log2, KDesc,
+                                   VDesc, b32, hkv32, stride_iq, Counts + count_off, n_subs, route_width, sub_r,
+                                   KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS,
+                                   HAS_SEG, True, DOT_PRECISION, USE_TMA, GATHER_KV, Q_PACK)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
+                                   stride_ik, stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32,
+                                   hkv32, stride_iq, Counts + count_off, n_subs, route_width, sub_r, KV_BLOCK,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False,
+                                   DOT_PRECISION, USE_TMA, GATHER_KV, 1)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
+                                   stride_ik, stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc,
+                                   b32, hkv32, stride_iq, Counts + count_off, n_subs, route_width, sub_r, KV_BLOCK,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True,
+                                   DOT_PRECISION, USE_TMA, GATHER_KV, 1)
 
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -269,17 +326,23 @@ def _bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_oh, stride_on, stri
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik,
-              stride_kn, stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32,
+              stride_kn, stride_vn, j_lo, j_hi, kv_len, scale_log2, k_desc, v_desc, b32, hkv32, stride_iq, counts_base,
+              n_subs, width, sub_r,
               KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-              GATHER_KV: tl.constexpr):
-    """dQ over routed key blocks ``j_lo .. j_hi`` of one query tile (flat, pipelinable loop)."""
+              GATHER_KV: tl.constexpr, Q_PACK: tl.constexpr):
+    """dQ over routed key blocks ``j_lo .. j_hi`` of one query tile (flat, pipelinable loop);
+    ``Q_PACK`` as in :func:`_fwd_inner`."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     it_lo, it_hi = _walk_bounds(j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
     for it in range(it_lo, it_hi):
-        row0, offs_n, live = _walked_rows(it, ids_base, stride_ik, j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
+        if Q_PACK > 1:
+            row0, offs_n, live, sub_n = _packed_rows(it, ids_base, stride_iq, stride_ik, counts_base, n_subs, width,
+                                                     KV_BLOCK, BLOCK_N, GATHER_KV)
+        else:
+            row0, offs_n, live = _walked_rows(it, ids_base, stride_ik, j_lo, j_hi, KV_BLOCK, BLOCK_N, GATHER_KV)
         if USE_TMA:
             k = k_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_D)
             v = v_desc.load([b32, hkv32, row0, 0]).reshape(BLOCK_N, BLOCK_DV)
@@ -289,7 +352,9 @@ def _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kp
             v = _load_rows(v_base, offs_n, stride_vn, offs_dv, kv_len, HEAD_DIM_V, MASKED or GATHER_KV,
                            BLOCK_DV == HEAD_DIM_V)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        if GATHER_KV:
+        if Q_PACK > 1:
+            s = tl.where(live[None, :] & (sub_n[None, :] == sub_r[:, None]), s, float("-inf"))
+        elif GATHER_KV:
             s = tl.where(live[None, :], s, float("-inf"))
         if MASKED:
             if HAS_POS:
@@ -317,18 +382,21 @@ def _block_sparse_bwd_dq_kernel(
     stride_cb, stride_ch,
     stride_qpb, stride_kpb, stride_qsb, stride_ksb,
     n_heads_q, group_size, route_head_div,
-    q_len, kv_len, pos_offset, scale, scale_log2,
+    q_len, kv_len, pos_offset, scale, scale_log2, route_width, n_q_blocks,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, Q_TILE_ALIGNED: tl.constexpr, GATHER_KV: tl.constexpr, GROUP_MAJOR: tl.constexpr,
+    Q_PACK: tl.constexpr,
 ):
     """``Lse`` and ``Delta`` are contiguous ``[B, Hq, q_len]`` float32."""
-    b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean = _query_tile(
+    b, hq, hkv, offs_m, row_ok, q, q_pos, q_seg, ids_base, count, n_clean, qblk, count_off = _query_tile(
         Q, QPos, QSeg, Ids, Counts, CleanCounts, stride_qb, stride_qh, stride_qn, stride_ib, stride_ih, stride_iq,
         stride_cb, stride_ch, stride_qpb, stride_qsb, n_heads_q, group_size, route_head_div, q_len, pos_offset,
-        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED, GROUP_MAJOR)
+        Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HAS_POS, HAS_SEG, Q_TILE_ALIGNED, GROUP_MAJOR, Q_PACK)
+    sub_r = tl.arange(0, BLOCK_M) // Q_BLOCK  # Q_PACK > 1: each row's query block in the tile
+    n_subs = n_q_blocks - qblk
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     do = _load_rows(DO + b * stride_dob + hq * stride_doh, offs_m, stride_don, offs_dv, q_len, HEAD_DIM_V, True,
@@ -345,14 +413,21 @@ def _block_sparse_bwd_dq_kernel(
 
     b32, hkv32 = b.to(tl.int32), hkv.to(tl.int32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik,
-                   stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK, BLOCK_N,
-                   HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA,
-                   GATHER_KV)
-    dq = _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base, stride_ik,
-                   stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32, hkv32, KV_BLOCK,
-                   BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION,
-                   USE_TMA, GATHER_KV)
+    if Q_PACK > 1:
+        dq = _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
+                       stride_ik, stride_kn, stride_vn, 0, Q_PACK * route_width, kv_len, scale_log2, KDesc, VDesc, b32,
+                       hkv32, stride_iq, Counts + count_off, n_subs, route_width, sub_r, KV_BLOCK, BLOCK_N, HEAD_DIM,
+                       BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION, USE_TMA,
+                       GATHER_KV, Q_PACK)
+    else:
+        dq = _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
+                       stride_ik, stride_kn, stride_vn, 0, n_clean, kv_len, scale_log2, KDesc, VDesc, b32, hkv32,
+                       stride_iq, Counts + count_off, n_subs, route_width, sub_r, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D,
+                       HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION, USE_TMA, GATHER_KV, 1)
+        dq = _dq_inner(dq, q, do, lse2, delta, q_pos, q_seg, k_base, v_base, ids_base, kpos_base, kseg_base,
+                       stride_ik, stride_kn, stride_vn, n_clean, count, kv_len, scale_log2, KDesc, VDesc, b32, hkv32,
+                       stride_iq, Counts + count_off, n_subs, route_width, sub_r, KV_BLOCK, BLOCK_N, HEAD_DIM, BLOCK_D,
+                       HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION, USE_TMA, GATHER_KV, 1)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + hq * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -361,13 +436,15 @@ def _block_sparse_bwd_dq_kernel(
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc, qpos_base,
                 qseg_base, t_base, stride_tq, stride_qn, stride_don, i_lo, i_hi, q_len, kv_len, pos_offset, scale,
-                scale_log2, q_desc, do_desc, b32, hq32,
+                scale_log2, q_desc, do_desc, b32, hq32, key_sel,
                 Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_POS: tl.constexpr,
                 HAS_SEG: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-                GATHER_Q: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                GATHER_Q: tl.constexpr, ATOMIC_DQ: tl.constexpr, KV_PACK: tl.constexpr):
     """dK, dV of one key tile from the query blocks ``i_lo .. i_hi`` of its transposed route.
     Query rows outside the walked range load lse = +inf, so their P is 0: no extra mask.
+    ``KV_PACK > 1`` (with ``MASKED``): the tile holds several key blocks and this walk is one block's
+    transposed row: only the key rows ``key_sel`` see it.
     ``ATOMIC_DQ``: also add this tile's share of dQ (``scale * dS K``) into the float32 ``DQAcc``
     with atomics, FlashAttention-2 style, so no separate dQ pass recomputes P (5 matrix products
     per tile pair instead of 3 + 4)."""
@@ -400,6 +477,8 @@ def _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, L
             if HAS_SEG:
                 q_seg = tl.load(qseg_base + offs_m, mask=row_ok, other=-2)
                 visible = visible & (k_seg[:, None] == q_seg[None, :])
+            if KV_PACK > 1:
+                visible = visible & key_sel[:, None]
             st = tl.where(visible, st, float("-inf"))
         pt = tl.math.exp2(st - lse2[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -433,7 +512,7 @@ def _block_sparse_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, KV_TILE_ALIGNED: tl.constexpr, GATHER_Q: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    T_COMPACT: tl.constexpr, SHARES: tl.constexpr,
+    T_COMPACT: tl.constexpr, SHARES: tl.constexpr, KV_PACK: tl.constexpr,
 ):
     """One key tile of one kv head, over every query head of its GQA group. Of each transposed
     row, the first ``TMaskedCounts`` query blocks need a mask (they straddle the diagonal).
@@ -448,7 +527,8 @@ def _block_sparse_bwd_dkdv_kernel(
     tile for its first share and one per further share; a tile whose GQA group's longest row fits one
     share stores dK, dV as usual, else every share adds into the zeroed float32 ``DKAcc/DVAcc [slots *
     BLOCK_N, D]`` by atomics, in its tile's slot (``_share_offsets_kernel``; ``_dkdv_shares_combine_kernel``
-    copies those tiles out)."""
+    copies those tiles out). ``KV_PACK > 1`` (``SHARES == 0``): the tile holds ``KV_PACK`` whole key blocks
+    smaller than 16 rows (``BLOCK_N = KV_PACK * KV_BLOCK``), each walking its own transposed row."""
     if SHARES == 2:
         pid_n, pid_bh, pid_s, listed = _listed_share(ShareOffsets, n_tiles, n_main, log_rows)
     else:
@@ -457,7 +537,8 @@ def _block_sparse_bwd_dkdv_kernel(
         pid_s = tl.program_id(2)
     b = (pid_bh // n_heads_kv).to(tl.int64)
     hkv = (pid_bh % n_heads_kv).to(tl.int64)
-    kblk, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED)
+    kblk, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED, KV_PACK)
+    sub_n = tl.arange(0, BLOCK_N) // KV_BLOCK  # KV_PACK > 1: each key row's block in the tile
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     loaded_len = kv_len
@@ -486,30 +567,49 @@ def _block_sparse_bwd_dkdv_kernel(
     for g in range(group_size):
         hq = hkv * group_size + g
         hr = hq // route_head_div
-        count_off = b * stride_tcb + hr * stride_tch + kblk
-        if T_COMPACT:
-            t_base = TIds + b * stride_tb + hr * stride_th + tl.load(TOffsets + count_off)
-        else:
-            t_base = TIds + b * stride_tb + hr * stride_th + kblk * stride_tk
-        count = tl.load(TCounts + count_off)
-        n_masked = tl.load(TMaskedCounts + count_off)
-        share = chunk if SHARES == 2 else (count + n_splits - 1) // n_splits
-        lo = tl.minimum(pid_s * share, count)
-        hi = tl.minimum(lo + share, count)
         q_base = Q + b * stride_qb + hq * stride_qh
         do_base = DO + b * stride_dob + hq * stride_doh
         row_base = (b * n_heads_q + hq) * q_len
         b32, hq32 = b.to(tl.int32), hq.to(tl.int32)
-        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc,
-                             qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, lo, tl.minimum(hi, n_masked),
-                             q_len, kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M,
-                             HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True, DOT_PRECISION,
-                             USE_TMA, GATHER_Q, ATOMIC_DQ)
-        dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc,
-                             qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, tl.maximum(lo, n_masked), hi,
-                             q_len, kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, Q_BLOCK, BLOCK_M,
-                             HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False, DOT_PRECISION,
-                             USE_TMA, GATHER_Q, ATOMIC_DQ)
+        if KV_PACK > 1:  # each key block of the tile walks its own transposed row, masked to its rows
+            n_kv_blocks = (kv_len + KV_BLOCK - 1) // KV_BLOCK
+            for j in range(KV_PACK):
+                inside = kblk + j < n_kv_blocks
+                count_off = b * stride_tcb + hr * stride_tch + kblk + j
+                if T_COMPACT:
+                    t_base = TIds + b * stride_tb + hr * stride_th + tl.load(TOffsets + count_off, mask=inside,
+                                                                             other=0)
+                else:
+                    t_base = TIds + b * stride_tb + hr * stride_th + (kblk + j) * stride_tk
+                count = tl.load(TCounts + count_off, mask=inside, other=0)
+                dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta,
+                                     DQAcc, qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, 0, count,
+                                     q_len, kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32,
+                                     sub_n == j, Q_BLOCK, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL,
+                                     HAS_POS, HAS_SEG, True, DOT_PRECISION, USE_TMA, GATHER_Q, ATOMIC_DQ, KV_PACK)
+        else:
+            count_off = b * stride_tcb + hr * stride_tch + kblk
+            if T_COMPACT:
+                t_base = TIds + b * stride_tb + hr * stride_th + tl.load(TOffsets + count_off)
+            else:
+                t_base = TIds + b * stride_tb + hr * stride_th + kblk * stride_tk
+            count = tl.load(TCounts + count_off)
+            n_masked = tl.load(TMaskedCounts + count_off)
+            share = chunk if SHARES == 2 else (count + n_splits - 1) // n_splits
+            lo = tl.minimum(pid_s * share, count)
+            hi = tl.minimum(lo + share, count)
+            masked_hi = tl.minimum(hi, n_masked)
+            clean_lo = tl.maximum(lo, n_masked)
+            dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc,
+                                 qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, lo, masked_hi, q_len,
+                                 kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, key_ok, Q_BLOCK,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, True,
+                                 DOT_PRECISION, USE_TMA, GATHER_Q, ATOMIC_DQ, 1)
+            dk, dv = _dkdv_inner(dk, dv, k, v, k_pos, k_seg, offs_n, q_base, do_base, row_base, Lse, Delta, DQAcc,
+                                 qpos_base, qseg_base, t_base, stride_tq, stride_qn, stride_don, clean_lo, hi, q_len,
+                                 kv_len, pos_offset, scale, scale_log2, QDesc, DODesc, b32, hq32, key_ok, Q_BLOCK,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, CAUSAL, HAS_POS, HAS_SEG, False,
+                                 DOT_PRECISION, USE_TMA, GATHER_Q, ATOMIC_DQ, 1)
     dk = dk * scale
     k_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     v_ok = key_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
@@ -610,7 +710,7 @@ def _dkdv_shares_combine_kernel(DK, DV, DKAcc, DVAcc, ShareOffsets, stride_dkb, 
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_kv).to(tl.int64)
     hkv = (pid_bh % n_heads_kv).to(tl.int64)
-    _, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED)
+    _, offs_n, key_ok = _own_rows(pid_n, kv_len, KV_BLOCK, BLOCK_N, KV_TILE_ALIGNED, 1)
     key_ok = key_ok & (_tile_shares(ShareOffsets, pid_bh * n_tiles + pid_n) > 1)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)

@@ -97,25 +97,44 @@ def _fit(candidates, q_block: int, kv_block: int, use_tma: bool, own: str = "q")
     """Candidates with tiles fitted to the block sizes (``own``: the side whose blocks the
     program owns, "q" for the forward and dq passes, "kv" for dk/dv); computed once per argument
     set, since this runs on every call's host path. Gathered tiles cannot use tensor descriptors."""
-    return list(_fit_cached(tuple(candidates), q_block, kv_block, use_tma, own))
+    return list(_fit_cached(tuple(candidates), q_block, kv_block, use_tma, own, _pack_enabled()))
 
 
 @functools.lru_cache(maxsize=None)
-def _fit_cached(candidates: tuple, q_block: int, kv_block: int, use_tma: bool, own: str) -> tuple:
+def _fit_cached(candidates: tuple, q_block: int, kv_block: int, use_tma: bool, own: str, pack: bool) -> tuple:
     out: list[dict] = []
     for m, n, w, st in candidates:
+        extra = {}
         if own == "q":
             bm, bn = _own_tile(m, q_block), _walked_tile(n, kv_block)
             gather = kv_block % bn != 0
+            extra["Q_PACK"] = _pack(q_block, bm) if pack else 1
         else:
             bm, bn = _walked_tile(m, q_block), _own_tile(n, kv_block)
             gather = q_block % bm != 0
+            extra["KV_PACK"] = _pack(kv_block, bn) if pack else 1
         if use_tma and gather:
             continue
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=use_tma)
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=use_tma, **extra)
         if cfg not in out:
             out.append(cfg)
     return tuple(out)
+
+
+def _pack_enabled() -> bool:
+    """``ROUTED_BLOCK_PACK=0`` turns block packing off (see :func:`_pack`)."""
+    flag = os.environ.get("ROUTED_BLOCK_PACK", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"ROUTED_BLOCK_PACK must be 0 or 1, got {flag!r}.")
+    return flag == "1"
+
+
+def _pack(block: int, tile: int) -> int:
+    """Blocks per tile on a program's own side (query blocks in the forward and dq passes, key blocks
+    in dk/dv): a tile of whole blocks smaller than the 16-row minimum (BiFormer's regions of 4 tokens:
+    four per tile, each walked row masked to the rows of its own block) instead of one block padded
+    to the tile: a quarter of the programs, each loading its tile once."""
+    return tile // block if block < MIN_TILE and tile % block == 0 else 1
 
 
 def dkdv_splits(programs: int, mean_row_bound: int, sms: int) -> int:
@@ -228,7 +247,7 @@ def _tune_key(q: Tensor, v: Tensor, q_block: int, kv_block: int, causal: bool, a
               group: int) -> tuple:
     """Autotuning key: everything that changes the kernel's shape of work, with the length bucketed."""
     return (q.shape[-1], v.shape[-1], str(q.dtype), q_block, kv_block, causal, all_masked, group,
-            max(1, q.shape[2]).bit_length())
+            max(1, q.shape[2]).bit_length(), _pack_enabled())
 
 
 # How the backward gets dQ: "split" runs a dq kernel beside the dk/dv kernel (deterministic; 7 matrix
@@ -590,7 +609,8 @@ def _with_group_order(candidates: list[dict], group: int, route_heads: int, n_he
 
 def _query_grid(n_q: int, q_block_size: int, cfg: dict, batch: int, n_heads_q: int, group: int) -> tuple:
     """Grid of a pass over query tiles in ``cfg``'s program order (see :func:`_with_group_order`)."""
-    tiles = _own_grid(n_q, q_block_size, cfg["BLOCK_M"])
+    tiles = (triton.cdiv(triton.cdiv(n_q, q_block_size), cfg["Q_PACK"]) if cfg.get("Q_PACK", 1) > 1
+             else _own_grid(n_q, q_block_size, cfg["BLOCK_M"]))
     return (tiles * group, batch * n_heads_q // group) if cfg["GROUP_MAJOR"] else (tiles, batch * n_heads_q)
 
 
@@ -650,7 +670,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
             q, k, v, out, lse, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2], *ids.stride(),
             *counts.stride()[:2], *maps.strides,
-            Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale * LOG2E,
+            Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale * LOG2E, ids.shape[-1], -(-Nq // q_block_size),
             Q_BLOCK=q_block_size, KV_BLOCK=kv_block_size, CAUSAL=causal, **maps.flags, **dims, **cfg,
             Q_TILE_ALIGNED=q_block_size % cfg["BLOCK_M"] == 0, GATHER_KV=kv_block_size % cfg["BLOCK_N"] != 0)
 
@@ -725,7 +745,8 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             q, k, v, do, lse, delta, dq, ids, counts, clean_counts, *maps.tensors, k_desc, v_desc,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
             *ids.stride(), *counts.stride()[:2], *maps.strides,
-            Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, **common, **cfg,
+            Hq, Hq // Hkv, Hq // ids.shape[1], Nq, Nk, Nk - Nq, scale, scale * LOG2E, ids.shape[-1],
+            -(-Nq // q_block_size), **common, **cfg,
             Q_TILE_ALIGNED=q_block_size % cfg["BLOCK_M"] == 0, GATHER_KV=kv_block_size % cfg["BLOCK_N"] != 0)
 
     n_q_blocks, n_kv_blocks = -(-Nq // q_block_size), -(-Nk // kv_block_size)
@@ -735,10 +756,18 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     def launch_dkdv(cfg, atomic_dq=False):
         q_desc, do_desc = _row_descriptors(q, do, cfg["BLOCK_M"]) if cfg["USE_TMA"] else (None, None)
         dq_f32 = grads["dq_f32"].zero_() if atomic_dq else delta  # delta: a placeholder, never read
-        tiles = _own_grid(Nk, kv_block_size, cfg["BLOCK_N"])
+
+        def work(cfg):
+            tiles = (triton.cdiv(n_kv_blocks, cfg["KV_PACK"]) if cfg["KV_PACK"] > 1
+                     else _own_grid(Nk, kv_block_size, cfg["BLOCK_N"]))
+            return (tiles, *dkdv_work_split(tiles * B * Hkv, n_q_blocks, mean_row_bound, _num_sms(q.device),
+                                            torch.are_deterministic_algorithms_enabled()))
+
+        tiles, shares, splits, chunk = work(cfg)
+        if shares and cfg["KV_PACK"] > 1:  # packed tiles walk whole rows: shared rows take one block per tile
+            cfg = dict(cfg, KV_PACK=1)
+            tiles, shares, splits, chunk = work(cfg)
         n_main = tiles * B * Hkv
-        shares, splits, chunk = dkdv_work_split(n_main, n_q_blocks, mean_row_bound, _num_sms(q.device),
-                                                torch.are_deterministic_algorithms_enabled())
         dk_out, dv_out, dk_acc, dv_acc, offsets = dk, dv, delta, delta, t_counts  # placeholders, never read
         grid = (tiles, B * Hkv, splits)
         aligned = kv_block_size % cfg["BLOCK_N"] == 0
