@@ -131,6 +131,14 @@ ITEMS = {
         "python benchmarks/profile_layers.py --n 8192 --layers dense moba nsa "
         "--out {out}/profile_layers_8k_token_major.json",
     ]),
+    "row_kernel_tests": (0, 120, {"ROUTED_AUTOTUNE": "0"}, [  # permute_rows' Triton row mover on the GPU
+        "python -m pytest -q -p no:cacheprovider tests/test_permute_rows.py tests/test_routing_attention.py "
+        "tests/test_bra.py -k 'triton or row_kernel or permute or routing'",
+    ]),
+    "bra_row_kernel": (0, 170, {}, [  # the module with region reorders by the row kernel, stages 1-2 at 512/1024
+        "python benchmarks/bra.py --sides 512 1024 --stages 1 2 --no-graphs --rep-ms 50 "
+        "--out {out}/bra_row_kernel.json",
+    ]),
     "lm_speed_tuned_mass": (8, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
         "python benchmarks/lm_compare.py --variants --speed --speed-lens 32768 --out {out}/lm_speed_tuned_mass.json",
     ]),

@@ -229,3 +229,25 @@ def test_bad_configurations_raise(kwargs, match):
 def test_wrong_channels_raise():
     with pytest.raises(RouteError, match="built for dim=32"):
         _module()(torch.randn(1, 6, 6, 16, device=DEVICE))
+
+
+@pytest.mark.parametrize("hw,n_win", [((12, 12), 3), ((10, 11), 3), ((7, 5), 2)])
+def test_region_reorders_by_the_row_kernel_equal_the_permute_copies(hw, n_win, monkeypatch):
+    """Where Triton runs, to/from region-major move whole rows with permute_rows' kernel (pad slots zero,
+    pad pixels dropped, strided channels-contiguous inputs): equal, values and gradients, to the
+    reshape-and-permute copies used elsewhere."""
+    from routed.routers import regions2d
+
+    grid = RegionGrid(*hw, n_win)
+    g = torch.Generator().manual_seed(hw[0] * hw[1])
+    mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE)  # noqa: E731
+    x = mk(2, *hw, 24)[..., :16].requires_grad_()  # rows strided
+    tokens = mk(2, grid.seq_len, 40)[..., 8:24].requires_grad_()
+    gy, gt = mk(2, grid.seq_len, 16), mk(2, *hw, 16).transpose(1, 2).contiguous().transpose(1, 2)
+    results = []
+    for kernel in (True, False):
+        monkeypatch.setattr(regions2d, "_rows_move_by_kernel", lambda t, k=kernel: k)
+        y, t = grid.to_region_major(x), grid.from_region_major(tokens)
+        results.append((y, t, *torch.autograd.grad((y * gy).sum() + (t * gt).sum(), (x, tokens))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -6,6 +6,8 @@ import torch
 from routed.ops.permute_rows import permute_rows
 from routed.routers.kmeans import cluster_window_route
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _plain(x, index):
     R, H, _, d = x.shape
@@ -67,3 +69,47 @@ def test_leading_axes_and_copies_of_row_zero_in_padding():
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     back = permute_rows(y, to_token, to_slot, zero_padding=False)  # slots -> tokens: the identity on x
     assert torch.equal(back, x)
+
+
+@pytest.mark.parametrize("shape,lead_index", [((3, 2, 37, 5), (3, 1)), ((2, 70, 24), (1,)),
+                                              ((2, 3, 2, 29, 40), (2, 3, 1)), ((1, 1, 9, 300), (1, 1))])
+def test_triton_kernel_equals_the_gather(shape, lead_index):
+    """The Triton row mover (the default on CUDA) against the torch gather, forward and backward, with
+    padding slots, a broadcast index, rows longer than one column block (300 > 256) and a strided x."""
+    g = torch.Generator().manual_seed(sum(shape))
+    *lead, n, d = shape
+    L = n + 5
+    rows = int(torch.tensor(lead_index).prod())
+    perm = torch.stack([torch.cat([torch.randperm(n, generator=g), torch.full((5,), -1)])[torch.randperm(L, generator=g)]
+                        for _ in range(rows)]).view(*lead_index, L)
+    inverse = torch.full((*lead_index, n), -1, dtype=torch.long)
+    for row in range(perm.numel() // L):
+        p, inv = perm.view(-1, L)[row], inverse.view(-1, n)[row]
+        inv[p[p >= 0]] = torch.arange(L)[p >= 0]
+    perm, inverse = perm.to(DEVICE), inverse.to(DEVICE)
+    base = torch.randn(*shape[:-2], d, n, generator=g, dtype=torch.float64)
+    x = base.transpose(-1, -2).contiguous().to(DEVICE).requires_grad_()  # rows contiguous
+    got = permute_rows(x, perm, inverse, backend="triton")
+    want = permute_rows(x, perm, inverse, backend="torch")
+    assert torch.equal(got, want)
+    gy = torch.randn(got.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    for grad in (gy, gy.transpose(-1, -2).contiguous().transpose(-1, -2)):  # rows contiguous or not
+        (dg,) = torch.autograd.grad(got, x, grad, retain_graph=True)
+        (dw,) = torch.autograd.grad(want, x, grad, retain_graph=True)
+        assert torch.equal(dg, dw)
+
+
+def test_triton_backend_that_cannot_run_raises():
+    x = torch.randn(2, 6, 4, device=DEVICE).transpose(-1, -2)  # rows not contiguous
+    idx = torch.arange(4, device=DEVICE)[None]
+    with pytest.raises(RuntimeError, match="rows must be contiguous"):
+        permute_rows(x, idx, idx, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        permute_rows(x, idx, idx, backend="cuda")
+
+
+def test_row_kernel_requests_are_checked(monkeypatch):
+    x, idx = torch.randn(1, 4, 3), torch.arange(4)[None]
+    monkeypatch.setenv("ROUTED_ROW_KERNEL", "yes")
+    with pytest.raises(ValueError, match="ROUTED_ROW_KERNEL must be 0 or 1"):
+        permute_rows(x.to(DEVICE), idx.to(DEVICE), idx.to(DEVICE))

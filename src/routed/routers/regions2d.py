@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..constants import cached_constants
+from ..env import triton_runs_on
+from ..ops.permute_rows import permute_rows, row_kernel_enabled
 from ..route import BlockRoute, RouteError
 
 __all__ = ["RegionGrid", "RegionRouting", "region_topk_route"]
@@ -76,6 +78,9 @@ class RegionGrid:
         B, H, W, C = x.shape
         if (H, W) != (self.height, self.width):
             raise RouteError(f"the grid was built for {self.height}x{self.width} tokens, got {H}x{W}.")
+        if _rows_move_by_kernel(x) and x.stride(1) == W * x.stride(2):  # whole rows, one launch each way
+            slot_pixels, pixel_slots = _region_maps(self, x.device)
+            return permute_rows(x.view(B, H * W, C), slot_pixels, pixel_slots, backend="triton")
         if self.is_padded:
             x = F.pad(x, (0, 0, 0, self.padded_w - W, 0, self.padded_h - H))
         S, rh, rw = self.grid, self.region_h, self.region_w
@@ -84,6 +89,9 @@ class RegionGrid:
     def from_region_major(self, x: Tensor) -> Tensor:
         """``[B, seq_len, C]`` region-major -> ``[B, height, width, C]`` (pad tokens dropped)."""
         B, N, C = x.shape
+        if _rows_move_by_kernel(x):
+            slot_pixels, pixel_slots = _region_maps(self, x.device)
+            return permute_rows(x, pixel_slots, slot_pixels, backend="triton").view(B, self.height, self.width, C)
         S, rh, rw = self.grid, self.region_h, self.region_w
         x = x.view(B, S, S, rh, rw, C).permute(0, 1, 3, 2, 4, 5).reshape(B, self.padded_h, self.padded_w, C)
         return x[:, : self.height, : self.width] if self.is_padded else x
@@ -106,6 +114,27 @@ class RegionGrid:
     def real_regions(self, device=None) -> Tensor:
         """``[num_regions]`` bool: regions holding at least one real token."""
         return self.valid_tokens(device).view(self.num_regions, self.tokens_per_region).any(1)
+
+
+def _rows_move_by_kernel(x: Tensor) -> bool:
+    """Whether the reorders go through the Triton row mover (:func:`~routed.ops.permute_rows.permute_rows`;
+    on the H200 PyTorch's 6-D permute copies ran unvectorised at ~1.5 TB/s): under ``ROUTED_ROW_KERNEL=1``,
+    wherever Triton runs and the channels are contiguous."""
+    return row_kernel_enabled() and triton_runs_on(x.device) and (x.stride(-1) == 1 or x.shape[-1] == 1)
+
+
+@cached_constants()
+def _region_maps(grid: RegionGrid, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(slot_pixels [1, seq_len], pixel_slots [1, height * width])`` int64: the raster pixel of each
+    region-major slot (-1 at pad slots) and the slot of each pixel."""
+    S, rh, rw = grid.grid, grid.region_h, grid.region_w
+    pixels = torch.arange(grid.height * grid.width, device=device).view(grid.height, grid.width) + 1
+    pixels = F.pad(pixels, (0, grid.padded_w - grid.width, 0, grid.padded_h - grid.height))  # pad: 0
+    slot_pixels = pixels.view(S, rh, S, rw).permute(0, 2, 1, 3).reshape(1, grid.seq_len) - 1
+    pixel_slots = torch.empty(1, grid.height * grid.width, dtype=torch.long, device=device)
+    real = slot_pixels[0] >= 0
+    pixel_slots[0, slot_pixels[0, real]] = torch.arange(grid.seq_len, device=device)[real]
+    return slot_pixels, pixel_slots
 
 
 @cached_constants()

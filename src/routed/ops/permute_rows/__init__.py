@@ -9,31 +9,95 @@ gather, no atomics, exact.
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 
-def _gather_rows(x: Tensor, index: Tensor, zero_padding: bool) -> Tensor:
+_BACKENDS = (None, "torch", "triton")
+
+
+def row_kernel_enabled() -> bool:
+    """``ROUTED_ROW_KERNEL=1``: the automatic choice (``backend=None``) takes the Triton row mover on
+    CUDA, and BiFormer's region reorders use it. Off by default until its speed is measured on a GPU
+    (benchmarks/GPU_PLAN.md); exact against the gather on the CPU (interpreter)."""
+    flag = os.environ.get("ROUTED_ROW_KERNEL", "0")
+    if flag not in ("0", "1"):
+        raise ValueError(f"ROUTED_ROW_KERNEL must be 0 or 1, got {flag!r}.")
+    return flag == "1"
+
+
+def _gather_rows(x: Tensor, index: Tensor, zero_padding: bool, backend: Optional[str]) -> Tensor:
     """``y[..., s, :] = x[..., index[..., s], :]`` (``index`` broadcast over ``x``'s leading dims and
-    ``d``); where ``index < 0``: zero, or row 0 when not ``zero_padding``."""
+    ``d``); where ``index < 0``: zero, or (torch backend, not ``zero_padding``) row 0."""
+    if backend is None:
+        backend = "triton" if row_kernel_enabled() and x.is_cuda and _triton_view(x) is not None else "torch"
+    if backend == "triton":
+        return _gather_rows_triton(x, index)
     y = x.gather(-2, index.clamp_min(0).unsqueeze(-1).expand(*x.shape[:-2], index.shape[-1], x.shape[-1]))
     return y.masked_fill((index < 0).unsqueeze(-1), 0) if zero_padding else y
 
 
+def _triton_view(x: Tensor) -> Optional[Tensor]:
+    """``x`` as ``[A, B, N, d]`` without a copy (rows contiguous), or None."""
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        return None
+    if x.dim() == 2:
+        return x[None, None]
+    if x.dim() == 3:
+        return x[:, None]
+    try:
+        return x.view(x.shape[0], -1, *x.shape[-2:])
+    except RuntimeError:  # leading axes that do not merge into one stride
+        return None
+
+
+def _gather_rows_triton(x: Tensor, index: Tensor) -> Tensor:
+    import triton
+
+    from ...env import triton_runs_on
+    from .triton_kernels import _gather_rows_kernel
+
+    x4 = _triton_view(x)
+    why = None
+    if not triton_runs_on(x.device):
+        why = f"x is on {x.device} (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+    elif x4 is None:
+        why = (f"x {list(x.shape)} with strides {x.stride()}: its rows must be contiguous and its leading axes "
+               "must merge into two")
+    if why:
+        raise RuntimeError(f"permute_rows(backend='triton') cannot run: {why}.")
+    A, Bh, _, d = x4.shape
+    L = index.shape[-1]
+    idx = index.expand(*x.shape[:-2], L).reshape(A, Bh, L)  # small: one int per output row
+    out = torch.empty(A, Bh, L, d, dtype=x.dtype, device=x.device)
+    block_d = min(triton.next_power_of_2(max(d, 1)), 256)
+    block_l = max(16, min(128, 8192 // block_d))
+    if out.numel():
+        _gather_rows_kernel[(triton.cdiv(L, block_l), A * Bh)](
+            x4, idx, out, *x4.stride()[:3], *idx.stride(), Bh, L, d, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+    return out.view(*x.shape[:-2], L, d)
+
+
 class _PermuteRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, index, inverse, zero_padding):
+    def forward(ctx, x, index, inverse, zero_padding, backend):
         ctx.save_for_backward(inverse)
-        ctx.zero_padding = zero_padding
-        return _gather_rows(x, index, zero_padding)
+        ctx.zero_padding, ctx.backend = zero_padding, backend
+        return _gather_rows(x, index, zero_padding, backend)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return _gather_rows(grad, inverse, ctx.zero_padding), None, None, None
+        if ctx.backend == "triton" and _triton_view(grad) is None:  # e.g. a convolution's NCHW gradient
+            grad = grad.contiguous()
+        return _gather_rows(grad, inverse, ctx.zero_padding, ctx.backend), None, None, None, None
 
 
-def permute_rows(x: Tensor, index: Tensor, inverse: Tensor, *, zero_padding: bool = True) -> Tensor:
+def permute_rows(x: Tensor, index: Tensor, inverse: Tensor, *, zero_padding: bool = True,
+                 backend: Optional[str] = None) -> Tensor:
     """Rows of ``x`` (along its second-to-last axis) in the order ``index``; padding slots
     (``index < 0``) are zero.
 
@@ -44,9 +108,12 @@ def permute_rows(x: Tensor, index: Tensor, inverse: Tensor, *, zero_padding: boo
             ``-1`` for padding. Every row index may appear at most once in a row of ``index``.
         inverse: ``[R, N]`` (or ``[..., N]``, as ``index``) int64, the slot that took each row
             (``index[r, inverse[r, t]] = t``), ``-1`` for rows no slot took (their gradient is zero).
-        zero_padding: False: padding slots (and, in backward, rows no slot took) hold a copy of row 0
-            instead of zeros, which saves a pass over the output; for callers that never read them
-            (the Routing Transformer's pad slots are segments of their own).
+        zero_padding: False: padding slots (and, in backward, rows no slot took) may hold a copy of
+            row 0 instead of zeros (the torch backend: it saves a pass over the output); for callers
+            that never read them (the Routing Transformer's pad slots are segments of their own).
+        backend: "triton" (one kernel moving whole rows; needs contiguous rows and leading axes that
+            merge into two), "torch" (``gather``), or None: Triton on a CUDA tensor it can take when
+            ``ROUTED_ROW_KERNEL=1`` (:func:`row_kernel_enabled`), else torch.
     Returns:
         ``[R, H, L, d]`` (``[..., L, d]``). The backward is ``permute_rows(grad, inverse, index)``.
     """
@@ -60,4 +127,6 @@ def permute_rows(x: Tensor, index: Tensor, inverse: Tensor, *, zero_padding: boo
         raise ValueError(f"permute_rows: x [R, H, N, d] = {list(x.shape)} needs index [R, L] and inverse [R, N] "
                          f"(or, for x [..., N, d], index [..., L] and inverse [..., N] over x's leading axes); got "
                          f"index {list(index.shape)} and inverse {list(inverse.shape)}.")
-    return _PermuteRows.apply(x, index, inverse, zero_padding)
+    if backend not in _BACKENDS:
+        raise ValueError(f"permute_rows: backend must be one of {_BACKENDS}, got {backend!r}.")
+    return _PermuteRows.apply(x, index, inverse, zero_padding, backend)
