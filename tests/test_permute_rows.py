@@ -74,8 +74,8 @@ def test_leading_axes_and_copies_of_row_zero_in_padding():
 @pytest.mark.parametrize("shape,lead_index", [((3, 2, 37, 5), (3, 1)), ((2, 70, 24), (1,)),
                                               ((2, 3, 2, 29, 40), (2, 3, 1)), ((1, 1, 9, 300), (1, 1))])
 def test_triton_kernel_equals_the_gather(shape, lead_index):
-    """The Triton row mover (the default on CUDA) against the torch gather, forward and backward, with
-    padding slots, a broadcast index, rows longer than one column block (300 > 256) and a strided x."""
+    """The Triton row mover against the torch gather, forward and backward, with padding slots, a
+    broadcast index, rows longer than one column block (300 > 256) and gradients whose rows are strided."""
     g = torch.Generator().manual_seed(sum(shape))
     *lead, n, d = shape
     L = n + 5

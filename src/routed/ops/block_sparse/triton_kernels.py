@@ -74,16 +74,17 @@ def _own_rows(pid, length, BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.
     (tiles divide the blocks). ``PACK > 1``: tile ``pid`` holds ``PACK`` whole blocks, the first is
     returned. Otherwise ``ceil(BLOCK / TILE)`` tiles per block; rows past the block belong to the
     next one and are masked."""
+    # int64 rows: they multiply row strides of H * D elements for token-major tensors
     if PACK > 1:
-        offs = pid * TILE + tl.arange(0, TILE)
+        offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
         return pid * PACK, offs, offs < length
     if ALIGNED:
-        offs = pid * TILE + tl.arange(0, TILE)
+        offs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
         return (pid * TILE) // BLOCK, offs, offs < length
     N_SUB: tl.constexpr = (BLOCK + TILE - 1) // TILE
     blk = pid // N_SUB
     in_blk = (pid % N_SUB) * TILE + tl.arange(0, TILE)
-    offs = blk * BLOCK + in_blk
+    offs = blk.to(tl.int64) * BLOCK + in_blk
     return blk, offs, (in_blk < BLOCK) & (offs < length)
 
 
@@ -314,7 +315,7 @@ def _bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_oh, stride_on, stri
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads_q).to(tl.int64)
     hq = (pid_bh % n_heads_q).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m < q_len)[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
     o = tl.load(Out + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,

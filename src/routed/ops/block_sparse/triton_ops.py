@@ -490,7 +490,7 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
                                   list(_decode_candidates(sub_max, True)))
     key = (D, Dv, str(q.dtype), kv_block_size, causal, maps.has_pos or maps.has_seg, g_pack, block_m,
            (B * n_prog_heads).bit_length(), max(1, width).bit_length())
-    launch(_autotuned("decode", key + mode, candidates, launch, q.device))
+    launch(_autotuned("decode", key + mode + (("pdl", decode_pdl(q.device)),), candidates, launch, q.device))
 
 
 # True: the decode path's split programs merge their partials themselves (the last to arrive at an
@@ -617,7 +617,8 @@ def _query_grid(n_q: int, q_block_size: int, cfg: dict, batch: int, n_heads_q: i
 def token_major(t: Tensor) -> bool:
     """True when a ``[B, H, N, D]`` tensor is laid out ``[B, N, H, D]`` in memory (heads inside
     tokens: the transposed view of a projection's output, as Hugging Face layers pass it)."""
-    return t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
+    # (a tensor whose last axis is strided is copied head-major first: its outputs are head-major)
+    return t.shape[1] > 1 and t.shape[2] > 1 and t.stride(-1) == 1 and t.stride(1) < t.stride(2)
 
 
 def output_like(like: Tensor, last: int, dtype: torch.dtype, fake: bool = False) -> Tensor:
