@@ -92,12 +92,12 @@ def test_blocks_smaller_than_a_tile(bq, bk, nq, causal):
 class _LaunchSpy:
     """Stands in for a Triton kernel and records the pack constexprs of every launch."""
 
-    def __init__(self, kernel, seen: list):
-        self.kernel, self.seen = kernel, seen
+    def __init__(self, kernel, seen: list, key: str = "PACK"):
+        self.kernel, self.seen, self.key = kernel, seen, key
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.seen.append(kwargs.get("Q_PACK", kwargs.get("KV_PACK")))
+            self.seen.append(kwargs.get("Q_PACK", kwargs.get("KV_PACK")) if self.key == "PACK" else kwargs[self.key])
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -140,6 +140,44 @@ def test_small_blocks_packed_into_one_tile(bq, bk, nq, causal, positions, monkey
     monkeypatch.setenv("ROUTED_BLOCK_PACK", "yes")
     with pytest.raises(ValueError, match="ROUTED_BLOCK_PACK must be 0 or 1"):
         routed_attention(q, k, v, route, backend="triton")
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_packed_tiles_over_whole_key_blocks(tma, monkeypatch):
+    """Packed 4-row query blocks against key blocks of 64 (the walk steps through whole blocks, one
+    route slot per key tile, instead of gathering rows), with tensor-descriptor loads forced in the
+    forward and dq passes (the interpreter reads descriptors too); and dk/dv rows shared between
+    programs, where the key side falls back to one block per tile."""
+    import os
+
+    from routed.ops.block_sparse import triton_ops
+
+    if tma:
+        real = triton_ops._with_tma
+        monkeypatch.setattr(triton_ops, "_tma_why_not", lambda *a: None)
+
+        def forced(name, *a, **kw):
+            os.environ["ROUTED_TMA"] = "only" if name in ("the forward", "the dq pass") else "1"
+            try:
+                return real(name, *a, **kw)
+            finally:
+                os.environ.pop("ROUTED_TMA")
+        monkeypatch.setattr(triton_ops, "_with_tma", forced)
+    packs, tmas = [], []
+    for name, kernel in (("fwd", "_block_sparse_fwd_kernel"), ("dq", "_block_sparse_bwd_dq_kernel")):
+        spy = _LaunchSpy(_LaunchSpy(getattr(triton_ops, kernel), packs), tmas, "USE_TMA")
+        monkeypatch.setattr(triton_ops, kernel, spy)
+    q, k, v = _inputs(2, 4, 2, 90, 200, 16, torch.float32, seed=31)
+    check_against_f64(q, k, v, _mask_route(2, 2, 90, 200, 4, 64, True, 0.6, seed=31))
+    assert packs == [4, 4] and tmas == [tma, tma], (packs, tmas)
+    monkeypatch.undo()
+    # few key tiles, long transposed rows: shared (SHARES=2), so dk/dv takes KV_PACK=1
+    used = []
+    split = triton_ops.dkdv_work_split
+    monkeypatch.setattr(triton_ops, "dkdv_work_split", lambda *a: used.append(split(*a)) or used[-1])
+    q, k, v = _inputs(1, 2, 1, 400, 24, 16, torch.float32, seed=32)
+    check_against_f64(q, k, v, _mask_route(1, 1, 400, 24, 16, 4, False, 0.8, seed=32))
+    assert used[0][0] == 2 and used[-1][0] == 2, used
 
 
 def test_small_blocks_with_segments_and_shared_route():
