@@ -238,11 +238,12 @@ def assert_round_trips(layer, fresh):
 def test_triton_backend_matches_reference(kw):
     torch.manual_seed(5)
     cfg = _config(attention_backend="triton", routing_window=16, routing_local_window=16, **kw)
-    tri = RoutingAttention(cfg, 0)
-    ref = RoutingAttention(_config(attention_backend="reference", routing_window=16, routing_local_window=16, **kw), 0)
+    tri = RoutingAttention(cfg, 0).to(DEVICE)
+    ref = RoutingAttention(_config(attention_backend="reference", routing_window=16, routing_local_window=16, **kw),
+                           0).to(DEVICE)
     ref.load_state_dict(tri.state_dict())
-    x = torch.randn(1, 50, 64)
-    cos, sin = rope(50, 16, dtype=torch.float32)
+    x = torch.randn(1, 50, 64, device=DEVICE)
+    cos, sin = (t.to(DEVICE) for t in rope(50, 16, dtype=torch.float32))
     tri(x, (cos, sin))  # initialise, then copy the centroids over
     ref.load_state_dict(tri.state_dict())
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -261,7 +262,7 @@ def test_in_the_routed_lm_decoding_equals_full_forward_and_training_works():
     """Both layers by name in the small routed LM: evaluation before training, KV-cache decoding
     (generate) equal to the full forward, a training step with the auxiliary losses."""
     import routed.layers.mosa  # noqa: F401  (registers "mosa")
-    from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM
+    from routed.models.routed_lm import _CACHE_FIELD, RoutedLMConfig, RoutedLMForCausalLM
 
     torch.manual_seed(6)
     cfg = RoutedLMConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -273,7 +274,8 @@ def test_in_the_routed_lm_decoding_equals_full_forward_and_training_works():
     out = model(ids[:, :12], use_cache=True)
     steps = [out.logits]
     for t in range(12, 30):
-        out = model(ids[:, t:t + 1], cache=out.cache, use_cache=True)
+        # (the output's cache field is "cache" in transformers 5, "past_key_values" before)
+        out = model(ids[:, t:t + 1], cache=getattr(out, _CACHE_FIELD), use_cache=True)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
     gen = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
