@@ -63,6 +63,14 @@ def machine_header() -> dict[str, Any]:
     return header
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """A ``0``/``1`` environment switch (``default`` when unset); any other value raises."""
+    flag = os.environ.get(name, "1" if default else "0")
+    if flag not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {flag!r}.")
+    return flag == "1"
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: a CUDA GPU, or the CPU in Triton's
     interpreter (``TRITON_INTERPRET=1``, set before importing routed; exact and slow, for tests)."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from ...env import triton_runs_on
+from ...env import env_switch, triton_runs_on
 from ...route import transpose_block_ids_compact
 from ...testing import new_output
 from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
@@ -123,10 +123,7 @@ def _fit_cached(candidates: tuple, q_block: int, kv_block: int, use_tma: bool, o
 
 def _pack_enabled() -> bool:
     """``ROUTED_BLOCK_PACK=0`` turns block packing off (see :func:`_pack`)."""
-    flag = os.environ.get("ROUTED_BLOCK_PACK", "1")
-    if flag not in ("0", "1"):
-        raise ValueError(f"ROUTED_BLOCK_PACK must be 0 or 1, got {flag!r}.")
-    return flag == "1"
+    return env_switch("ROUTED_BLOCK_PACK", True)
 
 
 def _pack(block: int, tile: int) -> int:
@@ -165,9 +162,11 @@ def dkdv_work_split(programs: int, n_q_blocks: int, mean_row_bound: int, sms: in
     return 2, 1, chunk
 
 
-def _own_grid(length: int, block: int, tile: int) -> int:
+def _own_grid(length: int, block: int, tile: int, pack: int = 1) -> int:
     """Programs along a program's own side: tiles of the whole sequence when they align with the
-    blocks, else ``ceil(block / tile)`` tiles per block."""
+    blocks, ``pack`` whole blocks per tile (:func:`_pack`), else ``ceil(block / tile)`` tiles per block."""
+    if pack > 1:
+        return triton.cdiv(triton.cdiv(length, block), pack)
     if block % tile == 0:
         return triton.cdiv(length, tile)
     return triton.cdiv(length, block) * triton.cdiv(block, tile)
@@ -455,6 +454,7 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
     width = ids.shape[-1]
     dims = _dims(q, v)
     sub_max = _pow2_divisor(kv_block_size, 128)
+    pdl_asked = decode_pdl(q.device)
 
     def launch(cfg):
         block_n = min(cfg["BLOCK_N"], sub_max)
@@ -467,7 +467,7 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
         part_out = torch.empty(programs * splits * block_m * dims["BLOCK_DV"], dtype=torch.float32, device=q.device)
         part_lse = torch.empty(programs * splits * block_m, dtype=torch.float32, device=q.device)
         fused = DECODE_FUSED_MERGE
-        pdl = not fused and decode_pdl(q.device)
+        pdl = not fused and pdl_asked
         block_s = max(2, triton.next_power_of_2(splits))
         arrivals = torch.zeros(programs, dtype=torch.int32, device=q.device) if fused else part_lse  # (unread)
         k_desc, v_desc = _row_descriptors(k, v, block_n) if cfg["USE_TMA"] else (None, None)
@@ -490,7 +490,7 @@ def block_sparse_decode_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts
                                   list(_decode_candidates(sub_max, True)))
     key = (D, Dv, str(q.dtype), kv_block_size, causal, maps.has_pos or maps.has_seg, g_pack, block_m,
            (B * n_prog_heads).bit_length(), max(1, width).bit_length())
-    launch(_autotuned("decode", key + mode + (("pdl", decode_pdl(q.device)),), candidates, launch, q.device))
+    launch(_autotuned("decode", key + mode + (("pdl", pdl_asked),), candidates, launch, q.device))
 
 
 # True: the decode path's split programs merge their partials themselves (the last to arrive at an
@@ -510,10 +510,7 @@ def decode_pdl(device: torch.device) -> bool:
     after they drain). Off unless ``ROUTED_DECODE_PDL=1``: on the H200 (NOTES.md, tenth session) it
     did not pay, graph-replayed 27.4 / 13.8 / 19.0 us against 22.3 / 14.4 / 20.5 us without (hkv 16 /
     4 / 8). Needs sm90+ and a Triton with grid dependency control."""
-    flag = os.environ.get("ROUTED_DECODE_PDL", "0")
-    if flag not in ("0", "1"):
-        raise ValueError(f"ROUTED_DECODE_PDL must be 0 or 1, got {flag!r}.")
-    if flag == "0" or device.type != "cuda":
+    if not env_switch("ROUTED_DECODE_PDL", False) or device.type != "cuda":
         return False
     if gdc_wait is None or not _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()):
         raise RuntimeError("ROUTED_DECODE_PDL=1 needs an sm90+ GPU and a Triton with grid dependency control "
@@ -609,8 +606,7 @@ def _with_group_order(candidates: list[dict], group: int, route_heads: int, n_he
 
 def _query_grid(n_q: int, q_block_size: int, cfg: dict, batch: int, n_heads_q: int, group: int) -> tuple:
     """Grid of a pass over query tiles in ``cfg``'s program order (see :func:`_with_group_order`)."""
-    tiles = (triton.cdiv(triton.cdiv(n_q, q_block_size), cfg["Q_PACK"]) if cfg.get("Q_PACK", 1) > 1
-             else _own_grid(n_q, q_block_size, cfg["BLOCK_M"]))
+    tiles = _own_grid(n_q, q_block_size, cfg["BLOCK_M"], cfg.get("Q_PACK", 1))
     return (tiles * group, batch * n_heads_q // group) if cfg["GROUP_MAJOR"] else (tiles, batch * n_heads_q)
 
 
@@ -759,8 +755,7 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         dq_f32 = grads["dq_f32"].zero_() if atomic_dq else delta  # delta: a placeholder, never read
 
         def work(cfg):
-            tiles = (triton.cdiv(n_kv_blocks, cfg["KV_PACK"]) if cfg["KV_PACK"] > 1
-                     else _own_grid(Nk, kv_block_size, cfg["BLOCK_N"]))
+            tiles = _own_grid(Nk, kv_block_size, cfg["BLOCK_N"], cfg["KV_PACK"])
             return (tiles, *dkdv_work_split(tiles * B * Hkv, n_q_blocks, mean_row_bound, _num_sms(q.device),
                                             torch.are_deterministic_algorithms_enabled()))
 

@@ -9,11 +9,12 @@ gather, no atomics, exact.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ...env import env_switch
 
 
 _BACKENDS = (None, "torch", "triton")
@@ -23,10 +24,7 @@ def row_kernel_enabled() -> bool:
     """``ROUTED_ROW_KERNEL=1``: the automatic choice (``backend=None``) takes the Triton row mover on
     CUDA, and BiFormer's region reorders use it. Off by default until its speed is measured on a GPU
     (benchmarks/GPU_PLAN.md); exact against the gather on the CPU (interpreter)."""
-    flag = os.environ.get("ROUTED_ROW_KERNEL", "0")
-    if flag not in ("0", "1"):
-        raise ValueError(f"ROUTED_ROW_KERNEL must be 0 or 1, got {flag!r}.")
-    return flag == "1"
+    return env_switch("ROUTED_ROW_KERNEL", False)
 
 
 def _gather_rows(x: Tensor, index: Tensor, zero_padding: bool, backend: Optional[str]) -> Tensor:
