@@ -139,6 +139,17 @@ ITEMS = {
         "python benchmarks/bra.py --sides 512 1024 --stages 1 2 --no-graphs --rep-ms 50 "
         "--out {out}/bra_row_kernel.json",
     ]),
+    "row_kernel_ab": (0, 330, {}, [  # the BRA module with region reorders by the row kernel and without, stages 1-2
+        "ROUTED_ROW_KERNEL=1 ROUTED_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider tests/test_permute_rows.py "
+        "tests/test_bra.py -k 'triton or row_kernel or permute'",
+        "ROUTED_ROW_KERNEL=1 python benchmarks/bra.py --sides 512 1024 --stages 1 2 --no-check --no-graphs "
+        "--rep-ms 50 --out {out}/bra_row_kernel_on.json",
+        "ROUTED_ROW_KERNEL=0 python benchmarks/bra.py --sides 512 1024 --stages 1 2 --no-check --no-graphs "
+        "--rep-ms 50 --out {out}/bra_row_kernel_off.json",
+    ]),
+    "forced_configs": (0, 420, {}, [  # forced configs: head- vs token-major layouts, dk/dv and forward tiles
+        "python benchmarks/forced_configs.py --out {out}/forced_configs.json",
+    ]),
     "lm_speed_tuned_mass": (8, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
         "python benchmarks/lm_compare.py --variants --speed --speed-lens 32768 --out {out}/lm_speed_tuned_mass.json",
     ]),

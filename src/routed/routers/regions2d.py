@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..constants import cached_constants
-from ..env import triton_runs_on
 from ..ops.permute_rows import permute_rows, row_kernel_enabled
 from ..route import BlockRoute, RouteError
 
@@ -118,9 +117,10 @@ class RegionGrid:
 
 def _rows_move_by_kernel(x: Tensor) -> bool:
     """Whether the reorders go through the Triton row mover (:func:`~routed.ops.permute_rows.permute_rows`;
-    on the H200 PyTorch's 6-D permute copies ran unvectorised at ~1.5 TB/s): under ``ROUTED_ROW_KERNEL=1``,
-    wherever Triton runs and the channels are contiguous."""
-    return row_kernel_enabled() and triton_runs_on(x.device) and (x.stride(-1) == 1 or x.shape[-1] == 1)
+    on the H200 PyTorch's 6-D permute copies ran unvectorised at ~1.5 TB/s): on CUDA unless
+    ``ROUTED_ROW_KERNEL=0`` (:func:`~routed.ops.permute_rows.row_kernel_enabled`), where the channels are
+    contiguous."""
+    return row_kernel_enabled(x.device) and (x.stride(-1) == 1 or x.shape[-1] == 1)
 
 
 @cached_constants()

@@ -20,18 +20,24 @@ from ...env import env_switch
 _BACKENDS = (None, "torch", "triton")
 
 
-def row_kernel_enabled() -> bool:
-    """``ROUTED_ROW_KERNEL=1``: the automatic choice (``backend=None``) takes the Triton row mover on
-    CUDA, and BiFormer's region reorders use it. Off by default until its speed is measured on a GPU
-    (benchmarks/GPU_PLAN.md); exact against the gather on the CPU (interpreter)."""
-    return env_switch("ROUTED_ROW_KERNEL", False)
+def row_kernel_enabled(device: torch.device) -> bool:
+    """Whether the automatic choice (``backend=None``) and BiFormer's region reorders take the Triton row
+    mover on ``device``: on CUDA unless ``ROUTED_ROW_KERNEL=0`` (H200, bf16: the BRA module's forward and
+    backward 10-14% faster than with PyTorch's gathers and permute copies,
+    benchmarks/results/h200/bra_row_kernel_*.json); on the CPU only under ``ROUTED_ROW_KERNEL=1`` with
+    ``TRITON_INTERPRET=1`` (exact there, and slow: for tests)."""
+    if device.type == "cuda":
+        return env_switch("ROUTED_ROW_KERNEL", True)
+    from ...env import triton_runs_on
+
+    return env_switch("ROUTED_ROW_KERNEL", False) and triton_runs_on(device)
 
 
 def _gather_rows(x: Tensor, index: Tensor, zero_padding: bool, backend: Optional[str]) -> Tensor:
     """``y[..., s, :] = x[..., index[..., s], :]`` (``index`` broadcast over ``x``'s leading dims and
     ``d``); where ``index < 0``: zero, or (torch backend, not ``zero_padding``) row 0."""
     if backend is None:
-        backend = "triton" if row_kernel_enabled() and x.is_cuda and _triton_view(x) is not None else "torch"
+        backend = "triton" if row_kernel_enabled(x.device) and x.is_cuda and _triton_view(x) is not None else "torch"
     if backend == "triton":
         return _gather_rows_triton(x, index)
     y = x.gather(-2, index.clamp_min(0).unsqueeze(-1).expand(*x.shape[:-2], index.shape[-1], x.shape[-1]))
@@ -110,8 +116,8 @@ def permute_rows(x: Tensor, index: Tensor, inverse: Tensor, *, zero_padding: boo
             row 0 instead of zeros (the torch backend: it saves a pass over the output); for callers
             that never read them (the Routing Transformer's pad slots are segments of their own).
         backend: "triton" (one kernel moving whole rows; needs contiguous rows and leading axes that
-            merge into two), "torch" (``gather``), or None: Triton on a CUDA tensor it can take when
-            ``ROUTED_ROW_KERNEL=1`` (:func:`row_kernel_enabled`), else torch.
+            merge into two), "torch" (``gather``), or None: Triton on a CUDA tensor it can take unless
+            ``ROUTED_ROW_KERNEL=0`` (:func:`row_kernel_enabled`), else torch.
     Returns:
         ``[R, H, L, d]`` (``[..., L, d]``). The backward is ``permute_rows(grad, inverse, index)``.
     """
