@@ -159,7 +159,7 @@ def check(dev) -> list[dict]:
 
 
 def routing_case(n: int, dev, dtype, rep_ms: int, peer_cls, hidden=1024, heads=16, local_heads=8,
-                 window=256) -> dict:
+                 window=256, profile=False) -> dict:
     d = hidden // heads
     window = min(window, n)
     row = {"n": n, "hidden": hidden, "heads": heads, "local_heads": local_heads, "window": window,
@@ -180,6 +180,11 @@ def routing_case(n: int, dev, dtype, rep_ms: int, peer_cls, hidden=1024, heads=1
     if dev.type == "cuda":  # the step replayed as a CUDA graph: what the layer costs without host time
         graphed = guarded(lambda: graphed_ms(ours_step))
         row["ours"].update(graphed if isinstance(graphed, dict) else {"graph_error": graphed})
+        if profile:  # the graphed step's kernels by their own GPU time (CUPTI): where the layer's time goes
+            from block_sparse import graph_kernel_times  # benchmarks/block_sparse.py, beside this script
+
+            kernels = graph_kernel_times(ours_step)
+            row["ours"]["kernels"] = kernels[:25] if isinstance(kernels, list) else kernels
     del ours
     if peer_cls is not None:
         def build():
@@ -226,7 +231,7 @@ def core_case(n: int, dev, dtype, rep_ms: int, heads=8, d=64, window=256) -> dic
             return permute_rows(t.reshape(heads, 1, n, d), slot_tokens, token_slots, zero_padding=False)
 
         o = routed_attention(perm(q), perm(k), perm(v), route, backend=backend)
-        o = permute_rows(o, token_slots, slot_tokens, zero_padding=False)
+        o = permute_rows(o, token_slots, slot_tokens)  # pad slots get no gradient (pad queries see keys)
         o.float().square().mean().backward()
 
     token_route = TokenRoute(groups.token_ids, n, causal=True, validate=False)
@@ -291,6 +296,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, short timings (runs on the CPU)")
     ap.add_argument("--rep-ms", type=int, default=200, help="timing budget per measurement")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--sections", nargs="+", default=["routing", "core", "mosa"], choices=["routing", "core", "mosa"])
+    ap.add_argument("--profile", action="store_true", help="also the kernels of our graphed layer step (GPU)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if dev.type == "cuda" else torch.float32
@@ -309,11 +316,14 @@ def main() -> None:
         lengths, rep, sizes = args.lengths, args.rep_ms, {}
     result["check"] = check(dev) if dev.type == "cuda" else []
     save()
-    for section, fn in (("routing", lambda n: routing_case(n, dev, dtype, rep, peer_cls, **sizes)),
+    for section, fn in (("routing", lambda n: routing_case(n, dev, dtype, rep, peer_cls, **sizes,
+                                                           profile=args.profile and dev.type == "cuda")),
                         ("core", lambda n: core_case(n, dev, dtype, rep, window=sizes.get("window", 256))),
                         ("mosa", lambda n: mosa_case(n, dev, dtype, rep, **({"hidden": 128, "heads": 4,
                                                                                "dense_heads": 1}
                                                                               if args.smoke else {})))):
+        if section not in args.sections:
+            continue
         rows = result[section] = []
         for n in lengths:
             row = fn(n)
@@ -324,7 +334,7 @@ def main() -> None:
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     print("\nrouting: n | fwd+bwd ms ours / peer | peak MiB ours / peer | peer/ours time, memory | "
           "graphed ms ours / peer | peer eager / ours graphed")
-    for r in result["routing"]:
+    for r in result.get("routing", []):
         p, o = r.get("peer", {}), r["ours"]
         print(f"{r['n']} | {fmt(o['ms'])} / {fmt(p.get('ms'))} | {fmt(o['peak_mib'])} / "
               f"{fmt(p.get('peak_mib'))} | {fmt(r['peer_over_ours_ms'])}x {fmt(r['peer_over_ours_peak_mib'])}x | "
@@ -333,11 +343,11 @@ def main() -> None:
               f"{fmt(r['peer_eager_over_ours_graphed'])}x")
     print("core: n | fwd+bwd ms band route / TokenRoute copies / TokenRoute in-kernel | peak MiB, same order")
     names = ("band_route", "token_route", "token_route_in_kernel")
-    for r in result["core"]:
+    for r in result.get("core", []):
         print(f"{r['n']} | {' / '.join(fmt(r[x]['ms']) for x in names)} | "
               f"{' / '.join(fmt(r[x]['peak_mib']) for x in names)}")
     print("mosa (equal FLOPs): n | sparse heads | fwd+bwd ms mosa / dense | peak MiB mosa / dense")
-    for r in result["mosa"]:
+    for r in result.get("mosa", []):
         print(f"{r['n']} | {r['mosa_sparse_heads']} | {fmt(r['mosa']['ms'])} / {fmt(r['dense']['ms'])} | "
               f"{fmt(r['mosa']['peak_mib'])} / {fmt(r['dense']['peak_mib'])}")
     if result["check"]:

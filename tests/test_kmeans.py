@@ -174,13 +174,20 @@ def _ranks_by_loop(cl):
 
 
 @pytest.mark.parametrize("strict", [False, True])
-@pytest.mark.parametrize("n,clusters,window", [(37, 3, 8), (64, 5, 16), (10, 7, 4), (1, 2, 16)])
-def test_cluster_window_route_matches_its_definition(n, clusters, window, strict):
+@pytest.mark.parametrize("n,clusters,window,block", [(37, 3, 8, None), (64, 5, 16, None), (10, 7, 4, None),
+                                                     (1, 2, 16, None), (77, 3, 16, 4), (90, 4, 12, 3),
+                                                     (300, 3, 128, None)])
+def test_cluster_window_route_matches_its_definition(n, clusters, window, block, strict):
+    """Blocks smaller than the window (several per chunk: explicit, or 64 for a window of 128) too."""
     g = torch.Generator().manual_seed(n)
     cl = torch.randint(0, clusters, (3, n), generator=g)
     cl[0] = 1  # one row with a single cluster
-    route, slot_tokens, token_slots = cluster_window_route(cl, clusters, window, strict=strict)
-    assert route.q_len <= n + clusters * (window - 1) and route.q_len % window == 0
+    route, slot_tokens, token_slots = cluster_window_route(cl, clusters, window, strict=strict, block_size=block)
+    assert route.q_block_size == (block or min(window & -window, 64))
+    b = route.q_block_size
+    assert window % b == 0 and route.q_len % b == 0 and route.q_len <= max(b, n + clusters * (b - 1))
+    assert route.q_positions is None if not strict else route.q_positions is not None
+    assert route.q_segments is None  # routes stay inside clusters, pads come after their cluster's tokens
     assert torch.equal(slot_tokens.gather(1, token_slots), torch.arange(n).expand(3, n))
     rank, counts = cluster_ranks(cl, clusters)
     assert torch.equal(rank, _ranks_by_loop(cl))
@@ -202,15 +209,18 @@ def test_cluster_window_route_matches_its_definition(n, clusters, window, strict
 
 @pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_cluster_route_attention_against_float64(backend, strict):
+@pytest.mark.parametrize("n,w,block", [(45, 16, None), (150, 32, 16)])
+def test_cluster_route_attention_against_float64(backend, strict, n, w, block):
     """The op the routing layer runs: attention over the cluster-sorted copies, forward and backward,
     against float64 dense attention under the written-out mask in the original order (strict: each
-    cluster's first token sees nothing and gets zeros)."""
+    cluster's first token sees nothing and gets zeros). Pad slots hold token 0 and get no gradient
+    (pad queries see real keys). Two blocks per chunk in the second case."""
     g = torch.Generator().manual_seed(5)
-    R, G, n, d, C, w = 2, 2, 45, 16, 3, 16
+    R, G, d, C = 2, 2, 16, 3
     cl = torch.randint(0, C, (R, n), generator=g)
     q, k, v = (torch.randn(R, h, n, d, generator=g).to(DEVICE).requires_grad_() for h in (G, 1, 1))
-    route, slot_tokens, token_slots = cluster_window_route(cl.to(DEVICE), C, w, strict=strict)
+    route, slot_tokens, token_slots = cluster_window_route(cl.to(DEVICE), C, w, strict=strict, block_size=block)
+    assert bool((slot_tokens < 0).any())  # pad slots exist
     src = slot_tokens.clamp_min(0)
     L = src.shape[1]
 

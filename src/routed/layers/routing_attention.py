@@ -10,10 +10,10 @@ order, attends to its own chunk of ``w`` tokens and the chunk before (at most ``
 :func:`~routed.routers.kmeans.cluster_window_route`). The cost stays balanced (``O(N w)``),
 nothing depends on later tokens, and decoding reproduces the full forward exactly.
 
-The clusters run on the block-sparse kernels as a band route over the cluster-sorted order (the
-causal test on original positions). The sort materialises permuted copies of the routed heads'
-q, k and v (``(G + 2) * L * head_dim`` per row, ``L <= N + C (w - 1)``, G query heads per
-key/value head): ``O(N)`` memory, never ``N^2``.
+The clusters run on the block-sparse kernels as a causal block route over the cluster-sorted order
+(each cluster padded to whole blocks of ``b <= 64`` slots). The sort materialises permuted copies of
+the routed heads' q, k and v (``(G + 2) * L * head_dim`` per row, ``L <= N + C (b - 1)``, G query
+heads per key/value head): ``O(N)`` memory, never ``N^2``.
 
 Decoding keeps every cached token's cluster and in-cluster rank beside the cache (weakly keyed on
 the cache object), so a step assigns only its new keys. A cache reordered in place (beam search's
@@ -212,15 +212,15 @@ class RoutingAttention(nn.Module):
             L = slot_tokens.shape[1]
             to_slot, to_token = slot_tokens.view(B, Hk, 1, L), token_slots.view(B, Hk, 1, N)
 
-        # Pad slots hold a copy of token 0, not zeros (one pass less over each tensor): each is a
-        # segment of its own, so no real query attends to a pad key, a pad query sees only itself,
-        # and the way back reads token slots only; every result is as with zeros.
+        # Pad slots hold a copy of token 0, not zeros (one pass less over each tensor): they follow
+        # their cluster's tokens, so no real query attends to a pad key; a pad query does see real
+        # keys, so the way back gives pad slots a zero gradient (zero_padding) and reads token slots.
         def to_slots(t: Tensor) -> Tensor:  # [B, Hk, h, N, d] (any strides) -> [B * Hk, h, L, d]
             return permute_rows(t, to_slot, to_token, zero_padding=False).flatten(0, 1)
 
         o = routed_attention(to_slots(q_r.unflatten(1, (Hk, G))), to_slots(k_r.unsqueeze(2)),
                              to_slots(v_r.unsqueeze(2)), route, scale=scale, backend=self.backend)  # [B * Hk, G, L, d]
-        o = permute_rows(o.view(B, Hk, G, L, d), to_token, to_slot, zero_padding=False)
+        o = permute_rows(o.view(B, Hk, G, L, d), to_token, to_slot)
         return o.view(B, Hk * G, N, d)
 
     def _remember_clusters(self, cache, cl: Tensor, k_r: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,8 +19,9 @@ Two ways to turn clusters into a route:
   the chunk before (at most ``2w`` keys). Everything a query sees depends only on itself and
   earlier tokens, so the causal language model neither leaks the future nor differs between a
   full forward and KV-cache decoding. The clusters, sorted by cluster then position and each
-  padded to whole chunks, become a block-diagonal-band :class:`~routed.BlockRoute` with the
-  original positions for the causal test: the block-sparse kernels run it.
+  padded to whole blocks, become a causal :class:`~routed.BlockRoute` over the sorted slots (in a
+  cluster, slot order is position order): the block-sparse kernels run it with only the diagonal
+  blocks masked.
 
 Under data-parallel training (``torch.distributed``) the routers of all processes keep one set of
 centroids: the statistics of every update and of the initialisation are all-reduced, so each step
@@ -368,19 +369,10 @@ def _boundaries(rows: int, num_clusters: int, device: torch.device) -> Tensor:
 
 
 @cached_constants(16)
-def _pad_segments(length: int, device: torch.device) -> Tensor:
-    """``[length]`` int32 ``-1 - slot``: the segment of a pad slot."""
-    return -1 - torch.arange(length, device=device, dtype=torch.int32)
-
-
-@cached_constants(16)
-def _band(nb: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The block ids ``[1, 1, nb, 2]`` and counts ``[1, 1, nb]`` (int32) of the band: query block ``j``
-    sees key blocks ``j - 1`` and ``j``, block 0 only itself. (Built per call, this cost kernels, and
-    writing row 0 from a host tensor made every call wait for the GPU.)"""
-    j = torch.arange(nb, device=device, dtype=torch.int32)
-    ids = torch.stack([(j - 1).clamp_min(0), torch.where(j > 0, j, -1)], -1)
-    return ids.view(1, 1, nb, 2), (1 + (j > 0).to(torch.int32)).view(1, 1, nb)
+def _slot_positions(length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``[length]`` int32 slot positions for queries and, one later, for keys (the strict test)."""
+    pos = torch.arange(length, device=device, dtype=torch.int32)
+    return pos, pos + 1
 
 
 def _sort_by_cluster(cid: Tensor, num_clusters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -419,53 +411,71 @@ def cluster_window_mask(q_clusters: Tensor, q_ranks: Tensor, q_pos: Tensor, kv_c
     return same & near & before
 
 
-def cluster_window_route(cluster_ids: Tensor, num_clusters: int, window: int, *, strict: bool = False
-                         ) -> tuple[BlockRoute, Tensor, Tensor]:
+def cluster_window_route(cluster_ids: Tensor, num_clusters: int, window: int, *, strict: bool = False,
+                         block_size: Optional[int] = None) -> tuple[BlockRoute, Tensor, Tensor]:
     """Causal clustered attention as a block route over the cluster-sorted token order.
 
     Each row's tokens are sorted by (cluster, position); every cluster starts on a block boundary
-    and fills ``ceil(size / window)`` blocks of ``window`` slots (pad slots in between). Query block
-    ``j`` routes to key blocks ``j - 1`` and ``j``; segment ids (the cluster; a segment of its own
-    for every pad slot) keep queries inside their cluster and the original positions give the
-    causal test. So a query sees the earlier tokens of its cluster in its own chunk of ``window``
-    and in the chunk before, as :func:`cluster_window_mask` writes out.
+    and fills ``ceil(size / block_size)`` blocks (pad slots at its end). Within a cluster slot order
+    is position order, so the route is causal in slot space: a query block of chunk ``t`` (the
+    cluster's slots ``t * window .. (t + 1) * window - 1``) routes to the cluster's blocks from the
+    start of chunk ``t - 1`` up to itself, and only the diagonal block needs a mask. So a query sees
+    the earlier tokens of its cluster in its own chunk of ``window`` and in the chunk before, as
+    :func:`cluster_window_mask` writes out, with no positions or segments for the kernels to read.
+    Pad slots come after their cluster's tokens, so no real query sees a pad key; pad queries see
+    real keys, so callers must give pad slots a zero output gradient (discard them, as
+    ``permute_rows(..., zero_padding=True)`` on the way back does).
 
     Args:
         cluster_ids: ``[R, N]`` int cluster of every token (``R`` = batch x route heads).
         num_clusters: ``C``.
-        window: ``w``, tokens per chunk (the block size of the route).
+        window: ``w``, tokens per chunk.
         strict: a token does not see itself, only earlier tokens (shared query/key heads, whose own
             key would always score highest); the first token of each cluster then sees nothing
-            (its output is zero, its log-sum-exp ``-inf``).
+            (its output is zero, its log-sum-exp ``-inf``). Slot positions with keys one later.
+        block_size: the route's block ``b``, a divisor of ``w``; default the largest power of two
+            dividing ``w``, at most 64. Clusters are padded to whole blocks only (at most ``b - 1``
+            pad slots each instead of ``w - 1``).
     Returns:
-        ``(route, slot_tokens, token_slots)``: a causal :class:`~routed.BlockRoute` over ``L``
-        slots, shared by all rows, with ``[R, L]`` positions and segments; ``slot_tokens [R, L]``
-        int64, the token in every slot (``-1`` at pad slots); ``token_slots [R, N]`` int64, the
-        slot of every token (gather the results back with it). ``L = window * min(N, floor((N + C (w - 1)) / w))``
-        is fixed by the shapes (no device sync), at most ``N + C (w - 1)`` rounded to whole blocks.
+        ``(route, slot_tokens, token_slots)``: a causal :class:`~routed.BlockRoute` over ``L`` slots
+        with ``[R, 1, L / b, 2 w / b]`` ids (rows past the last cluster route nowhere);
+        ``slot_tokens [R, L]`` int64, the token in every slot (``-1`` at pad slots); ``token_slots
+        [R, N]`` int64, the slot of every token (gather the results back with it).
+        ``L = b * floor((N + C (b - 1)) / b)`` (at least ``b``) is fixed by the shapes (no device sync).
     """
     if cluster_ids.dim() != 2:
         raise RouteError(f"cluster_ids must be [rows, seq], got {list(cluster_ids.shape)}.")
     if window < 1:
         raise RouteError(f"window must be >= 1, got {window}.")
+    b = min(window & -window, 64) if block_size is None else block_size
+    if b < 1 or window % b:
+        raise RouteError(f"block_size must divide the window ({window}), got {block_size}.")
     R, N = cluster_ids.shape
     dev = cluster_ids.device
-    nb = max(1, min(N, (N + num_clusters * (window - 1)) // window))
-    L = nb * window
+    per_chunk = window // b
+    nb = max(1, (N + num_clusters * (b - 1)) // b)
+    L = nb * b
     sorted_cid, order, start, counts = _sort_by_cluster(cluster_ids.long(), num_clusters)
-    blocks = torch.div(counts + window - 1, window, rounding_mode="floor")  # [R, C]
+    blocks = torch.div(counts + b - 1, b, rounding_mode="floor")  # [R, C]
+    ends = blocks.cumsum(-1)
+    first = ends - blocks  # [R, C] each cluster's first block
     # slot of the i-th sorted token: i + (its cluster's first slot - its cluster's first sorted index)
-    shift = (blocks.cumsum(-1) - blocks) * window - start
-    sorted_slot = shift.gather(1, sorted_cid) + _arange(N, dev)  # [R, N]
+    sorted_slot = (first * b - start).gather(1, sorted_cid) + _arange(N, dev)  # [R, N]
     token_slots = torch.empty_like(order).scatter_(1, order, sorted_slot)
     slot_tokens = torch.full((R, L), -1, dtype=torch.long, device=dev).scatter_(1, sorted_slot, order)
-    positions = slot_tokens.clamp_min(0).to(torch.int32)
-    # pad slots keep a segment of their own (-1 - slot), token slots take their cluster
-    segments = _pad_segments(L, dev).expand(R, L).clone().scatter_(1, sorted_slot, sorted_cid.to(torch.int32))
-    ids, counts_r = _band(nb, dev)
-    # strict: key positions one later, so the causal test kv_pos <= q_pos reads kv < q
-    route = BlockRoute(ids, counts_r, L, L, window, window, causal=True, q_positions=positions,
-                       kv_positions=positions + 1 if strict else positions, q_segments=segments,
-                       kv_segments=segments, validate=False)
+    # every block's cluster (C past the last cluster), and its first routed block: chunk t - 1's start
+    j = _arange(nb, dev).expand(R, nb)
+    cid = torch.searchsorted(ends, j.contiguous(), right=True)  # [R, nb]
+    live = cid < num_clusters
+    c0 = first.gather(1, cid.clamp_max(num_clusters - 1))
+    chunk = torch.div(j - c0, per_chunk, rounding_mode="floor")
+    lo = c0 + (chunk - 1).clamp_min(0) * per_chunk
+    width = 2 * per_chunk
+    n_ids = torch.where(live, j - lo + 1, 0)
+    offs = _arange(width, dev)
+    ids = torch.where(offs < n_ids[..., None], lo[..., None] + offs, -1)
+    # strict: the causal test kv_pos <= q_pos on slot positions with keys one later reads kv < q
+    positions, kv_positions = _slot_positions(L, dev) if strict else (None, None)
+    route = BlockRoute(ids.to(torch.int32).view(R, 1, nb, width), n_ids.to(torch.int32).view(R, 1, nb), L, L, b, b,
+                       causal=True, q_positions=positions, kv_positions=kv_positions, validate=False)
     return route, slot_tokens, token_slots
-
