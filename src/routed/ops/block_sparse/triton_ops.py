@@ -58,8 +58,11 @@ FWD_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128,
 # Forward configs that read K/V through Hopper tensor descriptors (TMA), tried where they can run.
 FWD_TMA_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4)]
 DQ_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (128, 128, 8, 2)]
-DKDV_CANDIDATES = [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (16, 128, 8, 3),
-                   (64, 64, 4, 3), (128, 64, 8, 2)]
+# dk/dv: (walked query tile, own key tile, ...). 64x128 w8 s2 first: forced one at a time on the H200 it was
+# the fastest at every issue-3 shape, the old default 64x64 w8 s3 took 1.9x its time, and 4-warp tiles of 32
+# queries (the Triton tutorial's) 3-4x (results/h200/forced_configs.json).
+DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4),
+                   (16, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)]
 # What ROUTED_AUTOTUNE=quick (the default) times: the default config plus those that won some shape
 # on the H100 (benchmarks/results/h100/*.json, tuned_configs). Timing every candidate (full) compiles
 # ~76 kernels for one bf16 GQA shape and keeps a first call busy for minutes on an H200.
@@ -67,7 +70,7 @@ QUICK = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     "fwd_tma": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)],
     "dq": [(128, 64, 8, 3), (64, 32, 4, 2), (128, 128, 8, 2)],
-    "dkdv": [(64, 64, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)],
+    "dkdv": [(64, 128, 8, 2), (32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3)],
 }
 AUTOTUNE_MODES = ("quick", "full", "0", "1")  # "1" is "quick"
 _TUNED: dict = {}
