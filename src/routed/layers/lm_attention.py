@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from ..attention import routed_attention
 from ..constants import cached_constants
+from ..ops.rotary import apply_rotary
+from ..ops.rotary import rotate_half as _rotate_half  # noqa: F401  (MoSA applies it by hand)
 from ..route import BlockRoute, RouteError
 from ..routers.blocks import MoBARouter, check_block_options
 from ..routers.static import sliding_window_route
@@ -39,18 +41,6 @@ from .registry import register_attention
 
 __all__ = ["LMAttention", "DenseAttention", "SlidingWindowAttention", "MoBAAttention", "apply_rotary",
            "causal_sdpa", "block_window_route"]
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding of ``x [B, H, N, D]`` with ``cos, sin [B, N, D]`` (the HF/Llama convention:
-    the two halves of the head dim are rotated together)."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
 
 
 def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
