@@ -164,13 +164,15 @@ ITEMS = {
         "--out {out}/profile_layers_8k_noautotune_dkdv128.json",
     ]),
     "rotary_ab": (10, 480, {"ROUTED_AUTOTUNE": "0"}, [  # the fused rotary kernel: GPU tests, layers with it on and off
-        "python -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_routed_lm.py tests/test_routing_attention.py",
+        "ROUTED_ROTARY_KERNEL=1 python -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_routed_lm.py "
+        "tests/test_routing_attention.py",
         "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site "
         ".whl/routing_transformer-1.6.1-py3-none-any.whl .whl/local_attention-1.4.4-py3-none-any.whl "
         ".whl/mixture_of_experts-0.2.1-py3-none-any.whl .whl/einops-0.8.2-py3-none-any.whl",
-        "PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py --lengths 8192 32768 65536 "
-        "--sections routing --profile --rep-ms 100 --out {out}/clustered_attention_rotary.json",
-        "python benchmarks/profile_layers.py --n 8192 --layers dense moba nsa --out {out}/profile_layers_8k_rotary.json",
+        "ROUTED_ROTARY_KERNEL=1 PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py "
+        "--lengths 8192 32768 65536 --sections routing --profile --rep-ms 100 --out {out}/clustered_attention_rotary.json",
+        "ROUTED_ROTARY_KERNEL=1 python benchmarks/profile_layers.py --n 8192 --layers dense moba nsa "
+        "--out {out}/profile_layers_8k_rotary.json",
         "ROUTED_ROTARY_KERNEL=0 python benchmarks/profile_layers.py --n 8192 --layers dense moba nsa "
         "--out {out}/profile_layers_8k_rotary_off.json",
     ]),
