@@ -86,7 +86,8 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     with pytest.raises(BackendUnavailable, match="unknown rotary backend"):
         apply_rotary(x, cos, sin, backend="cuda")
     with pytest.raises(BackendUnavailable, match="head dim must be even"):
-        apply_rotary(torch.randn(1, 2, 8, 15), torch.zeros(1, 8, 15), torch.zeros(1, 8, 15), backend="triton")
+        apply_rotary(*(torch.zeros(shape, device=DEVICE) for shape in ((1, 2, 8, 15), (1, 8, 15), (1, 8, 15))),
+                     backend="triton")
     monkeypatch.setenv("ROUTED_ROTARY_KERNEL", "yes")
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="ROUTED_ROTARY_KERNEL must be 0 or 1"):

@@ -10,6 +10,8 @@ from routed.layers.registry import register_attention
 from routed.models.routed_lm import RoutedLMConfig, RoutedLMForCausalLM
 from routed.route import RouteError
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton tests: the GPU, or the CPU's interpreter
+
 
 def _model(attention, **kw):
     torch.manual_seed(0)
@@ -142,8 +144,8 @@ def test_training_step_compiles_without_graph_breaks(attention):
     compiled loss and gradients equal the eager ones: what ``mode="reduce-overhead"`` needs to
     replay the step as CUDA graphs."""
     model = _model(attention, num_hidden_layers=1, attention_backend="triton", router_backend="triton",
-                   mosa_selection="threshold").train()
-    ids = torch.randint(0, 97, (2, 75), generator=torch.Generator().manual_seed(3))
+                   mosa_selection="threshold").to(DEVICE).train()
+    ids = torch.randint(0, 97, (2, 75), generator=torch.Generator().manual_seed(3)).to(DEVICE)
 
     def step(ids):
         out = model(ids, labels=ids)

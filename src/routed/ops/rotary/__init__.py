@@ -6,10 +6,10 @@ halves of the head dim rotate together), as the LM layers apply it before attent
 Backends: ``"triton"`` (one fused launch forward and one backward, float32 math, the output in the
 input's token/head order: :mod:`.triton_kernels`; CUDA GPUs, or the CPU under ``TRITON_INTERPRET=1``)
 and ``"reference"`` (PyTorch, :mod:`.reference`: five elementwise passes and a ``cat`` each way).
-``None`` takes the kernel on CUDA GPUs under ``ROUTED_ROTARY_KERNEL=1`` (opt-in until its speed is
-measured on a GPU: benchmarks/GPU_PLAN.md row 10; exact against float64 in the interpreter), and the
-reference otherwise or wherever the kernel cannot take the call (cos/sin that need gradients, an odd
-head dim).
+``None`` takes the kernel on CUDA GPUs unless ``ROUTED_ROTARY_KERNEL=0`` (on the H200 it took an 8k LM
+layer's training step from 1.09 to 0.93 ms dense, 0.73 to 0.56 MoBA, 1.49 to 1.31 NSA, CUDA-graphed:
+results/h200/profile_layers_8k_rotary{,_off}.json), and the reference otherwise or wherever the kernel
+cannot take the call (cos/sin that need gradients, an odd head dim).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, backend: Optional[str] 
         if why is not None:
             raise BackendUnavailable(f"rotary backend 'triton' cannot run this call: {why}.")
     elif backend is None:
-        backend = ("triton" if x.device.type == "cuda" and env_switch("ROUTED_ROTARY_KERNEL", False)
+        backend = ("triton" if x.device.type == "cuda" and env_switch("ROUTED_ROTARY_KERNEL", True)
                    and _kernel_why_not(x, cos, sin) is None else "reference")
     if backend == "reference":
         return apply_rotary_reference(x, cos, sin)
