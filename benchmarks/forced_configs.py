@@ -8,6 +8,11 @@ query heads, head dim 128, bf16, causal, blocks of 128):
   lists lack; per config the dk/dv kernel's own GPU time (CUPTI, inside a replayed CUDA graph), the
   graph-replayed forward+backward against Flex's, and dK/dV against the first config's.
 * ``--part fwd``: forward tiles 128x128 against 128x64 (the untuned default) with tensor descriptors.
+* ``--part nsa``: the NSA LM layer's training step at 8k (benchmarks/lm_compare.py's configuration:
+  blocks of 64, head dim 64, 8 query / 2 KV heads; three branches on the same kernels), first autotuned
+  afresh three times (no disk cache: what a new machine picks, and how far the picks' times spread),
+  then every candidate of one kernel forced at a time (forward plain and with tensor descriptors, dq,
+  dk/dv) with the others at their defaults; per variant the graph-replayed step and its kernels' times.
 * ``--part layout``: the kernels with head-major ``[B, H, N, D]`` tensors against the token-major views
   that Hugging Face layers pass (``[B, N, H, D]`` memory; outputs and gradients follow the input's
   layout), at an LM layer's shape, per kernel (CUPTI time inside a replayed CUDA graph).
@@ -161,10 +166,81 @@ def part_layout(dev):
     return rows
 
 
+def _nsa_step(n: int):
+    import lm_compare
+    from profile_layers import _layer_step
+
+    args = lm_compare.parse_args(["--variants"])
+    return _layer_step(args, "nsa", n, torch.device("cuda"), torch.bfloat16)
+
+
+def _nsa_entry(n: int) -> dict:
+    step = _nsa_step(n)
+    step()  # compiles (and, when tuning is on, tunes) outside the timing
+    kernels = graph_kernel_times(step)
+    top = kernels[:8] if isinstance(kernels, list) else kernels
+    return dict(step_graph_ms=bench(step), kernels=top)
+
+
+def part_nsa(n: int = 8192, trials: int = 3) -> dict:
+    """Fresh autotuning ``trials`` times, then one kernel's candidates forced at a time (module docstring)."""
+    out: dict = {"seq_len": n, "tuned": [], "forced": []}
+    saved = dict(triton_ops.QUICK)
+    cache_env = os.environ.get("ROUTED_AUTOTUNE_CACHE")
+    os.environ["ROUTED_AUTOTUNE_CACHE"] = "0"
+    os.environ["ROUTED_AUTOTUNE"], os.environ["ROUTED_TMA"] = "quick", "1"
+    for trial in range(trials):
+        triton_ops._TUNED.clear()
+        entry = dict(trial=trial, **_nsa_entry(n), picks=triton_ops.tuned_configs())
+        out["tuned"].append(entry)
+        print("nsa tuned", trial, f"{entry['step_graph_ms']:.3f} ms", flush=True)
+    os.environ["ROUTED_AUTOTUNE"] = "0"
+    axes = [("fwd", "0", c) for c in triton_ops.FWD_CANDIDATES]
+    axes += [("fwd", "only", c) for c in triton_ops.FWD_TMA_CANDIDATES]
+    axes += [("dq", "0", c) for c in triton_ops.DQ_CANDIDATES]
+    axes += [("dkdv", "0", c) for c in triton_ops.DKDV_CANDIDATES]
+    for kernel, tma, cfg in axes:
+        triton_ops.QUICK.update(saved)
+        if kernel == "fwd":
+            triton_ops.QUICK["fwd"] = triton_ops.QUICK["fwd_tma"] = [cfg]
+        else:
+            triton_ops.QUICK[kernel] = [cfg]
+        os.environ["ROUTED_TMA"] = tma
+        try:
+            entry = dict(kernel=kernel, tma=tma, config=list(cfg), **_nsa_entry(n))
+        except Exception as e:  # noqa: BLE001 - a config this Triton cannot compile (or TMA cannot take) is a result
+            entry = dict(kernel=kernel, tma=tma, config=list(cfg),
+                         error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        out["forced"].append(entry)
+        print("nsa forced", kernel, tma, cfg, entry.get("step_graph_ms", entry.get("error")), flush=True)
+    # the untuned choice as the library makes it, then every kernel's own winner forced together
+    triton_ops.QUICK.update(saved)
+    os.environ["ROUTED_TMA"] = "1"
+    out["untuned_default"] = _nsa_entry(n)
+    winners = {}
+    for e in out["forced"]:
+        if "step_graph_ms" in e and (e["kernel"] not in winners or e["step_graph_ms"] < winners[e["kernel"]]["step_graph_ms"]):
+            winners[e["kernel"]] = e
+    for kernel, e in winners.items():
+        if kernel == "fwd":
+            triton_ops.QUICK["fwd"] = triton_ops.QUICK["fwd_tma"] = [tuple(e["config"])]
+        else:
+            triton_ops.QUICK[kernel] = [tuple(e["config"])]
+    os.environ["ROUTED_TMA"] = winners.get("fwd", {}).get("tma", "0")
+    out["winners_together"] = dict(configs={k: [e["tma"], e["config"]] for k, e in winners.items()}, **_nsa_entry(n))
+    triton_ops.QUICK.update(saved)
+    if cache_env is None:
+        os.environ.pop("ROUTED_AUTOTUNE_CACHE")
+    else:
+        os.environ["ROUTED_AUTOTUNE_CACHE"] = cache_env
+    os.environ["ROUTED_AUTOTUNE"], os.environ["ROUTED_TMA"] = "0", "only"
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="forced_configs.json")
-    p.add_argument("--part", nargs="+", default=["layout", "dkdv", "fwd"], choices=["layout", "dkdv", "fwd"])
+    p.add_argument("--part", nargs="+", default=["layout", "dkdv", "fwd"], choices=["layout", "dkdv", "fwd", "nsa"])
     p.add_argument("--shapes", nargs="+", default=["8192:16:32", "32768:16:8", "32768:4:32"],
                    help="N:kv_heads:blocks")
     a = p.parse_args()
@@ -173,12 +249,25 @@ def main():
                                                                             ("ROUTED_AUTOTUNE", "ROUTED_TMA")})
     shapes = [tuple(int(x) for x in s.split(":")) for s in a.shapes]
     for part in a.part:
-        result[part] = part_layout(dev) if part == "layout" else part_variants(dev, shapes, part)
+        if part == "nsa":
+            result[part] = part_nsa()
+        else:
+            result[part] = part_layout(dev) if part == "layout" else part_variants(dev, shapes, part)
         Path(a.out).write_text(json.dumps(result, indent=1))
     for r in result.get("layout", []):
         kernels = r["kernels"] if isinstance(r["kernels"], list) else []
         print(f"{r['layout']:<12} f+b graph {r['fwd_bwd_graph_ms']:.3f} ms  " +
               "  ".join(f"{k['name'][:28]} {k['us_per_replay']:.0f}us" for k in kernels[:4]))
+    if "nsa" in result:
+        r = result["nsa"]
+        print(f"[nsa] step at {r['seq_len']}: tuned afresh " +
+              ", ".join(f"{t['step_graph_ms']:.3f}" for t in r["tuned"]) + " ms")
+        for e in r["forced"]:
+            ms = f"{e['step_graph_ms']:.3f} ms" if "step_graph_ms" in e else e["error"][:90]
+            print(f"  {e['kernel']:<5} tma {e['tma']:<4} {str(tuple(e['config'])):<18} {ms}")
+        if "untuned_default" in r:
+            print(f"  untuned default {r['untuned_default']['step_graph_ms']:.3f} ms; each kernel's winner together "
+                  f"{r['winners_together']['step_graph_ms']:.3f} ms {r['winners_together']['configs']}")
     for part in ("dkdv", "fwd"):
         for r in result.get(part, []):
             print(f"[{part}] N {r['n']} hkv {r['hkv']} blocks {r['blocks']}: flex fwd {r['flex_fwd_ms']:.3f} f+b "
