@@ -176,6 +176,27 @@ ITEMS = {
         "ROUTED_ROTARY_KERNEL=0 python benchmarks/profile_layers.py --n 8192 --layers dense moba nsa "
         "--out {out}/profile_layers_8k_rotary_off.json",
     ]),
+    "kmeans_kernel_ab": (11, 330, {"ROUTED_AUTOTUNE": "0"}, [  # the fused k-means kernels: GPU tests, layer on/off
+        "python -m pytest -q -p no:cacheprovider tests/test_nearest_centroid.py tests/test_kmeans.py "
+        "tests/test_routing_attention.py tests/test_rotary.py tests/test_routed_lm.py",
+        "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site "
+        ".whl/routing_transformer-1.6.1-py3-none-any.whl .whl/local_attention-1.4.4-py3-none-any.whl "
+        ".whl/mixture_of_experts-0.2.1-py3-none-any.whl .whl/einops-0.8.2-py3-none-any.whl",
+        "ROUTED_KMEANS_KERNEL=1 PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py "
+        "--lengths 8192 32768 65536 --sections routing --profile --rep-ms 100 --out {out}/clustered_attention_kmeans_kernel.json",
+        "ROUTED_KMEANS_KERNEL=0 PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py "
+        "--lengths 32768 65536 --sections routing --rep-ms 100 --out {out}/clustered_attention_kmeans_off.json",
+    ]),
+    "kmeans_variants": (11, 200, {"ROUTED_AUTOTUNE": "0"}, [  # the assigning pass's launch variants, host times
+        "python benchmarks/kmeans_kernel.py --out {out}/kmeans_kernel.json",
+        "ROUTED_KMEANS_KERNEL=1 python benchmarks/profile_layers.py --n 32768 --layers routing --host-profile 30 "
+        "--no-graphs --out {out}/profile_routing_host_kmeans_on.json",
+        "ROUTED_KMEANS_KERNEL=0 python benchmarks/profile_layers.py --n 32768 --layers routing --host-profile 30 "
+        "--no-graphs --out {out}/profile_routing_host_kmeans_off.json",
+    ]),
+    "nsa_forced": (9, 330, {}, [  # NSA's 8k layer step: fresh autotuning x3, then each kernel's candidates forced
+        "python benchmarks/forced_configs.py --part nsa --out {out}/forced_configs_nsa.json",
+    ]),
     "lm_speed_tuned_mass": (8, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
         "python benchmarks/lm_compare.py --variants --speed --speed-lens 32768 --out {out}/lm_speed_tuned_mass.json",
     ]),

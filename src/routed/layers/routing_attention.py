@@ -40,7 +40,9 @@ Config fields (defaults in brackets), beside ``hidden_size``, ``num_attention_he
   it sees the earlier tokens of its cluster only, and the first token of a cluster gets zeros from
   the routed heads. Needs ``num_key_value_heads == num_attention_heads`` (one key per query head).
 * ``kmeans_decay`` [0.999], ``kmeans_commitment`` [1e-4]: EMA decay and commitment-loss weight.
-* ``attention_bias`` [False]; ``attention_backend`` [None: automatic] for ``routed_attention``.
+* ``attention_bias`` [False]; ``attention_backend`` [None: automatic] for ``routed_attention``;
+  ``router_backend`` [None: automatic] for the k-means router's per-token work
+  (:class:`~routed.routers.kmeans.KMeansRouter`'s ``backend``).
 * ``attention_dense`` [False]: the ablation of the routed LM: full causal attention over every
   head (rotary on all), the same parameters, no k-means.
 """
@@ -135,8 +137,8 @@ class RoutingAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, hkv * d, bias=bias)
         self.o_proj = nn.Linear(hq * d, hidden, bias=bias)
         decay, commitment = getattr(config, "kmeans_decay", 0.999), getattr(config, "kmeans_commitment", 1e-4)
-        self.kmeans = (KMeansRouter(self.kv_routed, d, self.clusters, decay=float(decay), commitment=float(commitment))
-                       if self.kv_routed else None)
+        self.kmeans = (KMeansRouter(self.kv_routed, d, self.clusters, decay=float(decay), commitment=float(commitment),
+                                    backend=getattr(config, "router_backend", None)) if self.kv_routed else None)
 
     def extra_repr(self) -> str:
         return (f"routed_kv_heads={self.kv_routed}, local_kv_heads={self.kv_local}, clusters={self.clusters}, "

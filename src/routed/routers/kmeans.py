@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..constants import cached_constants
+from ..ops.nearest_centroid import centroid_stats, commitment_sum, resolve_backend
 from ..route import BlockRoute, RouteError, TokenRoute
 
 __all__ = ["KMeansRouter", "cluster_window_route", "cluster_window_mask", "cluster_ranks"]
@@ -111,6 +112,11 @@ class KMeansRouter(nn.Module):
             see different kinds of data, or the model is sharded so that ranks hold different
             routers).
         process_group: the ``torch.distributed`` group to synchronise over (default: the world).
+        backend: the per-token work of :meth:`assign`, :meth:`update` and :meth:`train_step`
+            (nearest centroid, cosines, cluster sums, the commitment loss's gradient):
+            ``"triton"`` (one fused pass, :mod:`routed.ops.nearest_centroid`), ``"reference"``
+            (PyTorch) or None (the kernel on CUDA unless ``ROUTED_KMEANS_KERNEL=0`` or
+            deterministic algorithms are on).
 
     Buffers (saved with the model): ``centroids [heads, clusters, dim]`` (unit rows) and
     ``initialized`` (a bool scalar). The centroids stay float32 when the module is cast
@@ -138,7 +144,7 @@ class KMeansRouter(nn.Module):
 
     def __init__(self, heads: int, dim: int, clusters: int, *, decay: float = 0.999, commitment: float = 1e-4,
                  init_iters: int = 10, sync_distributed: bool = True,
-                 process_group: Optional[dist.ProcessGroup] = None):
+                 process_group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None):
         super().__init__()
         if clusters < 1 or heads < 1 or dim < 1:
             raise ValueError(f"heads, dim and clusters must be >= 1, got {heads}, {dim}, {clusters}.")
@@ -147,6 +153,9 @@ class KMeansRouter(nn.Module):
         self.heads, self.dim, self.clusters = heads, dim, clusters
         self.decay, self.commitment, self.init_iters = decay, commitment, init_iters
         self.sync_distributed, self.process_group = sync_distributed, process_group
+        if backend not in (None, "triton", "reference"):
+            raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}.")
+        self.backend = backend
         self.register_buffer("centroids", F.normalize(torch.randn(heads, clusters, dim), dim=-1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._known_initialized = False  # a host mirror of the flag: no GPU sync per call once it is set
@@ -174,7 +183,13 @@ class KMeansRouter(nn.Module):
     def assign(self, x: Tensor) -> Tensor:
         """``[B, H, N]`` int64: the nearest centroid of every vector (initialising first if needed)."""
         self.maybe_init(x)
+        if self._kernel(x):
+            return centroid_stats(x.detach(), self.centroids, backend="triton")[0]
         return self.similarities(x).argmax(-1)
+
+    def _kernel(self, x: Tensor, want_sums: bool = False) -> bool:
+        """Whether this call's per-token work runs on the fused kernels (see ``backend``)."""
+        return resolve_backend(self.backend, x, self.centroids, want_sums) == "triton"
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -270,7 +285,12 @@ class KMeansRouter(nn.Module):
         members keep their centroid. Call in training only. Under distributed training the sums
         are all-reduced first: the step of all ranks' batches together (see the class docstring).
         """
-        self._ema_step(_unit(x)[0], assignment, x)
+        self._check(x)
+        if self._kernel(x, want_sums=True):
+            self._ema_from_sums(centroid_stats(x.detach(), self.centroids, assignment, want_sums=True,
+                                               backend="triton")[3], x)
+        else:
+            self._ema_step(_unit(x)[0], assignment, x)
 
     @torch.no_grad()
     def _ema_step(self, xn: Tensor, assignment: Tensor, x: Tensor) -> None:
@@ -281,7 +301,11 @@ class KMeansRouter(nn.Module):
         # indices first, 1.5 ms of a 3.9 ms Routing Transformer layer step at 32k tokens on the H200.
         flat = (_arange(H, xn.device).view(1, H, 1) * C + assignment).reshape(-1)
         sums = torch.zeros(H * C, D, device=xn.device, dtype=torch.float32)
-        sums = sums.index_add_(0, flat, xn.reshape(-1, D)).view(H, C, D)
+        self._ema_from_sums(sums.index_add_(0, flat, xn.reshape(-1, D)).view(H, C, D), x)
+
+    @torch.no_grad()
+    def _ema_from_sums(self, sums: Tensor, x: Tensor) -> None:
+        """The EMA step from the per-cluster sums ``[H, C, D]`` of this call's unit vectors of ``x``."""
         group = self._sync_group()
         if group is not None:
             self.maybe_init(x)  # the ranks agree on the centroids before they step together
@@ -323,6 +347,8 @@ class KMeansRouter(nn.Module):
         """
         self._check(keys)
         self.maybe_init(keys)
+        if self._kernel(keys, want_sums=True):
+            return self._train_step_kernel(keys, queries)
         with torch.no_grad():
             kn, k_norm = _unit(keys.detach())
             a = torch.einsum("bhnd,hcd->bhnc", kn, self.centroids.float()).argmax(-1)  # as assign()
@@ -334,6 +360,20 @@ class KMeansRouter(nn.Module):
         if queries is not None:
             loss = loss + _commitment_sum(queries, c.unsqueeze(2)) / queries[..., 0].numel() + c_sq
         self._ema_step(kn, a, keys)
+        return a, self.commitment * loss
+
+    def _train_step_kernel(self, keys: Tensor, queries: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """:meth:`train_step` on the fused kernels: one pass over the keys gives their clusters, norms,
+        cosines and the EMA sums, one over the queries their norms and cosines; the backward gathers
+        each row's centroid again (no ``[B, H, N, C]`` or ``[B, H, N, D]`` float32 tensors)."""
+        c = self.centroids.clone()  # the loss's backward reads the centroids from before the EMA step
+        with torch.no_grad():
+            a, k_norm, k_cos, sums = centroid_stats(keys.detach(), c, want_sums=True, backend="triton")
+            c_sq = c.square().sum(-1).unsqueeze(0).expand(a.shape[0], -1, -1).gather(2, a).mean()
+        loss = commitment_sum(keys, c, a, k_norm, k_cos, backend="triton") / a.numel() + c_sq
+        if queries is not None:
+            loss = loss + commitment_sum(queries, c, a, backend="triton") / queries[..., 0].numel() + c_sq
+        self._ema_from_sums(sums, keys)
         return a, self.commitment * loss
 
     def balanced_groups(self, x: Tensor, group_size: int, *, causal: bool = False) -> TokenRoute:
