@@ -55,9 +55,10 @@ def test_assignment_norms_cosines_and_sums_equal_float64(B, H, N, D, C, layout, 
     best = sims.max(-1).values
     got = sims.gather(-1, a.unsqueeze(-1)).squeeze(-1)
     assert a.dtype == torch.int64 and a.shape == (B, H, N)
-    assert (best - got).max().item() <= 1e-6, "a row was assigned to a centroid that is not the nearest"
+    # (the GPU's products are three TF32 passes, error ~2^-21 per product: near-ties may go either way)
+    assert (best - got).max().item() <= 1e-5, "a row was assigned to a centroid that is not the nearest"
     top2 = sims.topk(min(2, C), dim=-1).values
-    clear = top2[..., 0] - top2[..., -1] > 1e-5 if C > 1 else torch.ones_like(best, dtype=torch.bool)
+    clear = top2[..., 0] - top2[..., -1] > 1e-4 if C > 1 else torch.ones_like(best, dtype=torch.bool)
     assert torch.equal(a[clear], sims.argmax(-1)[clear])
     # statistics against float64 computed with the kernel's assignment; PyTorch float32 sets the tolerance
     x64 = x.double()

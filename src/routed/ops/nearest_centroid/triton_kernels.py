@@ -39,8 +39,8 @@ def _centroid_fwd_kernel(X, Cent, A, Norm, Cos, Sums,
                          ASSIGN: tl.constexpr, SUMS: tl.constexpr, PRECISION: tl.constexpr):
     """Rows ``pid_n * BLOCK_N ...`` of one ``(b, h, g)`` of ``x [B, H, G, N, D]``.
 
-    ``ASSIGN``: the nearest centroid of each row (cosine; the first one on ties, as ``argmax``) is
-    written to ``A [B, H, N]`` (int64); else it is read from there (``G`` rows share it). Always
+    ``ASSIGN``: the nearest centroid of each row (cosine; the first one on ties, as ``argmax``; products
+    at ``PRECISION``) is written to ``A [B, H, N]`` (int64); else it is read from there (``G`` rows share it). Always
     writes ``|x|`` and ``<x / max(|x|, eps), c_a>`` to ``Norm``/``Cos [B, H, G, N]`` (float32) and,
     with ``SUMS``, adds each unit row to ``Sums [H, C, D]`` (float32 atomics).
     """
@@ -59,7 +59,7 @@ def _centroid_fwd_kernel(X, Cent, A, Norm, Cos, Sums,
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c = tl.load(cent + offs_c[:, None] * dim + offs_d[None, :],
                         mask=(offs_c < n_clusters)[:, None] & d_ok[None, :], other=0.0)
-            # float32-exact products ("ieee": FMA; "tf32x3": three TF32 tensor-core passes, error ~2^-22):
+            # products at float32 precision ("ieee": FMA) or near it ("tf32x3": three TF32 tensor-core passes):
             # plain TF32 (2^-11) would flip the choice between nearly equidistant centroids
             s = tl.dot(xn, tl.trans(c), input_precision=PRECISION)
             s = tl.where((offs_c < n_clusters)[None, :], s, float("-inf"))
