@@ -99,6 +99,39 @@ def test_triton_kernel_equals_the_gather(shape, lead_index):
         assert torch.equal(dg, dw)
 
 
+def test_token_major_layouts_forward_and_backward():
+    """The Routing Transformer's two moves: token-major q (a projection's [B, N, H, d] seen as
+    [B, Hk, G, N, d]) to head-major slots, whose gradient comes back token-major; and slots back to
+    tokens written token-major (token_major_out), whose gradient goes back head-major. Values equal
+    the gather's exactly."""
+    g = torch.Generator().manual_seed(11)
+    B, Hk, G, n, d = 2, 2, 3, 41, 16
+    cl = torch.randint(0, 3, (B * Hk, n), generator=g)
+    _, slot_tokens, token_slots = cluster_window_route(cl, 3, 8)
+    L = slot_tokens.shape[1]
+    to_slot, to_token = slot_tokens.view(B, Hk, 1, L).to(DEVICE), token_slots.view(B, Hk, 1, n).to(DEVICE)
+    q = torch.randn(B, n, Hk * G, d, generator=g, dtype=torch.float64).to(DEVICE)
+    q = q.transpose(1, 2).unflatten(1, (Hk, G)).requires_grad_()  # token-major view
+    slots = permute_rows(q, to_slot, to_token, backend="triton")
+    assert torch.equal(slots, permute_rows(q, to_slot, to_token, backend="torch"))
+    assert slots.is_contiguous()
+    gs = torch.randn(slots.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    (dq,) = torch.autograd.grad(slots, q, gs)
+    (dq_ref,) = torch.autograd.grad(permute_rows(q, to_slot, to_token, backend="torch"), q, gs)
+    assert torch.equal(dq, dq_ref)
+    assert dq.stride()[1:4] == (G * d, d, Hk * G * d), "the gradient in q's token-major layout"
+    s = slots.detach().requires_grad_()
+    back = permute_rows(s, to_token, to_slot, backend="triton", token_major_out=True)
+    ref = permute_rows(s, to_token, to_slot, backend="torch")
+    assert torch.equal(back, ref)
+    assert back.stride()[1:4] == (G * d, d, Hk * G * d), "rows written token-major"
+    assert back.reshape(B, Hk * G, n, d).transpose(1, 2).is_contiguous()
+    gb = torch.randn(back.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    (ds,) = torch.autograd.grad(back, s, gb)
+    (ds_ref,) = torch.autograd.grad(ref, s, gb)
+    assert torch.equal(ds, ds_ref) and ds.is_contiguous()
+
+
 def test_triton_backend_that_cannot_run_raises():
     x = torch.randn(2, 6, 4, device=DEVICE).transpose(-1, -2)  # rows not contiguous
     idx = torch.arange(4, device=DEVICE)[None]

@@ -222,7 +222,9 @@ class RoutingAttention(nn.Module):
 
         o = routed_attention(to_slots(q_r.unflatten(1, (Hk, G))), to_slots(k_r.unsqueeze(2)),
                              to_slots(v_r.unsqueeze(2)), route, scale=scale, backend=self.backend)  # [B * Hk, G, L, d]
-        o = permute_rows(o.view(B, Hk, G, L, d), to_token, to_slot)
+        # token-major rows back: the heads' cat for o_proj reads whole token rows, not strided ones (and
+        # the way back to the slots gives q, k, v's gradients their projections' layout, as permute_rows does)
+        o = permute_rows(o.view(B, Hk, G, L, d), to_token, to_slot, token_major_out=True)
         return o.view(B, Hk * G, N, d)
 
     def _remember_clusters(self, cache, cl: Tensor, k_r: Tensor) -> tuple[Tensor, Tensor]:

@@ -33,13 +33,15 @@ def row_kernel_enabled(device: torch.device) -> bool:
     return env_switch("ROUTED_ROW_KERNEL", False) and triton_runs_on(device)
 
 
-def _gather_rows(x: Tensor, index: Tensor, zero_padding: bool, backend: Optional[str]) -> Tensor:
+def _gather_rows(x: Tensor, index: Tensor, zero_padding: bool, backend: Optional[str],
+                 token_major: bool = False) -> Tensor:
     """``y[..., s, :] = x[..., index[..., s], :]`` (``index`` broadcast over ``x``'s leading dims and
-    ``d``); where ``index < 0``: zero, or (torch backend, not ``zero_padding``) row 0."""
+    ``d``); where ``index < 0``: zero, or (torch backend, not ``zero_padding``) row 0. ``token_major``:
+    the kernel writes ``y`` with its rows axis outside the merged head axes (see :func:`permute_rows`)."""
     if backend is None:
         backend = "triton" if row_kernel_enabled(x.device) and x.is_cuda and _triton_view(x) is not None else "torch"
     if backend == "triton":
-        return _gather_rows_triton(x, index)
+        return _gather_rows_triton(x, index, token_major)
     y = x.gather(-2, index.clamp_min(0).unsqueeze(-1).expand(*x.shape[:-2], index.shape[-1], x.shape[-1]))
     return y.masked_fill((index < 0).unsqueeze(-1), 0) if zero_padding else y
 
@@ -58,7 +60,14 @@ def _triton_view(x: Tensor) -> Optional[Tensor]:
         return None
 
 
-def _gather_rows_triton(x: Tensor, index: Tensor) -> Tensor:
+def _is_token_major(x: Tensor) -> bool:
+    """Whether ``x [..., N, d]``'s rows axis lies outside its merged head axes in memory (a projection's
+    ``[B, N, H, d]`` output seen as ``[B, H, N, d]``)."""
+    x4 = _triton_view(x)
+    return x4 is not None and x4.shape[1] > 1 and x4.shape[2] > 1 and x4.stride(1) < x4.stride(2)
+
+
+def _gather_rows_triton(x: Tensor, index: Tensor, token_major: bool = False) -> Tensor:
     import triton
 
     from ...env import triton_runs_on
@@ -76,32 +85,38 @@ def _gather_rows_triton(x: Tensor, index: Tensor) -> Tensor:
     A, Bh, _, d = x4.shape
     L = index.shape[-1]
     idx = index.expand(*x.shape[:-2], L).reshape(A, Bh, L)  # small: one int per output row
-    out = torch.empty(A, Bh, L, d, dtype=x.dtype, device=x.device)
+    if token_major:  # [A, L, Bh, d] memory: heads merge with the next layer's projection without a copy
+        out = torch.empty(A, L, Bh, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+    else:
+        out = torch.empty(A, Bh, L, d, dtype=x.dtype, device=x.device)
     block_d = min(triton.next_power_of_2(max(d, 1)), 256)
     block_l = max(16, min(128, 8192 // block_d))
     if out.numel():
         _gather_rows_kernel[(triton.cdiv(L, block_l), A * Bh)](
-            x4, idx, out, *x4.stride()[:3], *idx.stride(), Bh, L, d, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+            x4, idx, out, *x4.stride()[:3], *idx.stride(), *out.stride()[:3], Bh, L, d, BLOCK_L=block_l,
+            BLOCK_D=block_d, num_warps=4)
     return out.view(*x.shape[:-2], L, d)
 
 
 class _PermuteRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, index, inverse, zero_padding, backend):
+    def forward(ctx, x, index, inverse, zero_padding, backend, token_major_out):
         ctx.save_for_backward(inverse)
-        ctx.zero_padding, ctx.backend = zero_padding, backend
-        return _gather_rows(x, index, zero_padding, backend)
+        ctx.zero_padding, ctx.backend, ctx.x_token_major = zero_padding, backend, _is_token_major(x)
+        return _gather_rows(x, index, zero_padding, backend, token_major_out)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         if ctx.backend == "triton" and _triton_view(grad) is None:  # e.g. a convolution's NCHW gradient
             grad = grad.contiguous()
-        return _gather_rows(grad, inverse, ctx.zero_padding, ctx.backend), None, None, None, None
+        # the gradient in x's own layout: a token-major x's gradient joins its projection's without a strided copy
+        dx = _gather_rows(grad, inverse, ctx.zero_padding, ctx.backend, ctx.x_token_major)
+        return dx, None, None, None, None, None
 
 
 def permute_rows(x: Tensor, index: Tensor, inverse: Tensor, *, zero_padding: bool = True,
-                 backend: Optional[str] = None) -> Tensor:
+                 backend: Optional[str] = None, token_major_out: bool = False) -> Tensor:
     """Rows of ``x`` (along its second-to-last axis) in the order ``index``; padding slots
     (``index < 0``) are zero.
 
@@ -118,6 +133,9 @@ def permute_rows(x: Tensor, index: Tensor, inverse: Tensor, *, zero_padding: boo
         backend: "triton" (one kernel moving whole rows; needs contiguous rows and leading axes that
             merge into two), "torch" (``gather``), or None: Triton on a CUDA tensor it can take unless
             ``ROUTED_ROW_KERNEL=0`` (:func:`row_kernel_enabled`), else torch.
+        token_major_out: the kernel writes the output as ``[R, L, H, d]`` memory (the axes between the
+            first and the rows merged into ``H``), so heads merge for an output projection without a
+            copy. Layouts only: values are the same. The backward's gradient always takes ``x``'s layout.
     Returns:
         ``[R, H, L, d]`` (``[..., L, d]``). The backward is ``permute_rows(grad, inverse, index)``.
     """
@@ -133,4 +151,4 @@ def permute_rows(x: Tensor, index: Tensor, inverse: Tensor, *, zero_padding: boo
                          f"index {list(index.shape)} and inverse {list(inverse.shape)}.")
     if backend not in _BACKENDS:
         raise ValueError(f"permute_rows: backend must be one of {_BACKENDS}, got {backend!r}.")
-    return _PermuteRows.apply(x, index, inverse, zero_padding, backend)
+    return _PermuteRows.apply(x, index, inverse, zero_padding, backend, token_major_out)

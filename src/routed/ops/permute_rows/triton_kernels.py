@@ -11,10 +11,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _gather_rows_kernel(X, Index, Out, stride_xa, stride_xb, stride_xn, stride_ia, stride_ib, stride_il, n_b,
-                        out_len, n_cols, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``Out[a, b, s, :] = X[a, b, Index[a, b, s], :]``, zeros where ``Index < 0``. ``X``'s rows are
-    contiguous (last stride 1); ``Out`` is contiguous ``[A, n_b, out_len, n_cols]``."""
+def _gather_rows_kernel(X, Index, Out, stride_xa, stride_xb, stride_xn, stride_ia, stride_ib, stride_il, stride_oa,
+                        stride_ob, stride_ol, n_b, out_len, n_cols, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``Out[a, b, s, :] = X[a, b, Index[a, b, s], :]``, zeros where ``Index < 0``. The rows of ``X`` and
+    ``Out`` are contiguous (last stride 1)."""
     pid_l = tl.program_id(0)
     pid_ab = tl.program_id(1)
     a = (pid_ab // n_b).to(tl.int64)
@@ -24,7 +24,7 @@ def _gather_rows_kernel(X, Index, Out, stride_xa, stride_xb, stride_xn, stride_i
     src = tl.load(Index + a * stride_ia + b * stride_ib + offs_l * stride_il, mask=in_range, other=-1)
     taken = src >= 0
     x_rows = X + a * stride_xa + b * stride_xb + src.to(tl.int64)[:, None] * stride_xn
-    out_rows = Out + (pid_ab.to(tl.int64) * out_len + offs_l)[:, None] * n_cols
+    out_rows = Out + a * stride_oa + b * stride_ob + offs_l.to(tl.int64)[:, None] * stride_ol
     for d0 in range(0, n_cols, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         cols = (offs_d < n_cols)[None, :]
