@@ -182,8 +182,9 @@ def _nsa_entry(n: int) -> dict:
     return dict(step_graph_ms=bench(step), kernels=top)
 
 
-def part_nsa(n: int = 8192, trials: int = 3) -> dict:
-    """Fresh autotuning ``trials`` times, then one kernel's candidates forced at a time (module docstring)."""
+def part_nsa(n: int = 8192, trials: int = 3, sweep: bool = True) -> dict:
+    """Fresh autotuning ``trials`` times, then one kernel's candidates forced at a time (module docstring);
+    without ``sweep``, the tuned trials and the untuned default only."""
     out: dict = {"seq_len": n, "tuned": [], "forced": []}
     saved = dict(triton_ops.QUICK)
     cache_env = os.environ.get("ROUTED_AUTOTUNE_CACHE")
@@ -195,10 +196,11 @@ def part_nsa(n: int = 8192, trials: int = 3) -> dict:
         out["tuned"].append(entry)
         print("nsa tuned", trial, f"{entry['step_graph_ms']:.3f} ms", flush=True)
     os.environ["ROUTED_AUTOTUNE"] = "0"
-    axes = [("fwd", "0", c) for c in triton_ops.FWD_CANDIDATES]
-    axes += [("fwd", "only", c) for c in triton_ops.FWD_TMA_CANDIDATES]
-    axes += [("dq", "0", c) for c in triton_ops.DQ_CANDIDATES]
-    axes += [("dkdv", "0", c) for c in triton_ops.DKDV_CANDIDATES]
+    axes = [("fwd", "0", c) for c in triton_ops.FWD_CANDIDATES] if sweep else []
+    if sweep:
+        axes += [("fwd", "only", c) for c in triton_ops.FWD_TMA_CANDIDATES]
+        axes += [("dq", "0", c) for c in triton_ops.DQ_CANDIDATES]
+        axes += [("dkdv", "0", c) for c in triton_ops.DKDV_CANDIDATES]
     for kernel, tma, cfg in axes:
         triton_ops.QUICK.update(saved)
         if kernel == "fwd":
@@ -217,9 +219,11 @@ def part_nsa(n: int = 8192, trials: int = 3) -> dict:
     triton_ops.QUICK.update(saved)
     os.environ["ROUTED_TMA"] = "1"
     out["untuned_default"] = _nsa_entry(n)
+    print("nsa untuned default", f"{out['untuned_default']['step_graph_ms']:.3f} ms", flush=True)
     winners = {}
     for e in out["forced"]:
-        if "step_graph_ms" in e and (e["kernel"] not in winners or e["step_graph_ms"] < winners[e["kernel"]]["step_graph_ms"]):
+        best = winners.get(e["kernel"])
+        if "step_graph_ms" in e and (best is None or e["step_graph_ms"] < best["step_graph_ms"]):
             winners[e["kernel"]] = e
     for kernel, e in winners.items():
         if kernel == "fwd":
@@ -227,7 +231,9 @@ def part_nsa(n: int = 8192, trials: int = 3) -> dict:
         else:
             triton_ops.QUICK[kernel] = [tuple(e["config"])]
     os.environ["ROUTED_TMA"] = winners.get("fwd", {}).get("tma", "0")
-    out["winners_together"] = dict(configs={k: [e["tma"], e["config"]] for k, e in winners.items()}, **_nsa_entry(n))
+    if winners:
+        out["winners_together"] = dict(configs={k: [e["tma"], e["config"]] for k, e in winners.items()},
+                                       **_nsa_entry(n))
     triton_ops.QUICK.update(saved)
     if cache_env is None:
         os.environ.pop("ROUTED_AUTOTUNE_CACHE")
@@ -241,6 +247,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="forced_configs.json")
     p.add_argument("--part", nargs="+", default=["layout", "dkdv", "fwd"], choices=["layout", "dkdv", "fwd", "nsa"])
+    p.add_argument("--nsa-no-sweep", action="store_true", help="--part nsa: tuned trials and untuned default only")
     p.add_argument("--shapes", nargs="+", default=["8192:16:32", "32768:16:8", "32768:4:32"],
                    help="N:kv_heads:blocks")
     a = p.parse_args()
@@ -250,7 +257,7 @@ def main():
     shapes = [tuple(int(x) for x in s.split(":")) for s in a.shapes]
     for part in a.part:
         if part == "nsa":
-            result[part] = part_nsa()
+            result[part] = part_nsa(sweep=not a.nsa_no_sweep)
         else:
             result[part] = part_layout(dev) if part == "layout" else part_variants(dev, shapes, part)
         Path(a.out).write_text(json.dumps(result, indent=1))
@@ -266,8 +273,10 @@ def main():
             ms = f"{e['step_graph_ms']:.3f} ms" if "step_graph_ms" in e else e["error"][:90]
             print(f"  {e['kernel']:<5} tma {e['tma']:<4} {str(tuple(e['config'])):<18} {ms}")
         if "untuned_default" in r:
-            print(f"  untuned default {r['untuned_default']['step_graph_ms']:.3f} ms; each kernel's winner together "
-                  f"{r['winners_together']['step_graph_ms']:.3f} ms {r['winners_together']['configs']}")
+            print(f"  untuned default {r['untuned_default']['step_graph_ms']:.3f} ms")
+        if "winners_together" in r:
+            print(f"  each kernel's winner together {r['winners_together']['step_graph_ms']:.3f} ms "
+                  f"{r['winners_together']['configs']}")
     for part in ("dkdv", "fwd"):
         for r in result.get(part, []):
             print(f"[{part}] N {r['n']} hkv {r['hkv']} blocks {r['blocks']}: flex fwd {r['flex_fwd_ms']:.3f} f+b "

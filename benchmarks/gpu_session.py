@@ -194,6 +194,18 @@ ITEMS = {
         "ROUTED_KMEANS_KERNEL=0 python benchmarks/profile_layers.py --n 32768 --layers routing --host-profile 30 "
         "--no-graphs --out {out}/profile_routing_host_kmeans_off.json",
     ]),
+    "final_checks": (11, 420, {"ROUTED_AUTOTUNE": "0"}, [  # tf32x3 k-means, token-major row moves, blocks-of-64 firsts
+        "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site "
+        ".whl/routing_transformer-1.6.1-py3-none-any.whl .whl/local_attention-1.4.4-py3-none-any.whl "
+        ".whl/mixture_of_experts-0.2.1-py3-none-any.whl .whl/einops-0.8.2-py3-none-any.whl",
+        "PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py --lengths 8192 32768 65536 "
+        "--sections routing --profile --rep-ms 100 --out {out}/clustered_attention_tf32x3_token_major.json",
+        "python -m pytest -q -p no:cacheprovider tests/test_nearest_centroid.py tests/test_permute_rows.py "
+        "tests/test_routing_attention.py tests/test_kmeans.py",
+        "python -m pytest -q -p no:cacheprovider tests/test_block_sparse_triton.py -k 'small_tile or small_blocks_causal'",
+        "ROUTED_AUTOTUNE=quick python benchmarks/forced_configs.py --part nsa --nsa-no-sweep "
+        "--out {out}/forced_configs_nsa_small_block_first.json",
+    ]),
     "nsa_forced": (9, 330, {}, [  # NSA's 8k layer step: fresh autotuning x3, then each kernel's candidates forced
         "python benchmarks/forced_configs.py --part nsa --out {out}/forced_configs_nsa.json",
     ]),

@@ -959,3 +959,22 @@ def test_segments_with_sparse_routes(nq):
     route = _mask_route(2, 2, nq, 150, 16, 32, True, 0.7, seed=nq)
     kseg = torch.sort(torch.randint(0, 3, (2, 150), generator=g), dim=-1).values.to(torch.int32).to(DEVICE)
     check_against_f64(q, k, v, route.with_segments(kseg[:, 150 - nq:], kseg))
+
+
+def test_blocks_of_64_at_small_head_dims_start_with_the_small_tile_configs(monkeypatch):
+    """The untuned choice for blocks of 64 at head dims <= 64 is SMALL_BLOCK_FIRST's config (moved to the
+    front of the list, which keeps every candidate); other shapes, and a list forced to one config
+    (benchmarks/forced_configs.py), keep their order."""
+    from routed.ops.block_sparse import triton_ops
+
+    monkeypatch.setenv("ROUTED_AUTOTUNE", "0")
+    for name in ("fwd", "dq", "dkdv"):
+        quick = triton_ops.QUICK[name]
+        first = triton_ops.SMALL_BLOCK_FIRST[name]
+        got = triton_ops._candidates([], name, 64, 64)
+        assert got[0] == first and sorted(got) == sorted(quick)
+        assert triton_ops._candidates([], name, 192, 32)[0] == first  # 64 is 192's largest power-of-two divisor
+        assert triton_ops._candidates([], name, 128, 64) == quick
+        assert triton_ops._candidates([], name, 64, 128) == quick
+        monkeypatch.setitem(triton_ops.QUICK, name, [(128, 64, 8, 3)])
+        assert triton_ops._candidates([], name, 64, 64) == [(128, 64, 8, 3)]

@@ -166,4 +166,4 @@ def test_training_step_compiles_without_graph_breaks(attention):
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
     assert got.keys() == want.keys() and len(got) > 5
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -70,8 +70,13 @@ QUICK = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     "fwd_tma": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)],
     "dq": [(128, 64, 8, 3), (64, 32, 4, 2), (128, 128, 8, 2)],
-    "dkdv": [(64, 128, 8, 2), (32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3)],
+    "dkdv": [(64, 128, 8, 2), (32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
 }
+# First (the untuned choice, and the one a close tuning race keeps) for blocks of 64 at head dims up to 64
+# (MoBA and NSA in the LM, the Routing Transformer's cluster slots): the fastest of each kernel's candidates
+# forced one at a time in NSA's 8k layer step on the H200, where the 8-warp defaults clamp to 64-row tiles
+# (step 1.30 ms with the defaults; fwd 1.22, dq 1.20, dk/dv 1.16 each alone: results/h200/forced_configs_nsa.json).
+SMALL_BLOCK_FIRST = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 2), "dkdv": (64, 64, 4, 3)}
 AUTOTUNE_MODES = ("quick", "full", "0", "1")  # "1" is "quick"
 _TUNED: dict = {}
 
@@ -189,9 +194,15 @@ def _tuning(device: torch.device) -> bool:
     return device.type == "cuda" and autotune_mode() != "0"
 
 
-def _candidates(full: list, quick_name: str) -> list:
-    """The candidate list of a kernel for the current autotune mode."""
-    return full if autotune_mode() == "full" else QUICK[quick_name]
+def _candidates(full: list, quick_name: str, own_block: int = 0, head_dim: int = 0) -> list:
+    """The candidate list of a kernel for the current autotune mode; for blocks of 64 (their largest
+    power-of-two divisor: the tile a program's own block allows) at head dims up to 64, the kernel's
+    :data:`SMALL_BLOCK_FIRST` config moves to the front when the list holds it."""
+    cands = full if autotune_mode() == "full" else QUICK[quick_name]
+    first = SMALL_BLOCK_FIRST.get(quick_name)
+    if first in cands and cands[0] != first and _pow2_divisor(own_block, 128) == 64 and head_dim <= 64:
+        cands = [first] + [c for c in cands if c != first]
+    return cands
 
 
 def _disk_cache_path(device: torch.device):
@@ -675,7 +686,8 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, counts: Tenso
             Q_TILE_ALIGNED=q_block_size % cfg["BLOCK_M"] == 0, GATHER_KV=kv_block_size % cfg["BLOCK_N"] != 0)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, maps.has_pos or maps.has_seg, Hq // Hkv)
-    candidates, mode = _with_tma("the forward", q, (k, v), _candidates(FWD_CANDIDATES, "fwd"),
+    candidates, mode = _with_tma("the forward", q, (k, v),
+                                 _candidates(FWD_CANDIDATES, "fwd", q_block_size, q.shape[-1]),
                                  _candidates(FWD_TMA_CANDIDATES, "fwd_tma"), q_block_size,
                                  kv_block_size)
     candidates, order = _with_group_order(candidates, Hq // Hkv, ids.shape[1], Hkv)
@@ -805,12 +817,14 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                 BLOCK_DV=common["BLOCK_DV"], KV_TILE_ALIGNED=aligned)
 
     key = _tune_key(q, v, q_block_size, kv_block_size, causal, all_masked, Hq // Hkv)
-    dq_cands, dq_tma = _with_tma("the dq pass", q, (k, v), _candidates(DQ_CANDIDATES, "dq"),
+    dq_cands, dq_tma = _with_tma("the dq pass", q, (k, v),
+                                 _candidates(DQ_CANDIDATES, "dq", q_block_size, q.shape[-1]),
                                  _candidates(DQ_CANDIDATES, "dq"), q_block_size,
                                  kv_block_size)
     dq_cands, dq_order = _with_group_order(dq_cands, Hq // Hkv, ids.shape[1], Hkv)
     dq_tma = dq_tma + dq_order
-    dkdv_cands, dkdv_tma = _with_tma("the dk/dv pass", q, (q, do), _candidates(DKDV_CANDIDATES, "dkdv"),
+    dkdv_cands, dkdv_tma = _with_tma("the dk/dv pass", q, (q, do),
+                                     _candidates(DKDV_CANDIDATES, "dkdv", kv_block_size, q.shape[-1]),
                                      _candidates(DKDV_CANDIDATES, "dkdv"), q_block_size,
                                      kv_block_size, own="kv")
 
