@@ -44,6 +44,7 @@ from routed import random_block_route, routed_attention  # noqa: E402
 from routed.bench import graph_replay_ms  # noqa: E402
 from routed.env import command_line, machine_header  # noqa: E402
 from routed.ops.block_sparse import triton_ops  # noqa: E402
+from routed.ops.layout import token_major  # noqa: E402
 from routed.ops.block_sparse.flex import flex_routed_attention, route_to_block_mask  # noqa: E402
 
 # Configs are (BLOCK_M, BLOCK_N, num_warps, num_stages); for dk/dv BLOCK_M is the walked query tile and
@@ -159,7 +160,7 @@ def part_layout(dev):
         with torch.no_grad():
             out = routed_attention(q, k, v, route, backend="triton")
         kernels = graph_kernel_times(step)
-        row = dict(layout=layout, out_token_major=triton_ops.token_major(out), fwd_bwd_graph_ms=bench(step),
+        row = dict(layout=layout, out_token_major=token_major(out), fwd_bwd_graph_ms=bench(step),
                    kernels=kernels[:8] if isinstance(kernels, list) else kernels)
         print(layout, json.dumps(row), flush=True)
         rows.append(row)

@@ -23,6 +23,7 @@ from torch import Tensor
 from ...env import env_switch, triton_runs_on
 from ...route import transpose_block_ids_compact
 from ...testing import new_output
+from ..layout import output_like
 from .triton_kernels import (_block_sparse_bwd_dkdv_kernel, _block_sparse_bwd_dq_kernel,
                              _block_sparse_decode_split_kernel, _block_sparse_fwd_kernel, _bwd_preprocess_kernel,
                              _clean_counts_kernel, _decode_combine_kernel, _dkdv_shares_combine_kernel,
@@ -622,23 +623,6 @@ def _query_grid(n_q: int, q_block_size: int, cfg: dict, batch: int, n_heads_q: i
     """Grid of a pass over query tiles in ``cfg``'s program order (see :func:`_with_group_order`)."""
     tiles = _own_grid(n_q, q_block_size, cfg["BLOCK_M"], cfg.get("Q_PACK", 1))
     return (tiles * group, batch * n_heads_q // group) if cfg["GROUP_MAJOR"] else (tiles, batch * n_heads_q)
-
-
-def token_major(t: Tensor) -> bool:
-    """True when a ``[B, H, N, D]`` tensor is laid out ``[B, N, H, D]`` in memory (heads inside
-    tokens: the transposed view of a projection's output, as Hugging Face layers pass it)."""
-    # (a tensor whose last axis is strided is copied head-major first: its outputs are head-major)
-    return t.shape[1] > 1 and t.shape[2] > 1 and t.stride(-1) == 1 and t.stride(1) < t.stride(2)
-
-
-def output_like(like: Tensor, last: int, dtype: torch.dtype, fake: bool = False) -> Tensor:
-    """A new ``[B, H, N, last]`` output in ``like``'s token/head order (``[B, H, N, D]``), as SDPA's
-    flash path does: a token-major output makes ``out.transpose(1, 2).reshape(B, N, H * last)`` a
-    view instead of a copy, and token-major gradients flow back into the projection without one."""
-    B, H, N = like.shape[:3]
-    shape = (B, N, H, last) if token_major(like) else (B, H, N, last)
-    t = like.new_empty(shape, dtype=dtype) if fake else new_output(shape, dtype=dtype, device=like.device)
-    return t.transpose(1, 2) if token_major(like) else t
 
 
 def _last_dim_contiguous(*ts: Tensor) -> list[Tensor]:

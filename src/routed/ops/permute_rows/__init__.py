@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ...env import env_switch
+from ..layout import token_major
 
 
 _BACKENDS = (None, "torch", "triton")
@@ -61,10 +62,9 @@ def _triton_view(x: Tensor) -> Optional[Tensor]:
 
 
 def _is_token_major(x: Tensor) -> bool:
-    """Whether ``x [..., N, d]``'s rows axis lies outside its merged head axes in memory (a projection's
-    ``[B, N, H, d]`` output seen as ``[B, H, N, d]``)."""
+    """Whether ``x [..., N, d]``, its leading axes merged as the kernel sees them, is token-major."""
     x4 = _triton_view(x)
-    return x4 is not None and x4.shape[1] > 1 and x4.shape[2] > 1 and x4.stride(1) < x4.stride(2)
+    return x4 is not None and token_major(x4)
 
 
 def _gather_rows_triton(x: Tensor, index: Tensor, token_major: bool = False) -> Tensor:

@@ -6,34 +6,17 @@ import torch
 import triton
 from torch import Tensor
 
-from ...testing import new_output
+from ..layout import output_like
 from .triton_kernels import _rotary_kernel
 
 BLOCK_N = 32  # rows per program: 32 x 64 float32 halves, four of them with cos/sin, at 4 warps
-
-
-def _like_layout(x: Tensor) -> Tensor:
-    """An output for ``x [B, H, N, D]`` in its token/head order: a ``[B, H, N, D]`` view of
-    ``[B, N, H, D]`` memory when ``x`` is a projection's transposed view (so the next kernel, and
-    merging the heads after attention, need no copy), else contiguous ``[B, H, N, D]``."""
-    B, H, N, D = x.shape
-    if H > 1 and N > 1 and x.stride(1) < x.stride(2):
-        return new_output((B, N, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)
-    return new_output((B, H, N, D), dtype=x.dtype, device=x.device)
-
-
-def _fake_like_layout(x: Tensor) -> Tensor:
-    B, H, N, D = x.shape
-    if H > 1 and N > 1 and x.stride(1) < x.stride(2):
-        return x.new_empty((B, N, H, D)).transpose(1, 2)
-    return x.new_empty((B, H, N, D))
 
 
 def rotary_launch(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
     """``x [B, H, N, D]`` (last axis contiguous), ``cos, sin [B or 1, N, D]`` (last axis contiguous,
     one set of strides) -> the rotated ``x`` (``backward``: the transposed rotation)."""
     B, H, N, D = x.shape
-    out = _like_layout(x)
+    out = output_like(x, D, x.dtype)  # the input's token/head order: no copy to merge the heads
     if out.numel():
         half = D // 2
         grid = (triton.cdiv(N, BLOCK_N), B * H)
@@ -65,7 +48,7 @@ def rotary_op(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
 
 @rotary_op.register_fake
 def _(x, cos, sin, backward):
-    return _fake_like_layout(x)
+    return output_like(x, x.shape[-1], x.dtype, fake=True)
 
 
 def _setup_context(ctx, inputs, output):
