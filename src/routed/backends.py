@@ -24,6 +24,25 @@ class BackendUnavailable(RuntimeError):
     """A backend that was asked for cannot run this call."""
 
 
+def kernel_or_reference(op: str, backend: Optional[str], why_not: Callable[[], Optional[str]],
+                        auto: Callable[[], bool]) -> str:
+    """``"triton"`` or ``"reference"`` for an op with one Triton kernel beside its PyTorch reference.
+
+    ``backend`` is checked: an unknown name raises, and so does ``"triton"`` when ``why_not()`` gives a
+    reason. None takes the kernel when ``auto()`` (the op's own switch: a CUDA tensor, an environment
+    flag; asked only then) holds and ``why_not()`` gives none, else the reference."""
+    if backend not in (None, "triton", "reference"):
+        raise BackendUnavailable(f"unknown {op} backend {backend!r}; choose 'triton', 'reference' or None.")
+    if backend == "triton":
+        why = why_not()
+        if why is not None:
+            raise BackendUnavailable(f"{op} backend 'triton' cannot run this call: {why}.")
+        return backend
+    if backend is None:
+        return "triton" if auto() and why_not() is None else "reference"
+    return backend
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str

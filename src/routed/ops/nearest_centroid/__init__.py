@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...backends import BackendUnavailable
+from ...backends import kernel_or_reference
 from ...env import env_switch, triton_why_not
 from ...route import RouteError
 from .reference import centroid_stats_reference, commitment_sum_reference
@@ -65,18 +65,8 @@ def kernel_why_not(x: Tensor, centroids: Tensor, want_sums: bool = False) -> Opt
 def resolve_backend(backend: Optional[str], x: Tensor, centroids: Tensor, want_sums: bool = False) -> str:
     """``"triton"`` or ``"reference"``: what ``backend`` (None: automatic, see the module docstring) runs
     for this call; a kernel that was asked for and cannot run raises."""
-    if backend not in (None, "triton", "reference"):
-        raise BackendUnavailable(f"unknown k-means backend {backend!r}; choose 'triton', 'reference' or None.")
-    if backend == "triton":
-        why = kernel_why_not(x, centroids, want_sums)
-        if why is not None:
-            raise BackendUnavailable(f"k-means backend 'triton' cannot run this call: {why}.")
-        return backend
-    if backend is None:
-        use = (x.device.type == "cuda" and env_switch("ROUTED_KMEANS_KERNEL", True)
-               and kernel_why_not(x, centroids, want_sums) is None)
-        return "triton" if use else "reference"
-    return backend
+    return kernel_or_reference("k-means", backend, lambda: kernel_why_not(x, centroids, want_sums),
+                               lambda: x.device.type == "cuda" and env_switch("ROUTED_KMEANS_KERNEL", True))
 
 
 def _prepared(x5: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:

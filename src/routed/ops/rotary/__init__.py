@@ -18,7 +18,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ...backends import BackendUnavailable
+from ...backends import kernel_or_reference
 from ...env import env_switch, triton_why_not
 from ...route import RouteError
 from .reference import apply_rotary_reference, rotate_half
@@ -58,15 +58,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, backend: Optional[str] 
     Returns ``[B, H, N, D]`` in ``x``'s dtype; the kernel keeps ``x``'s token/head order.
     """
     _check(x, cos, sin)
-    if backend not in (None, "triton", "reference"):
-        raise BackendUnavailable(f"unknown rotary backend {backend!r}; choose 'triton', 'reference' or None.")
-    if backend == "triton":
-        why = _kernel_why_not(x, cos, sin)
-        if why is not None:
-            raise BackendUnavailable(f"rotary backend 'triton' cannot run this call: {why}.")
-    elif backend is None:
-        backend = ("triton" if x.device.type == "cuda" and env_switch("ROUTED_ROTARY_KERNEL", True)
-                   and _kernel_why_not(x, cos, sin) is None else "reference")
+    backend = kernel_or_reference("rotary", backend, lambda: _kernel_why_not(x, cos, sin),
+                                  lambda: x.device.type == "cuda" and env_switch("ROUTED_ROTARY_KERNEL", True))
     if backend == "reference":
         return apply_rotary_reference(x, cos, sin)
     from .triton_ops import apply_rotary_triton
