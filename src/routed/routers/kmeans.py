@@ -89,6 +89,12 @@ class _CommitmentSum(torch.autograd.Function):
         return torch.mul(t, g * -2 / denom, out=grad), None, None, None  # rounded once, to x's dtype
 
 
+def _mean_sq_norm(c: Tensor, assignment: Tensor) -> Tensor:
+    """The mean over tokens of ``||c_a||^2`` (the commitment loss's centroid term): ``c [H, C, D]``
+    float32, ``assignment [B, H, N]``; gathered from the ``[H, C]`` norms broadcast over the batch."""
+    return c.square().sum(-1).unsqueeze(0).expand(assignment.shape[0], -1, -1).gather(2, assignment).mean()
+
+
 def _commitment_sum(x: Tensor, c: Tensor, norm: Optional[Tensor] = None, cos: Optional[Tensor] = None) -> Tensor:
     """``sum ||x_hat - c||^2 - sum ||c||^2`` over the tokens of ``x [..., N, D]`` (any float dtype),
     ``c`` float32 and broadcast to ``x`` (no gradient). ``norm`` (``|x|`` in float32) and ``cos``
@@ -328,8 +334,7 @@ class KMeansRouter(nn.Module):
         c = self.centroids.detach().float()
         # gathers from the centroids broadcast over the batch: no [B, H, N] head index to build
         cent = c.unsqueeze(0).expand(B, H, -1, -1).gather(2, assignment.unsqueeze(-1).expand(B, H, N, self.dim))
-        sq = c.square().sum(-1).unsqueeze(0).expand(B, H, -1).gather(2, assignment)
-        return cent, sq.mean()
+        return cent, _mean_sq_norm(c, assignment)
 
     def train_step(self, keys: Tensor, queries: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """What a training call of a routing layer does, sharing the unit vectors between the steps:
@@ -369,7 +374,7 @@ class KMeansRouter(nn.Module):
         c = self.centroids.clone()  # the loss's backward reads the centroids from before the EMA step
         with torch.no_grad():
             a, k_norm, k_cos, sums = centroid_stats(keys.detach(), c, want_sums=True, backend="triton")
-            c_sq = c.square().sum(-1).unsqueeze(0).expand(a.shape[0], -1, -1).gather(2, a).mean()
+            c_sq = _mean_sq_norm(c, a)
         loss = commitment_sum(keys, c, a, k_norm, k_cos, backend="triton") / a.numel() + c_sq
         if queries is not None:
             loss = loss + commitment_sum(queries, c, a, backend="triton") / queries[..., 0].numel() + c_sq

@@ -9,10 +9,11 @@ import triton
 from torch import Tensor
 
 from ...testing import new_output
+from .reference import EPS  # F.normalize's
 from .triton_kernels import _centroid_fwd_kernel, _commitment_bwd_kernel
 
-EPS = 1e-12  # F.normalize's
-BLOCK_N = 64  # rows per program
+BLOCK_N = 64  # rows per program of the passes that read a given assignment (bandwidth-bound)
+STATS_CONFIG = {"BLOCK_N": BLOCK_N, "BLOCK_C": 64, "num_warps": 4, "PRECISION": "ieee"}  # no products there
 # The assigning pass's launch (benchmarks/kmeans_kernel.py, results/h200/kmeans_kernel.json): products in
 # three TF32 tensor-core passes ran 3.5x faster than FMA ("ieee") at 64k tokens and 256 clusters (0.42 vs
 # 1.46 ms with the sums) and kept PyTorch's float32 clusters but for ~4 rows in a million (near-ties).
@@ -41,7 +42,7 @@ def centroid_stats_launch(x: Tensor, centroids: Tensor, assignment: Optional[Ten
     cos = new_output((B, H, G, N), dtype=torch.float32, device=dev)
     sums = torch.zeros((H, C, D) if want_sums else (0,), dtype=torch.float32, device=dev)
     if x.numel():
-        cfg = ASSIGN_CONFIG if assign else {"BLOCK_N": BLOCK_N, "BLOCK_C": 64, "num_warps": 4, "PRECISION": "ieee"}
+        cfg = ASSIGN_CONFIG if assign else STATS_CONFIG
         block_c, block_d = _blocks(C, D, cfg["BLOCK_C"])
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), B * H * G)
         _centroid_fwd_kernel[grid](x, centroids, a, norm, cos, sums, *x.stride()[:4], *a.stride(),
