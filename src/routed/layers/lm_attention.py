@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from ..attention import routed_attention
 from ..constants import cached_constants
 from ..ops.rotary import apply_rotary
-from ..ops.rotary import rotate_half as _rotate_half  # noqa: F401  (MoSA applies it by hand)
 from ..route import BlockRoute, RouteError
 from ..routers.blocks import MoBARouter, check_block_options
 from ..routers.static import sliding_window_route

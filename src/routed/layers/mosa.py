@@ -45,7 +45,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..attention import routed_attention
-from .lm_attention import _rotate_half, apply_rotary
+from ..ops.rotary import rotate_half as _rotate_half
+from .lm_attention import apply_rotary
 from .registry import register_attention
 from .routing_attention import local_window_route
 
