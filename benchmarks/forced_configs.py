@@ -183,6 +183,12 @@ def _nsa_entry(n: int) -> dict:
     return dict(step_graph_ms=bench(step), kernels=top)
 
 
+def _force_one(kernel: str, cfg: tuple) -> None:
+    """One kernel's candidate list made ``[cfg]`` (the forward's plain and TMA lists alike), the others kept."""
+    for name in (("fwd", "fwd_tma") if kernel == "fwd" else (kernel,)):
+        triton_ops.QUICK[name] = [cfg]
+
+
 def part_nsa(n: int = 8192, trials: int = 3, sweep: bool = True) -> dict:
     """Fresh autotuning ``trials`` times, then one kernel's candidates forced at a time (module docstring);
     without ``sweep``, the tuned trials and the untuned default only."""
@@ -197,17 +203,13 @@ def part_nsa(n: int = 8192, trials: int = 3, sweep: bool = True) -> dict:
         out["tuned"].append(entry)
         print("nsa tuned", trial, f"{entry['step_graph_ms']:.3f} ms", flush=True)
     os.environ["ROUTED_AUTOTUNE"] = "0"
-    axes = [("fwd", "0", c) for c in triton_ops.FWD_CANDIDATES] if sweep else []
-    if sweep:
-        axes += [("fwd", "only", c) for c in triton_ops.FWD_TMA_CANDIDATES]
-        axes += [("dq", "0", c) for c in triton_ops.DQ_CANDIDATES]
-        axes += [("dkdv", "0", c) for c in triton_ops.DKDV_CANDIDATES]
+    axes = ([("fwd", "0", c) for c in triton_ops.FWD_CANDIDATES]
+            + [("fwd", "only", c) for c in triton_ops.FWD_TMA_CANDIDATES]
+            + [("dq", "0", c) for c in triton_ops.DQ_CANDIDATES]
+            + [("dkdv", "0", c) for c in triton_ops.DKDV_CANDIDATES]) if sweep else []
     for kernel, tma, cfg in axes:
         triton_ops.QUICK.update(saved)
-        if kernel == "fwd":
-            triton_ops.QUICK["fwd"] = triton_ops.QUICK["fwd_tma"] = [cfg]
-        else:
-            triton_ops.QUICK[kernel] = [cfg]
+        _force_one(kernel, cfg)
         os.environ["ROUTED_TMA"] = tma
         try:
             entry = dict(kernel=kernel, tma=tma, config=list(cfg), **_nsa_entry(n))
@@ -227,10 +229,7 @@ def part_nsa(n: int = 8192, trials: int = 3, sweep: bool = True) -> dict:
         if "step_graph_ms" in e and (best is None or e["step_graph_ms"] < best["step_graph_ms"]):
             winners[e["kernel"]] = e
     for kernel, e in winners.items():
-        if kernel == "fwd":
-            triton_ops.QUICK["fwd"] = triton_ops.QUICK["fwd_tma"] = [tuple(e["config"])]
-        else:
-            triton_ops.QUICK[kernel] = [tuple(e["config"])]
+        _force_one(kernel, tuple(e["config"]))
     os.environ["ROUTED_TMA"] = winners.get("fwd", {}).get("tma", "0")
     if winners:
         out["winners_together"] = dict(configs={k: [e["tma"], e["config"]] for k, e in winners.items()},

@@ -21,6 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (GPU_PLAN row (0: done, kept to re-check), seconds it may take, environment, commands; "{out}": output folder)
+# the Routing Transformer's PyPI peer and its dependencies, from the carried wheels (nothing installs there)
+PEER_INSTALL = ("python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site "
+                ".whl/routing_transformer-1.6.1-py3-none-any.whl .whl/local_attention-1.4.4-py3-none-any.whl "
+                ".whl/mixture_of_experts-0.2.1-py3-none-any.whl .whl/einops-0.8.2-py3-none-any.whl")
 ITEMS = {
     # ~120 s on the H200 (the triage table after it takes longer than that)
     "small_blocks": (0, 300, {"ROUTED_AUTOTUNE": "0"}, [
@@ -30,9 +34,7 @@ ITEMS = {
     ]),
     # first-call tuning of every shape the layer launches took the whole limit twice (H200): untuned
     "clustered": (0, 230, {"ROUTED_AUTOTUNE": "0"}, [
-        "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site .whl/routing_transformer-1.6.1-py3-none-any.whl "
-        ".whl/local_attention-1.4.4-py3-none-any.whl .whl/mixture_of_experts-0.2.1-py3-none-any.whl "
-        ".whl/einops-0.8.2-py3-none-any.whl",
+        PEER_INSTALL,
         "PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py --lengths 8192 32768 65536 "
         "--rep-ms 100 --out {out}/clustered_attention.json",
     ]),
@@ -153,9 +155,7 @@ ITEMS = {
     "clustered_slot_route": (0, 330, {"ROUTED_AUTOTUNE": "0"}, [  # the causal slot-space cluster route, profiled
         "python -m pytest -q -p no:cacheprovider tests/test_kmeans.py tests/test_routing_attention.py "
         "tests/test_permute_rows.py -k 'triton or route or permute or routing'",
-        "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site "
-        ".whl/routing_transformer-1.6.1-py3-none-any.whl .whl/local_attention-1.4.4-py3-none-any.whl "
-        ".whl/mixture_of_experts-0.2.1-py3-none-any.whl .whl/einops-0.8.2-py3-none-any.whl",
+        PEER_INSTALL,
         "PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py --lengths 8192 32768 65536 "
         "--sections routing core --profile --rep-ms 100 --out {out}/clustered_attention_slot_route.json",
     ]),
@@ -166,9 +166,7 @@ ITEMS = {
     "rotary_ab": (10, 480, {"ROUTED_AUTOTUNE": "0"}, [  # the fused rotary kernel: GPU tests, layers with it on and off
         "ROUTED_ROTARY_KERNEL=1 python -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_routed_lm.py "
         "tests/test_routing_attention.py",
-        "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site "
-        ".whl/routing_transformer-1.6.1-py3-none-any.whl .whl/local_attention-1.4.4-py3-none-any.whl "
-        ".whl/mixture_of_experts-0.2.1-py3-none-any.whl .whl/einops-0.8.2-py3-none-any.whl",
+        PEER_INSTALL,
         "ROUTED_ROTARY_KERNEL=1 PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py "
         "--lengths 8192 32768 65536 --sections routing --profile --rep-ms 100 --out {out}/clustered_attention_rotary.json",
         "ROUTED_ROTARY_KERNEL=1 python benchmarks/profile_layers.py --n 8192 --layers dense moba nsa "
@@ -179,9 +177,7 @@ ITEMS = {
     "kmeans_kernel_ab": (11, 330, {"ROUTED_AUTOTUNE": "0"}, [  # the fused k-means kernels: GPU tests, layer on/off
         "python -m pytest -q -p no:cacheprovider tests/test_nearest_centroid.py tests/test_kmeans.py "
         "tests/test_routing_attention.py tests/test_rotary.py tests/test_routed_lm.py",
-        "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site "
-        ".whl/routing_transformer-1.6.1-py3-none-any.whl .whl/local_attention-1.4.4-py3-none-any.whl "
-        ".whl/mixture_of_experts-0.2.1-py3-none-any.whl .whl/einops-0.8.2-py3-none-any.whl",
+        PEER_INSTALL,
         "ROUTED_KMEANS_KERNEL=1 PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py "
         "--lengths 8192 32768 65536 --sections routing --profile --rep-ms 100 --out {out}/clustered_attention_kmeans_kernel.json",
         "ROUTED_KMEANS_KERNEL=0 PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py "
@@ -195,9 +191,7 @@ ITEMS = {
         "--no-graphs --out {out}/profile_routing_host_kmeans_off.json",
     ]),
     "final_checks": (11, 420, {"ROUTED_AUTOTUNE": "0"}, [  # tf32x3 k-means, token-major row moves, blocks-of-64 firsts
-        "python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site "
-        ".whl/routing_transformer-1.6.1-py3-none-any.whl .whl/local_attention-1.4.4-py3-none-any.whl "
-        ".whl/mixture_of_experts-0.2.1-py3-none-any.whl .whl/einops-0.8.2-py3-none-any.whl",
+        PEER_INSTALL,
         "PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py --lengths 8192 32768 65536 "
         "--sections routing --profile --rep-ms 100 --out {out}/clustered_attention_tf32x3_token_major.json",
         "python -m pytest -q -p no:cacheprovider tests/test_nearest_centroid.py tests/test_permute_rows.py "
