@@ -93,6 +93,28 @@ def test_matches_definition_at_any_length_before_training(n, kw):
     torch.testing.assert_close(out, _definition(layer, x, cos, sin), rtol=1e-10, atol=1e-10)
 
 
+class _Adapted(torch.nn.Linear):
+    """A stand-in for an adapter (LoRA) or quantised projection: its forward is not its weight's."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.5 + 0.25
+
+
+def test_projections_that_are_not_plain_linears_are_called():
+    """The layer computes v_proj and o_proj per head group from their weights only for plain
+    ``nn.Linear``s: an adapted projection's own forward runs, as in the definition (which calls them)."""
+    layer = _layer(seed=6)
+    for name in ("v_proj", "o_proj"):
+        old = getattr(layer, name)
+        new = _Adapted(old.in_features, old.out_features, bias=False).double()
+        new.weight.data.copy_(old.weight.data)
+        setattr(layer, name, new)
+    x = torch.randn(2, 21, 64, dtype=torch.float64)
+    cos, sin = rope(21, 16, 2)
+    out, _ = layer(x, (cos, sin))
+    torch.testing.assert_close(out, _definition(layer, x, cos, sin), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("routing_heads", [0, 2, 4])
 def test_head_mixes(routing_heads):
     layer = _layer(routing_heads=routing_heads)
@@ -387,3 +409,45 @@ def test_training_forward_backward_match_the_definition(kw):
             assert g is None or not g.any()
         else:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("kw", [{}, SHARED_QK, {"routing_heads": 4}], ids=["separate_qk", "shared_qk", "all_routed"])
+def test_training_on_the_kernels_matches_the_reference(kw):
+    """Training mode on the Triton kernels (attention, row moves, k-means passes) against the PyTorch
+    backends: the output, the commitment loss (computed from the slot-order copies, pads included
+    in the kernels' rows) and the gradients of each, and the centroids after the EMA step."""
+    device = torch.device(DEVICE)
+    if not triton_runs_on(device):
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    torch.manual_seed(11)
+    sizes = dict(routing_window=16, routing_local_window=16, **kw)
+    tri = RoutingAttention(_config(attention_backend="triton", router_backend="triton", **sizes), 0).to(device)
+    ref = RoutingAttention(_config(attention_backend="reference", router_backend="reference", **sizes), 0).to(device)
+    x = torch.randn(2, 45, 64, device=device)  # 45 tokens in 3 clusters: pad slots in every cluster's last block
+    cos, sin = (t.to(device) for t in rope(45, 16, 2, dtype=torch.float32))
+    tri(x, (cos, sin))  # initialise from x, then the same centroids for both
+    ref.load_state_dict(tri.state_dict())
+    tri.train(), ref.train()
+    results = []
+    for layer, poison in ((tri, True), (ref, False)):
+        xi = x.clone().requires_grad_()
+        ctx = poisoned_outputs() if poison else torch.enable_grad()
+        with ctx:
+            out, aux = layer(xi, (cos, sin))
+            wrt = [xi] + [p for _, p in sorted(layer.named_parameters())]
+            g_aux = torch.autograd.grad(aux, wrt, retain_graph=True, allow_unused=True)
+            g_out = torch.autograd.grad(out, wrt, torch.randn_like(out, generator=torch.Generator(device).manual_seed(1)))
+        results.append((out, aux, g_out, g_aux, layer.kmeans.centroids.clone()))
+    (oa, la, goa, gla, ca), (ob, lb, gob, glb, cb) = results
+    torch.testing.assert_close(oa, ob, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-9)
+    assert float(la.detach()) > 0
+    torch.testing.assert_close(ca, cb, rtol=1e-5, atol=1e-6)
+    for a, b in zip(goa, gob):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    for a, b in zip(gla, glb):
+        if b is None or not b.any():
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+    assert gla[0] is not None and gla[0].abs().max() > 0  # the commitment loss reaches the input

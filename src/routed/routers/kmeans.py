@@ -30,7 +30,7 @@ equals the single-process step over all processes' batches together (see :class:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ from ..constants import cached_constants
 from ..ops.nearest_centroid import centroid_stats, commitment_sum, resolve_backend
 from ..route import BlockRoute, RouteError, TokenRoute
 
-__all__ = ["KMeansRouter", "cluster_window_route", "cluster_window_mask", "cluster_ranks"]
+__all__ = ["KMeansRouter", "TrainAssignment", "cluster_window_route", "cluster_window_mask", "cluster_ranks"]
 
 _EPS = 1e-12  # F.normalize's
 
@@ -87,6 +87,35 @@ class _CommitmentSum(torch.autograd.Function):
         t = torch.addcmul(c, x, coef, value=-1)  # c - x * coef, float32
         grad = torch.empty(x.shape, dtype=ctx.dtype, device=x.device)
         return torch.mul(t, g * -2 / denom, out=grad), None, None, None  # rounded once, to x's dtype
+
+
+def _gathered(c: Tensor, assignment: Tensor) -> Tensor:
+    """Every token's centroid ``[B, H, N, D]`` from ``c [H, C, D]`` and ``assignment [B, H, N]``:
+    gathered from the centroids broadcast over the batch (no ``[B, H, N]`` head index to build)."""
+    B, H, N = assignment.shape
+    return c.unsqueeze(0).expand(B, H, -1, -1).gather(2, assignment.unsqueeze(-1).expand(B, H, N, c.shape[-1]))
+
+
+def _row_terms(norm: Tensor, cos: Tensor) -> Tensor:
+    """Each row's ``|x_hat|^2 - 2 <x_hat, c_a>`` from its ``norm`` and ``cos`` (the commitment sums' rows)."""
+    return torch.sub((norm / norm.clamp_min(_EPS)).square(), cos, alpha=2)
+
+
+def _value_with_grad_of(value: Tensor, with_grad: Tensor) -> Tensor:
+    """``value`` (no gradient) in the forward, ``with_grad``'s gradient in the backward."""
+    return value + (with_grad - with_grad.detach())
+
+
+class TrainAssignment(NamedTuple):
+    """:meth:`KMeansRouter.train_assign`'s result: ``assignment [B, H, N]`` int64, ``centroids [H, C, D]``
+    (float32, from before the EMA step), the keys' ``key_norm`` and ``key_cos [B, H, N]`` (float32) and
+    whether the fused kernels ran (:meth:`KMeansRouter.commitment_after` uses the same backend)."""
+
+    assignment: Tensor
+    centroids: Tensor
+    key_norm: Tensor
+    key_cos: Tensor
+    kernel: bool
 
 
 def _mean_sq_norm(c: Tensor, assignment: Tensor) -> Tensor:
@@ -330,17 +359,14 @@ class KMeansRouter(nn.Module):
     def _assigned(self, assignment: Tensor) -> tuple[Tensor, Tensor]:
         """Every token's centroid ``[B, H, N, D]`` (float32, no gradient) and the mean of their
         squared norms (a scalar: the ``||c||^2`` term of the commitment loss)."""
-        B, H, N = assignment.shape
         c = self.centroids.detach().float()
-        # gathers from the centroids broadcast over the batch: no [B, H, N] head index to build
-        cent = c.unsqueeze(0).expand(B, H, -1, -1).gather(2, assignment.unsqueeze(-1).expand(B, H, N, self.dim))
-        return cent, _mean_sq_norm(c, assignment)
+        return _gathered(c, assignment), _mean_sq_norm(c, assignment)
 
     def train_step(self, keys: Tensor, queries: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """What a training call of a routing layer does, sharing the unit vectors between the steps:
         :meth:`assign` the keys, their :meth:`commitment_loss` plus that of ``queries`` to the same
         clusters, then one :meth:`update` with the keys (the loss and assignment see the centroids
-        from before the step).
+        from before the step). :meth:`train_assign` then :meth:`commitment_after`.
 
         Args:
             keys: ``[B, H, N, D]``.
@@ -350,36 +376,87 @@ class KMeansRouter(nn.Module):
             ``(assignment [B, H, N] int64, loss)``: ``loss`` is ``commitment_loss(keys, a)`` plus
             the mean over ``g`` of ``commitment_loss(queries[:, :, g], a)``.
         """
+        state = self.train_assign(keys)
+        return state.assignment, self.commitment_after(state, keys, queries)
+
+    def train_assign(self, keys: Tensor) -> "TrainAssignment":
+        """:meth:`train_step` without its loss: assign the keys ``[B, H, N, D]`` and take the EMA step
+        (no gradient). The returned state holds what :meth:`commitment_after` needs: the clusters, the
+        centroids from before the step and the keys' norms and cosines. On the fused kernels one pass
+        over the keys gives all of it with the EMA sums (no ``[B, H, N, C]`` similarities)."""
         self._check(keys)
         self.maybe_init(keys)
-        if self._kernel(keys, want_sums=True):
-            return self._train_step_kernel(keys, queries)
+        kernel = self._kernel(keys, want_sums=True)
+        c = self.centroids.clone()  # the loss (and the kernel's backward) see the centroids from before the step
         with torch.no_grad():
-            kn, k_norm = _unit(keys.detach())
-            a = torch.einsum("bhnd,hcd->bhnc", kn, self.centroids.float()).argmax(-1)  # as assign()
-        c, c_sq = self._assigned(a)
-        # <k_hat, c> from the unit keys at hand (not from the similarities: a float32 matmul may run
-        # in TF32, too coarse for the loss's gradient near convergence)
-        k_cos = (kn * c).sum(-1, keepdim=True)
-        loss = _commitment_sum(keys, c, k_norm, k_cos) / a.numel() + c_sq
-        if queries is not None:
-            loss = loss + _commitment_sum(queries, c.unsqueeze(2)) / queries[..., 0].numel() + c_sq
-        self._ema_step(kn, a, keys)
-        return a, self.commitment * loss
+            if kernel:
+                a, k_norm, k_cos, sums = centroid_stats(keys.detach(), c, want_sums=True, backend="triton")
+                self._ema_from_sums(sums, keys)
+            else:
+                kn, k_norm = _unit(keys.detach())
+                a = torch.einsum("bhnd,hcd->bhnc", kn, c).argmax(-1)  # as assign()
+                # <k_hat, c> from the unit keys at hand (not from the similarities: a float32 matmul
+                # may run in TF32, too coarse for the loss's gradient near convergence)
+                k_cos = (kn * _gathered(c, a)).sum(-1)
+                k_norm = k_norm.squeeze(-1)
+                self._ema_step(kn, a, keys)
+        return TrainAssignment(a, c, k_norm, k_cos, kernel)
 
-    def _train_step_kernel(self, keys: Tensor, queries: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """:meth:`train_step` on the fused kernels: one pass over the keys gives their clusters, norms,
-        cosines and the EMA sums, one over the queries their norms and cosines; the backward gathers
-        each row's centroid again (no ``[B, H, N, C]`` or ``[B, H, N, D]`` float32 tensors)."""
-        c = self.centroids.clone()  # the loss's backward reads the centroids from before the EMA step
+    def commitment_after(self, state: "TrainAssignment", keys: Tensor, queries: Optional[Tensor] = None,
+                         slot_tokens: Optional[Tensor] = None) -> Tensor:
+        """The commitment loss of :meth:`train_step` for the keys (and queries) of a :meth:`train_assign`.
+
+        Without ``slot_tokens``, ``keys [B, H, N, D]`` and ``queries [B, H, G, N, D]`` are the tensors
+        given to :meth:`train_assign`. With ``slot_tokens [B, H, L]`` (the token in every slot, ``-1``
+        at pads; :func:`cluster_window_route`'s), they are the same vectors in slot order, ``[B, H, L,
+        D]`` and ``[B, H, G, L, D]``, as the clustered attention holds them anyway: the loss's backward
+        then keeps those alive instead of the projections (a whole ``[B, N, heads, D]`` tensor each,
+        of which the routed heads are a view). The value is the token-order loss; pad slots (copies
+        of a real token) get a gradient, which the caller's way back from the slots must drop (as
+        ``permute_rows`` does: it reads token slots only).
+        """
+        a, c = state.assignment, state.centroids
+        c_sq = _mean_sq_norm(c, a)
+        if slot_tokens is None:
+            loss = self._rows_commitment(state, keys, a, state.key_norm, state.key_cos) / a.numel() + c_sq
+            if queries is not None:
+                loss = loss + self._rows_commitment(state, queries, a) / queries[..., 0].numel() + c_sq
+            return self.commitment * loss
+        if tuple(slot_tokens.shape) != tuple(keys.shape[:-1]) or slot_tokens.shape[:2] != a.shape[:2]:
+            raise RouteError(f"slot_tokens must be [B, H, L] = {list(keys.shape[:-1])} for keys {list(keys.shape)}, "
+                             f"got {list(slot_tokens.shape)}.")
         with torch.no_grad():
-            a, k_norm, k_cos, sums = centroid_stats(keys.detach(), c, want_sums=True, backend="triton")
-            c_sq = _mean_sq_norm(c, a)
-        loss = commitment_sum(keys, c, a, k_norm, k_cos, backend="triton") / a.numel() + c_sq
+            token, pad = slot_tokens.clamp_min(0), slot_tokens < 0
+            a_s, kn_s, kc_s = (t.gather(-1, token) for t in (a, state.key_norm, state.key_cos))
+        # value from the tokens, gradient from the slots: the two sums differ only by the pads' terms
+        loss = _value_with_grad_of(_row_terms(state.key_norm, state.key_cos).sum(),
+                                   self._rows_commitment(state, keys, a_s, kn_s, kc_s)) / a.numel() + c_sq
         if queries is not None:
-            loss = loss + commitment_sum(queries, c, a, backend="triton") / queries[..., 0].numel() + c_sq
-        self._ema_from_sums(sums, keys)
-        return a, self.commitment * loss
+            with torch.no_grad():
+                qn_s, qc_s = self._rows_stats(state, queries.detach(), a_s)
+                value = _row_terms(qn_s, qc_s).masked_fill(pad.unsqueeze(2), 0).sum()
+            grad_sum = self._rows_commitment(state, queries, a_s, qn_s, qc_s)
+            loss = loss + _value_with_grad_of(value, grad_sum) / (a.numel() * queries.shape[2]) + c_sq
+        return self.commitment * loss
+
+    def _rows_stats(self, state: "TrainAssignment", x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """``|x|`` and ``<x_hat, c_a>`` (float32, shaped like ``x[..., 0]``) of ``x [B, H, (G,) N, D]``."""
+        if state.kernel:
+            return centroid_stats(x, state.centroids, a, backend="triton")[1:3]
+        xn, norm = _unit(x)
+        c = _gathered(state.centroids, a)
+        return norm.squeeze(-1), (xn * (c.unsqueeze(2) if x.dim() == 5 else c)).sum(-1)
+
+    def _rows_commitment(self, state: "TrainAssignment", x: Tensor, a: Tensor, norm: Optional[Tensor] = None,
+                         cos: Optional[Tensor] = None) -> Tensor:
+        """``sum ||x_hat - c_a||^2 - sum ||c_a||^2`` over the rows of ``x [B, H, (G,) N, D]`` (differentiable
+        in ``x``) on the backend :meth:`train_assign` picked; ``norm``, ``cos`` its stats when at hand."""
+        if state.kernel:
+            return commitment_sum(x, state.centroids, a, norm, cos, backend="triton")
+        c = _gathered(state.centroids, a)
+        c = c.unsqueeze(2) if x.dim() == 5 else c
+        return _commitment_sum(x, c, None if norm is None else norm.unsqueeze(-1),
+                               None if cos is None else cos.unsqueeze(-1))
 
     def balanced_groups(self, x: Tensor, group_size: int, *, causal: bool = False) -> TokenRoute:
         """The paper's balanced clusters: each centroid takes its ``group_size`` nearest tokens.
