@@ -30,7 +30,8 @@ Sections:
   a dense causal layer of 16 heads, against that dense layer (SDPA), forward+backward.
 
 Medians of CUDA-event timings (``triton.testing.do_bench``); peak memory is the forward+backward
-peak above what was allocated before (weights and inputs). ``--smoke`` runs tiny shapes on any
+peak above what was allocated before (weights, inputs and the output's gradient, which both layers
+are given: no loss of their own adds float32 copies of the output). ``--smoke`` runs tiny shapes on any
 device (the CPU included, where the reference backend runs and times are not meaningful).
 """
 
@@ -172,9 +173,13 @@ def routing_case(n: int, dev, dtype, rep_ms: int, peer_cls, hidden=1024, heads=1
                     routing_local_window=window)
     ours = RoutingAttention(cfg, 0).to(dev, dtype).train()
 
+    # the output's gradient is given (as a model above the layer would pass it): a loss such as
+    # out.float().square().mean() would add float32 copies of the output to both layers' peaks
+    g_out = torch.randn(1, n, hidden, device=dev, dtype=dtype)
+
     def ours_step():
         out, aux = ours(x, pe)
-        (out.float().square().mean() + aux).backward()
+        torch.autograd.backward([out, aux], [g_out, None])
 
     row["ours"] = measure(ours_step, dev, rep_ms)
     if dev.type == "cuda":  # the step replayed as a CUDA graph: what the layer costs without host time
@@ -197,7 +202,7 @@ def routing_case(n: int, dev, dtype, rep_ms: int, peer_cls, hidden=1024, heads=1
         else:
             def peer_step():
                 out, aux = peer(x)
-                (out.float().square().mean() + aux).backward()
+                torch.autograd.backward([out, aux], [g_out, None])
 
             row["peer"] = measure(peer_step, dev, rep_ms)
             if dev.type == "cuda":  # last: a failed capture may leave the stream unusable for this row

@@ -200,6 +200,18 @@ ITEMS = {
         "ROUTED_AUTOTUNE=quick python benchmarks/forced_configs.py --part nsa --nsa-no-sweep "
         "--out {out}/forced_configs_nsa_small_block_first.json",
     ]),
+    "layer_memory": (12, 420, {"ROUTED_AUTOTUNE": "0"}, [  # Routing Transformer: loss on slot copies, no o_proj cat
+        PEER_INSTALL,
+        "python -m pytest -q -p no:cacheprovider tests/test_routing_attention.py tests/test_kmeans.py "
+        "tests/test_nearest_centroid.py",
+        "PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py --lengths 8192 32768 65536 "
+        "--sections routing --profile --rep-ms 100 --out {out}/clustered_attention_memory.json",
+        # the layer before this change (carry .old: `git archive <commit> src benchmarks/bra.py
+        # benchmarks/block_sparse.py`, plus this benchmark script) under the same measurement
+        "test -d .old && PYTHONPATH=/tmp/routed_peer_site python .old/benchmarks/clustered_attention.py "
+        "--lengths 8192 65536 --sections routing --rep-ms 100 --out {out}/clustered_attention_memory_before.json",
+        "python -m pytest -q -p no:cacheprovider tests/test_routed_lm.py -k 'compiles_without_graph_breaks and mosa'",
+    ]),
     "nsa_forced": (9, 330, {}, [  # NSA's 8k layer step: fresh autotuning x3, then each kernel's candidates forced
         "python benchmarks/forced_configs.py --part nsa --out {out}/forced_configs_nsa.json",
     ]),
