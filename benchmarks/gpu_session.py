@@ -99,7 +99,7 @@ ITEMS = {
         "python benchmarks/bra.py --sides 512 --no-check --no-graphs --profile-module --rep-ms 50 "
         "--out {out}/bra_512_module_profile.json",
     ]),
-    "mqar_routing_c64": (2, 270, {}, [  # the Routing Transformer at 2k with clusters of ~32 tokens (~200 s)
+    "mqar_routing_c64": (0, 270, {}, [  # the Routing Transformer at 2k with clusters of ~32 tokens (~200 s)
         "python benchmarks/mqar.py --attention routing --seq-lens 2048 --kv-pairs 16 --vocab 256 --steps 5000 "
         "--batch-size 32 --lr 3e-3 --option kmeans_clusters=64 --out {out}/mqar_2k_routing_c64.json",
     ]),
@@ -163,7 +163,7 @@ ITEMS = {
         "python benchmarks/profile_layers.py --n 8192 --layers dense moba nsa "
         "--out {out}/profile_layers_8k_noautotune_dkdv128.json",
     ]),
-    "rotary_ab": (10, 480, {"ROUTED_AUTOTUNE": "0"}, [  # the fused rotary kernel: GPU tests, layers with it on and off
+    "rotary_ab": (0, 480, {"ROUTED_AUTOTUNE": "0"}, [  # the fused rotary kernel: GPU tests, layers with it on and off
         "ROUTED_ROTARY_KERNEL=1 python -m pytest -q -p no:cacheprovider tests/test_rotary.py tests/test_routed_lm.py "
         "tests/test_routing_attention.py",
         PEER_INSTALL,
@@ -174,7 +174,7 @@ ITEMS = {
         "ROUTED_ROTARY_KERNEL=0 python benchmarks/profile_layers.py --n 8192 --layers dense moba nsa "
         "--out {out}/profile_layers_8k_rotary_off.json",
     ]),
-    "kmeans_kernel_ab": (11, 330, {"ROUTED_AUTOTUNE": "0"}, [  # the fused k-means kernels: GPU tests, layer on/off
+    "kmeans_kernel_ab": (0, 330, {"ROUTED_AUTOTUNE": "0"}, [  # the fused k-means kernels: GPU tests, layer on/off
         "python -m pytest -q -p no:cacheprovider tests/test_nearest_centroid.py tests/test_kmeans.py "
         "tests/test_routing_attention.py tests/test_rotary.py tests/test_routed_lm.py",
         PEER_INSTALL,
@@ -183,14 +183,14 @@ ITEMS = {
         "ROUTED_KMEANS_KERNEL=0 PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py "
         "--lengths 32768 65536 --sections routing --rep-ms 100 --out {out}/clustered_attention_kmeans_off.json",
     ]),
-    "kmeans_variants": (11, 200, {"ROUTED_AUTOTUNE": "0"}, [  # the assigning pass's launch variants, host times
+    "kmeans_variants": (0, 200, {"ROUTED_AUTOTUNE": "0"}, [  # the assigning pass's launch variants, host times
         "python benchmarks/kmeans_kernel.py --out {out}/kmeans_kernel.json",
         "ROUTED_KMEANS_KERNEL=1 python benchmarks/profile_layers.py --n 32768 --layers routing --host-profile 30 "
         "--no-graphs --out {out}/profile_routing_host_kmeans_on.json",
         "ROUTED_KMEANS_KERNEL=0 python benchmarks/profile_layers.py --n 32768 --layers routing --host-profile 30 "
         "--no-graphs --out {out}/profile_routing_host_kmeans_off.json",
     ]),
-    "final_checks": (11, 420, {"ROUTED_AUTOTUNE": "0"}, [  # tf32x3 k-means, token-major row moves, blocks-of-64 firsts
+    "final_checks": (0, 420, {"ROUTED_AUTOTUNE": "0"}, [  # tf32x3 k-means, token-major row moves, blocks-of-64 firsts
         PEER_INSTALL,
         "PYTHONPATH=src:/tmp/routed_peer_site python benchmarks/clustered_attention.py --lengths 8192 32768 65536 "
         "--sections routing --profile --rep-ms 100 --out {out}/clustered_attention_tf32x3_token_major.json",
@@ -200,7 +200,7 @@ ITEMS = {
         "ROUTED_AUTOTUNE=quick python benchmarks/forced_configs.py --part nsa --nsa-no-sweep "
         "--out {out}/forced_configs_nsa_small_block_first.json",
     ]),
-    "layer_memory": (12, 420, {"ROUTED_AUTOTUNE": "0"}, [  # Routing Transformer: loss on slot copies, no o_proj cat
+    "layer_memory": (0, 420, {"ROUTED_AUTOTUNE": "0"}, [  # Routing Transformer: loss on slot copies, no o_proj cat
         PEER_INSTALL,
         "python -m pytest -q -p no:cacheprovider tests/test_routing_attention.py tests/test_kmeans.py "
         "tests/test_nearest_centroid.py",
@@ -212,7 +212,7 @@ ITEMS = {
         "--lengths 8192 65536 --sections routing --rep-ms 100 --out {out}/clustered_attention_memory_before.json",
         "python -m pytest -q -p no:cacheprovider tests/test_routed_lm.py -k 'compiles_without_graph_breaks and mosa'",
     ]),
-    "nsa_forced": (9, 330, {}, [  # NSA's 8k layer step: fresh autotuning x3, then each kernel's candidates forced
+    "nsa_forced": (0, 330, {}, [  # NSA's 8k layer step: fresh autotuning x3, then each kernel's candidates forced
         "python benchmarks/forced_configs.py --part nsa --out {out}/forced_configs_nsa.json",
     ]),
     "lm_speed_tuned_mass": (8, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
