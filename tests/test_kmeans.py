@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from routed import routed_attention
+from routed import RouteError, routed_attention
+from routed.env import triton_runs_on
 from routed.routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
 from routed.testing import (assert_close_rel, assert_grads_close_rel, block_route_token_mask, dense_attention_f64,
                             poisoned_outputs)
@@ -117,6 +118,53 @@ def test_train_step_is_assign_commitment_and_update():
     torch.testing.assert_close(gq, wq, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(a_km.centroids, b_km.centroids, rtol=0, atol=1e-7)
     assert not torch.equal(a_km.centroids, before)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_commitment_in_slot_order_equals_token_order(backend):
+    """``commitment_after(..., slot_tokens)``: the keys and queries given in a padded slot order (pads
+    copy token 0, as the clustered attention's slots do) and brought back by reading each token's own
+    slot (pad gradients dropped) give the token-order loss and gradients; a wrong ``slot_tokens`` shape
+    says what it must be."""
+    if backend == "triton" and not triton_runs_on(torch.device("cpu")):
+        pytest.skip("the k-means kernels need TRITON_INTERPRET=1 on the CPU")
+    torch.manual_seed(1)
+    B, H, G, N, D, L = 2, 3, 2, 30, 8, 41
+    k = torch.randn(B, H, N, D, requires_grad=True)
+    q = torch.randn(B, H, G, N, D, requires_grad=True)
+    km = KMeansRouter(H, D, 4, decay=0.9, backend=backend)
+    km.assign(k)
+    slots = torch.stack([torch.randperm(L)[:N] for _ in range(B * H)]).view(B, H, N)  # token -> slot
+    slot_tokens = torch.full((B, H, L), -1, dtype=torch.long).scatter_(2, slots, torch.arange(N).expand(B, H, N))
+
+    def to_slots(t, lead):  # [..., N, D] -> [..., L, D]; pads read token 0; gradients come back via `slots`
+        idx = slot_tokens.clamp_min(0).view(B, H, *([1] * lead), L, 1)
+        out = t.gather(-2, idx.expand(*t.shape[:-2], L, D).contiguous())
+        back = slots.view(B, H, *([1] * lead), N, 1).expand(*t.shape[:-2], N, D)
+
+        class _OwnSlots(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return out.detach().clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return g.gather(-2, back)  # each token's own slot only: pads' gradients dropped
+
+        return _OwnSlots.apply(t)
+
+    state = {n: b.clone() for n, b in km.state_dict().items()}
+    want = km.commitment_after(km.train_assign(k), k, q)
+    wk, wq = torch.autograd.grad(want, [k, q])
+    km.load_state_dict(state)
+    st = km.train_assign(k)
+    got = km.commitment_after(st, to_slots(k, 0), to_slots(q, 1), slot_tokens)
+    gk, gq = torch.autograd.grad(got, [k, q])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gk, wk, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(gq, wq, rtol=1e-5, atol=1e-9)
+    with pytest.raises(RouteError, match=r"slot_tokens must be \[B, H, L\]"):
+        km.commitment_after(st, to_slots(k, 0), None, slot_tokens[..., :-1])
 
 
 def test_state_round_trips_through_save_and_load():
