@@ -214,7 +214,8 @@ class RoutingAttention(nn.Module):
         if self.kv_routed:
             o_r, commitment = self._routed_full(q_r, k_r, v_r, cl, scale, trained)
             outs.append(o_r.transpose(1, 2))
-            aux = commitment if trained is not None else aux
+            if commitment is not None:  # training without a cache (with one, the loss was taken above)
+                aux = commitment
         return self._project_out([o.flatten(2) for o in outs]), aux
 
     def _project_out(self, outs: list[Tensor]) -> Tensor:

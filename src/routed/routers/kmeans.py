@@ -38,12 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..constants import cached_constants
-from ..ops.nearest_centroid import centroid_stats, commitment_sum, resolve_backend
+from ..ops.nearest_centroid import EPS as _EPS  # F.normalize's
+from ..ops.nearest_centroid import centroid_stats, commitment_sum, commitment_terms, gather_centroids, resolve_backend
 from ..route import BlockRoute, RouteError, TokenRoute
 
 __all__ = ["KMeansRouter", "TrainAssignment", "cluster_window_route", "cluster_window_mask", "cluster_ranks"]
-
-_EPS = 1e-12  # F.normalize's
 
 
 def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,7 +73,7 @@ class _CommitmentSum(torch.autograd.Function):
         if cos is None:
             cos = (x * c).sum(-1, keepdim=True) / denom  # x * c promotes to float32 inside the kernel
         ctx.save_for_backward(x, c, norm, denom, cos)
-        return torch.sub((norm / denom).square(), cos, alpha=2).sum()
+        return commitment_terms(norm, cos).sum()
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -87,18 +86,6 @@ class _CommitmentSum(torch.autograd.Function):
         t = torch.addcmul(c, x, coef, value=-1)  # c - x * coef, float32
         grad = torch.empty(x.shape, dtype=ctx.dtype, device=x.device)
         return torch.mul(t, g * -2 / denom, out=grad), None, None, None  # rounded once, to x's dtype
-
-
-def _gathered(c: Tensor, assignment: Tensor) -> Tensor:
-    """Every token's centroid ``[B, H, N, D]`` from ``c [H, C, D]`` and ``assignment [B, H, N]``:
-    gathered from the centroids broadcast over the batch (no ``[B, H, N]`` head index to build)."""
-    B, H, N = assignment.shape
-    return c.unsqueeze(0).expand(B, H, -1, -1).gather(2, assignment.unsqueeze(-1).expand(B, H, N, c.shape[-1]))
-
-
-def _row_terms(norm: Tensor, cos: Tensor) -> Tensor:
-    """Each row's ``|x_hat|^2 - 2 <x_hat, c_a>`` from its ``norm`` and ``cos`` (the commitment sums' rows)."""
-    return torch.sub((norm / norm.clamp_min(_EPS)).square(), cos, alpha=2)
 
 
 def _value_with_grad_of(value: Tensor, with_grad: Tensor) -> Tensor:
@@ -360,7 +347,7 @@ class KMeansRouter(nn.Module):
         """Every token's centroid ``[B, H, N, D]`` (float32, no gradient) and the mean of their
         squared norms (a scalar: the ``||c||^2`` term of the commitment loss)."""
         c = self.centroids.detach().float()
-        return _gathered(c, assignment), _mean_sq_norm(c, assignment)
+        return gather_centroids(c, assignment), _mean_sq_norm(c, assignment)
 
     def train_step(self, keys: Tensor, queries: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """What a training call of a routing layer does, sharing the unit vectors between the steps:
@@ -397,7 +384,7 @@ class KMeansRouter(nn.Module):
                 a = torch.einsum("bhnd,hcd->bhnc", kn, c).argmax(-1)  # as assign()
                 # <k_hat, c> from the unit keys at hand (not from the similarities: a float32 matmul
                 # may run in TF32, too coarse for the loss's gradient near convergence)
-                k_cos = (kn * _gathered(c, a)).sum(-1)
+                k_cos = (kn * gather_centroids(c, a)).sum(-1)
                 k_norm = k_norm.squeeze(-1)
                 self._ema_step(kn, a, keys)
         return TrainAssignment(a, c, k_norm, k_cos, kernel)
@@ -429,12 +416,12 @@ class KMeansRouter(nn.Module):
             token, pad = slot_tokens.clamp_min(0), slot_tokens < 0
             a_s, kn_s, kc_s = (t.gather(-1, token) for t in (a, state.key_norm, state.key_cos))
         # value from the tokens, gradient from the slots: the two sums differ only by the pads' terms
-        loss = _value_with_grad_of(_row_terms(state.key_norm, state.key_cos).sum(),
+        loss = _value_with_grad_of(commitment_terms(state.key_norm, state.key_cos).sum(),
                                    self._rows_commitment(state, keys, a_s, kn_s, kc_s)) / a.numel() + c_sq
         if queries is not None:
             with torch.no_grad():
                 qn_s, qc_s = self._rows_stats(state, queries.detach(), a_s)
-                value = _row_terms(qn_s, qc_s).masked_fill(pad.unsqueeze(2), 0).sum()
+                value = commitment_terms(qn_s, qc_s).masked_fill(pad.unsqueeze(2), 0).sum()
             grad_sum = self._rows_commitment(state, queries, a_s, qn_s, qc_s)
             loss = loss + _value_with_grad_of(value, grad_sum) / (a.numel() * queries.shape[2]) + c_sq
         return self.commitment * loss
@@ -444,7 +431,7 @@ class KMeansRouter(nn.Module):
         if state.kernel:
             return centroid_stats(x, state.centroids, a, backend="triton")[1:3]
         xn, norm = _unit(x)
-        c = _gathered(state.centroids, a)
+        c = gather_centroids(state.centroids, a)
         return norm.squeeze(-1), (xn * (c.unsqueeze(2) if x.dim() == 5 else c)).sum(-1)
 
     def _rows_commitment(self, state: "TrainAssignment", x: Tensor, a: Tensor, norm: Optional[Tensor] = None,
@@ -453,7 +440,7 @@ class KMeansRouter(nn.Module):
         in ``x``) on the backend :meth:`train_assign` picked; ``norm``, ``cos`` its stats when at hand."""
         if state.kernel:
             return commitment_sum(x, state.centroids, a, norm, cos, backend="triton")
-        c = _gathered(state.centroids, a)
+        c = gather_centroids(state.centroids, a)
         c = c.unsqueeze(2) if x.dim() == 5 else c
         return _commitment_sum(x, c, None if norm is None else norm.unsqueeze(-1),
                                None if cos is None else cos.unsqueeze(-1))

@@ -25,10 +25,10 @@ from torch import Tensor
 from ...backends import kernel_or_reference
 from ...env import env_switch, triton_why_not
 from ...route import RouteError
-from .reference import centroid_stats_reference, commitment_sum_reference
+from .reference import EPS, centroid_stats_reference, commitment_sum_reference, commitment_terms, gather_centroids
 
-__all__ = ["centroid_stats", "commitment_sum", "centroid_stats_reference", "commitment_sum_reference",
-           "kernel_why_not", "resolve_backend"]
+__all__ = ["EPS", "centroid_stats", "commitment_sum", "centroid_stats_reference", "commitment_sum_reference",
+           "commitment_terms", "gather_centroids", "kernel_why_not", "resolve_backend"]
 
 
 def _as_rows(x: Tensor, centroids: Tensor, assignment: Optional[Tensor]) -> Tensor:

@@ -17,12 +17,24 @@ def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
     return x / norm.clamp_min(EPS)[..., None], norm
 
 
-def _gather_centroids(centroids: Tensor, assignment: Tensor, groups: int) -> Tensor:
-    """``[B, H, G, N, D]``: each row's centroid (``assignment [B, H, N]`` shared by the ``G`` rows)."""
+def gather_centroids(centroids: Tensor, assignment: Tensor) -> Tensor:
+    """``[B, H, N, D]``: every row's centroid from ``centroids [H, C, D]`` and ``assignment [B, H, N]``,
+    gathered from the centroids broadcast over the batch (no ``[B, H, N]`` head index to build)."""
     B, H, N = assignment.shape
     D = centroids.shape[-1]
-    c = centroids.unsqueeze(0).expand(B, H, -1, -1)
-    return c.gather(2, assignment.unsqueeze(-1).expand(B, H, N, D)).unsqueeze(2).expand(B, H, groups, N, D)
+    return centroids.unsqueeze(0).expand(B, H, -1, -1).gather(2, assignment.unsqueeze(-1).expand(B, H, N, D))
+
+
+def _gather_centroids(centroids: Tensor, assignment: Tensor, groups: int) -> Tensor:
+    """``[B, H, G, N, D]``: each row's centroid (``assignment [B, H, N]`` shared by the ``G`` rows)."""
+    c = gather_centroids(centroids, assignment)
+    return c.unsqueeze(2).expand(c.shape[0], c.shape[1], groups, *c.shape[2:])
+
+
+def commitment_terms(norm: Tensor, cos: Tensor) -> Tensor:
+    """Each row's ``|x_hat|^2 - 2 <x_hat, c_a>`` from its ``norm = |x|`` and ``cos = <x_hat, c_a>`` (the
+    rows a commitment sum adds; ``|x_hat|^2`` is 1 but for rows shorter than ``EPS``)."""
+    return torch.sub((norm / norm.clamp_min(EPS)).square(), cos, alpha=2)
 
 
 def centroid_stats_reference(x: Tensor, centroids: Tensor, assignment: Optional[Tensor] = None,

@@ -9,7 +9,7 @@ import triton
 from torch import Tensor
 
 from ...testing import new_output
-from .reference import EPS  # F.normalize's
+from .reference import EPS, commitment_terms  # EPS: F.normalize's
 from .triton_kernels import _centroid_fwd_kernel, _commitment_bwd_kernel
 
 BLOCK_N = 64  # rows per program of the passes that read a given assignment (bandwidth-bound)
@@ -111,7 +111,7 @@ class CommitmentSumKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, centroids: Tensor, assignment: Tensor, norm: Tensor, cos: Tensor) -> Tensor:
         ctx.save_for_backward(x, centroids, assignment, norm, cos)
-        return torch.sub((norm / norm.clamp_min(EPS)).square(), cos, alpha=2).sum()
+        return commitment_terms(norm, cos).sum()
 
     @staticmethod
     def backward(ctx, g: Tensor):
