@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from routed import RouteError, routed_attention
 from routed.env import triton_runs_on
+from routed.ops.permute_rows import permute_rows
 from routed.routers.kmeans import KMeansRouter, cluster_ranks, cluster_window_mask, cluster_window_route
 from routed.testing import (assert_close_rel, assert_grads_close_rel, block_route_token_mask, dense_attention_f64,
                             poisoned_outputs)
@@ -137,21 +138,10 @@ def test_commitment_in_slot_order_equals_token_order(backend):
     slots = torch.stack([torch.randperm(L)[:N] for _ in range(B * H)]).view(B, H, N)  # token -> slot
     slot_tokens = torch.full((B, H, L), -1, dtype=torch.long).scatter_(2, slots, torch.arange(N).expand(B, H, N))
 
-    def to_slots(t, lead):  # [..., N, D] -> [..., L, D]; pads read token 0; gradients come back via `slots`
-        idx = slot_tokens.clamp_min(0).view(B, H, *([1] * lead), L, 1)
-        out = t.gather(-2, idx.expand(*t.shape[:-2], L, D).contiguous())
-        back = slots.view(B, H, *([1] * lead), N, 1).expand(*t.shape[:-2], N, D)
-
-        class _OwnSlots(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                return out.detach().clone()
-
-            @staticmethod
-            def backward(ctx, g):
-                return g.gather(-2, back)  # each token's own slot only: pads' gradients dropped
-
-        return _OwnSlots.apply(t)
+    def to_slots(t, lead):  # [..., N, D] -> [..., L, D]: pads copy token 0, the way back reads own slots
+        shape = (B, H, *([1] * lead))
+        return permute_rows(t, slot_tokens.view(*shape, L), slots.view(*shape, N), zero_padding=False,
+                            backend="torch")
 
     state = {n: b.clone() for n, b in km.state_dict().items()}
     want = km.commitment_after(km.train_assign(k), k, q)
