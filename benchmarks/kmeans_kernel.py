@@ -28,7 +28,9 @@ from routed.env import command_line, machine_header  # noqa: E402
 from routed.ops.nearest_centroid import centroid_stats, triton_ops  # noqa: E402
 from routed.routers.kmeans import KMeansRouter  # noqa: E402
 
-VARIANTS = [  # (BLOCK_N, BLOCK_C, num_warps, PRECISION); the first is the default
+# (BLOCK_N, BLOCK_C, num_warps, PRECISION): the first is the FMA launch the kernel began with,
+# (128, 64, 8, "tf32x3") the default (triton_ops.ASSIGN_CONFIG)
+VARIANTS = [
     (64, 64, 4, "ieee"), (128, 64, 8, "ieee"), (64, 32, 4, "ieee"),
     (64, 64, 4, "tf32x3"), (128, 64, 4, "tf32x3"), (128, 64, 8, "tf32x3"), (128, 128, 8, "tf32x3"),
     (64, 128, 4, "tf32x3"), (32, 64, 4, "tf32x3"), (256, 64, 8, "tf32x3"),
