@@ -212,6 +212,16 @@ ITEMS = {
         "--lengths 8192 65536 --sections routing --rep-ms 100 --out {out}/clustered_attention_memory_before.json",
         "python -m pytest -q -p no:cacheprovider tests/test_routed_lm.py -k 'compiles_without_graph_breaks and mosa'",
     ]),
+    "mosa_compile": (12, 300, {}, [  # MoSA's compiled step against eager, then MQAR at 4k for 10000 steps
+        "python -m pytest -q -p no:cacheprovider tests/test_routed_lm.py -k 'compiles_without_graph_breaks and mosa'",
+        "python benchmarks/probe_mosa_compile.py --out {out}/probe_mosa_compile.json",
+        "python benchmarks/mqar.py --attention mosa --seq-lens 4096 --kv-pairs 16 --vocab 256 --steps 10000 "
+        "--batch-size 16 --lr 3e-3 --out {out}/mqar_4k_mosa_10k.json",
+    ]),
+    "mqar_routing_4k_c64": (2, 450, {}, [  # the Routing Transformer at 4k with 64 clusters, 10000 steps
+        "python benchmarks/mqar.py --attention routing --seq-lens 4096 --kv-pairs 16 --vocab 256 --steps 10000 "
+        "--batch-size 16 --lr 3e-3 --option kmeans_clusters=64 --out {out}/mqar_4k_routing_c64_10k.json",
+    ]),
     "nsa_forced": (0, 330, {}, [  # NSA's 8k layer step: fresh autotuning x3, then each kernel's candidates forced
         "python benchmarks/forced_configs.py --part nsa --out {out}/forced_configs_nsa.json",
     ]),
