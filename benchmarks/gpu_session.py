@@ -218,6 +218,9 @@ ITEMS = {
         "python benchmarks/mqar.py --attention mosa --seq-lens 4096 --kv-pairs 16 --vocab 256 --steps 10000 "
         "--batch-size 16 --lr 3e-3 --out {out}/mqar_4k_mosa_10k.json",
     ]),
+    "mosa_probe_variants": (12, 120, {}, [  # which of MoSA's eager and compiled GPU steps is off float64
+        "python benchmarks/probe_mosa_compile.py --out {out}/probe_mosa_compile_variants.json",
+    ]),
     "mqar_routing_4k_c64": (2, 450, {}, [  # the Routing Transformer at 4k with 64 clusters, 10000 steps
         "python benchmarks/mqar.py --attention routing --seq-lens 4096 --kv-pairs 16 --vocab 256 --steps 10000 "
         "--batch-size 16 --lr 3e-3 --option kmeans_clusters=64 --out {out}/mqar_4k_routing_c64_10k.json",
