@@ -68,6 +68,11 @@ ITEMS = {
         "python benchmarks/lm_compare.py --variants nsa --passkey-fraction 0.25 --no-progress "
         "--label 'passkey-mixed (25% of windows)' --out {out}/lm_compare_passkey.json",
     ]),
+    "lm_passkey_2k": (6, 540, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 6)
+        "python benchmarks/lm_compare.py --variants dense nsa --seq-len 2048 --batch-size 16 --passkey-fraction 0.5 "
+        "--train-tokens 48000000 --cuda-graph --no-progress --label 'context 2k, passkey-mixed (50% of windows)' "
+        "--out {out}/lm_compare_passkey_2k.json",
+    ]),
     "lm_graph_8k": (0, 480, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache
         "ROUTED_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py",
         "python benchmarks/lm_compare.py --seq-len 8192 --batch-size 4 --cuda-graph --no-progress "
