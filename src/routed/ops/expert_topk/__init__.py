@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...backends import BackendUnavailable
+from ...backends import kernel_or_reference
 from ...env import triton_why_not
 from ...route import ExpertRoute, RouteError
 
@@ -80,14 +80,8 @@ def expert_topk_route(x: Tensor, k: int, *, mode: str = "softmax_topk", normaliz
     if selection_bias is not None and (selection_bias.shape != (E,) or selection_bias.device != x.device):
         raise RouteError(f"selection_bias must be [{E}] on {x.device}, got {list(selection_bias.shape)} on "
                          f"{selection_bias.device}.")
-    if backend not in (None, "triton", "reference"):
-        raise BackendUnavailable(f"unknown expert top-k backend {backend!r}; choose 'triton', 'reference' or None.")
+    backend = kernel_or_reference("expert top-k", backend, lambda: triton_why_not(x), lambda: x.device.type == "cuda")
     if backend == "triton":
-        why = triton_why_not(x)
-        if why is not None:
-            raise BackendUnavailable(f"expert top-k backend 'triton' cannot run this call: {why}")
-    use_kernel = backend == "triton" or (backend is None and x.device.type == "cuda" and triton_why_not(x) is None)
-    if use_kernel:
         from .triton_ops import MODES, expert_topk_triton
 
         bias = None if selection_bias is None else selection_bias.float().contiguous()

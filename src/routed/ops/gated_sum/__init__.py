@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from ...backends import BackendUnavailable
+from ...backends import kernel_or_reference
 from ...env import triton_why_not
 from ...route import RouteError
 from .reference import gated_sum_reference
@@ -55,15 +55,9 @@ def gated_sum(gate_logits: Tensor, branches: Sequence[Tensor], *, backend: Optio
     Returns ``[B, H, N, D]`` in the branches' dtype.
     """
     _check(gate_logits, branches)
-    if backend not in (None, "triton", "reference"):
-        raise BackendUnavailable(f"unknown gated-sum backend {backend!r}; choose 'triton', 'reference' or None.")
+    backend = kernel_or_reference("gated-sum", backend, lambda: triton_why_not(branches[0]),
+                                  lambda: gate_logits.device.type == "cuda")
     if backend == "triton":
-        why = triton_why_not(branches[0])
-        if why is not None:
-            raise BackendUnavailable(f"gated-sum backend 'triton' cannot run this call: {why}")
-    use_kernel = backend == "triton" or (backend is None and gate_logits.device.type == "cuda"
-                                         and triton_why_not(branches[0]) is None)
-    if use_kernel:
         from .triton_ops import gated_sum_triton
 
         return gated_sum_triton(gate_logits, list(branches))
