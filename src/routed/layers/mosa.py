@@ -119,6 +119,53 @@ def _chunks(heads: int, chunk: int):
     return ((h0, min(heads, h0 + chunk)) for h0 in range(0, heads, chunk))
 
 
+def _picked_qkv_forward(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, rows: Tensor, batch: int,
+                        chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward of :class:`_PickedQKV` (shapes there), under the caller's autocast state."""
+    H, M = rows.shape
+    d = weight.shape[-1] // 3
+    out = [x.new_empty(batch, H, M // batch, d) for _ in range(3)]
+    for h0, h1 in _chunks(H, chunk):
+        idx = rows[h0:h1].reshape(-1)
+        qkv = torch.bmm(x.index_select(0, idx).view(h1 - h0, M, -1), weight[h0:h1])
+        c, s = (t.index_select(0, idx).view(h1 - h0, M, d).to(x.dtype) for t in (cos, sin))
+        for i, t in enumerate(qkv.split(d, dim=-1)):
+            t = t * c + _rotate_half(t) * s if i < 2 else t  # as apply_rotary
+            out[i][:, h0:h1] = t.view(h1 - h0, batch, M // batch, d).transpose(0, 1)
+    return tuple(out)
+
+
+def _picked_qkv_backward(gq: Tensor, gk: Tensor, gv: Tensor, x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor,
+                         rows: Tensor, chunk: int, needs: tuple) -> tuple:
+    """The backward of :class:`_PickedQKV`: ``(gx, gweight, gcos, gsin)``, None where ``needs`` says
+    no. The picked rows of ``x`` are gathered again per chunk instead of being saved."""
+    H, M = rows.shape
+    d = weight.shape[-1] // 3
+    need_x, need_w, need_c, need_s = needs
+    gx = torch.zeros(x.shape, dtype=_acc_dtype(x.dtype), device=x.device) if need_x else None
+    gw = torch.empty_like(weight) if need_w else None
+    gcs = [torch.zeros(t.shape, dtype=_acc_dtype(t.dtype), device=t.device) if n else None
+           for t, n in ((cos, need_c), (sin, need_s))]
+    for h0, h1 in _chunks(H, chunk):
+        n, idx = h1 - h0, rows[h0:h1].reshape(-1)
+        c, s = (t.index_select(0, idx).view(n, M, d).to(x.dtype) for t in (cos, sin))
+        g = [t[:, h0:h1].transpose(0, 1).reshape(n, M, d) for t in (gq, gk, gv)]
+        # The rotary's transpose: rotate_half^T = -rotate_half.
+        g_in = torch.cat([g[0] * c - _rotate_half(g[0] * s), g[1] * c - _rotate_half(g[1] * s), g[2]], -1)
+        xs = x.index_select(0, idx).view(n, M, -1)
+        if need_w:
+            gw[h0:h1] = torch.bmm(xs.transpose(1, 2), g_in)
+        if need_x:
+            gx.index_add_(0, idx, torch.bmm(g_in, weight[h0:h1].transpose(1, 2)).view(-1, x.shape[1]).to(gx.dtype))
+        if need_c or need_s:  # rare (learned positions): needs the unrotated q, k, so project again
+            q, k = torch.bmm(xs, weight[h0:h1, :, :2 * d]).split(d, dim=-1)
+            for acc, f in zip(gcs, (lambda t: t, _rotate_half)):
+                if acc is not None:
+                    acc.index_add_(0, idx, (g[0] * f(q) + g[1] * f(k)).reshape(-1, d).to(acc.dtype))
+    gc, gs = (None if a is None else a.to(t.dtype) for a, t in zip(gcs, (cos, sin)))
+    return None if gx is None else gx.to(x.dtype), gw, gc, gs
+
+
 class _PickedQKV(torch.autograd.Function):
     """Rotated ``q, k`` and ``v`` of every sparse head at its picked tokens, ``chunk`` heads at a time.
 
@@ -134,50 +181,52 @@ class _PickedQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, cos, sin, rows, batch, chunk):
-        H, M = rows.shape
-        d = weight.shape[-1] // 3
-        out = [x.new_empty(batch, H, M // batch, d) for _ in range(3)]
-        for h0, h1 in _chunks(H, chunk):
-            idx = rows[h0:h1].reshape(-1)
-            qkv = torch.bmm(x.index_select(0, idx).view(h1 - h0, M, -1), weight[h0:h1])
-            c, s = (t.index_select(0, idx).view(h1 - h0, M, d).to(x.dtype) for t in (cos, sin))
-            for i, t in enumerate(qkv.split(d, dim=-1)):
-                t = t * c + _rotate_half(t) * s if i < 2 else t  # as apply_rotary
-                out[i][:, h0:h1] = t.view(h1 - h0, batch, M // batch, d).transpose(0, 1)
         ctx.save_for_backward(x, weight, cos, sin, rows)
-        ctx.batch, ctx.chunk, ctx.amp = batch, chunk, _autocast_state(x)
-        return tuple(out)
+        ctx.chunk, ctx.amp = chunk, _autocast_state(x)
+        return _picked_qkv_forward(x, weight, cos, sin, rows, batch, chunk)
 
     @staticmethod
     @once_differentiable
     @_in_forward_autocast
     def backward(ctx, gq, gk, gv):
         x, weight, cos, sin, rows = ctx.saved_tensors
-        H, M = rows.shape
-        d = weight.shape[-1] // 3
-        need_x, need_w, need_c, need_s = ctx.needs_input_grad[:4]
-        gx = torch.zeros(x.shape, dtype=_acc_dtype(x.dtype), device=x.device) if need_x else None
-        gw = torch.empty_like(weight) if need_w else None
-        gcs = [torch.zeros(t.shape, dtype=_acc_dtype(t.dtype), device=t.device) if n else None
-               for t, n in ((cos, need_c), (sin, need_s))]
-        for h0, h1 in _chunks(H, ctx.chunk):
-            n, idx = h1 - h0, rows[h0:h1].reshape(-1)
-            c, s = (t.index_select(0, idx).view(n, M, d).to(x.dtype) for t in (cos, sin))
-            g = [t[:, h0:h1].transpose(0, 1).reshape(n, M, d) for t in (gq, gk, gv)]
-            # The rotary's transpose: rotate_half^T = -rotate_half.
-            g_in = torch.cat([g[0] * c - _rotate_half(g[0] * s), g[1] * c - _rotate_half(g[1] * s), g[2]], -1)
-            xs = x.index_select(0, idx).view(n, M, -1)
-            if need_w:
-                gw[h0:h1] = torch.bmm(xs.transpose(1, 2), g_in)
-            if need_x:
-                gx.index_add_(0, idx, torch.bmm(g_in, weight[h0:h1].transpose(1, 2)).view(-1, x.shape[1]).to(gx.dtype))
-            if need_c or need_s:  # rare (learned positions): needs the unrotated q, k, so project again
-                q, k = torch.bmm(xs, weight[h0:h1, :, :2 * d]).split(d, dim=-1)
-                for acc, f in zip(gcs, (lambda t: t, _rotate_half)):
-                    if acc is not None:
-                        acc.index_add_(0, idx, (g[0] * f(q) + g[1] * f(k)).reshape(-1, d).to(acc.dtype))
-        gc, gs = (None if a is None else a.to(t.dtype) for a, t in zip(gcs, (cos, sin)))
-        return None if gx is None else gx.to(x.dtype), gw, gc, gs, None, None, None
+        grads = _picked_qkv_backward(gq, gk, gv, x, weight, cos, sin, rows, ctx.chunk, ctx.needs_input_grad[:4])
+        return (*grads, None, None, None)
+
+
+def _picked_out_forward(o: Tensor, w: Tensor, weight: Tensor, rows: Tensor, n_rows: int, chunk: int) -> Tensor:
+    """The forward of :class:`_PickedOut` (shapes there), under the caller's autocast state."""
+    B, H, K, d = o.shape
+    acc = torch.zeros(n_rows, weight.shape[0], dtype=_acc_dtype(o.dtype), device=o.device)
+    for h0, h1 in _chunks(H, chunk):
+        ow = (o[:, h0:h1] * w[:, h0:h1, :, None]).transpose(0, 1).reshape(h1 - h0, B * K, d)
+        y = torch.bmm(ow, weight[:, h0:h1].permute(1, 2, 0))
+        acc.index_add_(0, rows[h0:h1].reshape(-1), y.view(-1, y.shape[-1]).to(acc.dtype))
+    return acc.to(o.dtype)
+
+
+def _picked_out_backward(g: Tensor, o: Tensor, w: Tensor, weight: Tensor, rows: Tensor, chunk: int,
+                         needs: tuple) -> tuple:
+    """The backward of :class:`_PickedOut`: ``(go, gw, gweight)`` (contiguous), None where ``needs``
+    says no."""
+    B, H, K, d = o.shape
+    need_o, need_w, need_weight = needs
+    go = o.new_empty(o.shape) if need_o else None
+    gw = w.new_empty(w.shape) if need_w else None
+    gweight = weight.new_empty(weight.shape) if need_weight else None
+    for h0, h1 in _chunks(H, chunk):
+        n = h1 - h0
+        gy = g.index_select(0, rows[h0:h1].reshape(-1)).view(n, B * K, -1)
+        oc = o[:, h0:h1].transpose(0, 1).reshape(n, B * K, d)
+        wc = w[:, h0:h1].transpose(0, 1).reshape(n, B * K, 1)
+        if need_weight:
+            gweight[:, h0:h1] = torch.bmm((oc * wc).transpose(1, 2), gy).permute(2, 0, 1)
+        g_ow = torch.bmm(gy, weight[:, h0:h1].permute(1, 0, 2))  # [n, B * K, d]
+        if need_o:
+            go[:, h0:h1] = (g_ow * wc).view(n, B, K, d).transpose(0, 1)
+        if need_w:
+            gw[:, h0:h1] = (g_ow * oc).sum(-1).view(n, B, K).transpose(0, 1)
+    return go, gw, gweight
 
 
 class _PickedOut(torch.autograd.Function):
@@ -195,39 +244,133 @@ class _PickedOut(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, o, w, weight, rows, n_rows, chunk):
-        B, H, K, d = o.shape
-        acc = torch.zeros(n_rows, weight.shape[0], dtype=_acc_dtype(o.dtype), device=o.device)
-        for h0, h1 in _chunks(H, chunk):
-            ow = (o[:, h0:h1] * w[:, h0:h1, :, None]).transpose(0, 1).reshape(h1 - h0, B * K, d)
-            y = torch.bmm(ow, weight[:, h0:h1].permute(1, 2, 0))
-            acc.index_add_(0, rows[h0:h1].reshape(-1), y.view(-1, y.shape[-1]).to(acc.dtype))
         ctx.save_for_backward(o, w, weight, rows)
         ctx.chunk, ctx.amp = chunk, _autocast_state(o)
-        return acc.to(o.dtype)
+        return _picked_out_forward(o, w, weight, rows, n_rows, chunk)
 
     @staticmethod
     @once_differentiable
     @_in_forward_autocast
     def backward(ctx, g):
         o, w, weight, rows = ctx.saved_tensors
-        B, H, K, d = o.shape
-        need_o, need_w, need_weight = ctx.needs_input_grad[:3]
-        go = torch.empty_like(o) if need_o else None
-        gw = torch.empty_like(w) if need_w else None
-        gweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
-        for h0, h1 in _chunks(H, ctx.chunk):
-            n = h1 - h0
-            gy = g.index_select(0, rows[h0:h1].reshape(-1)).view(n, B * K, -1)
-            oc = o[:, h0:h1].transpose(0, 1).reshape(n, B * K, d)
-            wc = w[:, h0:h1].transpose(0, 1).reshape(n, B * K, 1)
-            if need_weight:
-                gweight[:, h0:h1] = torch.bmm((oc * wc).transpose(1, 2), gy).permute(2, 0, 1)
-            g_ow = torch.bmm(gy, weight[:, h0:h1].permute(1, 0, 2))  # [n, B * K, d]
-            if need_o:
-                go[:, h0:h1] = (g_ow * wc).view(n, B, K, d).transpose(0, 1)
-            if need_w:
-                gw[:, h0:h1] = (g_ow * oc).sum(-1).view(n, B, K).transpose(0, 1)
-        return go, gw, gweight, None, None, None
+        return (*_picked_out_backward(g, o, w, weight, rows, ctx.chunk, ctx.needs_input_grad[:3]), None, None, None)
+
+
+# ------------------------------------------------------------------------------ torch.compile path
+# Under torch.compile the two Functions above run as opaque custom ops: on an H200 (torch 2.11,
+# aot_eager) the traced Functions gave the sparse heads' gradients off by up to 30% while the eager
+# step matched float64 to 2e-8 (results/h200/probe_mosa_compile_variants.json). An opaque op runs the
+# eager code on the real tensors. Autocast is passed in and restored inside, as the eager Functions
+# do; not-needed gradients come back as empty placeholders (an op returns tensors only).
+def _none_to_empty(ts, like: Tensor) -> list:
+    return [like.new_empty(0) if t is None else t for t in ts]
+
+
+@torch.library.custom_op("routed::mosa_picked_qkv", mutates_args=())
+def _picked_qkv_op(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, rows: Tensor, batch: int, chunk: int,
+                   amp_device: str, amp_dtype: torch.dtype, amp_enabled: bool) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.autocast(amp_device, dtype=amp_dtype, enabled=amp_enabled):
+        return _picked_qkv_forward(x, weight, cos, sin, rows, batch, chunk)
+
+
+@_picked_qkv_op.register_fake
+def _(x, weight, cos, sin, rows, batch, chunk, amp_device, amp_dtype, amp_enabled):
+    H, M = rows.shape
+    return tuple(x.new_empty(batch, H, M // batch, weight.shape[-1] // 3) for _ in range(3))
+
+
+@torch.library.custom_op("routed::mosa_picked_qkv_bwd", mutates_args=())
+def _picked_qkv_bwd_op(gq: Tensor, gk: Tensor, gv: Tensor, x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor,
+                       rows: Tensor, chunk: int, need_x: bool, need_w: bool, need_c: bool, need_s: bool,
+                       amp_device: str, amp_dtype: torch.dtype, amp_enabled: bool) -> list[Tensor]:
+    with torch.autocast(amp_device, dtype=amp_dtype, enabled=amp_enabled):
+        grads = _picked_qkv_backward(gq, gk, gv, x, weight, cos, sin, rows, chunk, (need_x, need_w, need_c, need_s))
+    return _none_to_empty(grads, x)
+
+
+@_picked_qkv_bwd_op.register_fake
+def _(gq, gk, gv, x, weight, cos, sin, rows, chunk, need_x, need_w, need_c, need_s, amp_device, amp_dtype,
+      amp_enabled):
+    return [t.new_empty(t.shape) if need else x.new_empty(0)
+            for t, need in ((x, need_x), (weight, need_w), (cos, need_c), (sin, need_s))]
+
+
+def _picked_qkv_setup(ctx, inputs, output):
+    x, weight, cos, sin, rows, _, chunk, *amp = inputs
+    ctx.save_for_backward(x, weight, cos, sin, rows)
+    ctx.chunk, ctx.amp = chunk, tuple(amp)
+
+
+def _picked_qkv_op_backward(ctx, gq, gk, gv):
+    x, weight, cos, sin, rows = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    given = [g for g in (gq, gk, gv) if g is not None]
+    if not given:
+        return (None,) * 10
+    gq, gk, gv = (torch.zeros_like(given[0]) if g is None else g for g in (gq, gk, gv))  # one shape
+    grads = _picked_qkv_bwd_op(gq, gk, gv, x, weight, cos, sin, rows, ctx.chunk, *needs, *ctx.amp)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None, None)
+
+
+torch.library.register_autograd("routed::mosa_picked_qkv", _picked_qkv_op_backward, setup_context=_picked_qkv_setup)
+
+
+@torch.library.custom_op("routed::mosa_picked_out", mutates_args=())
+def _picked_out_op(o: Tensor, w: Tensor, weight: Tensor, rows: Tensor, n_rows: int, chunk: int, amp_device: str,
+                   amp_dtype: torch.dtype, amp_enabled: bool) -> Tensor:
+    with torch.autocast(amp_device, dtype=amp_dtype, enabled=amp_enabled):
+        return _picked_out_forward(o, w, weight, rows, n_rows, chunk)
+
+
+@_picked_out_op.register_fake
+def _(o, w, weight, rows, n_rows, chunk, amp_device, amp_dtype, amp_enabled):
+    return o.new_empty(n_rows, weight.shape[0])
+
+
+@torch.library.custom_op("routed::mosa_picked_out_bwd", mutates_args=())
+def _picked_out_bwd_op(g: Tensor, o: Tensor, w: Tensor, weight: Tensor, rows: Tensor, chunk: int, need_o: bool,
+                       need_w: bool, need_weight: bool, amp_device: str, amp_dtype: torch.dtype,
+                       amp_enabled: bool) -> list[Tensor]:
+    with torch.autocast(amp_device, dtype=amp_dtype, enabled=amp_enabled):
+        grads = _picked_out_backward(g, o, w, weight, rows, chunk, (need_o, need_w, need_weight))
+    return _none_to_empty(grads, o)
+
+
+@_picked_out_bwd_op.register_fake
+def _(g, o, w, weight, rows, chunk, need_o, need_w, need_weight, amp_device, amp_dtype, amp_enabled):
+    return [t.new_empty(t.shape) if need else o.new_empty(0) for t, need in ((o, need_o), (w, need_w),
+                                                                             (weight, need_weight))]
+
+
+def _picked_out_setup(ctx, inputs, output):
+    o, w, weight, rows, _, chunk, *amp = inputs
+    ctx.save_for_backward(o, w, weight, rows)
+    ctx.chunk, ctx.amp = chunk, tuple(amp)
+
+
+def _picked_out_op_backward(ctx, g):
+    o, w, weight, rows = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    grads = _picked_out_bwd_op(g, o, w, weight, rows, ctx.chunk, *needs, *ctx.amp)
+    return (*(t if need else None for t, need in zip(grads, needs)), None, None, None, None, None, None)
+
+
+torch.library.register_autograd("routed::mosa_picked_out", _picked_out_op_backward, setup_context=_picked_out_setup)
+
+
+def picked_qkv(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, rows: Tensor, batch: int,
+               chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`_PickedQKV` in eager mode, its custom op under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return _picked_qkv_op(x, weight, cos, sin, rows, batch, chunk, *_autocast_state(x))
+    return _PickedQKV.apply(x, weight, cos, sin, rows, batch, chunk)
+
+
+def picked_out(o: Tensor, w: Tensor, weight: Tensor, rows: Tensor, n_rows: int, chunk: int) -> Tensor:
+    """:class:`_PickedOut` in eager mode, its custom op under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return _picked_out_op(o, w, weight, rows, n_rows, chunk, *_autocast_state(o))
+    return _PickedOut.apply(o, w, weight, rows, n_rows, chunk)
 
 
 @register_attention("mosa")
@@ -316,7 +459,7 @@ class MoSAAttention(nn.Module):
         flat = ids + (torch.arange(B, device=ids.device) * N).view(B, 1, 1)
         rows = flat.transpose(0, 1).reshape(hs, B * k_sel)
         chunk = self._chunk_heads(B * k_sel * hidden, B * N * hidden)
-        qs, ks, vs = _PickedQKV.apply(x.reshape(B * N, hidden), self.qkv_sparse.to(x.dtype),
+        qs, ks, vs = picked_qkv(x.reshape(B * N, hidden), self.qkv_sparse.to(x.dtype),
                                       cos.expand(B, N, d).reshape(B * N, d), sin.expand(B, N, d).reshape(B * N, d),
                                       rows, B, chunk)
         w = (scores.gather(-1, ids) * picked).to(x.dtype)  # [B, hs, k]
@@ -331,7 +474,7 @@ class MoSAAttention(nn.Module):
             if hs:
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
                 w_s = self.o_proj.weight[:, hd * d:].view(-1, hs, d).to(x.dtype)  # [hidden, heads, d]
-                out = _PickedOut.apply(o, w, w_s, rows, B * N, chunk)
+                out = picked_out(o, w, w_s, rows, B * N, chunk)
             if hd:
                 o = self._dense(qd, kd, vd, scale).transpose(1, 2).reshape(B * N, hd * d)
                 dense_out = F.linear(o, self.o_proj.weight[:, :hd * d])
