@@ -73,6 +73,12 @@ ITEMS = {
         "--train-tokens 48000000 --cuda-graph --no-progress --label 'context 2k, passkey-mixed (50% of windows)' "
         "--out {out}/lm_compare_passkey_2k.json",
     ]),
+    "lm_passkey_gcide": (6, 560, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache/gpt2, .routed-cache/tokens
+        # GCIDE's 15.2M training tokens: 48M tokens are ~3 epochs (SOTU's 1.9M: 25, memorised)
+        "python benchmarks/lm_compare.py --variants dense nsa --corpus gcide --seq-len 2048 --batch-size 16 "
+        "--passkey-fraction 0.5 --train-tokens 48000000 --cuda-graph --no-progress "
+        "--label 'GCIDE, context 2k, passkey-mixed (50% of windows)' --out {out}/lm_compare_passkey_gcide_2k.json",
+    ]),
     "lm_graph_8k": (0, 480, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache
         "ROUTED_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py",
         "python benchmarks/lm_compare.py --seq-len 8192 --batch-size 4 --cuda-graph --no-progress "

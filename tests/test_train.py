@@ -168,3 +168,26 @@ def test_a_step_that_cannot_be_captured_says_what_to_do(monkeypatch):
     with pytest.raises(RuntimeError, match=r"--cuda-graph: the training step cannot be captured .*operation not "
                                            r"permitted.*train without --cuda-graph"):
         GraphedTrainStep(torch.nn.Linear(2, 2))(torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("offset", [49000, 70000], ids=["gpt2_ids", "ids_past_uint16"])
+def test_token_cache_is_compact_and_loads_as_int64(tmp_path, monkeypatch, offset):
+    """The shipped corpora's token cache: GPT-2 ids are stored as uint16 (a quarter of int64's bytes,
+    so GCIDE's tokens fit the GPU machine's carry) and come back as int64 equal to the fresh
+    encoding; ids that uint16 cannot hold are kept as int64."""
+    import routed.train as train
+
+    class FakeGPT2:  # byte ids moved up to GPT-2's (or a larger) id range
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [b + offset for b in text.encode("utf-8")]}
+
+    monkeypatch.setenv("ROUTED_CACHE", str(tmp_path))
+    monkeypatch.setattr(train, "_tokenizer", lambda name: FakeGPT2())
+    monkeypatch.setattr(train, "_corpus_texts", lambda corpus, text_file: ("train text\n\nmore", "held out"))
+    fresh_train, fresh_val, _ = train.load_tokens("gcide", "gpt2")
+    saved = torch.load(tmp_path / "tokens" / "gcide-gpt2.pt")
+    assert saved["train"].dtype == (torch.uint16 if offset + 255 < 2 ** 16 else torch.long)
+    cached_train, cached_val, _ = train.load_tokens("gcide", "gpt2")
+    for got, want in ((cached_train, fresh_train), (cached_val, fresh_val)):
+        assert got.dtype == torch.long and torch.equal(got, want)
+    assert int(fresh_train.min()) >= offset

@@ -117,12 +117,15 @@ def load_tokens(corpus: str, tokenizer: str, text_file: Optional[str] = None) ->
         cache = cache_dir() / "tokens" / f"{corpus}-{tokenizer}.pt"
         if cache.exists():
             d = torch.load(cache)
-            return d["train"], d["val"], tok
+            return d["train"].long(), d["val"].long(), tok
     train_text, val_text = _corpus_texts(corpus, text_file)
     train, val = _encode(tok, train_text), _encode(tok, val_text)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"train": train, "val": val}, cache)
+        # uint16 holds GPT-2's 50257 ids in a quarter of int64's bytes: GCIDE's ~12M tokens then fit
+        # the GPU machine's carry limit (64 MiB) beside the tokenizer's files
+        small = torch.uint16 if int(torch.cat([train, val, train.new_zeros(1)]).max()) < 2 ** 16 else torch.long
+        torch.save({"train": train.to(small), "val": val.to(small)}, cache)
     return train, val, tok
 
 
