@@ -12,7 +12,9 @@ fixed validation windows: perplexity, and per MoE layer each validation token's 
 load imbalance (largest expert load over the mean) and router entropy (of the distribution the
 experts were chosen from: after mixing, for the aware routers; and ``gate_entropy``, of each
 token's own softmax before mixing, the like-for-like number: averaging distributions raises the
-entropy of the mixture whatever the router learned). Reported per router:
+entropy of the mixture whatever the router learned), and ``top1_margin`` (the mean gap between the
+largest and second-largest probability the top-1 expert was chosen from: a smaller margin flips
+under a smaller drift of the router). Reported per router:
 
 * validation perplexity at the end, on ``--final-windows`` windows, with the standard error over
   windows and the paired difference to token choice (same windows, so the pairing removes the
@@ -178,6 +180,7 @@ def evaluate(model, windows: Tensor, batch_size: int, device: torch.device) -> d
     counts = [torch.zeros(m.num_experts, device=device) for m in layers]
     entropy = [0.0 for _ in layers]
     gate_entropy = [0.0 for _ in layers]
+    margin = [0.0 for _ in layers]
     for i in range(0, windows.shape[0], batch_size):
         x = windows[i:i + batch_size].to(device)
         with _autocast(device):
@@ -189,12 +192,13 @@ def evaluate(model, windows: Tensor, batch_size: int, device: torch.device) -> d
             counts[j] += m.last.route.counts.float()
             entropy[j] += float(m.last.entropy) * x.shape[0]
             gate_entropy[j] += float(m.last.gate_entropy) * x.shape[0]
+            margin[j] += float(m.last.top1_margin) * x.shape[0]
     model.train()
     W = windows.shape[0]
     return {"window_loss": torch.cat(losses).cpu(), "top1": [torch.cat(t).cpu() for t in top1],
             "load": [(c / c.sum()).tolist() for c in counts],
             "imbalance": [float(c.max() / c.mean()) for c in counts], "entropy": [e / W for e in entropy],
-            "gate_entropy": [e / W for e in gate_entropy]}
+            "gate_entropy": [e / W for e in gate_entropy], "top1_margin": [e / W for e in margin]}
 
 
 def _mean_se(x: Tensor) -> tuple[float, float]:
@@ -228,7 +232,7 @@ def train_one(args, name: str, router, seed: int, train_ids: Tensor, eval_win: T
                "val_ppl": math.exp(loss)}
         if ev["top1"]:
             row.update(imbalance=ev["imbalance"], entropy=ev["entropy"], gate_entropy=ev["gate_entropy"],
-                       load=ev["load"])
+                       top1_margin=ev["top1_margin"], load=ev["load"])
             if prev_top1 is not None:
                 fl = [routing_fluctuation(a, b) for a, b in zip(prev_top1, ev["top1"])]
                 row.update(fluctuation=fl, fluctuation_mean=sum(fl) / len(fl))
@@ -278,7 +282,8 @@ def train_one(args, name: str, router, seed: int, train_ids: Tensor, eval_win: T
         "train_seconds": train_s, "eval_seconds": eval_s,
         "final": {"val_loss": loss, "val_loss_se": se, "val_ppl": math.exp(loss),
                   "val_tokens": final_win.shape[0] * args.seq_len, "imbalance": final["imbalance"],
-                  "entropy": final["entropy"], "gate_entropy": final["gate_entropy"]},
+                  "entropy": final["entropy"], "gate_entropy": final["gate_entropy"],
+                  "top1_margin": final["top1_margin"]},
         "fluctuation_late_mean": sum(late) / len(late) if late else None,
         "fluctuation_late_per_layer": ([sum(col) / len(col) for col in zip(*late_layers)] if late_layers else None),
         "checkpoints": checkpoints, "history": history,
@@ -313,6 +318,8 @@ def summarize(runs: dict) -> list[dict]:
             row["entropy_final_mean"] = _avg(_avg(r["final"]["entropy"]) for r in rs)
             if all("gate_entropy" in r["final"] for r in rs):  # files from before it was recorded lack it
                 row["gate_entropy_final_mean"] = _avg(_avg(r["final"]["gate_entropy"]) for r in rs)
+            if all("top1_margin" in r["final"] for r in rs):
+                row["top1_margin_final_mean"] = _avg(_avg(r["final"]["top1_margin"]) for r in rs)
         if base is not None and name != "token_choice":
             diffs = [torch.tensor(per_seed[s]["final_window_loss"]) - torch.tensor(base[s]["final_window_loss"])
                      for s in per_seed if s in base]

@@ -301,6 +301,19 @@ def test_gate_entropy_is_of_the_unmixed_softmax(router):
         assert float(out.entropy) != pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.parametrize("router", ["token_choice", "similarity"])
+def test_top1_margin_is_the_gap_of_the_distribution_chosen_from(router):
+    """``top1_margin``: mean over tokens of the largest minus the second-largest entry of ``probs``
+    (the mixture for a mixing router), checked against a sort of each row."""
+    torch.manual_seed(3)
+    moe = RoutedMoE(24, 16, 6, 2, router=router).double()
+    moe(torch.randn(2, 13, 24, dtype=torch.float64))
+    out = moe.last
+    rows = out.probs.sort(-1, descending=True).values
+    want = float((rows[:, 0] - rows[:, 1]).mean())
+    assert 0 < want and float(out.top1_margin) == pytest.approx(want, rel=1e-6)
+
+
 def test_routed_moe_errors():
     moe = RoutedMoE(8, 4, 4, 2, router="attention")
     with pytest.raises(RouteError, match="needs the preceding attention"):

@@ -364,7 +364,7 @@ class RouterOutput:
     :attr:`load` (``[E]`` fraction of live slots per expert), :attr:`entropy` (mean entropy of
     ``probs``, nats) and :attr:`gate_entropy` (of ``softmax(logits)``, before any mixing: the same
     quantity for every method, where :attr:`entropy` of a mixing router measures the mixture,
-    which averaging distributions raises).
+    which averaging distributions raises) and :attr:`top1_margin` (of ``probs``).
     """
 
     route: ExpertRoute
@@ -392,6 +392,15 @@ class RouterOutput:
     @functools.cached_property
     def gate_entropy(self) -> Tensor:
         return _mean_entropy(self.logits.float().softmax(-1))
+
+    @functools.cached_property
+    def top1_margin(self) -> Tensor:
+        """Mean over tokens of ``probs``' largest minus second-largest entry (0 with one expert): how
+        far the top-1 choice is from flipping."""
+        if self.probs.shape[-1] < 2:
+            return self.probs.new_zeros(())
+        top2 = self.probs.float().topk(2, dim=-1).values
+        return (top2[..., 0] - top2[..., 1]).mean()
 
 
 def _mean_entropy(p: Tensor) -> Tensor:
