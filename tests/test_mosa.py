@@ -342,8 +342,8 @@ def test_picked_ops_pass_opcheck():
 @pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16_autocast"])
 def test_compiled_training_step_runs_the_opaque_ops_and_equals_eager(autocast):
     """Under ``torch.compile`` the sparse heads' gather-project and scatter-project run as the opaque
-    custom ops (traced Functions gave the sparse heads' gradients off by up to 30% on an H200 while
-    eager matched float64), and the compiled step's output and gradients equal the eager step's."""
+    custom ops (traced Functions gave the sparse heads' gradients off by up to 2e-2 on an H200 while
+    eager matched float64 to 2e-8), and the compiled step's output and gradients equal the eager step's."""
     layer = _layer(mosa_selection="threshold", mosa_heads=2).train()
     dtype = torch.float32 if autocast else torch.float64
     layer = layer.to(dtype)

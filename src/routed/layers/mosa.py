@@ -258,8 +258,8 @@ class _PickedOut(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------ torch.compile path
 # Under torch.compile the two Functions above run as opaque custom ops: on an H200 (torch 2.11,
-# aot_eager) the traced Functions gave the sparse heads' gradients off by up to 30% while the eager
-# step matched float64 to 2e-8 (results/h200/probe_mosa_compile_variants.json). An opaque op runs the
+# aot_eager) the traced Functions gave the sparse heads' gradients off by up to 2e-2 (a third of the
+# largest gradient) while the eager step matched float64 to 2e-8 (results/h200/probe_mosa_compile_variants.json). An opaque op runs the
 # eager code on the real tensors. Autocast is passed in and restored inside, as the eager Functions
 # do; not-needed gradients come back as empty placeholders (an op returns tensors only).
 def _none_to_empty(ts, like: Tensor) -> list:
@@ -460,8 +460,8 @@ class MoSAAttention(nn.Module):
         rows = flat.transpose(0, 1).reshape(hs, B * k_sel)
         chunk = self._chunk_heads(B * k_sel * hidden, B * N * hidden)
         qs, ks, vs = picked_qkv(x.reshape(B * N, hidden), self.qkv_sparse.to(x.dtype),
-                                      cos.expand(B, N, d).reshape(B * N, d), sin.expand(B, N, d).reshape(B * N, d),
-                                      rows, B, chunk)
+                                cos.expand(B, N, d).reshape(B * N, d), sin.expand(B, N, d).reshape(B * N, d),
+                                rows, B, chunk)
         w = (scores.gather(-1, ids) * picked).to(x.dtype)  # [B, hs, k]
 
         # Dense heads.
