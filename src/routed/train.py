@@ -122,9 +122,10 @@ def load_tokens(corpus: str, tokenizer: str, text_file: Optional[str] = None) ->
     train, val = _encode(tok, train_text), _encode(tok, val_text)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        # uint16 holds GPT-2's 50257 ids in a quarter of int64's bytes: GCIDE's ~12M tokens then fit
+        # uint16 holds GPT-2's 50257 ids in a quarter of int64's bytes: GCIDE's 16M tokens then fit
         # the GPU machine's carry limit (64 MiB) beside the tokenizer's files
-        small = torch.uint16 if int(torch.cat([train, val, train.new_zeros(1)]).max()) < 2 ** 16 else torch.long
+        largest = max((int(t.max()) for t in (train, val) if t.numel()), default=0)
+        small = torch.uint16 if largest < 2 ** 16 else torch.long
         torch.save({"train": train.to(small), "val": val.to(small)}, cache)
     return train, val, tok
 

@@ -102,6 +102,12 @@ def _autocast_state(t: Tensor) -> tuple:
     return dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev)
 
 
+def _autocast_as(state: tuple):
+    """The autocast context of a state from :func:`_autocast_state`."""
+    dev, dtype, enabled = state
+    return torch.autocast(dev, dtype=dtype, enabled=enabled)
+
+
 def _in_forward_autocast(backward):
     """Runs a Function's backward under the autocast state its forward saved in ``ctx.amp`` (as
     ``torch.amp.custom_bwd`` does, for any device type): under bf16 autocast the forward's matmuls ran
@@ -109,8 +115,7 @@ def _in_forward_autocast(backward):
     two in one ``bmm``."""
     @functools.wraps(backward)
     def run(ctx, *grads):
-        dev, dtype, enabled = ctx.amp
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+        with _autocast_as(ctx.amp):
             return backward(ctx, *grads)
     return run
 
@@ -269,7 +274,7 @@ def _none_to_empty(ts, like: Tensor) -> list:
 @torch.library.custom_op("routed::mosa_picked_qkv", mutates_args=())
 def _picked_qkv_op(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, rows: Tensor, batch: int, chunk: int,
                    amp_device: str, amp_dtype: torch.dtype, amp_enabled: bool) -> tuple[Tensor, Tensor, Tensor]:
-    with torch.autocast(amp_device, dtype=amp_dtype, enabled=amp_enabled):
+    with _autocast_as((amp_device, amp_dtype, amp_enabled)):
         return _picked_qkv_forward(x, weight, cos, sin, rows, batch, chunk)
 
 
@@ -283,7 +288,7 @@ def _(x, weight, cos, sin, rows, batch, chunk, amp_device, amp_dtype, amp_enable
 def _picked_qkv_bwd_op(gq: Tensor, gk: Tensor, gv: Tensor, x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor,
                        rows: Tensor, chunk: int, need_x: bool, need_w: bool, need_c: bool, need_s: bool,
                        amp_device: str, amp_dtype: torch.dtype, amp_enabled: bool) -> list[Tensor]:
-    with torch.autocast(amp_device, dtype=amp_dtype, enabled=amp_enabled):
+    with _autocast_as((amp_device, amp_dtype, amp_enabled)):
         grads = _picked_qkv_backward(gq, gk, gv, x, weight, cos, sin, rows, chunk, (need_x, need_w, need_c, need_s))
     return _none_to_empty(grads, x)
 
@@ -318,7 +323,7 @@ torch.library.register_autograd("routed::mosa_picked_qkv", _picked_qkv_op_backwa
 @torch.library.custom_op("routed::mosa_picked_out", mutates_args=())
 def _picked_out_op(o: Tensor, w: Tensor, weight: Tensor, rows: Tensor, n_rows: int, chunk: int, amp_device: str,
                    amp_dtype: torch.dtype, amp_enabled: bool) -> Tensor:
-    with torch.autocast(amp_device, dtype=amp_dtype, enabled=amp_enabled):
+    with _autocast_as((amp_device, amp_dtype, amp_enabled)):
         return _picked_out_forward(o, w, weight, rows, n_rows, chunk)
 
 
@@ -331,7 +336,7 @@ def _(o, w, weight, rows, n_rows, chunk, amp_device, amp_dtype, amp_enabled):
 def _picked_out_bwd_op(g: Tensor, o: Tensor, w: Tensor, weight: Tensor, rows: Tensor, chunk: int, need_o: bool,
                        need_w: bool, need_weight: bool, amp_device: str, amp_dtype: torch.dtype,
                        amp_enabled: bool) -> list[Tensor]:
-    with torch.autocast(amp_device, dtype=amp_dtype, enabled=amp_enabled):
+    with _autocast_as((amp_device, amp_dtype, amp_enabled)):
         grads = _picked_out_backward(g, o, w, weight, rows, chunk, (need_o, need_w, need_weight))
     return _none_to_empty(grads, o)
 
