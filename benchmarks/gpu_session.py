@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER_INSTALL = ("python -m pip install -q --upgrade --no-index --no-deps --target /tmp/routed_peer_site "
                 ".whl/routing_transformer-1.6.1-py3-none-any.whl .whl/local_attention-1.4.4-py3-none-any.whl "
                 ".whl/mixture_of_experts-0.2.1-py3-none-any.whl .whl/einops-0.8.2-py3-none-any.whl")
+# the MoE LM of the GPU runs (moe_lm_quality_500.json): 8 layers of 512, 16 experts, 500 steps of 16 x 1024
+MOE_GPU_SIZE = ("--device cuda --vocab-size 0 --hidden-size 512 --layers 8 --heads 8 --experts 16 --seq-len 1024 "
+                "--batch-size 16 --steps 500 --warmup 50 --ckpt-every 50 --seeds 0 --ckpt-dir /tmp/moe_ckpt --no-progress")
 ITEMS = {
     # ~120 s on the H200 (the triage table after it takes longer than that)
     "small_blocks": (0, 300, {"ROUTED_AUTOTUNE": "0"}, [
@@ -73,11 +76,22 @@ ITEMS = {
         "--train-tokens 48000000 --cuda-graph --no-progress --label 'context 2k, passkey-mixed (50% of windows)' "
         "--out {out}/lm_compare_passkey_2k.json",
     ]),
-    "lm_passkey_gcide": (6, 560, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache/gpt2, .routed-cache/tokens
-        # GCIDE's 15.2M training tokens: 48M tokens are ~3 epochs (SOTU's 1.9M: 25, memorised)
-        "python benchmarks/lm_compare.py --variants dense nsa --corpus gcide --seq-len 2048 --batch-size 16 "
+    # GCIDE's 15.2M training tokens: 48M tokens are ~3 epochs (SOTU's 1.9M: 25, memorised); one variant a
+    # call-item (dense and NSA together ran past 540 s at 2k on SOTU)
+    "lm_passkey_gcide": (6, 300, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache/gpt2, .routed-cache/tokens
+        "python benchmarks/lm_compare.py --variants dense --corpus gcide --seq-len 2048 --batch-size 16 "
         "--passkey-fraction 0.5 --train-tokens 48000000 --cuda-graph --no-progress "
-        "--label 'GCIDE, context 2k, passkey-mixed (50% of windows)' --out {out}/lm_compare_passkey_gcide_2k.json",
+        "--label 'GCIDE, context 2k, passkey-mixed (50% of windows)' --out {out}/lm_compare_passkey_gcide_2k_dense.json",
+    ]),
+    "lm_passkey_gcide_nsa": (6, 330, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache/gpt2, .routed-cache/tokens
+        "python benchmarks/lm_compare.py --variants nsa --corpus gcide --seq-len 2048 --batch-size 16 "
+        "--passkey-fraction 0.5 --train-tokens 48000000 --cuda-graph --no-progress "
+        "--label 'GCIDE, context 2k, passkey-mixed (50% of windows)' --out {out}/lm_compare_passkey_gcide_2k_nsa.json",
+    ]),
+    "lm_passkey_gcide_moba": (6, 300, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache/gpt2, .routed-cache/tokens
+        "python benchmarks/lm_compare.py --variants moba --corpus gcide --seq-len 2048 --batch-size 16 "
+        "--passkey-fraction 0.5 --train-tokens 48000000 --cuda-graph --no-progress "
+        "--label 'GCIDE, context 2k, passkey-mixed (50% of windows)' --out {out}/lm_compare_passkey_gcide_2k_moba.json",
     ]),
     "lm_graph_8k": (0, 480, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache
         "ROUTED_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py",
@@ -231,6 +245,27 @@ ITEMS = {
     ]),
     "mosa_probe_variants": (12, 120, {}, [  # which of MoSA's eager and compiled GPU steps is off float64
         "python benchmarks/probe_mosa_compile.py --out {out}/probe_mosa_compile_variants.json",
+    ]),
+    # issue 3's whole table on today's kernels (the committed one is from the first H200 day): 8k with the
+    # full-size check and decode, then 32k and 128k timed (~150 s + ~330 s with autotuning)
+    "block_sparse_table": (13, 590, {}, [
+        "python benchmarks/block_sparse.py --lengths 8192 --out {out}/block_sparse_8k_now.json",
+        "python benchmarks/block_sparse.py --skip-check --skip-decode --lengths 32768 131072 "
+        "--out {out}/block_sparse_32k_128k_now.json",
+    ]),
+    "mosa_opaque": (12, 260, {}, [  # the compile test with the picked ops opaque, then the probe's variants again
+        "python -m pytest -q -p no:cacheprovider tests/test_routed_lm.py -k 'compiles_without_graph_breaks and mosa'",
+        "python -m pytest -q -p no:cacheprovider tests/test_mosa.py -k 'opaque or opcheck'",
+        "python benchmarks/probe_mosa_compile.py --out {out}/probe_mosa_compile_opaque.json",
+    ]),
+    # issue 8 at GPU scale: does fluctuation fall towards token choice as the mixing weight falls? (~75 s a model)
+    "moe_mix_025": (5, 330, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache/gpt2, .routed-cache/tokens
+        "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE + " --routers token_choice similarity attention "
+        "--mix 0.25 --out {out}/moe_lm_quality_mix025.json",
+    ]),
+    "moe_mix_01": (5, 230, {"ROUTED_CACHE": ".routed-cache"}, [
+        "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE + " --routers similarity attention "
+        "--mix 0.1 --out {out}/moe_lm_quality_mix01.json",
     ]),
     "mqar_routing_4k_c64": (2, 450, {}, [  # the Routing Transformer at 4k with 64 clusters, 10000 steps
         "python benchmarks/mqar.py --attention routing --seq-lens 4096 --kv-pairs 16 --vocab 256 --steps 10000 "
