@@ -253,6 +253,10 @@ ITEMS = {
         "python benchmarks/block_sparse.py --skip-check --skip-decode --lengths 32768 131072 "
         "--out {out}/block_sparse_32k_128k_now.json",
     ]),
+    "block_sparse_128k": (13, 300, {}, [  # the table's 128k rows (block_sparse_table's second command ran out)
+        "python benchmarks/block_sparse.py --skip-check --skip-decode --lengths 131072 "
+        "--out {out}/block_sparse_128k_now.json",
+    ]),
     "mosa_opaque": (12, 260, {}, [  # the compile test with the picked ops opaque, then the probe's variants again
         "python -m pytest -q -p no:cacheprovider tests/test_routed_lm.py -k 'compiles_without_graph_breaks and mosa'",
         "python -m pytest -q -p no:cacheprovider tests/test_mosa.py -k 'opaque or opcheck'",
@@ -262,6 +266,14 @@ ITEMS = {
     "moe_mix_025": (5, 330, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache/gpt2, .routed-cache/tokens
         "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE + " --routers token_choice similarity attention "
         "--mix 0.25 --out {out}/moe_lm_quality_mix025.json",
+    ]),
+    "moe_mix_025_seed1": (5, 330, {"ROUTED_CACHE": ".routed-cache"}, [  # the mix 0.25 runs' second seed
+        "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE.replace("--seeds 0", "--seeds 1") +
+        " --routers token_choice similarity attention --mix 0.25 --out {out}/moe_lm_quality_mix025_seed1.json",
+    ]),
+    "moe_mix_01_seed1": (5, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # the mix 0.1 runs' second seed
+        "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE.replace("--seeds 0", "--seeds 1") +
+        " --routers similarity attention --mix 0.1 --out {out}/moe_lm_quality_mix01_seed1.json",
     ]),
     "moe_mix_01": (5, 230, {"ROUTED_CACHE": ".routed-cache"}, [
         "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE + " --routers similarity attention "
