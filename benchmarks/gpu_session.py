@@ -45,7 +45,7 @@ ITEMS = {
         "python benchmarks/block_sparse.py --skip-check --skip-decode --lengths 32768 131072 "
         "--out {out}/block_sparse_32k_128k.json",
     ]),
-    "profile": (0, 90, {"ROUTED_AUTOTUNE": "0"}, [
+    "profile": (13, 90, {"ROUTED_AUTOTUNE": "0"}, [
         "python benchmarks/profile_block_sparse.py --cprofile --launch-overhead",
     ]),
     "bra": (3, 330, {}, [  # at the batches that fill the GPU, 224 and 512 px took ~150 s on the H200 (no check)
@@ -237,33 +237,33 @@ ITEMS = {
         "--lengths 8192 65536 --sections routing --rep-ms 100 --out {out}/clustered_attention_memory_before.json",
         "python -m pytest -q -p no:cacheprovider tests/test_routed_lm.py -k 'compiles_without_graph_breaks and mosa'",
     ]),
-    "mosa_compile": (12, 300, {}, [  # MoSA's compiled step against eager, then MQAR at 4k for 10000 steps
+    "mosa_compile": (0, 300, {}, [  # MoSA's compiled step against eager, then MQAR at 4k for 10000 steps
         "python -m pytest -q -p no:cacheprovider tests/test_routed_lm.py -k 'compiles_without_graph_breaks and mosa'",
         "python benchmarks/probe_mosa_compile.py --out {out}/probe_mosa_compile.json",
         "python benchmarks/mqar.py --attention mosa --seq-lens 4096 --kv-pairs 16 --vocab 256 --steps 10000 "
         "--batch-size 16 --lr 3e-3 --out {out}/mqar_4k_mosa_10k.json",
     ]),
-    "mosa_probe_variants": (12, 120, {}, [  # which of MoSA's eager and compiled GPU steps is off float64
+    "mosa_probe_variants": (0, 120, {}, [  # which of MoSA's eager and compiled GPU steps is off float64
         "python benchmarks/probe_mosa_compile.py --out {out}/probe_mosa_compile_variants.json",
     ]),
     # issue 3's whole table on today's kernels (the committed one is from the first H200 day): 8k with the
     # full-size check and decode, then 32k and 128k timed (~150 s + ~330 s with autotuning)
-    "block_sparse_table": (13, 590, {}, [
+    "block_sparse_table": (0, 590, {}, [
         "python benchmarks/block_sparse.py --lengths 8192 --out {out}/block_sparse_8k_now.json",
         "python benchmarks/block_sparse.py --skip-check --skip-decode --lengths 32768 131072 "
         "--out {out}/block_sparse_32k_128k_now.json",
     ]),
-    "block_sparse_128k": (13, 300, {}, [  # the table's 128k rows (block_sparse_table's second command ran out)
+    "block_sparse_128k": (0, 300, {}, [  # the table's 128k rows (block_sparse_table's second command ran out)
         "python benchmarks/block_sparse.py --skip-check --skip-decode --lengths 131072 "
         "--out {out}/block_sparse_128k_now.json",
     ]),
-    "mosa_opaque": (12, 260, {}, [  # the compile test with the picked ops opaque, then the probe's variants again
+    "mosa_opaque": (0, 260, {}, [  # the compile test with the picked ops opaque, then the probe's variants again
         "python -m pytest -q -p no:cacheprovider tests/test_routed_lm.py -k 'compiles_without_graph_breaks and mosa'",
         "python -m pytest -q -p no:cacheprovider tests/test_mosa.py -k 'opaque or opcheck'",
         "python benchmarks/probe_mosa_compile.py --out {out}/probe_mosa_compile_opaque.json",
     ]),
     # issue 8 at GPU scale: does fluctuation fall towards token choice as the mixing weight falls? (~75 s a model)
-    "moe_mix_025": (5, 330, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache/gpt2, .routed-cache/tokens
+    "moe_mix_025": (0, 330, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache/gpt2, .routed-cache/tokens
         "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE + " --routers token_choice similarity attention "
         "--mix 0.25 --out {out}/moe_lm_quality_mix025.json",
     ]),
@@ -271,11 +271,11 @@ ITEMS = {
         "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE.replace("--seeds 0", "--seeds 1") +
         " --routers token_choice similarity attention --mix 0.25 --out {out}/moe_lm_quality_mix025_seed1.json",
     ]),
-    "moe_mix_01_seed1": (5, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # the mix 0.1 runs' second seed
+    "moe_mix_01_seed1": (0, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # the mix 0.1 runs' second seed
         "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE.replace("--seeds 0", "--seeds 1") +
         " --routers similarity attention --mix 0.1 --out {out}/moe_lm_quality_mix01_seed1.json",
     ]),
-    "moe_mix_01": (5, 230, {"ROUTED_CACHE": ".routed-cache"}, [
+    "moe_mix_01": (0, 230, {"ROUTED_CACHE": ".routed-cache"}, [
         "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE + " --routers similarity attention "
         "--mix 0.1 --out {out}/moe_lm_quality_mix01.json",
     ]),
