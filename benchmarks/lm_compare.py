@@ -138,8 +138,8 @@ def train_variants(args, device, save=lambda out: None) -> dict:
             "evals": m["evals"], "config": m["config"]}
         print(f"{attention}: ppl {m['final']['ppl']:.3f}, {m['train_tokens_per_second']:.0f} tokens/s "
               f"({m['steady_tokens_per_second']:.0f} over the second half), passkey "
-              + ", ".join(f"{r['length']}: {r['correct']}/{r['trials']} ({r['digit_accuracy']:.0%} of digits)"
-                          for r in passkey), flush=True)
+              + ", ".join(f"{r['length']}: {r['correct']}/{r['trials']} ({r['digit_accuracy']:.0%} of digits, "
+                          f"the hidden sentence worth {r['retrieval_gain']:.2f} nats)" for r in passkey), flush=True)
         del res
         if device.type == "cuda":
             torch.cuda.empty_cache()

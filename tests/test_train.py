@@ -75,7 +75,7 @@ def test_passkey_prompt_and_scoring_with_an_oracle():
             logits[0, 0, nxt] = 1.0
             return type("Out", (), {"logits": logits})()
 
-    rows = passkey_accuracy(Oracle(), tok, list(TEXT.encode()), [300], 3, torch.device("cpu"))
+    rows = passkey_accuracy(Oracle(), tok, list(TEXT.encode()), [300], 3, torch.device("cpu"), retrieval_gain=False)
     assert rows == [{"length": 300, "trials": 3, "correct": 3, "accuracy": 1.0, "digit_accuracy": 1.0}]
 
     class OneDigitOff(Oracle):  # copies the key but gets its second digit wrong: partial credit only
@@ -87,8 +87,61 @@ def test_passkey_prompt_and_scoring_with_an_oracle():
                 out.logits[0, 0, ord("0") + (nxt - ord("0") + 1) % 10] = 1.0
             return out
 
-    rows = passkey_accuracy(OneDigitOff(), tok, list(TEXT.encode()), [300], 3, torch.device("cpu"))
+    rows = passkey_accuracy(OneDigitOff(), tok, list(TEXT.encode()), [300], 3, torch.device("cpu"),
+                            retrieval_gain=False)
     assert rows[0]["correct"] == 0 and rows[0]["digit_accuracy"] == pytest.approx(0.8)
+
+
+class _ContextModel(torch.nn.Module):
+    """A byte-level stand-in LM for the passkey scoring: ``next_logits(context bytes)`` gives the logits
+    after each prefix; the KV cache is this module's own copy of the context."""
+
+    def forward(self, ids, cache=None, use_cache=None, logits_to_keep=0):
+        if cache is None or ids.shape[1] > 1:
+            self.context = []
+        self.context += ids[0].tolist()
+        n = len(self.context)
+        keep = logits_to_keep or n
+        logits = torch.stack([self.next_logits(self.context[:p + 1]) for p in range(n - keep, n)])
+        return type("Out", (), {"logits": logits[None]})()
+
+
+class _Copier(_ContextModel):
+    """Answers the key of the hidden sentence when there is one (logit 30 on the right byte), else
+    knows nothing (uniform over the 256 bytes)."""
+
+    def next_logits(self, prefix):
+        text = bytes(prefix).decode()
+        logits = torch.zeros(256)
+        asked = "What is the pass key? The pass key is"
+        if asked in text and "Remember it." in text:
+            answer = " " + text.split("The pass key is ")[1][:5]
+            j = len(text) - (text.index(asked) + len(asked))
+            if j < len(answer):
+                logits[ord(answer[j])] = 30.0
+        return logits
+
+
+class _Bigram(_ContextModel):
+    """Reads only the last byte: the hidden sentence cannot change what it says about the key."""
+
+    def next_logits(self, prefix):
+        return torch.sin(torch.arange(256.0) * (prefix[-1] + 1))
+
+
+def test_passkey_retrieval_gain_grades_how_much_the_hidden_sentence_is_worth():
+    """``retrieval_gain``: the key's log-probability after the prompt minus after the same-length
+    prompt without the hidden sentence; a copier gains ~6 ln 256 nats (six bytes it gets right, from
+    uniform), a model that cannot read the sentence gains exactly nothing."""
+    tok = ByteTokenizer()
+    filler = list(TEXT.encode())
+    copier = passkey_accuracy(_Copier(), tok, filler, [300, 400], 2, torch.device("cpu"))
+    for row in copier:
+        assert row["correct"] == 2 and row["answer_logprob"] == pytest.approx(0.0, abs=1e-6)
+        assert row["answer_logprob_without_needle"] == pytest.approx(-6 * math.log(256), rel=1e-5)
+        assert row["retrieval_gain"] == pytest.approx(6 * math.log(256), rel=1e-5)
+    (bigram,) = passkey_accuracy(_Bigram(), tok, filler, [300], 3, torch.device("cpu"))
+    assert bigram["answer_logprob"] < -1.0 and bigram["retrieval_gain"] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_passkey_mix_turns_windows_into_retrieval_prompts():

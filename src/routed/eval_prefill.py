@@ -94,11 +94,14 @@ def perplexity(model, ids: torch.Tensor, chunk: int = 1024) -> float:
     return math.exp(total / (n - 1))
 
 
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
 def passkey_prompt(tok, filler_ids: list, length: int, depth: float, key: int) -> tuple[torch.Tensor, str]:
     """A prompt of about ``length`` tokens: real text with a passkey sentence at ``depth``, then
     the question. Returns ``(ids [1, n], answer)``."""
     needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)["input_ids"]
-    question = tok("\n\nWhat is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
+    question = tok(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
     body = length - len(needle) - len(question)
     cut = int(body * depth)
     ids = filler_ids[:cut] + needle + filler_ids[cut:body] + question
@@ -114,20 +117,27 @@ def passkey_score(text: str, answer: str) -> tuple[bool, float]:
 
 
 @torch.no_grad()
+def answer_logprob(model, ids: torch.Tensor, target: list, attention_mask: bool = False) -> float:
+    """Teacher-forced log-probability (natural log, summed over its tokens) of the token ids
+    ``target`` right after the prompt ``ids [1, n]`` (on the model's device): one forward of both, the
+    logits of the last ``len(target) + 1`` positions, of which all but the last predict the target.
+    ``attention_mask``: pass an all-ones mask (Hugging Face models that want one)."""
+    full = torch.cat([ids, torch.tensor([target], dtype=ids.dtype, device=ids.device)], 1)
+    mask = {"attention_mask": torch.ones_like(full)} if attention_mask else {}
+    logits = model(full, logits_to_keep=len(target) + 1, **mask).logits[0, :-1]
+    return float(logits.float().log_softmax(-1).gather(-1, torch.tensor(target, device=logits.device)[:, None]).sum())
+
+
+@torch.no_grad()
 def _passkey_answer(model, tok, ids: torch.Tensor, answer: str) -> dict:
     """Greedy answer (8 new tokens) scored by :func:`passkey_score`, and ``answer_logprob``: the
-    teacher-forced log-probability (natural log, summed over its tokens) of `` {answer}.`` after the
-    prompt, a graded measure of retrieval that compares a routed prefill with dense even where
-    neither model gets the whole key right."""
+    teacher-forced log-probability of `` {answer}.`` after the prompt, a graded measure of retrieval
+    that compares a routed prefill with dense even where neither model gets the whole key right."""
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                          pad_token_id=tok.eos_token_id)
     correct, digits = passkey_score(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), answer)
     target = tok(f" {answer}.", add_special_tokens=False)["input_ids"]
-    full = torch.cat([ids, torch.tensor([target], dtype=ids.dtype)], 1)
-    # The last len(target) + 1 positions; the predictions of the target's tokens are all but the last.
-    logits = model(full, attention_mask=torch.ones_like(full), logits_to_keep=len(target) + 1).logits[0, :-1]
-    logprob = logits.float().log_softmax(-1).gather(-1, torch.tensor(target)[:, None]).sum()
-    return dict(correct=correct, digit_accuracy=digits, answer_logprob=float(logprob))
+    return dict(correct=correct, digit_accuracy=digits, answer_logprob=answer_logprob(model, ids, target, True))
 
 
 def _set_attn(model, policy, recorder=None):

@@ -306,34 +306,55 @@ def _greedy(model, ids: Tensor, new_tokens: int, device: torch.device) -> list[i
 
 @torch.no_grad()
 def passkey_accuracy(model, tok, filler_ids: list, lengths, trials: int, device: torch.device,
-                     seed: int = 0) -> list[dict]:
+                     seed: int = 0, retrieval_gain: bool = True) -> list[dict]:
     """Retrieval of a five-digit pass key hidden in real text (depths spread over ``trials``
     prompts per length). Returns one row per length: ``length, trials, correct, accuracy`` and
     ``digit_accuracy``, the mean fraction of the key's digits the answer gets right in place (partial
-    credit: a model learning to copy gets digits right long before whole keys)."""
-    from .eval_prefill import passkey_prompt, passkey_score
+    credit: a model learning to copy gets digits right long before whole keys).
+
+    With ``retrieval_gain`` the rows also hold ``answer_logprob``, the mean teacher-forced
+    log-probability (nats, summed over the key's tokens) of the key after the prompt,
+    ``answer_logprob_without_needle``, the same after a prompt of the same length whose hidden
+    sentence is replaced by more text (the model cannot know the key there: its prior over keys), and
+    ``retrieval_gain``, their mean difference: how many nats the hidden sentence is worth to the
+    model. 0 for a model that does not read it, ``~5 ln 10 = 11.5`` for one that copies the key; it
+    grades retrieval where neither model yet gets whole keys right."""
+    from .eval_prefill import PASSKEY_QUESTION, answer_logprob, passkey_prompt, passkey_score
 
     model.eval()
     rng = random.Random(seed)
     rows = []
+    question = tok(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
     for n in lengths:
-        correct, digits = 0, 0.0
+        correct, digits, with_needle, without = 0, 0.0, 0.0, 0.0
         for t in range(trials):
             depth = (t + 0.5) / trials
             key = rng.randrange(10000, 99999)
             ids, answer = passkey_prompt(tok, filler_ids, n, depth, key)
-            new = len(tok(" " + answer, add_special_tokens=False)["input_ids"]) + 1
-            ok, right = passkey_score(tok.decode(_greedy(model, ids, new, device)), answer)
+            answer_ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
+            ok, right = passkey_score(tok.decode(_greedy(model, ids, len(answer_ids) + 1, device)), answer)
             correct, digits = correct + ok, digits + right
-        rows.append({"length": n, "trials": trials, "correct": correct, "accuracy": correct / max(trials, 1),
-                     "digit_accuracy": digits / max(trials, 1)})
+            if retrieval_gain:
+                plain = torch.tensor([filler_ids[:ids.shape[1] - len(question)] + question])
+                with _autocast(device):
+                    with_needle += answer_logprob(model, ids.to(device), answer_ids)
+                    without += answer_logprob(model, plain.to(device), answer_ids)
+        row = {"length": n, "trials": trials, "correct": correct, "accuracy": correct / max(trials, 1),
+               "digit_accuracy": digits / max(trials, 1)}
+        if retrieval_gain:
+            row.update(answer_logprob=with_needle / max(trials, 1),
+                       answer_logprob_without_needle=without / max(trials, 1),
+                       retrieval_gain=(with_needle - without) / max(trials, 1))
+        rows.append(row)
     model.train()
     return rows
 
 
 def _print_passkey(rows: list[dict]) -> None:
     for r in rows:
-        print(f"passkey at {r['length']} tokens: {r['correct']}/{r['trials']} ({r['digit_accuracy']:.0%} of digits)")
+        gain = f", the hidden sentence worth {r['retrieval_gain']:.2f} nats" if "retrieval_gain" in r else ""
+        print(f"passkey at {r['length']} tokens: {r['correct']}/{r['trials']} ({r['digit_accuracy']:.0%} of digits)"
+              + gain)
 
 
 def plot_losses(history: list[dict], evals: list[dict], path: Path, title: str) -> None:
