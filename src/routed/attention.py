@@ -126,6 +126,24 @@ def _register_flex() -> None:
 _register_flex()
 
 
+def _register_cpu_gathered() -> None:
+    from .ops.block_sparse.cpu_gathered import block_sparse_attention_cpu_gathered, why_not_cpu_gathered
+    from .ops.token_group.via_block_sparse import token_group_attention_block_sparse
+
+    def run(q, k, v, route, scale):
+        if isinstance(route, BlockRoute):
+            return block_sparse_attention_cpu_gathered(q, k, v, route, scale)
+        # a TokenRoute is gathered into a block-diagonal BlockRoute first
+        return token_group_attention_block_sparse(q, k, v, route, scale, block_sparse_attention_cpu_gathered)
+
+    register_backend(Backend("cpu_gathered", priority=5, why_not=why_not_cpu_gathered, run=run,
+                             description="the routed blocks gathered per query block, attended by PyTorch's "
+                                         "fused CPU attention kernel (CPU, without gradients; exact)"))
+
+
+_register_cpu_gathered()
+
+
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, route: Route, *, scale: Optional[float] = None,
                      backend: Optional[str] = None, return_lse: bool = False):
     """Exact softmax attention restricted to where ``route`` sends each query.

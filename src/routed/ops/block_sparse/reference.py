@@ -83,19 +83,10 @@ def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: Blo
     vb = F.pad(v.to(acc), (0, 0, 0, nkb * bk - Nk)).view(B, Hkv, nkb, bk, Dv)
     qb = F.pad(q.to(acc) * scale, (0, 0, 0, nqb * bq - Nq)).view(B, Hkv, G, nqb, bq, D)
     key_in_range = (torch.arange(nkb * bk, device=q.device) < Nk).view(nkb, bk)
-    kv_pos = q_pos = None
-    if route.causal:
-        kv_pos, q_pos = route.resolved_kv_positions(), route.resolved_q_positions()
 
-    per_block = B * Hkv * g_r * K * bk * max(D, Dv)
-    chunk = nqb if per_block * nqb <= CHUNK_ELEMENTS else max(1, CHUNK_ELEMENTS // per_block)
     outs, lses = [], []
-    for c0 in range(0, nqb, chunk):
-        c1 = min(nqb, c0 + chunk)
-        ids_c = ids[:, :, :, c0:c1]
-        if chunk < nqb:  # live ids lead every row: keep the chunk's widest row only
-            ids_c = ids_c[..., :max(1, int((ids_c >= 0).sum(-1).max()))]
-        o, lse = _attend_query_blocks(qb[:, :, :, c0:c1], kb, vb, ids_c, key_in_range, route, kv_pos, q_pos, c0)
+    for c0, c1, ids_c in query_block_chunks(ids, B * Hkv * g_r * K * bk * max(D, Dv), CHUNK_ELEMENTS):
+        o, lse = _attend_query_blocks(qb[:, :, :, c0:c1], kb, vb, ids_c, key_in_range, route, c0)
         outs.append(o)
         lses.append(lse)
     o, lse = torch.cat(outs, dim=3), torch.cat(lses, dim=3)  # [B, Hkv, G, nqb, bq, *]
@@ -104,15 +95,27 @@ def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, route: Blo
     return out, lse
 
 
+def query_block_chunks(ids: Tensor, per_block: int, budget: int):
+    """``(c0, c1, ids[:, :, :, c0:c1])`` over chunks of the query blocks of ``ids [B, Hkv, g_r, nqb, K]``
+    that gather at most ``budget`` elements (``per_block`` a query block), each chunk's ids cut to its
+    widest row (live ids lead every row)."""
+    nqb = ids.shape[3]
+    chunk = nqb if per_block * nqb <= budget else max(1, budget // per_block)
+    for c0 in range(0, nqb, chunk):
+        c1 = min(nqb, c0 + chunk)
+        ids_c = ids[:, :, :, c0:c1]
+        if chunk < nqb:
+            ids_c = ids_c[..., :max(1, int((ids_c >= 0).sum(-1).max()))]
+        yield c0, c1, ids_c
+
+
 def _attend_query_blocks(qb: Tensor, kb: Tensor, vb: Tensor, ids: Tensor, key_in_range: Tensor, route: BlockRoute,
-                         kv_pos, q_pos, first_block: int) -> tuple[Tensor, Tensor]:
+                         first_block: int) -> tuple[Tensor, Tensor]:
     """Query blocks ``first_block ..`` (``qb [B, Hkv, G, c, bq, D]``, scaled) over their routed
     blocks (``ids [B, Hkv, g_r, c, K]``, -1 padded): ``(o [B, Hkv, G, c, bq, Dv], lse [.., 1])``."""
     B, Hkv, g_r, c, K = ids.shape
-    nkb, bk = key_in_range.shape
+    bk = key_in_range.shape[1]
     bq = qb.shape[4]
-    Nq, Nk = route.q_len, route.kv_len
-    live = ids >= 0
     safe_ids = ids.clamp_min(0)
     bi = torch.arange(B, device=qb.device).view(B, 1, 1, 1, 1)
     hi = torch.arange(Hkv, device=qb.device).view(1, Hkv, 1, 1, 1)
@@ -120,10 +123,22 @@ def _attend_query_blocks(qb: Tensor, kb: Tensor, vb: Tensor, ids: Tensor, key_in
     vg = vb[bi, hi, safe_ids].reshape(B, Hkv, g_r, c, K * bk, vb.shape[-1])
     s = qb @ kg.transpose(-1, -2)  # [B, Hkv, G, c, bq, K*bk]
 
-    # Visibility of each gathered key: live slot, inside kv_len, and (causal) not in the future.
-    visible = key_in_range[safe_ids] & live.unsqueeze(-1)  # [B, Hkv, g_r, c, K, bk]
-    visible = visible.reshape(B, Hkv, g_r, c, 1, K * bk)
+    visible = token_visibility(ids, key_in_range, route, first_block, bq)
+    return masked_softmax_attend(s, visible, vg)
+
+
+def token_visibility(ids: Tensor, key_in_range: Tensor, route: BlockRoute, first_block: int, bq: int) -> Tensor:
+    """Which gathered key each query of query blocks ``first_block ..`` sees: ``[B, Hkv, g_r, c, 1 or
+    bq, K * bk]`` bool for ``ids [B, Hkv, g_r, c, K]`` (-1 padded) and ``key_in_range [nkb, bk]``: a
+    live slot, inside ``kv_len``, (causal) not in the query's future, (segments) in its segment."""
+    B, Hkv, g_r, c, K = ids.shape
+    nkb, bk = key_in_range.shape
+    Nq, Nk = route.q_len, route.kv_len
+    live = ids >= 0
+    safe_ids = ids.clamp_min(0)
+    visible = (key_in_range[safe_ids] & live.unsqueeze(-1)).reshape(B, Hkv, g_r, c, 1, K * bk)
     rows = slice(first_block * bq, (first_block + c) * bq)
+    bi = torch.arange(B, device=ids.device).view(B, 1, 1, 1, 1)
 
     def per_key(values: Tensor) -> Tensor:
         """``[batch_p, Nk]`` per-token data of the keys -> ``[B, Hkv, g_r, c, 1, K*bk]`` gathered."""
@@ -137,7 +152,7 @@ def _attend_query_blocks(qb: Tensor, kb: Tensor, vb: Tensor, ids: Tensor, key_in
         return padded[:, rows].reshape(-1, 1, 1, c, bq, 1)
 
     if route.causal:
-        visible = visible & (per_key(kv_pos) <= per_query(q_pos))
+        visible = visible & (per_key(route.resolved_kv_positions()) <= per_query(route.resolved_q_positions()))
     if route.has_segments:  # packed sequences / padding: only keys of the query's own segment
         visible = visible & (per_key(route.kv_segments) == per_query(route.q_segments))
-    return masked_softmax_attend(s, visible, vg)
+    return visible
