@@ -1,8 +1,10 @@
-"""The CPU backend (routed blocks gathered, PyTorch's fused CPU attention kernel; inference only)
-against float64 dense masked attention on small awkward shapes: both of its mask paths (per block
-with a causal diagonal pass, and per token), GQA route layouts, ragged and cross lengths, positions,
-segments, empty routes, chunking, reduced precision; and its refusal under autograd."""
+"""The CPU backend (routed blocks gathered, PyTorch's fused CPU attention kernel) against float64
+dense masked attention, forward and both of its backwards (recomputed on the per-token mask path
+when no gradient reaches lse, the reference's when one does), on small awkward shapes: both mask
+paths (per block with a causal diagonal pass, and per token), GQA route layouts, ragged and cross
+lengths, positions, segments, empty routes, chunking, reduced precision."""
 
+import functools
 import math
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from routed import BlockRoute, TokenRoute, explain_backends, routed_attention
 from routed.backends import BackendUnavailable
-from routed.ops.block_sparse import cpu_gathered
+from routed.ops.block_sparse import cpu_gathered, reference
 from routed.testing import assert_close_rel, block_route_token_mask, dense_attention_f64
 
 BACKEND = "cpu_gathered"
@@ -18,7 +20,7 @@ BACKEND = "cpu_gathered"
 
 def _inputs(b, hq, hkv, nq, nk, d, dtype, seed, dv=None):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda h, n, dd: torch.randn(b, h, n, dd, generator=g).to(dtype)  # noqa: E731
+    mk = lambda h, n, dd: torch.randn(b, h, n, dd, generator=g).to(dtype).requires_grad_()  # noqa: E731
     return mk(hq, nq, d), mk(hkv, nk, d), mk(hkv, nk, dv or d)
 
 
@@ -33,25 +35,54 @@ def _mask_route(b, h, nq, nk, bq, bk, causal, density, seed, positions=None):
                                       causal=causal, q_positions=qp, kv_positions=kp)
 
 
-def check_against_f64(q, k, v, route, *, factor=3.0, path=None, monkeypatch=None):
-    """Output and lse vs float64, with tolerances relative to plain PyTorch computing the same masked
-    attention in the inputs' dtype. ``path``: the mask path the call must take ("blockwise" or
-    "masked"; the other one raises)."""
-    if path is not None:
-        other = {"blockwise": "_attend_masked", "masked": "_attend_blockwise"}[path]
+def _spy(calls, name, real, *args, **kwargs):
+    calls.append(name)
+    return real(*args, **kwargs)
 
-        def wrong(*a, **kw):
-            raise AssertionError(f"took {other}, expected the {path} path")
-        monkeypatch.setattr(cpu_gathered, other, wrong)
+
+def check_against_f64(q, k, v, route, *, factor=3.0, path=None, monkeypatch=None):
+    """Forward, lse and (dq, dk, dv) vs float64, with tolerances relative to plain PyTorch computing
+    the same masked attention in the inputs' dtype; the gradients once through out alone and once
+    through out and lse. With ``monkeypatch`` the calls are watched: the forward takes the ``path``
+    mask path ("blockwise" or "masked"), the backward without an lse gradient recomputes on the
+    per-token path and never runs the reference, the one with an lse gradient runs the reference."""
+    calls = []
+    if monkeypatch is not None:
+        for name in ("_attend_blockwise", "_attend_masked"):
+            monkeypatch.setattr(cpu_gathered, name, functools.partial(_spy, calls, name, getattr(cpu_gathered, name)))
+        monkeypatch.setattr(reference, "block_sparse_attention_reference",
+                            functools.partial(_spy, calls, "reference", reference.block_sparse_attention_reference))
     scale = q.shape[-1] ** -0.5
     mask = block_route_token_mask(route)
     out, lse = routed_attention(q, k, v, route, backend=BACKEND, return_lse=True)
+    if path is not None:
+        assert set(calls) == {f"_attend_{path}"}, calls
     ref, ref_lse = dense_attention_f64(q, k, v, mask, scale)
     base, base_lse = dense_attention_f64(q, k, v, mask, scale, dtype=q.dtype)
     assert out.dtype == q.dtype and out.shape == ref.shape and lse.shape == ref_lse.shape
     assert_close_rel(out, ref, base, factor=factor, what="out")
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))  # -inf exactly where a query sees nothing
     assert_close_rel(lse, ref_lse, base_lse.float(), factor=factor, what="lse")
+
+    g = torch.Generator().manual_seed(1234)
+    do = torch.randn(out.shape, generator=g).to(out.dtype)
+    dl = torch.randn(lse.shape, generator=g)
+
+    def loss_grads(o, l, with_lse):  # noqa: E741
+        loss = (o.to(do.dtype) * do).sum()
+        if with_lse:
+            loss = loss + (torch.where(torch.isfinite(l), l, 0) * dl.to(l.dtype)).sum()
+        return torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+
+    for with_lse in (False, True):
+        calls.clear()
+        got = loss_grads(out, lse, with_lse)
+        if monkeypatch is not None:
+            assert set(calls) == ({"reference"} if with_lse else {"_attend_masked"}), calls
+        want, plain = loss_grads(ref, ref_lse, with_lse), loss_grads(base, base_lse, with_lse)
+        for name, x, r, b in zip(("dq", "dk", "dv"), got, want, plain):
+            assert bool(torch.isfinite(x).all()), name
+            assert_close_rel(x, r, b, factor=factor, what=f"{name} ({'out and lse' if with_lse else 'out'})")
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -92,7 +123,7 @@ def test_positions_and_segments_take_the_per_token_mask(monkeypatch):
 
 
 def test_empty_and_partially_empty_routes():
-    """Queries that see nothing: zeros and lse -inf, on both mask paths."""
+    """Queries that see nothing: zeros, lse -inf and zero gradients, on both mask paths."""
     q, k, v = _inputs(1, 2, 2, 64, 64, 16, torch.float32, seed=5)
     for causal in (True, False):
         empty = BlockRoute(torch.full((1, 2, 4, 3), -1, dtype=torch.int32), torch.zeros(1, 2, 4, dtype=torch.int32),
@@ -100,6 +131,8 @@ def test_empty_and_partially_empty_routes():
         for route in (empty, empty.with_segments(torch.zeros(1, 64, dtype=torch.int32))):
             out, lse = routed_attention(q, k, v, route, backend=BACKEND, return_lse=True)
             assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+            for gr in torch.autograd.grad(out.sum(), (q, k, v)):
+                assert torch.equal(gr, torch.zeros_like(gr))
     # rows with and without blocks side by side, and a route of width 0
     check_against_f64(q, k, v, _mask_route(1, 2, 64, 64, 16, 16, True, 0.2, seed=5))
     zero_width = BlockRoute(torch.zeros(1, 1, 4, 0, dtype=torch.int32), torch.zeros(1, 1, 4, dtype=torch.int32),
@@ -137,23 +170,24 @@ def test_token_routes_through_the_block_diagonal_route():
     want = routed_attention(q, k, v, route, backend="reference", return_lse=True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got[0].sum(), (q, k, v)), torch.autograd.grad(want[0].sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_automatic_choice_on_the_cpu_and_what_it_cannot_run():
-    """Without gradients automatic choice takes this backend; under autograd (its kernel's backward
-    would drop the lse gradient) and with a value head dim of its own it is refused by name and passed
-    over automatically, for the reference."""
+    """On the CPU automatic choice takes this backend without gradients and keeps the reference under
+    autograd (named, it runs there too); a value head dim of its own is refused by name and passed over
+    automatically, for the reference."""
     q, k, v = _inputs(1, 2, 2, 64, 64, 16, torch.float32, seed=9)
     route = _mask_route(1, 2, 64, 64, 16, 16, True, 0.5, seed=9)
-    chosen = [name for name, why in explain_backends(q, k, v, route) if why is None]
-    assert chosen[0] == BACKEND
+    detached = (q.detach(), k.detach(), v.detach())
+    assert [name for name, why in explain_backends(*detached, route) if why is None][0] == BACKEND
+    assert "under autograd" in dict(explain_backends(q, k, v, route))[BACKEND]
+    with torch.no_grad():
+        assert [name for name, why in explain_backends(q, k, v, route) if why is None][0] == BACKEND
     _, _, v24 = _inputs(1, 2, 2, 64, 64, 16, torch.float32, seed=9, dv=24)
-    qg = q.clone().requires_grad_()
-    for args, match in (((q, k, v24), "one head dim"), ((qg, k, v), "without gradients")):
-        assert match in dict(explain_backends(*args, route))[BACKEND]
-        with pytest.raises(BackendUnavailable, match=match):
-            routed_attention(*args, route, backend=BACKEND)
-        out = routed_attention(*args, route)  # automatic choice: the reference
-        torch.testing.assert_close(out, routed_attention(*args, route, backend="reference"))
-    with torch.no_grad():  # the same call without gradients may take it
-        routed_attention(qg, k, v, route, backend=BACKEND)
+    assert "one head dim" in dict(explain_backends(*detached[:2], v24.detach(), route))[BACKEND]
+    with pytest.raises(BackendUnavailable, match="one head dim"):
+        routed_attention(q, k, v24, route, backend=BACKEND)
+    out = routed_attention(q, k, v24, route)  # automatic choice: the reference
+    torch.testing.assert_close(out, routed_attention(q, k, v24, route, backend="reference"))

@@ -127,7 +127,8 @@ _register_flex()
 
 
 def _register_cpu_gathered() -> None:
-    from .ops.block_sparse.cpu_gathered import block_sparse_attention_cpu_gathered, why_not_cpu_gathered
+    from .ops.block_sparse.cpu_gathered import (auto_why_not_cpu_gathered, block_sparse_attention_cpu_gathered,
+                                                why_not_cpu_gathered)
     from .ops.token_group.via_block_sparse import token_group_attention_block_sparse
 
     def run(q, k, v, route, scale):
@@ -138,7 +139,8 @@ def _register_cpu_gathered() -> None:
 
     register_backend(Backend("cpu_gathered", priority=5, why_not=why_not_cpu_gathered, run=run,
                              description="the routed blocks gathered per query block, attended by PyTorch's "
-                                         "fused CPU attention kernel (CPU, without gradients; exact)"))
+                                         "fused CPU attention kernel (CPU; exact)",
+                             auto_why_not=auto_why_not_cpu_gathered))
 
 
 _register_cpu_gathered()
