@@ -139,7 +139,7 @@ def train_variants(args, device, save=lambda out: None) -> dict:
         print(f"{attention}: ppl {m['final']['ppl']:.3f}, {m['train_tokens_per_second']:.0f} tokens/s "
               f"({m['steady_tokens_per_second']:.0f} over the second half), passkey "
               + ", ".join(f"{r['length']}: {r['correct']}/{r['trials']} ({r['digit_accuracy']:.0%} of digits, "
-                          f"the hidden sentence worth {r['retrieval_gain']:.2f} nats)" for r in passkey), flush=True)
+                          f"reading the key worth {r['retrieval_gain']:.2f} nats)" for r in passkey), flush=True)
         del res
         if device.type == "cuda":
             torch.cuda.empty_cache()

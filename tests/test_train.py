@@ -107,8 +107,7 @@ class _ContextModel(torch.nn.Module):
 
 
 class _Copier(_ContextModel):
-    """Answers the key of the hidden sentence when there is one (logit 30 on the right byte), else
-    knows nothing (uniform over the 256 bytes)."""
+    """Answers the key of the hidden sentence (logit 30 on its next byte) after the question."""
 
     def next_logits(self, prefix):
         text = bytes(prefix).decode()
@@ -129,17 +128,23 @@ class _Bigram(_ContextModel):
         return torch.sin(torch.arange(256.0) * (prefix[-1] + 1))
 
 
-def test_passkey_retrieval_gain_grades_how_much_the_hidden_sentence_is_worth():
-    """``retrieval_gain``: the key's log-probability after the prompt minus after the same-length
-    prompt without the hidden sentence; a copier gains ~6 ln 256 nats (six bytes it gets right, from
-    uniform), a model that cannot read the sentence gains exactly nothing."""
+def test_passkey_retrieval_gain_grades_reading_the_key():
+    """``retrieval_gain``: the key's log-probability after the prompt minus after the same prompt whose
+    hidden sentence holds a decoy key (every digit different); a copier loses ~30 nats on each of the
+    five digits it copies from the decoy instead, a model that cannot read the sentence gains nothing."""
+    from routed.train import _decoy_key
+
+    for key in (10000, 99999, 12345, 90909):
+        decoy = _decoy_key(key)
+        assert 10000 <= decoy <= 99999 and all(a != b for a, b in zip(str(key), str(decoy)))
     tok = ByteTokenizer()
     filler = list(TEXT.encode())
+    per_digit = math.log(math.exp(30.0) + 255)  # -log p of a byte next to one with logit 30
     copier = passkey_accuracy(_Copier(), tok, filler, [300, 400], 2, torch.device("cpu"))
     for row in copier:
         assert row["correct"] == 2 and row["answer_logprob"] == pytest.approx(0.0, abs=1e-6)
-        assert row["answer_logprob_without_needle"] == pytest.approx(-6 * math.log(256), rel=1e-5)
-        assert row["retrieval_gain"] == pytest.approx(6 * math.log(256), rel=1e-5)
+        assert row["answer_logprob_decoy"] == pytest.approx(-5 * per_digit, rel=1e-6)
+        assert row["retrieval_gain"] == pytest.approx(5 * per_digit, rel=1e-6)
     (bigram,) = passkey_accuracy(_Bigram(), tok, filler, [300], 3, torch.device("cpu"))
     assert bigram["answer_logprob"] < -1.0 and bigram["retrieval_gain"] == pytest.approx(0.0, abs=1e-4)
 

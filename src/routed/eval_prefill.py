@@ -117,13 +117,13 @@ def passkey_score(text: str, answer: str) -> tuple[bool, float]:
 
 
 @torch.no_grad()
-def answer_logprob(model, ids: torch.Tensor, target: list, attention_mask: bool = False) -> float:
+def answer_logprob(model, ids: torch.Tensor, target: list, ones_mask: bool = False) -> float:
     """Teacher-forced log-probability (natural log, summed over its tokens) of the token ids
     ``target`` right after the prompt ``ids [1, n]`` (on the model's device): one forward of both, the
     logits of the last ``len(target) + 1`` positions, of which all but the last predict the target.
-    ``attention_mask``: pass an all-ones mask (Hugging Face models that want one)."""
+    ``ones_mask``: pass an all-ones ``attention_mask`` (Hugging Face models that want one)."""
     full = torch.cat([ids, torch.tensor([target], dtype=ids.dtype, device=ids.device)], 1)
-    mask = {"attention_mask": torch.ones_like(full)} if attention_mask else {}
+    mask = {"attention_mask": torch.ones_like(full)} if ones_mask else {}
     logits = model(full, logits_to_keep=len(target) + 1, **mask).logits[0, :-1]
     return float(logits.float().log_softmax(-1).gather(-1, torch.tensor(target, device=logits.device)[:, None]).sum())
 

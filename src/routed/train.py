@@ -314,19 +314,18 @@ def passkey_accuracy(model, tok, filler_ids: list, lengths, trials: int, device:
 
     With ``retrieval_gain`` the rows also hold ``answer_logprob``, the mean teacher-forced
     log-probability (nats, summed over the key's tokens) of the key after the prompt,
-    ``answer_logprob_without_needle``, the same after a prompt of the same length whose hidden
-    sentence is replaced by more text (the model cannot know the key there: its prior over keys), and
-    ``retrieval_gain``, their mean difference: how many nats the hidden sentence is worth to the
-    model. 0 for a model that does not read it, ``~5 ln 10 = 11.5`` for one that copies the key; it
-    grades retrieval where neither model yet gets whole keys right."""
-    from .eval_prefill import PASSKEY_QUESTION, answer_logprob, passkey_prompt, passkey_score
+    ``answer_logprob_decoy``, the same key's after the same prompt whose hidden sentence holds another
+    key (every digit different), and ``retrieval_gain``, their mean difference: what reading the key
+    in the sentence is worth to the model. 0 for a model that does not read the key (whatever it
+    learned of the prompt's format), large for one that copies it (it then expects the decoy's digits);
+    it grades retrieval where no model yet gets whole keys right."""
+    from .eval_prefill import answer_logprob, passkey_prompt, passkey_score
 
     model.eval()
     rng = random.Random(seed)
     rows = []
-    question = tok(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
     for n in lengths:
-        correct, digits, with_needle, without = 0, 0.0, 0.0, 0.0
+        correct, digits, with_needle, decoyed = 0, 0.0, 0.0, 0.0
         for t in range(trials):
             depth = (t + 0.5) / trials
             key = rng.randrange(10000, 99999)
@@ -335,24 +334,29 @@ def passkey_accuracy(model, tok, filler_ids: list, lengths, trials: int, device:
             ok, right = passkey_score(tok.decode(_greedy(model, ids, len(answer_ids) + 1, device)), answer)
             correct, digits = correct + ok, digits + right
             if retrieval_gain:
-                plain = torch.tensor([filler_ids[:ids.shape[1] - len(question)] + question])
+                decoy, _ = passkey_prompt(tok, filler_ids, n, depth, _decoy_key(key))
                 with _autocast(device):
                     with_needle += answer_logprob(model, ids.to(device), answer_ids)
-                    without += answer_logprob(model, plain.to(device), answer_ids)
+                    decoyed += answer_logprob(model, decoy.to(device), answer_ids)
         row = {"length": n, "trials": trials, "correct": correct, "accuracy": correct / max(trials, 1),
                "digit_accuracy": digits / max(trials, 1)}
         if retrieval_gain:
-            row.update(answer_logprob=with_needle / max(trials, 1),
-                       answer_logprob_without_needle=without / max(trials, 1),
-                       retrieval_gain=(with_needle - without) / max(trials, 1))
+            row.update(answer_logprob=with_needle / max(trials, 1), answer_logprob_decoy=decoyed / max(trials, 1),
+                       retrieval_gain=(with_needle - decoyed) / max(trials, 1))
         rows.append(row)
     model.train()
     return rows
 
 
+def _decoy_key(key: int) -> int:
+    """A five-digit key that differs from ``key`` in every digit (the first stays 1-9)."""
+    first, *rest = (int(c) for c in str(key))
+    return int("".join(map(str, [first % 9 + 1] + [(d + 1) % 10 for d in rest])))
+
+
 def _print_passkey(rows: list[dict]) -> None:
     for r in rows:
-        gain = f", the hidden sentence worth {r['retrieval_gain']:.2f} nats" if "retrieval_gain" in r else ""
+        gain = f", reading the key worth {r['retrieval_gain']:.2f} nats" if "retrieval_gain" in r else ""
         print(f"passkey at {r['length']} tokens: {r['correct']}/{r['trials']} ({r['digit_accuracy']:.0%} of digits)"
               + gain)
 

@@ -16,9 +16,10 @@ takes a per-token mask as large as the scores.
 
 Rows that see no key get zeros and ``lse = -inf``: their first slot is unmasked for the kernel (so
 its softmax stays finite) and the result is replaced afterwards. Under autograd the forward keeps no
-graph and the backward recomputes (:class:`_CpuGatheredAttention`): the fused kernel's own backward
-leaves out the gradient that reaches its log-sum-exp. Memory: the gathered blocks, in chunks of query
-blocks (under autograd, during the backward's recomputation).
+graph and the backward recomputes (:class:`_CpuGatheredAttention`, once differentiable): the fused
+kernel's own backward leaves out the gradient that reaches its log-sum-exp. Memory: the gathered
+blocks, one chunk of query blocks at a time in the forward; during the backward's recomputation every
+chunk's gathered blocks and its per-token mask (score-sized) live until the gradients are taken.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ...route import BlockRoute
 from .reference import _route_head_layout, query_block_chunks, token_visibility
@@ -104,9 +106,12 @@ class _CpuGatheredAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v)
         ctx.route, ctx.scale = route, scale
-        return _attention(q, k, v, route, scale, blockwise=_blockwise_masks(route))
+        out, lse = _attention(q, k, v, route, scale, blockwise=_blockwise_masks(route))
+        # outputs of their own, not views (a Function's view outputs could not be edited in place)
+        return tuple(t.clone() if t._base is not None else t for t in (out, lse))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlse):
         from .reference import block_sparse_attention_reference
 
@@ -118,8 +123,9 @@ class _CpuGatheredAttention(torch.autograd.Function):
                 outs, grads_out = (out,), (dout,)
             else:
                 out, lse = block_sparse_attention_reference(*inputs, ctx.route, ctx.scale)
-                outs = (out, torch.where(torch.isfinite(lse), lse, 0.0))
-                grads_out = (torch.zeros_like(out) if dout is None else dout, dlse)
+                outs, grads_out = [torch.where(torch.isfinite(lse), lse, 0.0)], [dlse]
+                if dout is not None:
+                    outs, grads_out = outs + [out], grads_out + [dout]
             grads = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True))
         return (*(next(grads) if t.requires_grad else None for t in inputs), None, None)
 
@@ -174,8 +180,7 @@ def _fused(q4: Tensor, kg: Tensor, vg: Tensor, visible: Tensor, scale: float, ca
     M, h = q4.shape[:2]
     kg, vg = kg.expand(M, h, *kg.shape[2:]), vg.expand(M, h, *vg.shape[2:])
     mask = seen = None
-    # (under torch.compile the mask is always built: whether it is needed depends on the data)
-    if visible is not None and (torch.compiler.is_compiling() or not bool(visible.all())):
+    if visible is not None and not bool(visible.all()):
         seen = visible.any(-1)
         # a row that sees nothing sees its first slot, so the kernel's softmax stays finite
         first = torch.arange(visible.shape[-1], device=q4.device) == 0
