@@ -48,10 +48,10 @@ ITEMS = {
     "profile": (13, 90, {"ROUTED_AUTOTUNE": "0"}, [
         "python benchmarks/profile_block_sparse.py --cprofile --launch-overhead",
     ]),
-    "bra": (3, 330, {}, [  # at the batches that fill the GPU, 224 and 512 px took ~150 s on the H200 (no check)
+    "bra": (0, 330, {}, [  # at the batches that fill the GPU, 224 and 512 px took ~150 s on the H200 (no check)
         "python benchmarks/bra.py --sides 224 512 --out {out}/bra.json",
     ]),
-    "bra_1024": (3, 330, {}, [  # the 1024 px stages alone (512 and 1024 px with the check took 340 s)
+    "bra_1024": (0, 330, {}, [  # the 1024 px stages alone (512 and 1024 px with the check took 340 s)
         "python benchmarks/bra.py --sides 1024 --out {out}/bra_1024.json",
     ]),
     "prefill_llama": (0, 400, {}, [
@@ -66,12 +66,12 @@ ITEMS = {
     "gpu_tests": (0, 200, {"ROUTED_AUTOTUNE": "0"}, [
         "python -m pytest -q -p no:cacheprovider -m gpu tests",
     ]),
-    "lm_passkey_nsa": (6, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 6)
+    "lm_passkey_nsa": (0, 200, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 6)
         "cp benchmarks/results/h200/lm_compare_passkey.json {out}/",
         "python benchmarks/lm_compare.py --variants nsa --passkey-fraction 0.25 --no-progress "
         "--label 'passkey-mixed (25% of windows)' --out {out}/lm_compare_passkey.json",
     ]),
-    "lm_passkey_2k": (6, 540, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 6)
+    "lm_passkey_2k": (0, 540, {"ROUTED_CACHE": ".routed-cache"}, [  # carry .routed-cache (GPU_PLAN row 6)
         "python benchmarks/lm_compare.py --variants dense nsa --seq-len 2048 --batch-size 16 --passkey-fraction 0.5 "
         "--train-tokens 48000000 --cuda-graph --no-progress --label 'context 2k, passkey-mixed (50% of windows)' "
         "--out {out}/lm_compare_passkey_2k.json",
@@ -110,17 +110,17 @@ ITEMS = {
         "python benchmarks/block_sparse.py --skip-check --skip-bench --decode-merge fused "
         "--out {out}/decode_fused_merge.json",
     ]),
-    "moe": (5, 300, {}, [
+    "moe": (0, 300, {}, [
         "python benchmarks/moe.py --out {out}/moe.json",
     ]),
-    "moe_overhead": (5, 150, {}, [  # where the eager MoE forward's extra ~1.5 ms over its CUDA graph goes
+    "moe_overhead": (0, 150, {}, [  # where the eager MoE forward's extra ~1.5 ms over its CUDA graph goes
         "python benchmarks/moe_overhead.py --out {out}/moe_overhead.json",
     ]),
-    "decode_merges": (7, 200, {}, [  # the decode merges by CUPTI kernel time (graph_kernels), ~70 s each
+    "decode_merges": (0, 200, {}, [  # the decode merges by CUPTI kernel time (graph_kernels), ~70 s each
         "python benchmarks/block_sparse.py --skip-check --skip-bench --decode-merge combine --out {out}/decode_combine.json",
         "python benchmarks/block_sparse.py --skip-check --skip-bench --decode-merge fused --out {out}/decode_fused.json",
     ]),
-    "bra_module": (3, 150, {}, [  # where the BRA module's non-attention ~12 ms at 512 px goes
+    "bra_module": (0, 150, {}, [  # where the BRA module's non-attention ~12 ms at 512 px goes
         "python benchmarks/bra.py --sides 512 --no-check --no-graphs --profile-module --rep-ms 50 "
         "--out {out}/bra_512_module_profile.json",
     ]),
@@ -279,14 +279,14 @@ ITEMS = {
         "python benchmarks/moe_lm_quality.py " + MOE_GPU_SIZE + " --routers similarity attention "
         "--mix 0.1 --out {out}/moe_lm_quality_mix01.json",
     ]),
-    "mqar_routing_4k_c64": (2, 450, {}, [  # the Routing Transformer at 4k with 64 clusters, 10000 steps
+    "mqar_routing_4k_c64": (0, 450, {}, [  # the Routing Transformer at 4k with 64 clusters, 10000 steps
         "python benchmarks/mqar.py --attention routing --seq-lens 4096 --kv-pairs 16 --vocab 256 --steps 10000 "
         "--batch-size 16 --lr 3e-3 --option kmeans_clusters=64 --out {out}/mqar_4k_routing_c64_10k.json",
     ]),
     "nsa_forced": (0, 330, {}, [  # NSA's 8k layer step: fresh autotuning x3, then each kernel's candidates forced
         "python benchmarks/forced_configs.py --part nsa --out {out}/forced_configs_nsa.json",
     ]),
-    "lm_speed_tuned_mass": (8, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
+    "lm_speed_tuned_mass": (0, 240, {}, [  # NSA router cost at 32k with the autotuned mass kernel (autotune on)
         "python benchmarks/lm_compare.py --variants --speed --speed-lens 32768 --out {out}/lm_speed_tuned_mass.json",
     ]),
 }
