@@ -5,7 +5,6 @@ paths (per block with a causal diagonal pass, and per token), GQA route layouts,
 lengths, positions, segments, empty routes, chunking, reduced precision."""
 
 import functools
-import math
 
 import pytest
 import torch
@@ -14,25 +13,10 @@ from routed import BlockRoute, TokenRoute, explain_backends, routed_attention
 from routed.backends import BackendUnavailable
 from routed.ops.block_sparse import cpu_gathered, reference
 from routed.testing import assert_close_rel, block_route_token_mask, dense_attention_f64
+from routed.testing import random_mask_route as _mask_route
+from routed.testing import random_qkv as _inputs
 
 BACKEND = "cpu_gathered"
-
-
-def _inputs(b, hq, hkv, nq, nk, d, dtype, seed, dv=None):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda h, n, dd: torch.randn(b, h, n, dd, generator=g).to(dtype).requires_grad_()  # noqa: E731
-    return mk(hq, nq, d), mk(hkv, nk, d), mk(hkv, nk, dv or d)
-
-
-def _mask_route(b, h, nq, nk, bq, bk, causal, density, seed, positions=None):
-    g = torch.Generator().manual_seed(seed + 100)
-    mask = torch.rand(b, h, math.ceil(nq / bq), math.ceil(nk / bk), generator=g) < density
-    qp = kp = None
-    if positions == "permuted":
-        perm = torch.stack([torch.randperm(nk, generator=g) for _ in range(b)]).to(torch.int32)
-        kp, qp = perm, perm[:, nk - nq:]
-    return BlockRoute.from_block_mask(mask, q_len=nq, kv_len=nk, q_block_size=bq, kv_block_size=bk,
-                                      causal=causal, q_positions=qp, kv_positions=kp)
 
 
 def _spy(calls, name, real, *args, **kwargs):
@@ -115,7 +99,7 @@ def test_block_sizes_ragged_and_cross_lengths(bq, bk, nq, nk, causal):
 
 def test_positions_and_segments_take_the_per_token_mask(monkeypatch):
     q, k, v = _inputs(2, 4, 2, 100, 100, 16, torch.float32, seed=3)
-    check_against_f64(q, k, v, _mask_route(2, 2, 100, 100, 16, 16, True, 0.7, seed=3, positions="permuted"),
+    check_against_f64(q, k, v, _mask_route(2, 2, 100, 100, 16, 16, True, 0.7, seed=3, positions="batched"),
                       path="masked", monkeypatch=monkeypatch)
     g = torch.Generator().manual_seed(4)
     seg = torch.sort(torch.randint(0, 3, (2, 100), generator=g), dim=-1).values.to(torch.int32)
@@ -145,7 +129,7 @@ def test_chunks_of_query_blocks_equal_one_pass(monkeypatch):
     """A chunk budget of a few blocks (and each chunk trimmed to its widest row) changes nothing."""
     q, k, v = _inputs(2, 4, 2, 200, 200, 16, torch.float32, seed=7)
     for route in (_mask_route(2, 2, 200, 200, 16, 16, True, 0.5, seed=7),
-                  _mask_route(2, 2, 200, 200, 16, 16, True, 0.5, seed=7, positions="permuted")):
+                  _mask_route(2, 2, 200, 200, 16, 16, True, 0.5, seed=7, positions="batched")):
         whole = routed_attention(q, k, v, route, backend=BACKEND, return_lse=True)
         monkeypatch.setattr(cpu_gathered, "CHUNK_ELEMENTS", 2 * 2 * 16 * 16 * 13)  # 3 query blocks a chunk
         chunked = routed_attention(q, k, v, route, backend=BACKEND, return_lse=True)

@@ -8,36 +8,23 @@ benchmarks/check_small_blocks.py).
 """
 
 import json
-import math
 
 import pytest
 import torch
 
 from routed import BlockRoute, random_block_route, routed_attention
-from routed.testing import assert_close_rel, block_route_token_mask, dense_attention_f64, poisoned_outputs
+from routed.testing import (assert_close_rel, block_route_token_mask, dense_attention_f64, poisoned_outputs,
+                            random_mask_route, random_qkv)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(b, hq, hkv, nq, nk, d, dtype, seed, dv=None):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda h, n, dd: torch.randn(b, h, n, dd, generator=g).to(DEVICE, dtype).requires_grad_()  # noqa: E731
-    return mk(hq, nq, d), mk(hkv, nk, d), mk(hkv, nk, dv or d)
+def _inputs(*args, **kwargs):
+    return random_qkv(*args, device=DEVICE, **kwargs)
 
 
-def _mask_route(b, h, nq, nk, bq, bk, causal, density, seed, positions=None):
-    g = torch.Generator().manual_seed(seed + 100)
-    mask = torch.rand(b, h, math.ceil(nq / bq), math.ceil(nk / bk), generator=g) < density
-    qp = kp = None
-    if positions == "permuted":
-        perm = torch.randperm(nk, generator=g).to(torch.int32)
-        kp, qp = perm, perm[nk - nq:] if nq <= nk else None
-    elif positions == "batched":  # a different permutation per batch entry
-        perm = torch.stack([torch.randperm(nk, generator=g) for _ in range(b)]).to(torch.int32)
-        kp, qp = perm, perm[:, nk - nq:]
-    route = BlockRoute.from_block_mask(mask, q_len=nq, kv_len=nk, q_block_size=bq, kv_block_size=bk,
-                                       causal=causal, q_positions=qp, kv_positions=kp)
-    return route.to(DEVICE)
+def _mask_route(*args, **kwargs):
+    return random_mask_route(*args, device=DEVICE, **kwargs)
 
 
 def check_against_f64(q, k, v, route, *, lse_grad=False, factor=3.0):

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backends import Backend, register_backend, select_backend
+from .backends import Backend, Run, register_backend, select_backend
 from .ops.block_sparse.reference import block_sparse_attention_reference
 from .ops.token_group.reference import token_group_attention_reference
 from .route import BlockRoute, RouteError, TokenRoute
@@ -88,10 +88,22 @@ register_backend(Backend("reference", priority=0, why_not=_reference_why_not, ru
                          description="plain PyTorch, any device, exact (the ground truth of the tests)"))
 
 
+def _block_sparse_run(block_sparse_fn) -> Run:
+    """A backend's ``run`` from its block-sparse attention ``block_sparse_fn(q, k, v, route, scale)``:
+    a TokenRoute is gathered into a group-major, block-diagonal BlockRoute first."""
+    from .ops.token_group.via_block_sparse import token_group_attention_block_sparse
+
+    def run(q, k, v, route, scale):
+        if isinstance(route, BlockRoute):
+            return block_sparse_fn(q, k, v, route, scale)
+        return token_group_attention_block_sparse(q, k, v, route, scale, block_sparse_fn)
+
+    return run
+
+
 def _register_triton() -> None:
     try:
         from .ops.block_sparse.triton_ops import block_sparse_attention_triton, why_not_triton
-        from .ops.token_group.via_block_sparse import token_group_attention_block_sparse
     except ImportError as e:  # triton is an optional dependency
         reason = f"triton is not importable ({e}); install it with `pip install routed[triton]`"
         register_backend(Backend("triton", priority=20, why_not=lambda q, k, v, r: reason, run=None))
@@ -102,12 +114,8 @@ def _register_triton() -> None:
             return "on the CPU the Triton kernels run in the interpreter, which is for testing; name it to use it"
         return None
 
-    def run(q, k, v, route, scale):
-        if isinstance(route, BlockRoute):
-            return block_sparse_attention_triton(q, k, v, route, scale)
-        return token_group_attention_block_sparse(q, k, v, route, scale, block_sparse_attention_triton)
-
-    register_backend(Backend("triton", priority=20, why_not=why_not_triton, run=run,
+    register_backend(Backend("triton", priority=20, why_not=why_not_triton,
+                             run=_block_sparse_run(block_sparse_attention_triton),
                              description="fused Triton block-sparse kernels; a TokenRoute is gathered into a "
                                          "block-diagonal route (CUDA; CPU under TRITON_INTERPRET=1)",
                              auto_why_not=interpreted))
@@ -129,15 +137,9 @@ _register_flex()
 def _register_cpu_gathered() -> None:
     from .ops.block_sparse.cpu_gathered import (auto_why_not_cpu_gathered, block_sparse_attention_cpu_gathered,
                                                 why_not_cpu_gathered)
-    from .ops.token_group.via_block_sparse import token_group_attention_block_sparse
 
-    def run(q, k, v, route, scale):
-        if isinstance(route, BlockRoute):
-            return block_sparse_attention_cpu_gathered(q, k, v, route, scale)
-        # a TokenRoute is gathered into a block-diagonal BlockRoute first
-        return token_group_attention_block_sparse(q, k, v, route, scale, block_sparse_attention_cpu_gathered)
-
-    register_backend(Backend("cpu_gathered", priority=5, why_not=why_not_cpu_gathered, run=run,
+    register_backend(Backend("cpu_gathered", priority=5, why_not=why_not_cpu_gathered,
+                             run=_block_sparse_run(block_sparse_attention_cpu_gathered),
                              description="the routed blocks gathered per query block, attended by PyTorch's "
                                          "fused CPU attention kernel (CPU; exact)",
                              auto_why_not=auto_why_not_cpu_gathered))

@@ -94,14 +94,11 @@ def perplexity(model, ids: torch.Tensor, chunk: int = 1024) -> float:
     return math.exp(total / (n - 1))
 
 
-PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
-
-
 def passkey_prompt(tok, filler_ids: list, length: int, depth: float, key: int) -> tuple[torch.Tensor, str]:
     """A prompt of about ``length`` tokens: real text with a passkey sentence at ``depth``, then
     the question. Returns ``(ids [1, n], answer)``."""
     needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)["input_ids"]
-    question = tok(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
+    question = tok("\n\nWhat is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
     body = length - len(needle) - len(question)
     cut = int(body * depth)
     ids = filler_ids[:cut] + needle + filler_ids[cut:body] + question

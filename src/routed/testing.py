@@ -7,6 +7,7 @@ own helpers), so a test compares two independent computations.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Optional
 
 import torch
@@ -154,3 +155,31 @@ def assert_grads_close_rel(out: Tensor, ref: Tensor, base: Tensor, inputs: tuple
     plain = torch.autograd.grad(base, inputs, dout)
     for name, x, r, b in zip(names, got, want, plain):
         assert_close_rel(x, r, b, what=name, **kwargs)
+
+
+def random_qkv(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype, seed: int, dv: Optional[int] = None,
+               device="cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """Seeded ``q [b, hq, nq, d]``, ``k [b, hkv, nk, d]``, ``v [b, hkv, nk, dv or d]`` on ``device``,
+    requiring gradients: the kernels' test inputs."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h, n, dd: torch.randn(b, h, n, dd, generator=g).to(device, dtype).requires_grad_()  # noqa: E731
+    return mk(hq, nq, d), mk(hkv, nk, d), mk(hkv, nk, dv or d)
+
+
+def random_mask_route(b: int, h: int, nq: int, nk: int, bq: int, bk: int, causal: bool, density: float, seed: int,
+                      positions: Optional[str] = None, device="cpu") -> BlockRoute:
+    """A seeded random block route of about ``density`` of the blocks, on ``device``; ``positions``:
+    None (default positions), ``"permuted"`` (one permutation of the key positions, the queries the
+    last ``nq`` of them) or ``"batched"`` (a permutation per batch entry)."""
+    g = torch.Generator().manual_seed(seed + 100)
+    mask = torch.rand(b, h, math.ceil(nq / bq), math.ceil(nk / bk), generator=g) < density
+    qp = kp = None
+    if positions == "permuted":
+        perm = torch.randperm(nk, generator=g).to(torch.int32)
+        kp, qp = perm, perm[nk - nq:] if nq <= nk else None
+    elif positions == "batched":
+        perm = torch.stack([torch.randperm(nk, generator=g) for _ in range(b)]).to(torch.int32)
+        kp, qp = perm, perm[:, nk - nq:]
+    route = BlockRoute.from_block_mask(mask, q_len=nq, kv_len=nk, q_block_size=bq, kv_block_size=bk,
+                                       causal=causal, q_positions=qp, kv_positions=kp)
+    return route.to(device)
